@@ -1,0 +1,263 @@
+"""Pipeline configuration: pydantic models, YAML loading and ``${VAR}`` expansion.
+
+Every model forbids unknown keys (``extra="forbid"``) and bounds its numbers,
+so a typo such as ``detection.detecter`` is an error that names the key path.
+Strings may reference environment variables as ``${NAME}``; an unset
+variable is an error naming the variable and the key that used it.
+
+Environment variables:
+    FACEPRO_ASSETS: folder holding ``models/`` and ``data/`` (sample videos,
+        model files). Configs say e.g. ``${FACEPRO_ASSETS}/models/yolox_nano.onnx``.
+    FACEPRO_DATA_DIR: database, snapshots and runtime sockets. Defaults to the
+        per-user data directory (``platformdirs.user_data_dir("facepro")``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not validate; the message names the file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CameraConfig(_Strict):
+    """One video source.
+
+    ``source`` is a file path, an ``rtsp://``/``http://`` URL or a USB device
+    index (``"0"``). ``mode`` ``file`` makes the capture wait for a free ring
+    slot so every frame is processed; ``live`` never waits (the oldest slot is
+    reused). ``auto`` picks ``file`` for files and ``live`` otherwise.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,32}$", description="unique camera name")
+    source: str = Field(min_length=1)
+    mode: Literal["auto", "file", "live"] = "auto"
+    max_fps: float | None = Field(None, gt=0, le=240, description="read at most this many frames/s (live pacing)")
+    reconnect_s: float = Field(2.0, gt=0, le=300, description="wait before reopening a failed live source, seconds")
+
+    def resolved_mode(self) -> Literal["file", "live"]:
+        if self.mode != "auto":
+            return self.mode
+        return "live" if (self.source.isdigit() or "://" in self.source) else "file"
+
+
+class RingConfig(_Strict):
+    """Shared-memory ring per camera: ``slots`` frames of the camera's size."""
+
+    slots: int = Field(24, ge=4, le=512)
+    release_timeout_s: float = Field(10.0, gt=0, le=600, description="file mode: reclaim a slot nobody released after this long")
+
+
+class OnnxDetectorConfig(_Strict):
+    """Object detector running on ONNX Runtime (YOLOX or YOLOv8 output layout)."""
+
+    type: Literal["onnx"] = "onnx"
+    path: Path
+    layout: Literal["yolox", "yolov8"]
+    confidence: float = Field(0.35, ge=0.0, le=1.0, description="minimum detection score")
+    nms_iou: float = Field(0.45, gt=0.0, le=1.0, description="IoU above which NMS suppresses a box")
+    classes: tuple[str, ...] = Field(("person",), min_length=1, description="COCO class names to keep")
+
+
+class MotionConfig(_Strict):
+    """Motion gate on a downscaled grey frame against a running-average background."""
+
+    enabled: bool = True
+    width_px: int = Field(160, ge=32, le=1280, description="width of the downscaled frame")
+    pixel_threshold: int = Field(25, ge=1, le=255, description="grey-level difference that counts as changed")
+    min_changed_fraction: float = Field(0.002, ge=0.0, le=1.0, description="changed-pixel fraction that counts as motion")
+    background_alpha: float = Field(0.05, gt=0.0, le=1.0, description="running-average weight of a new frame")
+
+
+class DetectionConfig(_Strict):
+    processes: int = Field(1, ge=1, le=64)
+    detector: OnnxDetectorConfig
+    motion: MotionConfig = MotionConfig()
+
+
+class TrackingConfig(_Strict):
+    """ByteTrack parameters (roboflow ``trackers``) and event rules."""
+
+    lost_track_buffer_frames: int = Field(30, ge=1, le=1000)
+    track_activation_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    minimum_consecutive_frames: int = Field(3, ge=1, le=100)
+    minimum_iou_threshold: float = Field(0.1, ge=0.0, le=1.0)
+    high_conf_det_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    reorder_timeout_s: float = Field(5.0, gt=0, le=120, description="give up on a missing frame after this long")
+
+
+class OnnxFaceDetectorConfig(_Strict):
+    """SCRFD face detector (InsightFace) on ONNX Runtime."""
+
+    type: Literal["onnx"] = "onnx"
+    path: Path
+    input_size: int = Field(640, ge=64, le=1920, multiple_of=32)
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class OnnxFaceEmbedderConfig(_Strict):
+    """ArcFace-style 112x112 face embedder on ONNX Runtime."""
+
+    type: Literal["onnx"] = "onnx"
+    path: Path
+
+
+class FaceConfig(_Strict):
+    detector: OnnxFaceDetectorConfig
+    embedder: OnnxFaceEmbedderConfig
+    match_threshold: float = Field(0.40, ge=-1.0, le=1.0, description="cosine similarity needed to name a face")
+    min_face_px: int = Field(16, ge=4, le=1024, description="smaller faces (box width) are ignored")
+    every_n_frames: int = Field(2, ge=1, le=1000, description="run face analysis on every n-th frame of a camera")
+
+
+class RecognitionConfig(_Strict):
+    processes: int = Field(1, ge=1, le=64)
+    face: FaceConfig
+    max_lag_ms: float = Field(2000, gt=0, le=600_000, description="skip face work on frames older than this (live mode)")
+
+
+class StorageConfig(_Strict):
+    url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data dir>/facepro.db")
+    batch_rows: int = Field(500, ge=1, le=100_000)
+    batch_ms: int = Field(200, ge=1, le=60_000)
+    snapshots: bool = True
+
+
+class RuntimeConfig(_Strict):
+    stats_interval_s: float = Field(0.5, gt=0, le=60)
+    inference_threads: int | None = Field(None, ge=1, le=256, description="ONNX Runtime threads per process; default from CPU count")
+    heartbeat_timeout_s: float = Field(30.0, gt=0, le=3600)
+
+
+class AppConfig(_Strict):
+    """The whole pipeline config (``configs/*.yaml``)."""
+
+    cameras: tuple[CameraConfig, ...] = Field(min_length=1)
+    ring: RingConfig = RingConfig()
+    detection: DetectionConfig
+    tracking: TrackingConfig = TrackingConfig()
+    recognition: RecognitionConfig
+    storage: StorageConfig = StorageConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @field_validator("cameras")
+    @classmethod
+    def _unique_names(cls, cams: tuple[CameraConfig, ...]) -> tuple[CameraConfig, ...]:
+        names = [c.name for c in cams]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"camera names must be unique, repeated: {', '.join(dup)}")
+        return cams
+
+
+def expand_vars(value: object, where: str = "") -> object:
+    """Replace ``${NAME}`` in every string of a parsed YAML tree.
+
+    Raises:
+        ConfigError: a referenced variable is not set (names it and the key path).
+    """
+    if isinstance(value, dict):
+        return {k: expand_vars(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_vars(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+        def sub(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in os.environ:
+                hint = " (the folder holding models/ and data/, e.g. ../shared)" if name == "FACEPRO_ASSETS" else ""
+                raise ConfigError(f"{where}: environment variable {name} is not set; export {name}{hint}")
+            return os.environ[name]
+        return _VAR.sub(sub, value)
+    return value
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"{path}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def parse_config(data: object, source: str = "<config>") -> AppConfig:
+    """Validate an already-parsed YAML tree.
+
+    Raises:
+        ConfigError: with ``source`` and every failing key path.
+    """
+    tree = expand_vars(data)
+    try:
+        return AppConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_format_errors(err)}") from None
+
+
+def load_config(path: str | Path) -> AppConfig:
+    """Read and validate a YAML config file.
+
+    Raises:
+        ConfigError: file missing or unreadable, YAML syntax error, unknown or
+            invalid keys, unset ``${VAR}``.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"config {p}: cannot read ({err.strerror}); pass an existing YAML file, e.g. configs/demo.yaml") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {p}: invalid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {p}: expected a mapping at the top level")
+    return parse_config(data, str(p))
+
+
+def with_sources(cfg: AppConfig, sources: list[str]) -> AppConfig:
+    """Return ``cfg`` with its cameras replaced by one camera per source URI (``cam0``, ``cam1``...)."""
+    cams = tuple(CameraConfig(name=f"cam{i}", source=s) for i, s in enumerate(sources))
+    return cfg.model_copy(update={"cameras": cams})
+
+
+def data_dir() -> Path:
+    """Folder for the database, snapshots and runtime sockets (``FACEPRO_DATA_DIR`` or per-user default)."""
+    env = os.environ.get("FACEPRO_DATA_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("facepro")).resolve()
+
+
+def database_url(cfg: AppConfig) -> str:
+    """The storage URL: ``storage.url`` or SQLite in :func:`data_dir`."""
+    if cfg.storage.url:
+        return cfg.storage.url
+    return f"sqlite:///{data_dir() / 'facepro.db'}"
+
+
+def thread_budget(cfg: AppConfig, cpu_count: int | None = None) -> int:
+    """ONNX Runtime intra-op threads for one inference process.
+
+    Splits the CPU cores over the inference processes (detection +
+    recognition) so their total never exceeds the core count (oversubscription
+    slows every process on small boxes); ``runtime.inference_threads`` overrides.
+    """
+    if cfg.runtime.inference_threads:
+        return cfg.runtime.inference_threads
+    cores = cpu_count or os.cpu_count() or 1
+    procs = cfg.detection.processes + cfg.recognition.processes
+    return max(1, cores // procs)
