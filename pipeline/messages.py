@@ -210,6 +210,7 @@ class StageStats:
         latency_p50_ms, latency_p99_ms: processing time per item over the last window, milliseconds.
         backlog: items held inside the process waiting to be processed (reorder buffer, pending batch).
         oldest_wait_ms: age of the oldest item waiting in ``backlog``, milliseconds.
+        max_rss_mb: peak resident memory of the process so far, MiB (``getrusage``).
         last_error: last error message, empty when none.
     """
 
@@ -224,6 +225,7 @@ class StageStats:
     latency_p99_ms: float = 0.0
     backlog: int = 0
     oldest_wait_ms: float = 0.0
+    max_rss_mb: float = 0.0
     last_error: str = ""
 
     def __post_init__(self) -> None:
