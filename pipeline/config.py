@@ -80,6 +80,7 @@ class MotionConfig(_Strict):
     pixel_threshold: int = Field(25, ge=1, le=255, description="grey-level difference that counts as changed")
     min_changed_fraction: float = Field(0.002, ge=0.0, le=1.0, description="changed-pixel fraction that counts as motion")
     background_alpha: float = Field(0.05, gt=0.0, le=1.0, description="running-average weight of a new frame")
+    hold_frames: int = Field(30, ge=0, le=10_000, description="keep detecting this many frames after the last detection, motion or not (people standing still)")
 
 
 class DetectionConfig(_Strict):

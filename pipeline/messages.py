@@ -205,7 +205,9 @@ class StageStats:
         pid: OS process id.
         sent_at_ns: ``time.time_ns()`` when sent.
         frames_in: messages/frames received.
-        frames_out: messages/frames fully processed and passed on.
+        frames_out: messages/frames fully processed.
+        sent: messages sent downstream (the next stage's queue depth is
+            upstream ``sent`` − its ``frames_in``).
         drop_counts: ``(len(DROP_REASONS),) int64`` drops per reason, in ``DROP_REASONS`` order.
         latency_p50_ms, latency_p99_ms: processing time per item over the last window, milliseconds.
         backlog: items held inside the process waiting to be processed (reorder buffer, pending batch).
@@ -221,6 +223,7 @@ class StageStats:
     frames_in: int
     frames_out: int
     drop_counts: np.ndarray
+    sent: int = 0
     latency_p50_ms: float = 0.0
     latency_p99_ms: float = 0.0
     backlog: int = 0

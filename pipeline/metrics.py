@@ -26,7 +26,8 @@ class StageCounters:
 
     Attributes:
         frames_in: items received.
-        frames_out: items processed and passed on.
+        frames_out: items processed.
+        sent: messages sent downstream.
         drops: ``(len(DROP_REASONS),) int64`` drops per reason.
         backlog: items held inside the process (set by the stage).
         oldest_wait_ms: age of the oldest held item, ms (set by the stage).
@@ -38,6 +39,7 @@ class StageCounters:
         self.index = index
         self.frames_in = 0
         self.frames_out = 0
+        self.sent = 0
         self.drops = np.zeros(len(DROP_REASONS), dtype=np.int64)
         self.backlog = 0
         self.oldest_wait_ms = 0.0
@@ -63,7 +65,7 @@ class StageCounters:
         p50, p99 = self.percentiles()
         return StageStats(
             stage=self.stage, index=self.index, pid=os.getpid(), sent_at_ns=time.time_ns(),
-            frames_in=self.frames_in, frames_out=self.frames_out, drop_counts=self.drops.copy(),
+            frames_in=self.frames_in, frames_out=self.frames_out, drop_counts=self.drops.copy(), sent=self.sent,
             latency_p50_ms=p50, latency_p99_ms=p99, backlog=self.backlog, oldest_wait_ms=self.oldest_wait_ms,
             max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, last_error=self.last_error,
         )

@@ -118,6 +118,15 @@ def run_id_of(segment: str) -> str | None:
     return parts[0] if len(parts) == 2 else None
 
 
+def _unlink(name: str) -> bool:
+    """Unlink segment ``name`` without the resource tracker (which never tracked it). False if gone."""
+    try:
+        os.unlink(SHM_DIR / name.lstrip("/"))
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def _untrack(shm: shared_memory.SharedMemory) -> None:
     # The resource tracker would unlink the segment when an attaching process exits.
     try:
@@ -199,7 +208,7 @@ class RingWriter(_Ring):
             os.posix_fallocate(shm._fd, 0, layout.total_bytes)  # type: ignore[attr-defined]
         except (OSError, AttributeError) as err:
             shm.close()
-            shm.unlink()
+            _unlink(name)
             if isinstance(err, OSError):
                 raise ShmSpaceError(f"/dev/shm cannot hold ring {name} ({layout.total_bytes / 2**20:.1f} MiB): {err.strerror}; "
                                     "lower ring.slots or enlarge /dev/shm") from None
@@ -272,10 +281,7 @@ class RingWriter(_Ring):
             self.shm.close()
         finally:
             if unlink:
-                try:
-                    self.shm.unlink()
-                except FileNotFoundError:
-                    pass
+                _unlink(self.name)
 
 
 class RingReader(_Ring):
@@ -370,17 +376,4 @@ def list_segments(run_id: str | None = None, shm_dir: Path = SHM_DIR) -> list[st
 
 def unlink_segments(names: list[str]) -> int:
     """Unlink the named segments; returns how many were removed."""
-    removed = 0
-    for name in names:
-        try:
-            shm = shared_memory.SharedMemory(name=name, create=False)
-        except FileNotFoundError:
-            continue
-        _untrack(shm)
-        shm.close()
-        try:
-            shm.unlink()
-            removed += 1
-        except FileNotFoundError:
-            pass
-    return removed
+    return sum(_unlink(name) for name in names)

@@ -10,6 +10,7 @@ frame's last owner, routes the results, and sends heartbeats.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -20,7 +21,7 @@ import numpy as np
 
 from pipeline.messages import DROP_REASONS, Detections, FrameRef
 from pipeline.metrics import Heartbeat, StageCounters
-from pipeline.ring import RingCache, RingError
+from pipeline.ring import RingCache, RingError, RingLayout, RingWriter, ring_name
 from pipeline.transport import Receiver, Sender
 
 
@@ -54,20 +55,29 @@ def frame_ref(meta: object) -> FrameRef | None:
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT; :meth:`install` wires the handlers in a child process."""
+    """Set by SIGTERM/SIGINT: the first asks for a drain, a second for a hard stop.
+
+    :meth:`install` wires the handlers in a child process.
+    """
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self.signals = 0
 
     def is_set(self) -> bool:
         return self._event.is_set()
 
+    def hard(self) -> bool:
+        """True after a second signal: stop waiting for downstream."""
+        return self.signals >= 2
+
     def set(self) -> None:
+        self.signals += 1
         self._event.set()
 
     def install(self) -> StopFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._event.set())
+            signal.signal(sig, lambda *_: self.set())
         return self
 
 
@@ -184,7 +194,6 @@ class Runner:
         self.reorderer = reorderer
         self.drain_idle_s = drain_idle_s
         self.rings = RingCache()
-        self._hard_stop = False
         self._buffers: dict[tuple[int, ...], np.ndarray] = {}
 
     def _read_frame(self, ref: FrameRef) -> np.ndarray | None:
@@ -212,12 +221,15 @@ class Runner:
             if sender is None:
                 continue
             if self.io.blocking_send:
-                # Never abandon a frame in file mode; give up only when asked to stop hard.
-                while not sender.send(out, timeout_ms=200):
-                    if self.stop.is_set() and self._hard_stop:
-                        self.counters.drop("queue_full")
-                        break
-            elif not sender.send(out, timeout_ms=0):
+                # Never abandon a message in file mode; give up only when stopping hard.
+                sent = sender.send(out, timeout_ms=200)
+                while not sent and not self.stop.hard():
+                    sent = sender.send(out, timeout_ms=200)
+            else:
+                sent = sender.send(out, timeout_ms=0)
+            if sent:
+                self.counters.sent += 1
+            else:
                 self.counters.drop("queue_full")
 
     def handle(self, item: object) -> None:
@@ -267,18 +279,153 @@ class Runner:
 
     def _update_gauges(self) -> None:
         c = self.counters
-        c.drops[_MALFORMED] = self.io.inbox.malformed
+        stage_drops = getattr(self.stage, "drops", {})  # counts the stage keeps itself
+        for reason, n in stage_drops.items():
+            c.drops[DROP_REASONS.index(reason)] = n
+        c.drops[_MALFORMED] = self.io.inbox.malformed + stage_drops.get("malformed", 0)
+        c.backlog = int(getattr(self.stage, "backlog", 0))
         if self.reorderer is not None:
             c.drops[_LOST] = self.reorderer.lost
-            c.backlog = self.reorderer.backlog
+            c.backlog += self.reorderer.backlog
             c.oldest_wait_ms = self.reorderer.oldest_wait_ms()
+        error = getattr(self.stage, "last_error", "")
+        if error:
+            c.last_error = error
 
     def _finish(self) -> None:
         rest = self.reorderer.flush() if self.reorderer is not None else []
         for item in rest:
             self.handle(item)
-        self._hard_stop = True
         self._send(self.stage.finish())
         self._update_gauges()
         self.io.heartbeat.beat(force=True)
         self.rings.close()
+
+
+class FrameSource(Protocol):
+    """What :class:`CaptureLoop` needs from a video source (see ``stages.capture.VideoSource``)."""
+
+    is_file: bool
+
+    def read(self) -> np.ndarray | None: ...
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    """Capture loop parameters.
+
+    Attributes:
+        run_id: run id for ring names.
+        camera: camera name.
+        slots: ring slots.
+        release_timeout_s: file mode: reclaim an unreleased slot after this long.
+        wait_for_release: file mode (every frame processed) vs live mode (never wait).
+        max_fps: pace reads to at most this rate (None: as fast as the source gives).
+        reconnect_s: live mode: wait before reopening a failed source.
+    """
+
+    run_id: str
+    camera: str
+    slots: int
+    release_timeout_s: float
+    wait_for_release: bool
+    max_fps: float | None = None
+    reconnect_s: float = 2.0
+
+
+class CaptureLoop:
+    """Reads a source, writes each frame into the camera's ring and announces it with a FrameRef.
+
+    A new ring is created when the frame size changes (never a stale ring of
+    another size). At end of file it waits until every frame has been released
+    downstream, so the pipeline can drain, then unlinks its ring.
+    """
+
+    def __init__(self, source: FrameSource, settings: CaptureSettings, sender: Sender,
+                 counters: StageCounters, heartbeat: Heartbeat, stop: StopFlag) -> None:
+        self.source = source
+        self.s = settings
+        self.sender = sender
+        self.counters = counters
+        self.heartbeat = heartbeat
+        self.stop = stop
+        self.writer: RingWriter | None = None
+        self.generation = 0
+        self.frame_index = 0
+
+    def _ring_for(self, frame: np.ndarray) -> RingWriter:
+        w = self.writer
+        if w is not None and (w.layout.height, w.layout.width) == frame.shape[:2]:
+            return w
+        if w is not None:
+            w.close()  # readers already attached keep their mapping until they detach
+        layout = RingLayout(slots=self.s.slots, height=frame.shape[0], width=frame.shape[1], channels=frame.shape[2])
+        name = ring_name(self.s.run_id, self.s.camera, os.getpid(), self.generation)
+        self.generation += 1
+        self.writer = RingWriter.create(name, layout, wait_for_release=self.s.wait_for_release,
+                                        release_timeout_s=self.s.release_timeout_s)
+        return self.writer
+
+    def _publish(self, frame: np.ndarray) -> bool:
+        ring = self._ring_for(frame)
+        if not ring.wait_slot(self.stop):
+            return False
+        slot, seq = ring.write(frame, self.frame_index, time.time_ns())
+        ref = FrameRef(camera=self.s.camera, ring=ring.name, slot=slot, seq=seq, frame_index=self.frame_index,
+                       captured_at_ns=time.time_ns(), height=frame.shape[0], width=frame.shape[1])
+        self.counters.frames_in += 1
+        if self.s.wait_for_release:
+            if not self.sender.send_until(ref, self.stop):
+                return False
+            self.counters.sent += 1
+        elif self.sender.send(ref, timeout_ms=0):
+            self.counters.sent += 1
+        else:
+            self.counters.drop("queue_full")
+        self.counters.frames_out += 1
+        self.frame_index += 1
+        return True
+
+    def _reconnect(self) -> None:
+        time.sleep(self.s.reconnect_s)
+        try:
+            self.source.open()
+        except Exception as err:  # SourceError; keep trying while live
+            self.counters.last_error = str(err)
+
+    def run(self) -> None:
+        period = 1.0 / self.s.max_fps if self.s.max_fps else 0.0
+        next_t = time.monotonic()
+        while not self.stop.is_set():
+            frame = self.source.read()
+            if frame is None:
+                if self.source.is_file:
+                    break
+                self._reconnect()
+                continue
+            if not self._publish(frame):
+                break
+            self.heartbeat.beat()
+            if period:
+                next_t += period
+                time.sleep(max(0.0, next_t - time.monotonic()))
+        self._drain()
+
+    def _drain(self) -> None:
+        """Wait (file mode) until downstream released every frame, then unlink the ring."""
+        w = self.writer
+        deadline = time.monotonic() + self.s.release_timeout_s
+        while w is not None and self.s.wait_for_release and not w.all_released():
+            if self.stop.is_set() or time.monotonic() > deadline:
+                break
+            self.heartbeat.beat()
+            time.sleep(0.01)
+        self.counters.drops[_LOST] += 0 if w is None else w.reclaimed
+        self.heartbeat.beat(force=True)
+        self.source.close()
+        if w is not None:
+            w.close()

@@ -1,0 +1,302 @@
+"""The ``facepro`` command line. Each command is a plain function the parser dispatches to.
+
+Errors that a user can fix (bad config, missing model or video, no pipeline
+running...) become one line on stderr and exit code 2; ``run`` exits 1 when
+the pipeline had to stop because a stage kept failing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import cv2
+
+from pipeline.config import AppConfig, ConfigError, data_dir, database_url, load_config, with_sources
+from pipeline.messages import DROP_REASONS, StatusReply, StatusRequest, ScaleRequest, Ack
+from pipeline.transport import TransportError, request
+
+DEFAULT_CONFIG = Path("configs/demo.yaml")
+
+
+class CliError(RuntimeError):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def _config(args: argparse.Namespace) -> AppConfig:
+    cfg = load_config(args.config)
+    if getattr(args, "source", None):
+        cfg = with_sources(cfg, args.source)
+    return cfg
+
+
+def _engine(cfg: AppConfig):
+    from storage.db import open_engine, upgrade
+
+    url = database_url(cfg)
+    upgrade(url)
+    return open_engine(url)
+
+
+def _check_assets(cfg: AppConfig) -> None:
+    """Fail before any process starts when a model file or a file source is missing."""
+    from stages.capture import open_source
+    from stages.runtime import check_model_file
+
+    check_model_file(cfg.detection.detector.path, "object detector")
+    check_model_file(cfg.recognition.face.detector.path, "face detector")
+    check_model_file(cfg.recognition.face.embedder.path, "face embedder")
+    for cam in cfg.cameras:
+        if cam.resolved_mode() == "file":
+            open_source(cam).close()
+
+
+# ------------------------------------------------------------------ commands
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.supervisor import Supervisor
+    from storage.db import upgrade
+
+    cfg = _config(args)
+    _check_assets(cfg)
+    url = database_url(cfg)
+    sup = Supervisor(cfg, data_dir(), prepare_database=lambda: upgrade(url))
+    code = sup.run()
+    summary = sup.summary()
+    summary["events"] = _count_events(cfg)
+    out = data_dir() / "last_run.json"
+    out.write_text(json.dumps(summary, indent=2))
+    _print_summary(summary)
+    if sup.failure:
+        print(f"facepro: pipeline stopped: {sup.failure}", file=sys.stderr)
+    return code
+
+
+def _count_events(cfg: AppConfig) -> int:
+    from storage.db import open_engine
+    from storage.queries import count_rows
+
+    return count_rows(open_engine(database_url(cfg))).get("events", 0)
+
+
+def _print_summary(s: dict) -> None:
+    print(f"run {s['run_id']}: {s['wall_s']:.1f} s wall, {s['events']} events stored")
+    print(f"{'stage':<12}{'in':>8}{'out':>8}{'fps':>8}  dropped / peak RSS MiB")
+    for stage, st in s["stages"].items():
+        rss = ", ".join(f"{k}: {v}" for k, v in st["peak_rss_mb"].items())
+        print(f"{stage:<12}{st['frames_in']:>8}{st['frames_out']:>8}{st['rate_fps']:>8.1f}  {st['dropped'] or '-'} / {rss}")
+
+
+def _runtime_dir() -> Path:
+    from pipeline.supervisor import read_current_run
+
+    info = read_current_run(data_dir())
+    if info is None:
+        raise CliError(f"no pipeline is running (data dir {data_dir()}); start one with: facepro run CONFIG")
+    return Path(info["runtime_dir"])
+
+
+def _status_table(reply: StatusReply) -> str:
+    head = f"{'stage':<12}{'procs':>6}{'state':>9}{'rate/s':>8}{'queue':>7}{'oldest ms':>10}{'dropped':>9}{'p50 ms':>8}{'p99 ms':>8}{'cpu %':>7}{'rss MiB':>9}{'restarts':>9}"
+    lines = [f"run {reply.run_id}, up {reply.uptime_s:.0f} s", head]
+    for s in reply.stages:
+        lines.append(f"{s.stage:<12}{s.processes:>6}{s.state:>9}{s.rate_fps:>8.1f}{s.queue_depth:>7}{s.oldest_wait_ms:>10.0f}"
+                     f"{s.dropped:>9}{s.latency_p50_ms:>8.1f}{s.latency_p99_ms:>8.1f}{s.cpu_percent:>7.0f}{s.rss_mb:>9.0f}{s.restarts:>9}")
+        reasons = ", ".join(f"{r}={int(n)}" for r, n in zip(DROP_REASONS, s.drop_counts) if n)
+        if reasons:
+            lines.append(f"{'':<12}drops: {reasons}")
+        if s.last_error:
+            lines.append(f"{'':<12}last error: {s.last_error}")
+    return "\n".join(lines)
+
+
+def status_json(reply: StatusReply) -> dict:
+    """``facepro status --json`` document."""
+    return {"run_id": reply.run_id, "uptime_s": reply.uptime_s, "stages": [
+        {"stage": s.stage, "processes": s.processes, "rate_fps": s.rate_fps, "queue_depth": s.queue_depth,
+         "dropped": s.dropped, "drops": {r: int(n) for r, n in zip(DROP_REASONS, s.drop_counts)},
+         "pids": [int(p) for p in s.pids], "state": s.state, "oldest_wait_ms": s.oldest_wait_ms,
+         "latency_p50_ms": s.latency_p50_ms, "latency_p99_ms": s.latency_p99_ms, "cpu_percent": s.cpu_percent,
+         "rss_mb": s.rss_mb, "restarts": s.restarts, "last_error": s.last_error}
+        for s in reply.stages]}
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    while True:
+        reply = request(_runtime_dir(), "control", StatusRequest(), timeout_ms=int(args.timeout_s * 1000))
+        if not isinstance(reply, StatusReply):
+            raise CliError(f"unexpected answer from the supervisor: {reply}")
+        print(json.dumps(status_json(reply)) if args.json else _status_table(reply), flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    for spec in args.specs:
+        stage, _, n = spec.partition("=")
+        if not n.isdigit():
+            raise CliError(f"scale: expected STAGE=N (e.g. detection=2), got {spec!r}")
+        reply = request(_runtime_dir(), "control", ScaleRequest(stage=stage, processes=int(n)))
+        assert isinstance(reply, Ack)
+        print(reply.message)
+        if not reply.ok:
+            return 2
+    return 0
+
+
+def _analyzer(cfg: AppConfig):
+    from stages.face import FaceAnalyzer
+    from stages.runtime import SessionOptions
+
+    return FaceAnalyzer(cfg.recognition.face, SessionOptions(threads=os.cpu_count() or 1))
+
+
+def _read_image(path: str):
+    img = cv2.imread(path)
+    if img is None:
+        raise CliError(f"cannot read image {path}: missing or not an image file")
+    return img
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from stages.gallery import EnrollmentError, enrollment_embedding
+    from storage.queries import enroll
+
+    cfg = _config(args)
+    analyzer = _analyzer(cfg)
+    vectors, shas = [], []
+    for path in args.images:
+        try:
+            emb, _ = enrollment_embedding(analyzer, _read_image(path), path)
+        except EnrollmentError as err:
+            raise CliError(str(err)) from None
+        vectors.append(emb)
+        shas.append(hashlib.sha256(Path(path).read_bytes()).hexdigest())
+    import numpy as np
+
+    enroll(_engine(cfg), args.name, np.stack(vectors).astype(np.float32), analyzer.model_name,
+           [str(Path(p).resolve()) for p in args.images], shas)
+    print(f"enrolled {args.name}: {len(vectors)} image(s) with {analyzer.model_name}")
+    return 0
+
+
+def cmd_identify(args: argparse.Namespace) -> int:
+    from stages.gallery import Gallery, identify
+    from storage.queries import load_gallery
+
+    cfg = _config(args)
+    analyzer = _analyzer(cfg)
+    rows = load_gallery(_engine(cfg), analyzer.model_name)
+    gallery = Gallery(list(rows.names), rows.vectors, threshold=cfg.recognition.face.match_threshold,
+                      model_name=analyzer.model_name)
+    faces = identify(analyzer, gallery, _read_image(args.image))
+    doc = {"faces": [{"bbox": [round(float(v), 1) for v in f.xyxy], "identity": f.identity,
+                      "similarity": round(float(f.similarity), 4)} for f in faces]}
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        for f in doc["faces"]:
+            print(f"{f['identity'] or 'unknown':<24} similarity {f['similarity']:.3f}  bbox {f['bbox']}")
+        if not faces:
+            print("no face found")
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from storage.queries import list_events
+
+    cfg = _config(args)
+    rows = list_events(_engine(cfg), camera=args.camera, identity=args.identity, limit=args.limit)
+    for r in rows:
+        doc = r.to_json()
+        if args.json:
+            print(json.dumps(doc))
+        else:
+            print(f"{doc['started_at']}  {doc['camera']:<10} track {doc['track_id']:<5} {doc['label']:<8} "
+                  f"{doc['identity'] or 'unknown':<20} frames {doc['first_frame']}-{doc['last_frame']}")
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from storage import db
+
+    url = database_url(_config(args))
+    if args.action == "upgrade":
+        print(f"database at revision {db.upgrade(url)}")
+    elif args.action == "current":
+        print(db.current_revision(url) or "empty (no revision)")
+    return 0
+
+
+# -------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="facepro", description="FacePro edge video analytics")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str, config_positional: bool = False) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        if config_positional:
+            sp.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+        else:
+            sp.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+        sp.set_defaults(func=func)
+        return sp
+
+    run = add("run", cmd_run, "start the pipeline (exits at the end of file sources)", config_positional=True)
+    run.add_argument("--source", action="append", metavar="URI", help="replace the configured cameras (repeatable)")
+    st = add("status", cmd_status, "show per-stage rates, queue depths and drops of the running pipeline")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--watch", type=float, metavar="S", help="refresh every S seconds")
+    st.add_argument("--timeout-s", type=float, default=3.0)
+    sc = add("scale", cmd_scale, "change a stage's process count, e.g. detection=2")
+    sc.add_argument("specs", nargs="+", metavar="STAGE=N")
+    en = add("enroll", cmd_enroll, "add an identity (or more images of it) to the gallery")
+    en.add_argument("name")
+    en.add_argument("images", nargs="+")
+    idf = add("identify", cmd_identify, "name every face in an image")
+    idf.add_argument("image")
+    idf.add_argument("--json", action="store_true")
+    ev = add("events", cmd_events, "list stored events, newest first")
+    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--camera")
+    ev.add_argument("--identity")
+    ev.add_argument("--limit", type=int, default=100)
+    dbp = add("db", cmd_db, "database schema: upgrade | current")
+    dbp.add_argument("action", choices=["upgrade", "current"])
+    return p
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.ring import RingError
+    from pipeline.supervisor import SupervisorError
+    from stages.capture import SourceError
+    from stages.runtime import ModelError
+    from storage.db import StorageError
+
+    return (CliError, ConfigError, TransportError, SupervisorError, RingError, SourceError, ModelError, StorageError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except _user_errors() as err:
+        print(f"facepro {args.command}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

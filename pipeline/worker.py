@@ -1,0 +1,159 @@
+"""Child-process entry point: ``python -m pipeline.worker RUNTIME_DIR STAGE INDEX N_RECOGNITION``.
+
+This module is wiring, like the supervisor and the CLI: it builds the stage
+objects from ``stages``/``storage`` and connects them to the transport with
+the generic :class:`~pipeline.runner.Runner` (or the
+:class:`~pipeline.runner.CaptureLoop` for a camera). The config comes from
+the run's ``config.json`` (written by the supervisor), never through pickling.
+
+Routing: camera ``k`` (config order) is tracked by recognition process
+``k % N_RECOGNITION``, so every camera's tracker lives in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import cv2
+
+from pipeline.config import AppConfig, data_dir, database_url, thread_budget
+from pipeline.metrics import Heartbeat, StageCounters
+from pipeline.runner import CaptureLoop, CaptureSettings, Reorderer, Runner, RunnerIO, StopFlag
+from pipeline.transport import Transport
+
+log = logging.getLogger("facepro.worker")
+
+
+def recognition_index(cfg: AppConfig, camera: str, n_recognition: int) -> int:
+    """The recognition process that owns ``camera``."""
+    names = [c.name for c in cfg.cameras]
+    return (names.index(camera) if camera in names else 0) % n_recognition
+
+
+def _session_options(cfg: AppConfig):
+    from stages.runtime import SessionOptions
+
+    return SessionOptions(threads=thread_budget(cfg))
+
+
+def _capture(cfg: AppConfig, t: Transport, run_id: str, index: int, counters: StageCounters, hb: Heartbeat, stop: StopFlag) -> None:
+    from stages.capture import open_source
+
+    cam = cfg.cameras[index]
+    source = open_source(cam)
+    sender = t.sender(f"frames-{cam.name}", bind=True, hwm=max(2, cfg.ring.slots // 2))
+    settings = CaptureSettings(run_id=run_id, camera=cam.name, slots=cfg.ring.slots,
+                               release_timeout_s=cfg.ring.release_timeout_s,
+                               wait_for_release=cam.resolved_mode() == "file", max_fps=cam.max_fps,
+                               reconnect_s=cam.reconnect_s)
+    CaptureLoop(source, settings, sender, counters, hb, stop).run()
+
+
+def _file_mode(cfg: AppConfig) -> bool:
+    return all(c.resolved_mode() == "file" for c in cfg.cameras)
+
+
+def _detection(cfg: AppConfig, t: Transport, n_rec: int, counters: StageCounters, hb: Heartbeat, stop: StopFlag) -> None:
+    from stages.detection import DetectionStage
+    from stages.detector import ObjectDetector
+
+    stage = DetectionStage(ObjectDetector(cfg.detection.detector, _session_options(cfg)), cfg.detection.motion)
+    inbox = t.receiver(f"frames-{cfg.cameras[0].name}", bind=False, hwm=2)
+    for cam in cfg.cameras[1:]:
+        inbox.connect(f"frames-{cam.name}", t)
+    outs = [t.sender(f"detections-{i}", hwm=cfg.ring.slots, linger_ms=2000) for i in range(n_rec)]
+    route = lambda msg: outs[recognition_index(cfg, msg.frame.camera, n_rec)]  # noqa: E731
+    io = RunnerIO(inbox=inbox, route=route, heartbeat=hb, release=False, blocking_send=_file_mode(cfg))
+    Runner(stage, io, counters, stop).run()
+
+
+def _snapshot_sink(root: Path):
+    def save(event_id: str, camera: str, image) -> str | None:
+        folder = root / camera
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{event_id}.jpg"
+        tmp = folder / f".{event_id}.jpg.tmp"
+        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])
+        if not ok:
+            return None
+        tmp.write_bytes(buf.tobytes())
+        os.replace(tmp, path)
+        return str(path)
+
+    return save
+
+
+def _recognition(cfg: AppConfig, t: Transport, index: int, counters: StageCounters, hb: Heartbeat, stop: StopFlag) -> None:
+    from stages.detector import ObjectDetector
+    from stages.face import FaceAnalyzer
+    from stages.gallery import Gallery
+    from stages.recognition import RecognitionStage
+    from storage.db import open_engine
+    from storage.queries import load_gallery
+
+    opts = _session_options(cfg)
+    class_names = ObjectDetector(cfg.detection.detector, opts).class_names
+    analyzer = FaceAnalyzer(cfg.recognition.face, opts)
+    rows = load_gallery(open_engine(database_url(cfg)), analyzer.model_name)
+    gallery = Gallery(list(rows.names), rows.vectors, threshold=cfg.recognition.face.match_threshold,
+                      model_name=analyzer.model_name)
+    live = frozenset(c.name for c in cfg.cameras if c.resolved_mode() == "live")
+    snap = _snapshot_sink(data_dir() / "snapshots") if cfg.storage.snapshots else None
+    stage = RecognitionStage(cfg.tracking, cfg.recognition.face, class_names, analyzer, gallery, snap, live,
+                             cfg.recognition.max_lag_ms)
+    inbox = t.receiver(f"detections-{index}", bind=True, hwm=cfg.ring.slots)
+    out = t.sender("storage", hwm=10_000, linger_ms=10_000)
+    io = RunnerIO(inbox=inbox, route=lambda msg: out, heartbeat=hb, release=True, blocking_send=True)
+    Runner(stage, io, counters, stop, reorderer=Reorderer(cfg.tracking.reorder_timeout_s)).run()
+
+
+def _storage(cfg: AppConfig, t: Transport, counters: StageCounters, hb: Heartbeat, stop: StopFlag) -> None:
+    from storage.db import open_engine
+    from storage.stage import StorageStage
+    from storage.writer import EventWriter
+
+    writer = EventWriter(open_engine(database_url(cfg)), cfg.storage.batch_rows, cfg.storage.batch_ms)
+    inbox = t.receiver("storage", bind=True, hwm=10_000)
+    io = RunnerIO(inbox=inbox, route=lambda msg: None, heartbeat=hb, release=False, blocking_send=False)
+    Runner(StorageStage(writer), io, counters, stop).run()
+
+
+def main(argv: list[str]) -> int:
+    runtime_dir, stage, index, n_rec = Path(argv[0]), argv[1], int(argv[2]), int(argv[3])
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {stage}-{index} %(levelname)s %(message)s")
+    cv2.setNumThreads(1)
+    stop = StopFlag().install()
+    cfg = AppConfig.model_validate_json((runtime_dir / "config.json").read_text())
+    run_id = json.loads((runtime_dir / "run.json").read_text())["run_id"]
+    t = Transport(runtime_dir)
+    counters = StageCounters(stage, index)
+    hb = Heartbeat(counters, t.sender("stats", hwm=100), cfg.runtime.stats_interval_s)
+    try:
+        if stage == "capture":
+            _capture(cfg, t, run_id, index, counters, hb, stop)
+        elif stage == "detection":
+            _detection(cfg, t, n_rec, counters, hb, stop)
+        elif stage == "recognition":
+            _recognition(cfg, t, index, counters, hb, stop)
+        elif stage == "storage":
+            _storage(cfg, t, counters, hb, stop)
+        else:
+            raise ValueError(f"unknown stage {stage!r}")
+        return 0
+    except Exception as err:  # report the error upstream, then exit non-zero
+        counters.last_error = f"{type(err).__name__}: {err}"
+        log.error("%s", counters.last_error)
+        log.debug("%s", traceback.format_exc())
+        hb.beat(force=True)
+        return 2
+    finally:
+        t.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

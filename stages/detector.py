@@ -1,0 +1,396 @@
+"""Object detection with YOLOX or YOLOv8 ONNX models: letterbox, decode, class-aware NMS.
+
+Two output layouts are supported (``detection.detector.layout`` in the config):
+
+- ``yolox``: YOLOX (Ge et al., "YOLOX: Exceeding YOLO Series in 2021",
+  arXiv:2107.08430; Megvii-BaseDetection/YOLOX ``demo/ONNXRuntime``). Input
+  ``[1, 3, H, W]`` BGR 0–255 float, no normalisation, image letterboxed at the
+  top-left corner with pad value 114. Output ``[1, N, 5 + C]``, one row per
+  grid cell of strides 8, 16, 32: ``dx, dy, log w, log h, objectness, C class
+  scores`` (already sigmoid-activated).
+- ``yolov8``: Ultralytics YOLOv8 detection head export. Input ``[1, 3, H, W]``
+  RGB scaled to [0, 1], image letterboxed in the centre with pad value 114
+  (Ultralytics ``LetterBox(center=True)``). Output ``[1, 4 + C, N]``:
+  ``cx, cy, w, h`` in input pixels and C class scores, no objectness. Class
+  names come from the model metadata ``names``.
+
+All boxes are ``xyxy`` = ``x1, y1, x2, y2`` in pixels, float32.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from pipeline.config import OnnxDetectorConfig
+from stages.runtime import ModelError, SessionOptions, expect_input, open_session
+
+#: The 80 COCO class names in the order used by YOLOX and YOLOv8 (index = class id).
+COCO80: tuple[str, ...] = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat",
+    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack",
+    "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball",
+    "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket",
+    "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair",
+    "couch", "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse",
+    "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier",
+    "toothbrush",
+)  # fmt: skip
+
+#: Output strides of the YOLOX / YOLOv8 detection heads, pixels.
+STRIDES: tuple[int, ...] = (8, 16, 32)
+
+_WHAT = "object detector"
+
+
+# --------------------------------------------------------------------------- letterbox
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """A frame resized into a model's input canvas, keeping its aspect ratio.
+
+    Attributes:
+        image: ``(h, w, 3) uint8`` canvas of the model input size; the resized
+            frame is pasted at ``(pad_x, pad_y)``, the rest is the pad value.
+        scale: input pixels per frame pixel (``<= 1`` when shrinking).
+        pad_x, pad_y: offset of the resized frame in the canvas, pixels.
+    """
+
+    image: np.ndarray
+    scale: float
+    pad_x: int
+    pad_y: int
+
+
+def letterbox(image: np.ndarray, size_hw: tuple[int, int], pad_value: int = 114, *, center: bool = False) -> Letterbox:
+    """Resize ``image`` to fit ``size_hw`` keeping the aspect ratio, padding the rest.
+
+    The image is placed at the top-left corner (YOLOX's official
+    preprocessing, ``center=False``) or in the centre (Ultralytics
+    ``LetterBox``, ``center=True``). Resizing uses ``cv2.INTER_LINEAR``.
+
+    Args:
+        image: ``(H, W, 3) uint8`` frame (any channel order; it is not changed).
+        size_hw: canvas ``(height, width)`` in pixels.
+        pad_value: grey level of the padding, 0–255.
+        center: centre the image instead of the top-left placement.
+
+    Returns:
+        The :class:`Letterbox` canvas with its scale and offsets.
+
+    Raises:
+        ValueError: ``image`` is not an ``(H, W, 3) uint8`` array or ``size_hw`` is not positive.
+    """
+    _check_frame(image, "letterbox image")
+    out_h, out_w = (int(v) for v in size_hw)
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(f"letterbox size_hw: expected positive (height, width), got {size_hw}")
+    h, w = image.shape[:2]
+    scale = min(out_h / h, out_w / w)
+    new_w, new_h = min(out_w, max(1, round(w * scale))), min(out_h, max(1, round(h * scale)))
+    pad_x, pad_y = ((out_w - new_w) // 2, (out_h - new_h) // 2) if center else (0, 0)
+    canvas = np.full((out_h, out_w, 3), pad_value, dtype=np.uint8)
+    resized = image if (new_w, new_h) == (w, h) else cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    canvas[pad_y : pad_y + new_h, pad_x : pad_x + new_w] = resized
+    return Letterbox(image=canvas, scale=float(scale), pad_x=pad_x, pad_y=pad_y)
+
+
+def boxes_to_frame(xyxy: np.ndarray, lb: Letterbox, frame_hw: tuple[int, int]) -> np.ndarray:
+    """Map boxes from letterbox-canvas pixels back to source-frame pixels, clipped to the frame.
+
+    Args:
+        xyxy: ``(n, 4)`` boxes ``x1, y1, x2, y2`` in canvas pixels.
+        lb: the :class:`Letterbox` the canvas came from.
+        frame_hw: source frame ``(height, width)``; coordinates are clipped to
+            ``[0, width]`` and ``[0, height]``.
+
+    Returns:
+        ``(n, 4) float32`` boxes in frame pixels.
+    """
+    offset = np.array([lb.pad_x, lb.pad_y, lb.pad_x, lb.pad_y], dtype=np.float32)
+    out = (np.asarray(xyxy, dtype=np.float32).reshape(-1, 4) - offset) / np.float32(lb.scale)
+    h, w = frame_hw
+    np.clip(out[:, 0::2], 0, w, out=out[:, 0::2])
+    np.clip(out[:, 1::2], 0, h, out=out[:, 1::2])
+    return out
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@lru_cache(maxsize=8)
+def yolo_grid(input_hw: tuple[int, int], strides: tuple[int, ...] = STRIDES) -> tuple[np.ndarray, np.ndarray]:
+    """Grid-cell coordinates and strides of a YOLO head, in output-row order.
+
+    Rows go stride by stride; within a stride row-major (``x`` fastest), as in
+    YOLOX's ``demo_postprocess`` and Ultralytics' ``make_anchors``.
+
+    Returns:
+        ``(N, 2) float32`` cell ``(x, y)`` indices and ``(N, 1) float32`` stride of each row
+        (cached per argument pair, so both are read-only).
+    """
+    grids, steps = [], []
+    for s in strides:
+        gh, gw = input_hw[0] // s, input_hw[1] // s
+        xv, yv = np.meshgrid(np.arange(gw), np.arange(gh))
+        grids.append(np.stack((xv, yv), axis=2).reshape(-1, 2))
+        steps.append(np.full((gh * gw, 1), s))
+    grid, stride = np.concatenate(grids).astype(np.float32), np.concatenate(steps).astype(np.float32)
+    grid.setflags(write=False)
+    stride.setflags(write=False)
+    return grid, stride
+
+
+def _one_image(output: np.ndarray, what: str) -> np.ndarray:
+    arr = np.asarray(output)
+    if arr.ndim == 3:
+        if arr.shape[0] != 1:
+            raise ValueError(f"{what}: expected one image (batch 1), got shape {arr.shape}")
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise ValueError(f"{what}: expected a 2-D or batch-1 3-D array, got shape {arr.shape}")
+    return arr.astype(np.float32, copy=False)
+
+
+def _best_class(class_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    class_ids = np.argmax(class_scores, axis=1).astype(np.int32)
+    return np.take_along_axis(class_scores, class_ids[:, None].astype(np.intp), axis=1)[:, 0], class_ids
+
+
+def decode_yolox(
+    output: np.ndarray, input_hw: tuple[int, int], strides: tuple[int, ...] = STRIDES
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode a YOLOX head output for one image (YOLOX ``demo_postprocess``).
+
+    For the row of grid cell ``(gx, gy)`` at stride ``s``:
+    ``cx = (dx + gx)·s``, ``cy = (dy + gy)·s``, ``w = exp(log w)·s``,
+    ``h = exp(log h)·s``; score = objectness × best class score.
+
+    Args:
+        output: ``(1, N, 5 + C)`` or ``(N, 5 + C)`` float array.
+        input_hw: model input ``(height, width)`` in pixels.
+        strides: head strides, in the order of the output rows.
+
+    Returns:
+        ``xyxy (N, 4) float32`` input-canvas pixels, ``scores (N,) float32``,
+        ``class_ids (N,) int32`` (argmax over the C classes).
+
+    Raises:
+        ValueError: wrong rank, batch > 1, fewer than 6 columns, or N not
+            matching the grid of ``input_hw`` and ``strides``.
+    """
+    rows = _one_image(output, "decode_yolox output")
+    grid, stride = yolo_grid(tuple(input_hw), tuple(strides))
+    if rows.shape[1] < 6 or rows.shape[0] != grid.shape[0]:
+        raise ValueError(
+            f"decode_yolox output: expected (N, 5 + classes) with N = {grid.shape[0]} rows for input "
+            f"{tuple(input_hw)} and strides {tuple(strides)}, got shape {rows.shape}"
+        )
+    centre = (rows[:, 0:2] + grid) * stride
+    size = np.exp(rows[:, 2:4]) * stride
+    xyxy = np.concatenate((centre - size / 2, centre + size / 2), axis=1).astype(np.float32)
+    best, class_ids = _best_class(rows[:, 5:])
+    return xyxy, (rows[:, 4] * best).astype(np.float32), class_ids
+
+
+def decode_yolov8(output: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode an Ultralytics YOLOv8 detection output for one image.
+
+    Args:
+        output: ``(1, 4 + C, N)`` or ``(4 + C, N)`` float array; rows 0–3 are
+            ``cx, cy, w, h`` in input pixels, the rest class scores in [0, 1].
+
+    Returns:
+        ``xyxy (N, 4) float32`` input-canvas pixels, ``scores (N,) float32``
+        (best class score, no objectness), ``class_ids (N,) int32``.
+
+    Raises:
+        ValueError: wrong rank, batch > 1, or fewer than 5 channels.
+    """
+    chans = _one_image(output, "decode_yolov8 output")
+    if chans.shape[0] < 5:
+        raise ValueError(f"decode_yolov8 output: expected (4 + classes, N), got shape {chans.shape}")
+    rows = chans.T
+    half = rows[:, 2:4] / 2
+    xyxy = np.concatenate((rows[:, 0:2] - half, rows[:, 0:2] + half), axis=1).astype(np.float32)
+    scores, class_ids = _best_class(rows[:, 4:])
+    return xyxy, scores.astype(np.float32), class_ids
+
+
+def nms_per_class(xyxy: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Class-aware non-maximum suppression (``cv2.dnn.NMSBoxesBatched``).
+
+    A box is suppressed by a higher-scoring box of the same class whose IoU
+    with it is above ``iou_threshold``; boxes of different classes never
+    suppress each other.
+
+    Args:
+        xyxy: ``(n, 4)`` boxes, pixels.
+        scores: ``(n,)`` confidences.
+        class_ids: ``(n,)`` integer class ids.
+        iou_threshold: IoU in (0, 1].
+
+    Returns:
+        ``(k,) int64`` indices of the kept boxes, highest score first within a class.
+    """
+    if len(scores) == 0:
+        return np.empty(0, dtype=np.int64)
+    xyxy = np.asarray(xyxy, dtype=np.float64)
+    xywh = np.concatenate((xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]), axis=1)
+    keep = cv2.dnn.NMSBoxesBatched(xywh, np.asarray(scores, np.float64), np.asarray(class_ids, np.int32), -1.0, float(iou_threshold))
+    return np.asarray(keep, dtype=np.int64).reshape(-1)
+
+
+# --------------------------------------------------------------------------- detector
+
+
+@dataclass(frozen=True)
+class DetectionResult:
+    """Objects found in one frame.
+
+    Attributes:
+        xyxy: ``(n, 4) float32`` boxes ``x1, y1, x2, y2`` in frame pixels.
+        confidence: ``(n,) float32`` detection scores in [0, 1].
+        class_id: ``(n,) int32`` class ids (index into ``ObjectDetector.class_names``).
+    """
+
+    xyxy: np.ndarray
+    confidence: np.ndarray
+    class_id: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.xyxy.shape[0])
+
+
+def _check_frame(frame: Any, what: str) -> None:
+    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        got = f"{frame.dtype} array of shape {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
+        raise ValueError(f"{what}: expected an (H, W, 3) uint8 BGR image, got {got}; decode frames with cv2 (BGR, uint8)")
+    if frame.shape[0] == 0 or frame.shape[1] == 0:
+        raise ValueError(f"{what}: image is empty (shape {frame.shape})")
+
+
+def _metadata_names(session: Any, path: Path) -> tuple[str, ...] | None:
+    raw = session.get_modelmeta().custom_metadata_map.get("names")
+    if raw is None:
+        return None
+    try:
+        names = ast.literal_eval(raw)
+        return tuple(str(names[i]) for i in range(len(names)))
+    except (ValueError, SyntaxError, KeyError, TypeError):
+        raise ModelError(f"{_WHAT} model {path}: metadata 'names' is not a class-name dict ({raw[:80]!r}...)") from None
+
+
+def _static_dim(value: Any) -> int | None:
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _check_output(session: Any, path: Path, layout: str, input_hw: tuple[int, int], n_classes: int) -> None:
+    """Raise ModelError when the first output does not have the configured layout."""
+    out = session.get_outputs()[0]
+    shape = [_static_dim(v) for v in out.shape]
+    cells = len(yolo_grid(tuple(input_hw))[0])
+    shapes = {"yolox": [1, cells, 5 + n_classes], "yolov8": [1, 4 + n_classes, cells]}
+    expected = shapes[layout]
+    if not _fits(shape, expected):
+        other = "yolov8" if layout == "yolox" else "yolox"
+        hint = f" to {other!r}" if _fits(shape, shapes[other]) else ""
+        raise ModelError(
+            f"{_WHAT} model {path}: configured layout {layout!r} expects output {expected}, "
+            f"found {out.name} with shape {list(out.shape)}; set detection.detector.layout{hint} "
+            f"or point detection.detector.path at a {layout} model"
+        )
+
+
+def _fits(shape: list[int | None], expected: list[int]) -> bool:
+    return len(shape) == len(expected) and all(s is None or s == e for s, e in zip(shape, expected))
+
+
+def _class_ids(wanted: tuple[str, ...], names: tuple[str, ...]) -> np.ndarray:
+    unknown = [c for c in wanted if c not in names]
+    if unknown:
+        raise ValueError(
+            f"detection.detector.classes: unknown class name(s) {unknown}; valid names: {', '.join(names)}"
+        )
+    return np.array(sorted({names.index(c) for c in wanted}), dtype=np.int32)
+
+
+class ObjectDetector:
+    """YOLOX / YOLOv8 object detector on ONNX Runtime (one frame at a time).
+
+    Pure stage: it holds an inference session and no other resources.
+
+    Args:
+        cfg: detector config (model file, layout, confidence, NMS IoU, classes).
+        opts: inference threads and execution providers.
+
+    Raises:
+        ModelError: the model file is missing, unreadable, or its input/output
+            shapes do not match ``cfg.layout`` (the message names the file).
+        ValueError: a name in ``cfg.classes`` is not a class of the model.
+    """
+
+    def __init__(self, cfg: OnnxDetectorConfig, opts: SessionOptions = SessionOptions()) -> None:
+        self._cfg = cfg
+        self._session = open_session(cfg.type, cfg.path, _WHAT, opts)
+        path = Path(cfg.path)
+        shape = expect_input(self._session, _WHAT, path, rank=4)
+        if _static_dim(shape[2]) is None or _static_dim(shape[3]) is None:
+            raise ModelError(f"{_WHAT} model {path}: input shape {list(shape)} has no fixed height/width; export it with a fixed input size")
+        self._input_hw = (int(shape[2]), int(shape[3]))
+        self._input_name = self._session.get_inputs()[0].name
+        names = _metadata_names(self._session, path) if cfg.layout == "yolov8" else None
+        self._names = names or COCO80
+        _check_output(self._session, path, cfg.layout, self._input_hw, len(self._names))
+        self._wanted = _class_ids(cfg.classes, self._names)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """All class names of the model; index = class id."""
+        return self._names
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """Model input ``(height, width)``, pixels."""
+        return self._input_hw
+
+    def detect(self, frame: np.ndarray) -> DetectionResult:
+        """Detect the configured classes in one frame.
+
+        Args:
+            frame: ``(H, W, 3) uint8`` BGR image.
+
+        Returns:
+            Boxes in frame pixels (clipped to the frame) of the configured
+            classes with score >= ``cfg.confidence``, after class-aware NMS at
+            ``cfg.nms_iou``; highest score first.
+
+        Raises:
+            ValueError: ``frame`` is not an ``(H, W, 3) uint8`` array.
+        """
+        _check_frame(frame, "ObjectDetector.detect frame")
+        yolox = self._cfg.layout == "yolox"
+        lb = letterbox(frame, self._input_hw, center=not yolox)
+        # YOLOX: BGR 0-255; YOLOv8: RGB / 255.
+        blob = cv2.dnn.blobFromImage(lb.image, 1.0 if yolox else 1.0 / 255.0, swapRB=not yolox)
+        raw = self._session.run(None, {self._input_name: blob})[0]
+        xyxy, scores, class_ids = decode_yolox(raw, self._input_hw) if yolox else decode_yolov8(raw)
+        mask = (scores >= self._cfg.confidence) & np.isin(class_ids, self._wanted)
+        xyxy, scores, class_ids = xyxy[mask], scores[mask], class_ids[mask]
+        keep = nms_per_class(xyxy, scores, class_ids, self._cfg.nms_iou)
+        keep = keep[np.argsort(-scores[keep], kind="stable")]
+        return DetectionResult(
+            xyxy=boxes_to_frame(xyxy[keep], lb, frame.shape[:2]),
+            confidence=scores[keep].astype(np.float32),
+            class_id=class_ids[keep].astype(np.int32),
+        )

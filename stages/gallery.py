@@ -1,0 +1,271 @@
+"""Face gallery: enrolled identities and open-set matching of probe embeddings.
+
+Terms: the *gallery* holds one *template* per enrolled identity, built from
+the embeddings of its *enrollment* images; a *probe* is the embedding of a face
+seen at run time. Matching is *open-set*: a probe gets the identity of the
+template with the highest cosine similarity only if that similarity reaches
+the threshold, otherwise it is unknown (None). Embeddings come from an
+ArcFace-style model (Deng et al. 2019), whose training makes cosine similarity
+the right score.
+
+Threshold calibration (``face.match_threshold``, default 0.40): on the test
+face set (14 single-face images of 5 people, SCRFD-500M + MobileFaceNet-128d)
+leave-one-out similarities of a face to its own identity's template are
+>= 0.57 and to any other identity's template <= 0.18, so 0.40 sits in the
+middle of the gap; recalibrate with another embedder (``tests/unit/test_gallery.py``
+measures the gap on the real images).
+
+Everything here is pure numpy except the helpers that take a
+:class:`stages.face.FaceAnalyzer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from stages.face import Face, FaceAnalyzer
+
+#: Default gap below the median leave-one-out similarity at which an
+#: enrollment embedding is rejected as an outlier (see :class:`Gallery`).
+OUTLIER_MARGIN = 0.25
+
+
+class EnrollmentError(ValueError):
+    """An enrollment image that cannot be used; the message names the image."""
+
+
+@dataclass(frozen=True)
+class Match:
+    """Result of matching one probe.
+
+    Attributes:
+        identity: enrolled name, or None when the best cosine similarity is
+            below the threshold (open-set "unknown") or the gallery is empty.
+        similarity: best cosine similarity in [-1, 1] over all templates
+            (reported even when unknown; 0.0 for an empty gallery).
+    """
+
+    identity: str | None
+    similarity: float
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(n, 1e-12)
+
+
+def _outlier_mask(rows: np.ndarray, margin: float) -> np.ndarray:
+    """Which rows of one identity to keep (bool ``(n,)``); rule in :class:`Gallery`."""
+    n = rows.shape[0]
+    keep = np.ones(n, dtype=bool)
+    if n <= 2:
+        return keep
+    total = rows.sum(axis=0)
+    others = _unit_rows(total[None, :] - rows)  # leave-one-out mean direction for each row
+    loo = np.einsum("ij,ij->i", rows, others)
+    keep &= loo >= np.median(loo) - margin
+    return keep
+
+
+class Gallery:
+    """Immutable set of identity templates for open-set face identification.
+
+    Building the templates: every embedding row is L2-normalised. For an
+    identity with three or more rows, each row's *leave-one-out similarity*
+    is its cosine similarity to the normalised mean of that identity's other
+    rows; a row whose leave-one-out similarity is more than ``outlier_margin``
+    below the identity's median is rejected (a wrong person, a bad crop). The
+    median rule keeps at least half of the rows. Identities with one or two
+    rows keep all of them (no majority to judge by). The template is the
+    L2-normalised mean of the kept rows.
+
+    Why 0.25: on the real face set the leave-one-out similarities of genuine
+    images of one person spread by at most 0.20 (0.66-0.86 for one identity),
+    while an impostor row scores near 0.1-0.2 against a template whose
+    genuine rows score 0.6-0.9, a gap of 0.4 or more.
+
+    Args:
+        names: identity name of each embedding row (several rows per identity allowed).
+        embeddings: ``(k, d) float32`` embeddings, one row per name (need not
+            be normalised). ``k`` may be 0 (empty gallery).
+        threshold: cosine similarity needed to name a probe (``face.match_threshold``).
+        outlier_margin: see above; ``None`` or ``inf`` disables rejection.
+        model_name: embedder that produced the rows (for messages).
+
+    Raises:
+        ValueError: ``embeddings`` is not 2-D, has non-finite values or a
+            row count different from ``len(names)``; a name is empty.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        embeddings: np.ndarray,
+        threshold: float = 0.40,
+        outlier_margin: float | None = OUTLIER_MARGIN,
+        model_name: str | None = None,
+    ) -> None:
+        emb = np.asarray(embeddings, dtype=np.float32)
+        names = list(names)
+        if emb.ndim == 1 and emb.size == 0:
+            emb = emb.reshape(0, 0)
+        if emb.ndim != 2:
+            raise ValueError(f"Gallery embeddings: expected a (k, d) array, got shape {emb.shape}")
+        if emb.shape[0] != len(names):
+            raise ValueError(f"Gallery: {len(names)} names but {emb.shape[0]} embedding rows")
+        if not np.all(np.isfinite(emb)):
+            raise ValueError("Gallery embeddings contain NaN or infinite values")
+        if any(not isinstance(n, str) or not n for n in names):
+            raise ValueError("Gallery names must be non-empty strings")
+        margin = np.inf if outlier_margin is None else float(outlier_margin)
+        self.threshold = float(threshold)
+        self.model_name = model_name
+        self._dim = int(emb.shape[1])
+        unit = _unit_rows(emb)
+        ids: list[str] = []
+        templates: list[np.ndarray] = []
+        rejected: list[int] = []
+        name_arr = np.array(names, dtype=object)
+        for name in dict.fromkeys(names):  # first-seen order
+            idx = np.flatnonzero(name_arr == name)
+            keep = _outlier_mask(unit[idx], margin)
+            rejected.extend(int(i) for i in idx[~keep])
+            t = unit[idx[keep]].mean(axis=0)
+            ids.append(name)
+            templates.append(t / max(float(np.linalg.norm(t)), 1e-12))
+        self._identities = tuple(ids)
+        self._templates = np.stack(templates).astype(np.float32) if templates else np.zeros((0, self._dim), np.float32)
+        self._templates.setflags(write=False)
+        self._rejected = tuple(sorted(rejected))
+
+    @property
+    def identities(self) -> tuple[str, ...]:
+        """Enrolled names, in first-enrolled order (row order of :attr:`templates`)."""
+        return self._identities
+
+    @property
+    def templates(self) -> np.ndarray:
+        """``(n_identities, d) float32`` unit-norm templates (read-only)."""
+        return self._templates
+
+    @property
+    def rejected(self) -> tuple[int, ...]:
+        """Indices of the input embedding rows rejected as outliers."""
+        return self._rejected
+
+    @property
+    def dim(self) -> int:
+        """Embedding length ``d`` the gallery was enrolled with."""
+        return self._dim
+
+    def __len__(self) -> int:
+        return len(self._identities)
+
+    def similarities(self, probes: np.ndarray) -> np.ndarray:
+        """Cosine similarities ``(m, n_identities) float32`` of probes to every template.
+
+        Raises:
+            ValueError: ``probes`` is not ``(m, d)`` or ``d`` differs from the gallery's.
+        """
+        p = np.asarray(probes, dtype=np.float32)
+        if p.ndim != 2:
+            raise ValueError(f"probes: expected an (m, d) array, got shape {p.shape}")
+        if len(self) == 0:
+            return np.zeros((p.shape[0], 0), np.float32)
+        if p.shape[1] != self._dim:
+            model = f" ({self.model_name})" if self.model_name else ""
+            raise ValueError(
+                f"probe embeddings have dimension {p.shape[1]} but the gallery has dimension {self._dim}: "
+                f"the gallery was enrolled with another face embedding model{model}; re-enroll with the current model"
+            )
+        return _unit_rows(p) @ self._templates.T
+
+    def match(self, probes: np.ndarray) -> list[Match]:
+        """Open-set identification of each probe.
+
+        Args:
+            probes: ``(m, d) float32`` probe embeddings (normalised here).
+
+        Returns:
+            One :class:`Match` per probe: the most similar identity if its
+            cosine similarity >= ``threshold``, else ``identity=None``. An
+            empty gallery gives all unknown.
+
+        Raises:
+            ValueError: ``probes`` is not 2-D, or its dimension differs from
+                the gallery's (enrolled with another model).
+        """
+        sims = self.similarities(probes)
+        if sims.shape[1] == 0:
+            return [Match(None, 0.0) for _ in range(sims.shape[0])]
+        best = np.argmax(sims, axis=1)
+        out = []
+        for i, j in enumerate(best):
+            s = float(sims[i, j])
+            out.append(Match(self._identities[j] if s >= self.threshold else None, s))
+        return out
+
+
+@dataclass(frozen=True)
+class IdentifiedFace:
+    """One face of an image with its identification.
+
+    Attributes:
+        xyxy: ``(4,) float32`` box ``x1, y1, x2, y2``, image pixels.
+        identity: enrolled name or None (unknown).
+        similarity: cosine similarity to the best template.
+        score: face detection score in [0, 1].
+    """
+
+    xyxy: np.ndarray
+    identity: str | None
+    similarity: float
+    score: float
+
+
+def enrollment_embedding(analyzer: FaceAnalyzer, image: np.ndarray, source: str) -> tuple[np.ndarray, Face]:
+    """The embedding of the single face in an enrollment image.
+
+    Args:
+        analyzer: face pipeline (its ``min_face_px`` and detector threshold apply).
+        image: ``(H, W, 3) uint8`` BGR.
+        source: name of the image for messages (file path).
+
+    Returns:
+        ``((d,) float32 unit-norm embedding, the Face)``.
+
+    Raises:
+        EnrollmentError: no face, or more than one face, found (strict: a
+            group photo is refused even if one face dominates).
+        ValueError: ``image`` is not ``(H, W, 3) uint8``.
+    """
+    faces = analyzer.analyze(image)
+    if not faces:
+        raise EnrollmentError(
+            f"{source}: no face found (detector score >= {analyzer.cfg.detector.score_threshold}, "
+            f"width >= {analyzer.cfg.min_face_px} px); use a sharp, roughly frontal photo of one person"
+        )
+    if len(faces) > 1:
+        raise EnrollmentError(f"{source}: {len(faces)} faces found; enrollment needs an image with exactly one face")
+    return faces[0].embedding, faces[0]
+
+
+def identify(analyzer: FaceAnalyzer, gallery: Gallery, image: np.ndarray) -> list[IdentifiedFace]:
+    """Detect every face in an image and match it against the gallery.
+
+    Returns:
+        One :class:`IdentifiedFace` per face found (best detection score first).
+
+    Raises:
+        ValueError: bad image, or embedder/gallery dimension mismatch.
+    """
+    faces = analyzer.analyze(image)
+    if not faces:
+        return []
+    matches = gallery.match(np.stack([f.embedding for f in faces]))
+    return [IdentifiedFace(f.xyxy, m.identity, m.similarity, f.score) for f, m in zip(faces, matches)]

@@ -1,0 +1,195 @@
+"""The recognition stage: per-camera tracking, face recognition per person track, snapshots.
+
+``process(frame, Detections)`` receives every frame of the cameras this
+process owns, in frame order (the runner's reorder buffer guarantees it), so
+the ByteTrack state of a camera lives in exactly one place. On every
+``face.every_n_frames``-th frame that has person tracks it looks for a face
+inside each person box (SCRFD), aligns and embeds it, and matches it against
+the enrolled gallery (open-set, cosine similarity ≥ ``face.match_threshold``).
+A track is named by the votes of all its face observations
+(:class:`TrackVotes`), so one bad frame does not name a person.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from pipeline.config import FaceConfig, TrackingConfig
+from pipeline.messages import Detections, EmbeddingRecord, TrackUpdate
+from stages.face import Face, FaceAnalyzer
+from stages.gallery import Gallery
+from stages.tracking import ActiveTrack, CameraTracks
+
+#: ``(event_id, camera, image (h, w, 3) uint8 BGR) -> path or None``: stores a JPEG snapshot.
+SnapshotSink = Callable[[str, str, np.ndarray], "str | None"]
+
+
+@dataclass
+class TrackVotes:
+    """Face votes of one track: the identity with a strict majority of face observations wins.
+
+    Unknown faces vote for "unknown"; so a track seen 5 times unknown and once
+    as "X" stays unknown. ``score`` is the best similarity of the winning identity.
+    """
+
+    votes: Counter = field(default_factory=Counter)
+    best: dict = field(default_factory=dict)
+    current: str | None = None  # identity last sent for the track
+
+    def add(self, identity: str | None, similarity: float) -> None:
+        self.votes[identity] += 1
+        if identity is not None:
+            self.best[identity] = max(self.best.get(identity, -1.0), similarity)
+
+    def decision(self) -> tuple[str | None, float]:
+        total = sum(self.votes.values())
+        known = [(n, c) for n, c in self.votes.items() if n is not None]
+        if not known:
+            return None, 0.0
+        name, count = max(known, key=lambda nc: (nc[1], self.best[nc[0]]))
+        if count * 2 <= total:  # no strict majority of the track's face observations
+            return None, 0.0
+        return name, float(self.best[name])
+
+
+def _largest(faces: list[Face]) -> Face | None:
+    return max(faces, key=lambda f: f.width, default=None)
+
+
+class RecognitionStage:
+    """Tracks, events, face recognition and snapshots for the cameras of one recognition process.
+
+    Args:
+        tracking: ByteTrack and event settings.
+        face: face settings (``every_n_frames``, ``min_face_px``, threshold).
+        class_names: detector class names (index = class id).
+        analyzer: face pipeline, or None to disable face recognition.
+        gallery: enrolled identities (may be empty).
+        snapshot: stores a JPEG for an event; None disables snapshots.
+        live_cameras: cameras in live mode, whose frames older than ``max_lag_ms``
+            skip face work (counted as ``behind``).
+        max_lag_ms: see ``live_cameras``.
+
+    Attributes:
+        drops: cumulative ``{"behind": n}``.
+    """
+
+    def __init__(self, tracking: TrackingConfig, face: FaceConfig, class_names: tuple[str, ...],
+                 analyzer: FaceAnalyzer | None, gallery: Gallery, snapshot: SnapshotSink | None = None,
+                 live_cameras: frozenset[str] = frozenset(), max_lag_ms: float = 2000.0) -> None:
+        self.tracking = tracking
+        self.face = face
+        self.class_names = class_names
+        self.analyzer = analyzer
+        self.gallery = gallery
+        self.snapshot = snapshot
+        self.live_cameras = live_cameras
+        self.max_lag_ms = max_lag_ms
+        self.cameras: dict[str, CameraTracks] = {}
+        self.votes: dict[tuple[str, int], TrackVotes] = {}
+        self.snapped: set[str] = set()
+        self.drops = {"behind": 0}
+
+    def _tracks(self, camera: str) -> CameraTracks:
+        if camera not in self.cameras:
+            self.cameras[camera] = CameraTracks(camera, self.tracking, self.class_names)
+        return self.cameras[camera]
+
+    def _due(self, det: Detections) -> bool:
+        return det.valid and len(det) > 0 and det.frame.frame_index % self.face.every_n_frames == 0
+
+    def _behind(self, det: Detections) -> bool:
+        if det.frame.camera not in self.live_cameras:
+            return False
+        return (time.time_ns() - det.frame.captured_at_ns) / 1e6 > self.max_lag_ms
+
+    def wants_frame(self, meta: object) -> bool:
+        assert isinstance(meta, Detections)
+        if not self._due(meta):
+            return False
+        if self._behind(meta):
+            self.drops["behind"] += 1
+            return False
+        return True
+
+    def process(self, frame: np.ndarray | None, meta: object) -> list[object]:
+        assert isinstance(meta, Detections)
+        tracks = self._tracks(meta.frame.camera)
+        out: list[object] = list(tracks.update(meta))
+        if frame is not None:
+            active = tracks.active()
+            faces = self._faces(frame, active)
+            for track in active:
+                out.extend(self._observe(tracks, track, frame, meta.frame.frame_index, faces))
+        self._forget_ended(out)
+        return out
+
+    def _faces(self, frame: np.ndarray, active: list[ActiveTrack]) -> list[Face] | None:
+        """Faces of the whole frame when several person boxes need them (one SCRFD run), else None."""
+        persons = [t for t in active if t.label == "person"]
+        if self.analyzer is None or len(persons) < 2:
+            return None
+        return self.analyzer.analyze(frame, min_face_px=self.face.min_face_px)
+
+    def _face_of(self, frame: np.ndarray, track: ActiveTrack, faces: list[Face] | None) -> Face | None:
+        if faces is None:
+            return _largest(self.analyzer.analyze(frame, region_xyxy=track.xyxy, min_face_px=self.face.min_face_px))
+        return _largest([f for f in faces if _centre_inside(f.xyxy, track.xyxy)])
+
+    def _observe(self, tracks: CameraTracks, track: ActiveTrack, frame: np.ndarray, frame_index: int,
+                 faces: list[Face] | None) -> list[object]:
+        if self.snapshot is not None and track.event_id not in self.snapped:
+            path = self.snapshot(track.event_id, tracks.camera, _crop(frame, track.xyxy))
+            self.snapped.add(track.event_id)
+            if path:
+                tracks.set_snapshot(track.track_id, path)
+        if self.analyzer is None or track.label != "person":
+            return []
+        face = self._face_of(frame, track, faces)
+        if face is None:
+            return []
+        match = self.gallery.match(face.embedding[None, :])[0]
+        votes = self.votes.setdefault((tracks.camera, track.track_id), TrackVotes())
+        votes.add(match.identity, match.similarity)
+        identity, score = votes.decision()
+        if identity != votes.current:  # re-send only when the decision changes
+            votes.current = identity
+            tracks.set_identity(track.track_id, identity, "face" if identity else None, score)
+        return [EmbeddingRecord(event_id=track.event_id, kind="face", model=self.analyzer.model_name,
+                                vector=face.embedding.astype(np.float32), frame_index=frame_index, quality=face.score)]
+
+    def _forget_ended(self, out: list[object]) -> None:
+        for msg in out:
+            if isinstance(msg, TrackUpdate) and msg.ended:
+                self.votes.pop((msg.camera, msg.track_id), None)
+                self.snapped.discard(msg.event_id)
+
+    def tick(self, now_ns: int) -> list[object]:
+        return []
+
+    def finish(self) -> list[object]:
+        out: list[object] = []
+        for tracks in self.cameras.values():
+            out.extend(tracks.finish())
+        return out
+
+
+def _centre_inside(inner: np.ndarray, outer: np.ndarray) -> bool:
+    """True if the centre of box ``inner`` lies in box ``outer`` (both x1, y1, x2, y2 pixels)."""
+    cx, cy = (inner[0] + inner[2]) / 2, (inner[1] + inner[3]) / 2
+    return bool(outer[0] <= cx <= outer[2] and outer[1] <= cy <= outer[3])
+
+
+def _crop(frame: np.ndarray, xyxy: np.ndarray, pad: float = 0.1) -> np.ndarray:
+    """A copy of ``frame`` inside ``xyxy`` (x1, y1, x2, y2 pixels) grown by ``pad`` of its size, clipped."""
+    h, w = frame.shape[:2]
+    x1, y1, x2, y2 = (float(v) for v in xyxy)
+    px, py = (x2 - x1) * pad, (y2 - y1) * pad
+    a, b = int(max(0, x1 - px)), int(max(0, y1 - py))
+    c, d = int(min(w, x2 + px)), int(min(h, y2 + py))
+    return frame[b:max(d, b + 1), a:max(c, a + 1)].copy()

@@ -1,0 +1,400 @@
+"""Engines, schema migrations (Alembic) and storage errors.
+
+The Alembic scripts live in the repository's top-level ``alembic/`` folder
+(``alembic.ini`` next to it serves the ``alembic`` command line). FacePro
+builds its :class:`alembic.config.Config` in code (:func:`alembic_config`),
+with ``script_location`` found by :func:`script_location`: first
+``storage/alembic`` (where a packaged build may ship the scripts), then
+``<repo>/alembic`` next to the ``storage`` package (a source checkout or an
+editable install). A non-editable install must therefore ship the scripts
+as ``storage/alembic``; otherwise :func:`upgrade` raises :class:`StorageError`
+naming both places it looked.
+
+SQLite engines get, on every connection: ``journal_mode=WAL`` (readers never
+block the writer), ``synchronous=NORMAL``, ``busy_timeout`` and
+``foreign_keys=ON``. Transactions are begun explicitly (``BEGIN``, or
+``BEGIN IMMEDIATE`` with the ``sqlite_begin="IMMEDIATE"`` execution option)
+instead of by the driver, so DDL and savepoints are transactional.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+
+#: Default SQLite busy timeout: how long a connection waits for another's write lock, ms.
+BUSY_TIMEOUT_MS = 5000
+
+# PostgreSQL SQLSTATEs worth retrying: serialization failure, deadlock, lock not available.
+_PG_TRANSIENT = frozenset({"40001", "40P01", "55P03"})
+
+
+class StorageError(RuntimeError):
+    """A database problem the caller cannot fix by changing its input (locked, unreachable, failed write)."""
+
+
+class SchemaError(StorageError):
+    """The database schema does not match this FacePro (unknown/newer revision, unmanaged tables, broken keys)."""
+
+
+def describe(url: str | URL) -> str:
+    """``url`` as text with any password hidden, for error messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<invalid URL>"
+
+
+def _parse_url(url: str | URL) -> URL:
+    try:
+        return make_url(url)
+    except ArgumentError as err:
+        raise StorageError(
+            f"invalid database URL {url!r}: {err}; expected e.g. sqlite:////path/facepro.db "
+            "or postgresql+psycopg2://user@host/db"
+        ) from None
+
+
+def sqlite_path(url: str | URL) -> Path | None:
+    """The database file of a SQLite URL, or None for in-memory and non-SQLite URLs."""
+    u = _parse_url(url)
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return None
+    if u.database.startswith("file:"):
+        return None
+    return Path(u.database).expanduser()
+
+
+def open_engine(url: str | URL, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS, foreign_keys: bool = True) -> Engine:
+    """Create an engine for ``url`` with FacePro's connection settings.
+
+    Args:
+        url: SQLAlchemy URL (``sqlite:///...`` or ``postgresql+psycopg2://...``).
+        busy_timeout_ms: SQLite only: how long to wait for another process's
+            write lock before failing with "database is locked", milliseconds.
+        foreign_keys: SQLite only: enforce foreign keys. False only for
+            schema migrations (table rebuilds must not cascade deletes).
+
+    Returns:
+        A new :class:`~sqlalchemy.Engine`; call ``dispose()`` when done.
+
+    Raises:
+        StorageError: invalid URL, missing driver, or the SQLite folder cannot be created.
+    """
+    u = _parse_url(url)
+    if u.get_backend_name() == "sqlite":
+        return _sqlite_engine(u, busy_timeout_ms, foreign_keys)
+    try:
+        return create_engine(u, pool_pre_ping=True)
+    except (ImportError, ArgumentError) as err:
+        raise StorageError(f"cannot open {describe(u)}: {err}; install the driver (pip install -e .[postgres])") from None
+
+
+def _sqlite_engine(u: URL, busy_timeout_ms: int, foreign_keys: bool) -> Engine:
+    if busy_timeout_ms < 0:
+        raise ValueError(f"busy_timeout_ms: expected >= 0, got {busy_timeout_ms}")
+    path = sqlite_path(u)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StorageError(f"cannot create the database folder {path.parent}: {err.strerror}; check FACEPRO_DATA_DIR / storage.url") from None
+    engine = create_engine(u)
+    pragmas = (
+        f"PRAGMA busy_timeout={int(busy_timeout_ms)}",  # first: switching to WAL may wait for a lock
+        "PRAGMA journal_mode=WAL",
+        "PRAGMA synchronous=NORMAL",
+        f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}",
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see _on_begin)
+        cur = dbapi_conn.cursor()
+        for pragma in pragmas:
+            cur.execute(pragma)
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "")
+        conn.exec_driver_sql(f"BEGIN {mode}".strip())
+
+    return engine
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for errors a retry may fix: SQLite "database is locked/busy", PostgreSQL deadlock or serialization failure."""
+    if not isinstance(err, OperationalError):
+        return False
+    orig = err.orig
+    if getattr(orig, "pgcode", None) in _PG_TRANSIENT:
+        return True
+    msg = str(orig).lower()
+    return "database is locked" in msg or "database table is locked" in msg or "database is busy" in msg
+
+
+def locked_error(url: str | URL, err: BaseException, what: str) -> StorageError:
+    """A :class:`StorageError` for a lock that outlived the busy timeout / retries."""
+    return StorageError(
+        f"{what}: database {describe(url)} is locked by another process ({err.__class__.__name__}: "
+        f"{getattr(err, 'orig', err)}); stop the other FacePro process or writer, or retry later"
+    )
+
+
+@contextlib.contextmanager
+def storage_errors(url: str | URL, what: str) -> Iterator[None]:
+    """Re-raise database errors inside the block as :class:`StorageError` naming ``what`` and the database."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except SQLAlchemyError as err:
+        if is_transient(err):
+            raise locked_error(url, err, what) from err
+        detail = getattr(err, "orig", None) or err
+        raise StorageError(f"{what}: database {describe(url)}: {detail}") from err
+
+
+# --------------------------------------------------------------------- migrations
+
+
+def script_location() -> Path:
+    """The folder holding Alembic's ``env.py`` and ``versions/``.
+
+    Raises:
+        StorageError: neither ``storage/alembic`` nor ``<repo>/alembic`` exists.
+    """
+    here = Path(__file__).resolve().parent
+    candidates = (here / "alembic", here.parent / "alembic")
+    for folder in candidates:
+        if (folder / "env.py").is_file() and (folder / "versions").is_dir():
+            return folder
+    raise StorageError(
+        "Alembic migration scripts not found (looked in "
+        + " and ".join(str(c) for c in candidates)
+        + "); run FacePro from a source checkout or an editable install (pip install -e .)"
+    )
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """A programmatic Alembic config for FacePro's migrations.
+
+    Args:
+        connection: when given, ``env.py`` migrates over this connection
+            (the caller owns its transaction and commits it).
+
+    Raises:
+        StorageError: the migration scripts cannot be found.
+    """
+    cfg = Config()
+    cfg.set_main_option("script_location", str(script_location()))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head_revision() -> str:
+    """The newest schema revision this code knows (e.g. ``"0001"``).
+
+    Raises:
+        StorageError: the migration scripts cannot be found or have several heads.
+    """
+    heads = ScriptDirectory.from_config(alembic_config()).get_heads()
+    if len(heads) != 1:
+        raise StorageError(f"migration scripts in {script_location()} have {len(heads)} heads {heads}; expected one")
+    return heads[0]
+
+
+def current_revision(url: str | URL) -> str | None:
+    """The database's schema revision, or None when it has none (new or empty database).
+
+    Reads without modifying anything: a SQLite file is opened read-only and
+    a missing file is not created.
+
+    Raises:
+        StorageError: the database cannot be read (locked, unreachable, bad URL).
+    """
+    revs = _revisions(url)
+    if len(revs) > 1:
+        raise SchemaError(f"database {describe(url)} has several schema revisions {revs}; restore a backup")
+    return revs[0] if revs else None
+
+
+def _revisions(url: str | URL) -> list[str]:
+    u = _parse_url(url)
+    path = sqlite_path(u)
+    if path is not None:
+        return _sqlite_revisions(u, path)
+    engine = open_engine(u)
+    try:
+        with storage_errors(u, "reading the schema revision"), engine.connect() as conn:
+            if not inspect(conn).has_table("alembic_version"):
+                return []
+            return [r[0] for r in conn.exec_driver_sql("SELECT version_num FROM alembic_version")]
+    finally:
+        engine.dispose()
+
+
+def _sqlite_revisions(u: URL, path: Path) -> list[str]:
+    if not path.exists() or path.stat().st_size == 0:
+        return []
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    except sqlite3.Error as err:
+        raise StorageError(f"cannot open {path} read-only: {err}") from None
+    try:
+        has = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='alembic_version'").fetchone()
+        if not has:
+            return []
+        return [r[0] for r in conn.execute("SELECT version_num FROM alembic_version")]
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err) or "busy" in str(err):
+            raise locked_error(u, err, "reading the schema revision") from None
+        raise StorageError(f"cannot read {path}: {err}; is it a SQLite database?") from None
+    except sqlite3.DatabaseError as err:
+        raise StorageError(f"cannot read {path}: {err}; is it a SQLite database?") from None
+    finally:
+        conn.close()
+
+
+def check_known(url: str | URL, revision: str | None) -> None:
+    """Raise :class:`SchemaError` when ``revision`` is not one of this code's migrations.
+
+    Raises:
+        SchemaError: the database was written by a newer FacePro (or another app).
+    """
+    if revision is None:
+        return
+    script = ScriptDirectory.from_config(alembic_config())
+    try:
+        known = script.get_revision(revision) is not None
+    except CommandError:
+        known = False
+    if not known:
+        raise SchemaError(
+            f"database {describe(url)} has schema revision {revision!r}, unknown to this FacePro "
+            f"(its newest revision is {head_revision()!r}): it was created by a newer FacePro. "
+            "Upgrade FacePro, or restore a backup (<database>.bak-*) made before the upgrade; "
+            "the database was not modified"
+        )
+
+
+def backup_sqlite(path: Path, revision: str | None) -> Path:
+    """Copy a SQLite database to ``<path>.bak-<revision>-<UTC timestamp>`` with the online backup API.
+
+    The copy is consistent even while other connections use the database.
+
+    Returns:
+        The backup file's path.
+
+    Raises:
+        StorageError: the copy failed (disk full, locked beyond the busy timeout...).
+    """
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = path.with_name(f"{path.name}.bak-{revision or 'base'}-{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.bak-{revision or 'base'}-{stamp}-{n}")
+        n += 1
+    try:
+        src = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            dst = sqlite3.connect(str(target))
+            try:
+                src.backup(dst)
+            finally:
+                dst.close()
+        finally:
+            src.close()
+    except sqlite3.Error as err:
+        target.unlink(missing_ok=True)
+        raise StorageError(f"backing up {path} to {target} failed: {err}; free disk space or stop other writers") from None
+    return target
+
+
+def upgrade(url: str | URL, backup: bool = True, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> str:
+    """Migrate the database at ``url`` to this code's newest schema revision.
+
+    A SQLite file that exists and is behind head is first copied to
+    ``<db>.bak-<rev>-<timestamp>`` (``rev`` is ``base`` for a database
+    without revision) when ``backup`` is true. The migration runs in one
+    transaction, with SQLite foreign keys off during table rebuilds and
+    checked before commit.
+
+    Args:
+        url: SQLAlchemy URL of the database (a missing SQLite file is created).
+        backup: copy an existing SQLite file before migrating it.
+        busy_timeout_ms: SQLite: wait this long for another writer's lock, ms.
+
+    Returns:
+        The new revision (:func:`head_revision`).
+
+    Raises:
+        SchemaError: the database's revision is unknown (newer FacePro) or it
+            has FacePro tables but no revision (both raised before anything is
+            written), or the migration left broken foreign keys (rolled back).
+        StorageError: locked database, unreachable server, failed backup.
+    """
+    rev = current_revision(url)
+    check_known(url, rev)
+    head = head_revision()
+    if rev == head:
+        return head
+    path = sqlite_path(url)
+    if backup and path is not None and path.exists() and path.stat().st_size > 0:
+        backup_sqlite(path, rev)
+    engine = open_engine(url, busy_timeout_ms=busy_timeout_ms, foreign_keys=False)
+    try:
+        with storage_errors(url, "upgrading the schema"), engine.begin() as conn:
+            _refuse_unmanaged(url, conn, rev)
+            command.upgrade(alembic_config(conn), "head")
+            check_foreign_keys(url, conn)
+    finally:
+        engine.dispose()
+    return head
+
+
+def _refuse_unmanaged(url: str | URL, conn: Connection, rev: str | None) -> None:
+    if rev is None and inspect(conn).has_table("events"):
+        raise SchemaError(
+            f"database {describe(url)} has FacePro tables but no schema revision (alembic_version); "
+            "it was not created by 'facepro' migrations: move it away or restore a backup"
+        )
+
+
+def check_foreign_keys(url: str | URL, conn: Connection) -> None:
+    """SQLite: raise :class:`SchemaError` if any row violates a foreign key (run before committing a migration)."""
+    if conn.dialect.name != "sqlite":
+        return
+    bad = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    if bad:
+        tables = sorted({r[0] for r in bad})
+        raise SchemaError(f"upgrading {describe(url)} left {len(bad)} rows with broken foreign keys in {tables}; rolled back")
+
+
+def dialect_insert(conn: Connection) -> Any:
+    """The dialect's ``insert`` construct supporting ``on_conflict_do_*`` (SQLite or PostgreSQL).
+
+    Raises:
+        StorageError: any other backend.
+    """
+    name = conn.dialect.name
+    if name == "sqlite":
+        return sqlite.insert
+    if name == "postgresql":
+        return postgresql.insert
+    raise StorageError(f"unsupported database backend {name!r}: FacePro supports sqlite and postgresql")
+

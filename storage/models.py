@@ -1,0 +1,237 @@
+"""Database schema: SQLAlchemy 2 typed models and float32 vector helpers.
+
+Tables (the Alembic migrations in ``alembic/versions`` create exactly these;
+``alembic check`` must report no drift):
+
+- ``cameras``: one row per camera name, created on demand by the writer.
+- ``identities``: enrolled people; only enrollment creates them.
+- ``face_embeddings``: gallery vectors of an identity (``ON DELETE CASCADE``).
+- ``events``: one row per tracked object (primary key: the 32-hex UUID of
+  :attr:`pipeline.messages.TrackUpdate.event_id`).
+- ``track_embeddings``: face / Re-ID / gait vectors computed for an event.
+
+Vectors are stored as raw little-endian float32 bytes (``dim * 4`` bytes,
+never pickled); use :func:`vector_to_bytes` and :func:`bytes_to_vector`.
+Timestamps are timezone-aware UTC :class:`datetime.datetime` values
+(:class:`UTCDateTime`). Constraint and index names follow
+:data:`NAMING_CONVENTION`, so migrations can address them on every backend.
+
+ORM classes are internal to the ``storage`` package: public functions return
+frozen dataclasses or plain values.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+#: Constraint/index names: ``ix_<table>_<cols>``, ``uq_<table>_<cols>``,
+#: ``ck_<table>_<name>``, ``fk_<table>_<col>_<referred table>``, ``pk_<table>``.
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: Column sizes; writers validate against them before a batch reaches the database.
+NAME_LEN = 128
+LABEL_LEN = 64
+MODEL_LEN = 128
+PATH_LEN = 1024
+EVENT_ID_LEN = 32
+SHA256_LEN = 64
+
+#: Allowed values of ``events.method`` and ``track_embeddings.kind``.
+METHODS: tuple[str, ...] = ("face", "reid", "gait")
+_METHODS_SQL = ", ".join(f"'{m}'" for m in METHODS)
+
+
+def utcnow() -> datetime:
+    """The current time as a timezone-aware UTC datetime."""
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A ``DateTime(timezone=True)`` that only accepts and returns aware UTC datetimes.
+
+    SQLite has no time zone type: values are stored as naive UTC text and
+    given ``tzinfo=UTC`` back on load. PostgreSQL stores ``timestamptz``.
+
+    Raises:
+        ValueError: on bind, when a naive datetime is given (ambiguous zone).
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: pass a timezone-aware datetime (e.g. tzinfo=timezone.utc)")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    """Declarative base carrying the naming convention."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Camera(Base):
+    __tablename__ = "cameras"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LEN), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Identity(Base):
+    __tablename__ = "identities"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LEN), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class FaceEmbedding(Base):
+    __tablename__ = "face_embeddings"
+    __table_args__ = (
+        CheckConstraint("dim > 0", name="dim_positive"),
+        CheckConstraint("length(vector) = dim * 4", name="vector_size"),
+        Index("ix_face_embeddings_model_identity_id", "model", "identity_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    identity_id: Mapped[int] = mapped_column(ForeignKey("identities.id", ondelete="CASCADE"), index=True)
+    model: Mapped[str] = mapped_column(String(MODEL_LEN))
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    image_path: Mapped[str | None] = mapped_column(String(PATH_LEN))
+    image_sha256: Mapped[str | None] = mapped_column(String(SHA256_LEN))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Event(Base):
+    __tablename__ = "events"
+    __table_args__ = (
+        CheckConstraint(f"method IN ({_METHODS_SQL})", name="method"),
+        CheckConstraint("last_frame >= first_frame", name="frame_order"),
+        # list_events(camera=...) newest first
+        Index("ix_events_camera_id_started_at", "camera_id", "started_at"),
+        # list_events(identity=...) newest first
+        Index("ix_events_identity_id_started_at", "identity_id", "started_at"),
+        # list_events() newest first
+        Index("ix_events_started_at", "started_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(EVENT_ID_LEN), primary_key=True)
+    camera_id: Mapped[int] = mapped_column(ForeignKey("cameras.id"))
+    track_id: Mapped[int] = mapped_column(BigInteger)
+    label: Mapped[str] = mapped_column(String(LABEL_LEN))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    first_frame: Mapped[int] = mapped_column(BigInteger)
+    last_frame: Mapped[int] = mapped_column(BigInteger)
+    best_score: Mapped[float] = mapped_column(Float)
+    x1: Mapped[float] = mapped_column(Float)
+    y1: Mapped[float] = mapped_column(Float)
+    x2: Mapped[float] = mapped_column(Float)
+    y2: Mapped[float] = mapped_column(Float)
+    identity_id: Mapped[int | None] = mapped_column(ForeignKey("identities.id", ondelete="SET NULL"))
+    method: Mapped[str | None] = mapped_column(String(16))
+    identity_score: Mapped[float] = mapped_column(Float)
+    snapshot_path: Mapped[str | None] = mapped_column(String(PATH_LEN))
+    ended: Mapped[bool] = mapped_column(Boolean)
+
+
+class TrackEmbedding(Base):
+    __tablename__ = "track_embeddings"
+    __table_args__ = (
+        CheckConstraint(f"kind IN ({_METHODS_SQL})", name="kind"),
+        CheckConstraint("dim > 0", name="dim_positive"),
+        CheckConstraint("length(vector) = dim * 4", name="vector_size"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    event_id: Mapped[str] = mapped_column(ForeignKey("events.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(String(MODEL_LEN))
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    frame_index: Mapped[int] = mapped_column(BigInteger)
+    quality: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+#: Every FacePro table, parents before children.
+TABLES: tuple[str, ...] = ("cameras", "identities", "face_embeddings", "events", "track_embeddings")
+
+
+def vector_to_bytes(vector: np.ndarray, dim: int | None = None) -> bytes:
+    """Encode a 1-D float32 vector as raw little-endian float32 bytes.
+
+    Args:
+        vector: ``(d,) float32``, finite values.
+        dim: expected ``d``; None accepts any ``d >= 1``.
+
+    Returns:
+        ``d * 4`` bytes.
+
+    Raises:
+        ValueError: not a numpy array, not float32, not 1-D, empty, wrong
+            dimension or non-finite values; the message says which.
+    """
+    if not isinstance(vector, np.ndarray):
+        raise ValueError(f"vector: expected a numpy.ndarray, got {type(vector).__name__}")
+    if vector.dtype != np.float32:
+        raise ValueError(f"vector: expected dtype float32, got {vector.dtype}; convert with .astype(np.float32)")
+    if vector.ndim != 1 or vector.shape[0] == 0:
+        raise ValueError(f"vector: expected shape (d,) with d >= 1, got {vector.shape}")
+    if dim is not None and vector.shape[0] != dim:
+        raise ValueError(f"vector: expected dimension {dim}, got {vector.shape[0]}")
+    if not np.isfinite(vector).all():
+        raise ValueError("vector: contains NaN or infinite values")
+    return vector.astype("<f4", copy=False).tobytes()
+
+
+def bytes_to_vector(data: bytes, dim: int) -> np.ndarray:
+    """Decode raw little-endian float32 bytes into a writable ``(dim,) float32`` array.
+
+    Raises:
+        ValueError: ``dim < 1`` or ``len(data) != dim * 4`` (a truncated or
+            foreign blob); the message gives both sizes.
+    """
+    if dim < 1:
+        raise ValueError(f"dim: expected >= 1, got {dim}")
+    if len(data) != dim * 4:
+        raise ValueError(f"vector blob: expected {dim * 4} bytes for dim {dim}, got {len(data)}")
+    return np.frombuffer(data, dtype="<f4").astype(np.float32)

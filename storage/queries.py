@@ -1,0 +1,303 @@
+"""Read queries and gallery management (enrollment).
+
+Every function takes an engine from :func:`storage.db.open_engine` on a
+database at head revision, and returns plain values or frozen dataclasses.
+
+Raises (every function):
+    StorageError: locked or unreachable database, failed statement.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Sequence
+
+import numpy as np
+from sqlalchemy import Engine, delete, func, select
+from sqlalchemy.orm import Session
+
+from storage.db import StorageError, dialect_insert, storage_errors
+from storage.models import (
+    MODEL_LEN,
+    NAME_LEN,
+    PATH_LEN,
+    TABLES,
+    Base,
+    Camera,
+    Event,
+    FaceEmbedding,
+    Identity,
+    bytes_to_vector,
+    utcnow,
+    vector_to_bytes,
+)
+
+#: Largest ``limit`` accepted by :func:`list_events`.
+MAX_LIMIT = 100_000
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class EventRow:
+    """One event as stored.
+
+    Attributes:
+        event_id: 32-hex UUID.
+        camera: camera name.
+        track_id: tracker id.
+        label: class name.
+        identity: enrolled name, or None (unknown, or identity since deleted).
+        method: ``"face"``, ``"reid"``, ``"gait"`` or None.
+        identity_score: cosine similarity behind the identity decision.
+        best_score: highest detector confidence, [0, 1].
+        started_at, ended_at: aware UTC datetimes of first/last sighting.
+        first_frame, last_frame: frame indices.
+        xyxy: last box ``(x1, y1, x2, y2)``, frame pixels.
+        snapshot_path: JPEG snapshot path or None.
+        ended: True once the tracker dropped the track.
+    """
+
+    event_id: str
+    camera: str
+    track_id: int
+    label: str
+    identity: str | None
+    method: str | None
+    identity_score: float
+    best_score: float
+    started_at: datetime
+    ended_at: datetime
+    first_frame: int
+    last_frame: int
+    xyxy: tuple[float, float, float, float]
+    snapshot_path: str | None
+    ended: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict; timestamps as ISO-8601 with ``+00:00``, ``xyxy`` as a list."""
+        return {
+            "event_id": self.event_id,
+            "camera": self.camera,
+            "track_id": self.track_id,
+            "label": self.label,
+            "identity": self.identity,
+            "method": self.method,
+            "identity_score": self.identity_score,
+            "best_score": self.best_score,
+            "started_at": self.started_at.isoformat(),
+            "ended_at": self.ended_at.isoformat(),
+            "first_frame": self.first_frame,
+            "last_frame": self.last_frame,
+            "xyxy": list(self.xyxy),
+            "snapshot_path": self.snapshot_path,
+            "ended": self.ended,
+        }
+
+
+def list_events(engine: Engine, camera: str | None = None, identity: str | None = None, limit: int = 100) -> list[EventRow]:
+    """Events newest first (by ``started_at``, then event id).
+
+    Args:
+        camera: only this camera's events (an unknown camera gives ``[]``).
+        identity: only events attributed to this enrolled name.
+        limit: at most this many rows, 1..:data:`MAX_LIMIT`.
+
+    Raises:
+        ValueError: ``limit`` out of range.
+    """
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit: expected 1 to {MAX_LIMIT}, got {limit}")
+    stmt = (
+        select(Event, Camera.name, Identity.name)
+        .join(Camera, Event.camera_id == Camera.id)
+        .outerjoin(Identity, Event.identity_id == Identity.id)
+        .order_by(Event.started_at.desc(), Event.id.desc())
+        .limit(limit)
+    )
+    if camera is not None:
+        stmt = stmt.where(Camera.name == camera)
+    if identity is not None:
+        stmt = stmt.where(Identity.name == identity)
+    with storage_errors(engine.url, "listing events"), Session(engine) as session:
+        return [_event_row(e, cam, ident) for e, cam, ident in session.execute(stmt).tuples()]
+
+
+def _event_row(e: Event, camera: str, identity: str | None) -> EventRow:
+    return EventRow(
+        event_id=e.id,
+        camera=camera,
+        track_id=e.track_id,
+        label=e.label,
+        identity=identity,
+        method=e.method,
+        identity_score=e.identity_score,
+        best_score=e.best_score,
+        started_at=e.started_at,
+        ended_at=e.ended_at,
+        first_frame=e.first_frame,
+        last_frame=e.last_frame,
+        xyxy=(e.x1, e.y1, e.x2, e.y2),
+        snapshot_path=e.snapshot_path,
+        ended=e.ended,
+    )
+
+
+# ------------------------------------------------------------------ gallery
+
+
+class Gallery(tuple):  # type: ignore[type-arg]
+    """``(names, vectors)`` from :func:`load_gallery`, unpackable as a 2-tuple.
+
+    Attributes:
+        names: one identity name per row of ``vectors``.
+        vectors: ``(k, d) float32`` embeddings of the requested model
+            (``(0, 0)`` when there are none).
+        skipped: identities that have embeddings, but none of this model
+            (they cannot be recognised until re-enrolled with it).
+    """
+
+    names: list[str]
+    vectors: np.ndarray
+    skipped: frozenset[str]
+
+    def __new__(cls, names: list[str], vectors: np.ndarray, skipped: frozenset[str]) -> Gallery:
+        self = super().__new__(cls, (names, vectors))
+        self.names, self.vectors, self.skipped = names, vectors, skipped
+        return self
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"identity name: expected a non-empty string, got {name!r}")
+    if name != name.strip() or len(name) > NAME_LEN:
+        raise ValueError(f"identity name {name!r}: expected at most {NAME_LEN} characters without leading/trailing spaces")
+    return name
+
+
+def _check_enroll_inputs(vectors: np.ndarray, model: str, image_paths: Sequence[str | None], image_sha256: Sequence[str | None]) -> None:
+    if not isinstance(vectors, np.ndarray) or vectors.dtype != np.float32 or vectors.ndim != 2 or 0 in vectors.shape:
+        shape = getattr(vectors, "shape", None)
+        dtype = getattr(vectors, "dtype", type(vectors).__name__)
+        raise ValueError(f"vectors: expected a (k, d) float32 array with k, d >= 1, got shape {shape} dtype {dtype}")
+    if not isinstance(model, str) or not 0 < len(model) <= MODEL_LEN:
+        raise ValueError(f"model: expected a name of 1 to {MODEL_LEN} characters, got {model!r}")
+    k = vectors.shape[0]
+    if len(image_paths) != k or len(image_sha256) != k:
+        raise ValueError(
+            f"enroll: {k} vectors need {k} image_paths and {k} image_sha256 "
+            f"(got {len(image_paths)} and {len(image_sha256)}); pass None entries where unknown"
+        )
+    for p in image_paths:
+        if p is not None and not 0 < len(p) <= PATH_LEN:
+            raise ValueError(f"image_paths: expected paths of 1 to {PATH_LEN} characters, got {p!r}")
+    for h in image_sha256:
+        if h is not None and not _SHA256.match(h):
+            raise ValueError(f"image_sha256: expected 64 lowercase hex characters, got {h!r}")
+
+
+def enroll(
+    engine: Engine,
+    name: str,
+    vectors: np.ndarray,
+    model: str,
+    image_paths: Sequence[str | None] | None = None,
+    image_sha256: Sequence[str | None] | None = None,
+) -> int:
+    """Add gallery embeddings to an identity, creating the identity if new.
+
+    Args:
+        name: identity name (1..128 characters, no surrounding spaces).
+        vectors: ``(k, d) float32`` embeddings, finite values.
+        model: embedder model name; every embedding of one model must share ``d``.
+        image_paths, image_sha256: per-vector source image path and its
+            SHA-256 hex digest (None entries allowed; None = all unknown).
+
+    Returns:
+        The identity's id.
+
+    Raises:
+        ValueError: bad name, shape, dtype, non-finite values, list lengths,
+            or ``d`` differs from the model's embeddings already stored.
+    """
+    _check_name(name)
+    k = getattr(vectors, "shape", (0,))[0]
+    image_paths = [None] * k if image_paths is None else list(image_paths)
+    image_sha256 = [None] * k if image_sha256 is None else list(image_sha256)
+    _check_enroll_inputs(vectors, model, image_paths, image_sha256)
+    dim = int(vectors.shape[1])
+    blobs = [vector_to_bytes(v, dim) for v in vectors]
+    with storage_errors(engine.url, f"enrolling {name!r}"), engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
+        stored = conn.execute(select(FaceEmbedding.dim).where(FaceEmbedding.model == model).limit(1)).scalar()
+        if stored is not None and stored != dim:
+            raise ValueError(f"enroll {name!r}: model {model!r} embeddings in the database have dimension {stored}, got {dim}; use the same embedder model")
+        insert = dialect_insert(conn)
+        conn.execute(insert(Identity).on_conflict_do_nothing(index_elements=["name"]), {"name": name, "created_at": utcnow()})
+        identity_id = conn.execute(select(Identity.id).where(Identity.name == name)).scalar_one()
+        now = utcnow()
+        rows = [
+            {"identity_id": identity_id, "model": model, "dim": dim, "vector": b, "image_path": p, "image_sha256": h, "created_at": now}
+            for b, p, h in zip(blobs, image_paths, image_sha256)
+        ]
+        conn.execute(FaceEmbedding.__table__.insert(), rows)
+    return int(identity_id)
+
+
+def load_gallery(engine: Engine, model: str) -> Gallery:
+    """All gallery embeddings of one model, ordered by identity name then insertion.
+
+    Returns:
+        A :class:`Gallery`: ``names, vectors = load_gallery(...)`` gives one
+        name per row of the ``(k, d) float32`` array; ``.skipped`` names the
+        identities that only have embeddings of other models.
+
+    Raises:
+        StorageError: the model's stored embeddings disagree on dimension.
+    """
+    stmt = (
+        select(Identity.name, FaceEmbedding.dim, FaceEmbedding.vector)
+        .join(FaceEmbedding, FaceEmbedding.identity_id == Identity.id)
+        .where(FaceEmbedding.model == model)
+        .order_by(Identity.name, FaceEmbedding.id)
+    )
+    others = select(Identity.name).join(FaceEmbedding, FaceEmbedding.identity_id == Identity.id).where(FaceEmbedding.model != model).distinct()
+    with storage_errors(engine.url, f"loading the {model!r} gallery"), engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+        other_names = set(conn.execute(others).scalars())
+    skipped = frozenset(other_names - {n for n, _, _ in rows})
+    dims = {d for _, d, _ in rows}
+    if len(dims) > 1:
+        raise StorageError(f"gallery of model {model!r} mixes dimensions {sorted(dims)}; delete and re-enroll the affected identities")
+    if not rows:
+        return Gallery([], np.zeros((0, 0), np.float32), skipped)
+    vectors = np.stack([bytes_to_vector(v, d) for _, d, v in rows])
+    return Gallery([n for n, _, _ in rows], vectors, skipped)
+
+
+def delete_identity(engine: Engine, name: str) -> bool:
+    """Delete an identity and its gallery embeddings; its events keep a NULL identity.
+
+    Returns:
+        True if the identity existed.
+    """
+    with storage_errors(engine.url, f"deleting {name!r}"), engine.begin() as conn:
+        return conn.execute(delete(Identity).where(Identity.name == name)).rowcount > 0
+
+
+def list_identities(engine: Engine) -> list[tuple[str, int]]:
+    """``(name, number of gallery embeddings)`` for every identity, sorted by name."""
+    stmt = (
+        select(Identity.name, func.count(FaceEmbedding.id))
+        .outerjoin(FaceEmbedding, FaceEmbedding.identity_id == Identity.id)
+        .group_by(Identity.name)
+        .order_by(Identity.name)
+    )
+    with storage_errors(engine.url, "listing identities"), engine.connect() as conn:
+        return [(n, int(c)) for n, c in conn.execute(stmt)]
+
+
+def count_rows(engine: Engine) -> dict[str, int]:
+    """Row count of every FacePro table (``cameras``, ``identities``, ``face_embeddings``, ``events``, ``track_embeddings``)."""
+    with storage_errors(engine.url, "counting rows"), engine.connect() as conn:
+        return {t: int(conn.execute(select(func.count()).select_from(Base.metadata.tables[t])).scalar_one()) for t in TABLES}

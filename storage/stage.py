@@ -1,0 +1,68 @@
+"""The storage stage: the only database writer, fed over ZeroMQ by recognition.
+
+``process(None, msg)`` queues a :class:`~pipeline.messages.TrackUpdate` or
+:class:`~pipeline.messages.EmbeddingRecord` in the batched
+:class:`~storage.writer.EventWriter`; ``tick`` commits a batch when it is due
+(``storage.batch_rows`` rows or ``storage.batch_ms`` old); ``finish`` commits
+the rest. A failed commit keeps the batch and is retried at the next tick;
+the error is reported through ``last_error`` (shown by ``facepro status``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.messages import EmbeddingRecord, TrackUpdate
+from storage.db import StorageError
+from storage.writer import EventWriter
+
+
+class StorageStage:
+    """Batches incoming updates and embeddings into database transactions.
+
+    Attributes:
+        last_error: text of the last failed commit, empty once a commit succeeds.
+        written: rows committed so far.
+    """
+
+    def __init__(self, writer: EventWriter) -> None:
+        self.writer = writer
+        self.last_error = ""
+        self.written = 0
+        self.drops = {"malformed": 0}
+
+    @property
+    def backlog(self) -> int:
+        """Rows waiting to be committed."""
+        return self.writer.pending
+
+    def wants_frame(self, meta: object) -> bool:
+        return False
+
+    def process(self, frame: np.ndarray | None, meta: object) -> list[object]:
+        try:
+            if isinstance(meta, TrackUpdate):
+                self.writer.add_update(meta)
+            elif isinstance(meta, EmbeddingRecord):
+                self.writer.add_embedding(meta)
+        except ValueError as err:  # a row the database would reject: count it, keep the batch
+            self.drops["malformed"] += 1
+            self.last_error = f"rejected row: {err}"
+        return []
+
+    def _flush(self) -> None:
+        try:
+            self.written += self.writer.flush()
+            self.last_error = ""
+        except StorageError as err:
+            self.last_error = str(err)
+
+    def tick(self, now_ns: int) -> list[object]:
+        if self.writer.due():
+            self._flush()
+        return []
+
+    def finish(self) -> list[object]:
+        if self.writer.pending:
+            self._flush()
+        return []

@@ -1,0 +1,338 @@
+"""Batched, idempotent writes of track updates and embeddings.
+
+:class:`EventWriter` buffers :class:`pipeline.messages.TrackUpdate` and
+:class:`pipeline.messages.EmbeddingRecord` messages and writes them in one
+transaction per :meth:`EventWriter.flush`:
+
+- events are upserted by ``event_id``; re-sending an update is a no-op, and an
+  update older than the stored row (smaller ``last_frame``) is ignored. An
+  applied update keeps the earliest ``started_at``/``first_frame`` and the
+  highest ``best_score`` of the row and the update;
+- several updates of one event in a batch collapse into one row: the state
+  of the one with the largest ``last_frame`` (the later one on ties), the
+  earliest ``first_seen_ns``/``first_frame`` and the highest ``best_score``;
+- camera rows are created on demand; identity names are resolved to ids,
+  and a name that is not enrolled is stored as NULL and counted in
+  :attr:`EventWriter.unknown_identity` (only enrollment creates identities);
+- embeddings are inserted after the events of their batch; an embedding whose
+  event is neither in the batch nor in the database is dropped and counted in
+  :attr:`EventWriter.orphan_embeddings` (send the event's update first).
+
+A flush that fails leaves the pending rows in place, so the caller can retry.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Iterator
+
+from sqlalchemy import Connection, Engine, func, select
+
+from pipeline.messages import EmbeddingRecord, TrackUpdate
+from storage.db import StorageError, dialect_insert, is_transient, storage_errors
+from storage.models import LABEL_LEN, MODEL_LEN, NAME_LEN, PATH_LEN, Camera, Event, Identity, TrackEmbedding, utcnow, vector_to_bytes
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_IN_CHUNK = 500
+
+
+def ns_to_datetime(ns: int) -> datetime:
+    """Convert ``time.time_ns()`` nanoseconds to an aware UTC datetime (microsecond precision, truncated)."""
+    return _EPOCH + timedelta(microseconds=ns // 1000)
+
+
+def _check_len(what: str, value: str | None, limit: int) -> None:
+    if value is not None and not 0 < len(value) <= limit:
+        raise ValueError(f"{what}: expected 1 to {limit} characters, got {len(value)} ({value[:40]!r})")
+
+
+def _check_event_id(what: str, event_id: str) -> None:
+    if not _HEX32.match(event_id):
+        raise ValueError(f"{what}.event_id: expected 32 lowercase hex characters (uuid4().hex), got {event_id!r}")
+
+
+def _merge(old: TrackUpdate, new: TrackUpdate) -> TrackUpdate:
+    """Collapse two updates of one event: the newer state (by last_frame, ties to ``new``), earliest start, best score."""
+    latest = new if new.last_frame >= old.last_frame else old
+    return replace(
+        latest,
+        first_seen_ns=min(old.first_seen_ns, new.first_seen_ns),
+        first_frame=min(old.first_frame, new.first_frame),
+        best_score=max(old.best_score, new.best_score),
+    )
+
+
+@dataclass
+class _Pending:
+    events: dict[str, TrackUpdate]
+    embeddings: list[EmbeddingRecord]
+    since: float | None = None  # clock() when the oldest pending item was added
+
+    @property
+    def rows(self) -> int:
+        return len(self.events) + len(self.embeddings)
+
+
+class EventWriter:
+    """Buffers track updates and embeddings and writes them in batches.
+
+    Args:
+        engine: from :func:`storage.db.open_engine`, schema at head
+            (:func:`storage.db.upgrade`).
+        batch_rows: :meth:`due` turns true at this many pending rows (>= 1).
+        batch_ms: :meth:`due` turns true when the oldest pending row is this
+            old, milliseconds (>= 1).
+        retries: extra attempts of a flush that hit a transient lock. Each
+            SQLite attempt already waits up to the engine's busy timeout, so
+            a flush blocks at most ``(retries + 1) * busy_timeout`` plus the
+            backoff (about 15 s with the defaults) before raising.
+        backoff_s: first retry delay, seconds; doubles each retry.
+        clock: monotonic seconds (tests inject a fake one).
+        sleep: called with the retry delay, seconds.
+
+    Raises:
+        ValueError: a bound out of range.
+
+    Counters (cumulative): :attr:`rows_written`, :attr:`flushes`,
+    :attr:`unknown_identity`, :attr:`orphan_embeddings`.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        batch_rows: int = 500,
+        batch_ms: int = 200,
+        *,
+        retries: int = 2,
+        backoff_s: float = 0.05,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if batch_rows < 1:
+            raise ValueError(f"EventWriter.batch_rows: expected >= 1, got {batch_rows}")
+        if batch_ms < 1:
+            raise ValueError(f"EventWriter.batch_ms: expected >= 1, got {batch_ms}")
+        if retries < 0 or backoff_s < 0:
+            raise ValueError(f"EventWriter: retries ({retries}) and backoff_s ({backoff_s}) must be >= 0")
+        self.engine = engine
+        self.batch_rows = batch_rows
+        self.batch_ms = batch_ms
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._clock = clock
+        self._sleep = sleep
+        self._pending = _Pending({}, [])
+        self._cameras: dict[str, int] = {}
+        self.rows_written = 0
+        self.flushes = 0
+        self.unknown_identity = 0
+        self.orphan_embeddings = 0
+
+    # ------------------------------------------------------------- buffering
+
+    @property
+    def pending(self) -> int:
+        """Rows waiting for :meth:`flush` (collapsed events + embeddings)."""
+        return self._pending.rows
+
+    def oldest_wait_ms(self) -> float:
+        """Age of the oldest pending row, milliseconds (0 when nothing is pending)."""
+        since = self._pending.since
+        return 0.0 if since is None else (self._clock() - since) * 1000.0
+
+    def due(self) -> bool:
+        """True when a flush should run: ``pending >= batch_rows`` or the oldest pending row is ``batch_ms`` old."""
+        if self.pending == 0:
+            return False
+        return self.pending >= self.batch_rows or self.oldest_wait_ms() >= self.batch_ms
+
+    def _mark(self) -> None:
+        if self._pending.since is None:
+            self._pending.since = self._clock()
+
+    def add_update(self, u: TrackUpdate) -> None:
+        """Queue an event's state; merges with a pending update of the same event.
+
+        Raises:
+            ValueError: malformed event id, or a name/path longer than its column.
+        """
+        _check_event_id("TrackUpdate", u.event_id)
+        _check_len("TrackUpdate.camera", u.camera, NAME_LEN)
+        _check_len("TrackUpdate.label", u.label, LABEL_LEN)
+        _check_len("TrackUpdate.identity", u.identity, NAME_LEN)
+        _check_len("TrackUpdate.snapshot_path", u.snapshot_path, PATH_LEN)
+        old = self._pending.events.get(u.event_id)
+        self._pending.events[u.event_id] = u if old is None else _merge(old, u)
+        self._mark()
+
+    def add_embedding(self, r: EmbeddingRecord) -> None:
+        """Queue an embedding of an event (send the event's update first).
+
+        Raises:
+            ValueError: malformed event id, empty or non-finite vector, model name too long.
+        """
+        _check_event_id("EmbeddingRecord", r.event_id)
+        _check_len("EmbeddingRecord.model", r.model, MODEL_LEN)
+        vector_to_bytes(r.vector)  # validate now, so a bad record never poisons a batch
+        self._pending.embeddings.append(r)
+        self._mark()
+
+    def discard(self) -> int:
+        """Drop every pending row (after a flush failed for good); returns how many were dropped."""
+        n = self.pending
+        self._pending = _Pending({}, [])
+        return n
+
+    # ---------------------------------------------------------------- flushing
+
+    def flush(self) -> int:
+        """Write every pending row in one transaction.
+
+        Transient lock errors are retried ``retries`` times with exponential backoff.
+
+        Returns:
+            Rows written: events upserted + embeddings inserted (0 when nothing was pending).
+
+        Raises:
+            StorageError: the database stayed locked, or the write failed; the
+                pending rows are kept for a later flush (or :meth:`discard`).
+        """
+        if self.pending == 0:
+            return 0
+        written, cameras = self._write_with_retries()
+        self._cameras.update(cameras)
+        self._pending = _Pending({}, [])
+        self.rows_written += written
+        self.flushes += 1
+        return written
+
+    def _write_with_retries(self) -> tuple[int, dict[str, int]]:
+        attempt = 0
+        while True:
+            try:
+                with storage_errors(self.engine.url, "writing events"):
+                    return self._write_once()
+            except StorageError as err:
+                if not is_transient(err.__cause__) or attempt >= self.retries:
+                    raise
+                self._sleep(self.backoff_s * (2**attempt))
+                attempt += 1
+
+    def _write_once(self) -> tuple[int, dict[str, int]]:
+        events = list(self._pending.events.values())
+        embeddings = list(self._pending.embeddings)
+        with self.engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
+            cameras = self._camera_ids(conn, {u.camera for u in events})
+            identities = _identity_ids(conn, {u.identity for u in events if u.identity is not None})
+            unknown = sum(1 for u in events if u.identity is not None and u.identity not in identities)
+            _upsert_events(conn, events, cameras, identities)
+            kept = _existing_event_embeddings(conn, embeddings, {u.event_id for u in events})
+            _insert_embeddings(conn, kept)
+        self.unknown_identity += unknown
+        self.orphan_embeddings += len(embeddings) - len(kept)
+        return len(events) + len(kept), cameras
+
+    def _camera_ids(self, conn: Connection, names: set[str]) -> dict[str, int]:
+        ids = {n: self._cameras[n] for n in names if n in self._cameras}
+        missing = names - ids.keys()
+        if not missing:
+            return ids
+        insert = dialect_insert(conn)
+        now = utcnow()
+        conn.execute(
+            insert(Camera).on_conflict_do_nothing(index_elements=["name"]),
+            [{"name": n, "created_at": now} for n in sorted(missing)],
+        )
+        for part in _chunks(missing):
+            ids.update({n: i for n, i in conn.execute(select(Camera.name, Camera.id).where(Camera.name.in_(part)))})
+        return ids
+
+
+def _chunks(values: set[str] | list[str], size: int = _IN_CHUNK) -> Iterator[list[str]]:
+    """Sorted ``values`` in lists of at most ``size`` (keeps IN (...) under SQLite's parameter limit)."""
+    ordered = sorted(values)
+    for i in range(0, len(ordered), size):
+        yield ordered[i : i + size]
+
+
+def _identity_ids(conn: Connection, names: set[str]) -> dict[str, int]:
+    ids: dict[str, int] = {}
+    for part in _chunks(names):
+        ids.update({n: i for n, i in conn.execute(select(Identity.name, Identity.id).where(Identity.name.in_(part)))})
+    return ids
+
+
+def _event_row(u: TrackUpdate, cameras: dict[str, int], identities: dict[str, int]) -> dict[str, Any]:
+    x1, y1, x2, y2 = (float(v) for v in u.xyxy)
+    return {
+        "id": u.event_id,
+        "camera_id": cameras[u.camera],
+        "track_id": int(u.track_id),
+        "label": u.label,
+        "started_at": ns_to_datetime(u.first_seen_ns),
+        "ended_at": ns_to_datetime(u.last_seen_ns),
+        "first_frame": int(u.first_frame),
+        "last_frame": int(u.last_frame),
+        "best_score": float(u.best_score),
+        "x1": x1, "y1": y1, "x2": x2, "y2": y2,
+        "identity_id": identities.get(u.identity) if u.identity is not None else None,
+        "method": u.method,
+        "identity_score": float(u.identity_score),
+        "snapshot_path": u.snapshot_path,
+        "ended": bool(u.ended),
+    }
+
+
+def _upsert_events(conn: Connection, events: list[TrackUpdate], cameras: dict[str, int], identities: dict[str, int]) -> None:
+    if not events:
+        return
+    insert = dialect_insert(conn)
+    stmt = insert(Event)
+    new = stmt.excluded
+    least, greatest = (func.min, func.max) if conn.dialect.name == "sqlite" else (func.least, func.greatest)
+    keep_state = {c: getattr(new, c) for c in (
+        "camera_id", "track_id", "label", "ended_at", "last_frame", "x1", "y1", "x2", "y2",
+        "identity_id", "method", "identity_score", "snapshot_path", "ended",
+    )}
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[Event.id],
+        set_={
+            **keep_state,
+            "started_at": least(Event.started_at, new.started_at),
+            "first_frame": least(Event.first_frame, new.first_frame),
+            "best_score": greatest(Event.best_score, new.best_score),
+        },
+        where=new.last_frame >= Event.last_frame,  # an older update never overwrites a newer row
+    )
+    conn.execute(stmt, [_event_row(u, cameras, identities) for u in events])
+
+
+def _existing_event_embeddings(conn: Connection, records: list[EmbeddingRecord], batch_ids: set[str]) -> list[EmbeddingRecord]:
+    known = set(batch_ids)
+    for part in _chunks({r.event_id for r in records} - batch_ids):
+        known.update(conn.execute(select(Event.id).where(Event.id.in_(part))).scalars())
+    return [r for r in records if r.event_id in known]
+
+
+def _insert_embeddings(conn: Connection, records: list[EmbeddingRecord]) -> None:
+    if not records:
+        return
+    now = utcnow()
+    rows = [
+        {
+            "event_id": r.event_id,
+            "kind": r.kind,
+            "model": r.model,
+            "dim": int(r.vector.shape[0]),
+            "vector": vector_to_bytes(r.vector),
+            "frame_index": int(r.frame_index),
+            "quality": float(r.quality),
+            "created_at": now,
+        }
+        for r in records
+    ]
+    conn.execute(TrackEmbedding.__table__.insert(), rows)

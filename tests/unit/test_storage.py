@@ -1,0 +1,538 @@
+"""Storage on real SQLite files (and PostgreSQL where marked): writer, queries, enrollment, locking."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+from alembic import command
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+from pipeline.messages import EmbeddingRecord, TrackUpdate
+from storage.db import StorageError, alembic_config, current_revision, describe, head_revision, open_engine, upgrade
+from storage.models import bytes_to_vector, vector_to_bytes
+from storage.queries import EventRow, count_rows, delete_identity, enroll, list_events, list_identities, load_gallery
+from storage.writer import EventWriter, ns_to_datetime
+
+T0 = 1_700_000_000_123_456_789  # ns since the epoch
+SEC = 1_000_000_000
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _eid() -> str:
+    return uuid.uuid4().hex
+
+
+def update(event_id: str, *, camera: str = "cam0", first: int = 0, last: int = 10, t0: int = T0, **kw) -> TrackUpdate:
+    """A TrackUpdate seen from frame ``first`` to ``last`` at 10 frames/s from ``t0``."""
+    fields = dict(
+        event_id=event_id, camera=camera, track_id=7, label="person",
+        first_seen_ns=t0 + first * SEC // 10, last_seen_ns=t0 + last * SEC // 10,
+        first_frame=first, last_frame=last, best_score=0.8,
+        xyxy=np.array([1.5, 2.5, 30.25, 60.75], np.float32),
+    )
+    fields.update(kw)
+    return TrackUpdate(**fields)
+
+
+def embedding(event_id: str, dim: int = 8, seed: int = 0, kind: str = "face") -> EmbeddingRecord:
+    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return EmbeddingRecord(event_id, kind, "mobilefacenet_128d", v / np.linalg.norm(v), frame_index=3, quality=0.9)
+
+
+@pytest.fixture()
+def db_path(data_dir: Path) -> Path:
+    return data_dir / "facepro.db"
+
+
+@pytest.fixture()
+def engine(db_path: Path) -> Iterator[Engine]:
+    url = f"sqlite:///{db_path}"
+    upgrade(url)
+    eng = open_engine(url)
+    yield eng
+    eng.dispose()
+
+
+# ------------------------------------------------------------------ engine
+
+
+def test_sqlite_engine_settings(engine):
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+
+
+def test_open_engine_creates_the_parent_folder(tmp_path):
+    path = tmp_path / "a" / "b" / "facepro.db"
+    eng = open_engine(f"sqlite:///{path}")
+    with eng.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
+    eng.dispose()
+    assert path.parent.is_dir()
+
+
+def test_invalid_url_is_a_clear_error():
+    with pytest.raises(StorageError, match="invalid database URL"):
+        open_engine("not a url")
+
+
+# ---------------------------------------------------------------- vectors
+
+
+def test_vector_bytes_round_trip_exactly():
+    v = np.array([0.1, -2.5, 3e-38, 1e30], np.float32)
+    blob = vector_to_bytes(v, 4)
+    assert blob == v.astype("<f4").tobytes() and len(blob) == 16
+    back = bytes_to_vector(blob, 4)
+    assert back.dtype == np.float32 and np.array_equal(back, v)
+    back[0] = 9  # writable copy
+
+
+@pytest.mark.parametrize(
+    ("value", "dim", "match"),
+    [
+        (np.zeros(4, np.float64), None, "float32"),
+        (np.zeros((2, 2), np.float32), None, r"shape \(d,\)"),
+        (np.zeros(0, np.float32), None, r"shape \(d,\)"),
+        (np.zeros(4, np.float32), 5, "dimension 5"),
+        (np.array([1, np.nan], np.float32), None, "NaN"),
+        ([1.0, 2.0], None, "numpy.ndarray"),
+    ],
+)
+def test_vector_to_bytes_rejects_bad_input(value, dim, match):
+    with pytest.raises(ValueError, match=match):
+        vector_to_bytes(value, dim)
+
+
+def test_bytes_to_vector_checks_the_size():
+    with pytest.raises(ValueError, match="expected 16 bytes for dim 4, got 12"):
+        bytes_to_vector(b"\0" * 12, 4)
+
+
+# ----------------------------------------------------------------- writer
+
+
+def test_due_by_rows(engine):
+    w = EventWriter(engine, batch_rows=3, batch_ms=10_000, clock=FakeClock())
+    assert not w.due() and w.pending == 0
+    e1, e2 = _eid(), _eid()
+    w.add_update(update(e1))
+    w.add_update(update(e1, last=12))  # collapses into the same row
+    w.add_update(update(e2))
+    assert w.pending == 2 and not w.due()
+    w.add_embedding(embedding(e1))
+    assert w.pending == 3 and w.due()
+    assert w.flush() == 3
+    assert w.pending == 0 and not w.due()
+
+
+def test_due_by_time(engine):
+    clock = FakeClock()
+    w = EventWriter(engine, batch_rows=1000, batch_ms=200, clock=clock)
+    w.add_update(update(_eid()))
+    clock.now += 0.150
+    w.add_update(update(_eid()))
+    assert not w.due() and w.oldest_wait_ms() == pytest.approx(150)
+    clock.now += 0.050  # the oldest row is now 200 ms old
+    assert w.due()
+    w.flush()
+    assert not w.due() and w.oldest_wait_ms() == 0
+    clock.now += 10
+    assert not w.due()  # nothing pending: never due
+
+
+def test_flush_with_nothing_pending_writes_nothing(engine):
+    assert EventWriter(engine, 10, 10).flush() == 0
+    assert count_rows(engine)["events"] == 0
+
+
+def test_writer_rejects_bad_arguments(engine):
+    with pytest.raises(ValueError, match="batch_rows"):
+        EventWriter(engine, batch_rows=0, batch_ms=10)
+    with pytest.raises(ValueError, match="batch_ms"):
+        EventWriter(engine, batch_rows=1, batch_ms=0)
+    w = EventWriter(engine, 10, 10)
+    with pytest.raises(ValueError, match="32 lowercase hex"):
+        w.add_update(update("Z" * 32))
+    with pytest.raises(ValueError, match="TrackUpdate.camera"):
+        w.add_update(update(_eid(), camera="c" * 200))
+    with pytest.raises(ValueError, match="NaN"):
+        w.add_embedding(EmbeddingRecord(_eid(), "face", "m", np.array([np.nan], np.float32)))
+    assert w.pending == 0
+
+
+def test_event_row_fields_and_utc_timestamps(engine):
+    eid = _eid()
+    w = EventWriter(engine, 10, 10)
+    w.add_update(update(eid, first=5, last=25, snapshot_path="/snap/x.jpg", ended=True, best_score=0.75))
+    w.flush()
+    (row,) = list_events(engine)
+    assert row == EventRow(
+        event_id=eid, camera="cam0", track_id=7, label="person", identity=None, method=None,
+        identity_score=0.0, best_score=0.75,
+        started_at=ns_to_datetime(T0 + 5 * SEC // 10), ended_at=ns_to_datetime(T0 + 25 * SEC // 10),
+        first_frame=5, last_frame=25, xyxy=(1.5, 2.5, 30.25, 60.75), snapshot_path="/snap/x.jpg", ended=True,
+    )
+    assert row.started_at.tzinfo is not None and row.started_at.utcoffset().total_seconds() == 0
+    assert row.started_at == datetime(2023, 11, 14, 22, 13, 20, 623456, tzinfo=timezone.utc)
+
+
+def test_ns_to_datetime_truncates_to_microseconds():
+    assert ns_to_datetime(0) == datetime(1970, 1, 1, tzinfo=timezone.utc)
+    assert ns_to_datetime(1_999) == datetime(1970, 1, 1, 0, 0, 0, 1, tzinfo=timezone.utc)
+
+
+def test_upsert_is_idempotent(engine):
+    ids = [_eid() for _ in range(3)]
+    batch = [update(e, last=10 + i) for i, e in enumerate(ids)]
+    w = EventWriter(engine, 100, 100)
+    for u in batch:
+        w.add_update(u)
+    w.flush()
+    first = list_events(engine)
+    for u in batch:  # the same updates again, in a new batch
+        w.add_update(u)
+    assert w.flush() == 3
+    assert list_events(engine) == first
+    assert count_rows(engine)["events"] == 3 and count_rows(engine)["cameras"] == 1
+
+
+def test_updates_of_one_event_collapse_to_the_latest(engine):
+    eid = _eid()
+    w = EventWriter(engine, 100, 100)
+    w.add_update(update(eid, first=3, last=10, best_score=0.9))
+    w.add_update(update(eid, first=4, last=30, best_score=0.6, ended=True, xyxy=np.array([5, 6, 7, 8], np.float32)))
+    w.add_update(update(eid, first=4, last=20, best_score=0.7))  # arrives late: older state
+    assert w.pending == 1
+    assert w.flush() == 1
+    (row,) = list_events(engine)
+    assert (row.first_frame, row.last_frame, row.best_score, row.ended) == (3, 30, 0.9, True)
+    assert row.started_at == ns_to_datetime(T0 + 3 * SEC // 10)
+    assert row.ended_at == ns_to_datetime(T0 + 30 * SEC // 10)
+    assert row.xyxy == (5.0, 6.0, 7.0, 8.0)
+
+
+def test_later_batch_updates_the_row_and_an_older_one_is_ignored(engine):
+    eid = _eid()
+    w = EventWriter(engine, 100, 100)
+    w.add_update(update(eid, first=3, last=10, best_score=0.9))
+    w.flush()
+    w.add_update(update(eid, first=3, last=40, best_score=0.5, identity_score=0.3))
+    w.flush()
+    w.add_update(update(eid, first=3, last=20, identity_score=0.99))  # stale
+    w.flush()
+    (row,) = list_events(engine)
+    assert (row.first_frame, row.last_frame, row.identity_score) == (3, 40, 0.3)
+    assert row.best_score == 0.9  # the highest seen is kept
+    assert row.started_at == ns_to_datetime(T0 + 3 * SEC // 10)
+
+
+def test_embeddings_are_raw_float32_after_their_event(engine, db_path):
+    eid = _eid()
+    rec = embedding(eid, dim=128, seed=1)
+    w = EventWriter(engine, 100, 100)
+    w.add_embedding(rec)  # queued before its event: still inserted after it
+    w.add_update(update(eid))
+    assert w.flush() == 2
+    raw = sqlite3.connect(db_path)
+    try:
+        event_id, kind, model, dim, blob, frame, quality = raw.execute(
+            "SELECT event_id, kind, model, dim, vector, frame_index, quality FROM track_embeddings"
+        ).fetchone()
+    finally:
+        raw.close()
+    assert (event_id, kind, model, dim, frame, quality) == (eid, "face", "mobilefacenet_128d", 128, 3, pytest.approx(0.9))
+    assert blob == rec.vector.astype("<f4").tobytes()
+    assert np.array_equal(bytes_to_vector(blob, dim), rec.vector)
+
+
+def test_embedding_of_an_event_written_earlier_is_kept_and_orphans_are_counted(engine):
+    eid = _eid()
+    w = EventWriter(engine, 100, 100)
+    w.add_update(update(eid))
+    w.flush()
+    w.add_embedding(embedding(eid, kind="reid"))
+    w.add_embedding(embedding(_eid()))  # no such event anywhere
+    assert w.flush() == 1
+    assert w.orphan_embeddings == 1
+    assert count_rows(engine)["track_embeddings"] == 1
+
+
+def test_identity_names_resolve_and_unknown_names_are_counted(engine):
+    enroll(engine, "alice", np.eye(1, 4, dtype=np.float32), "m")
+    known, stranger = _eid(), _eid()
+    w = EventWriter(engine, 100, 100)
+    w.add_update(update(known, identity="alice", method="face", identity_score=0.81))
+    w.add_update(update(stranger, identity="mallory", method="reid", identity_score=0.5))
+    w.flush()
+    assert w.unknown_identity == 1
+    assert count_rows(engine)["identities"] == 1  # the writer never creates identities
+    (row,) = list_events(engine, identity="alice")
+    assert (row.event_id, row.identity, row.method, row.identity_score) == (known, "alice", "face", 0.81)
+    other = next(r for r in list_events(engine) if r.event_id == stranger)
+    assert other.identity is None
+
+
+def test_cameras_are_created_once(engine):
+    w = EventWriter(engine, 100, 100)
+    for cam in ("cam0", "cam1", "cam0"):
+        w.add_update(update(_eid(), camera=cam))
+    w.flush()
+    w2 = EventWriter(engine, 100, 100)  # a fresh writer finds the existing rows
+    w2.add_update(update(_eid(), camera="cam1"))
+    w2.flush()
+    assert count_rows(engine)["cameras"] == 2
+    assert sorted(r.camera for r in list_events(engine)) == ["cam0", "cam0", "cam1", "cam1"]
+
+
+def test_list_events_filters_order_and_limit(engine):
+    enroll(engine, "bob", np.eye(1, 4, dtype=np.float32), "m")
+    w = EventWriter(engine, 100, 100)
+    ids = []
+    for i in range(6):
+        eid = _eid()
+        ids.append(eid)
+        w.add_update(update(eid, camera=f"cam{i % 2}", t0=T0 + i * SEC, identity="bob" if i in (1, 4) else None))
+    w.flush()
+    newest_first = ids[::-1]
+    assert [r.event_id for r in list_events(engine)] == newest_first
+    assert [r.event_id for r in list_events(engine, limit=2)] == newest_first[:2]
+    assert [r.event_id for r in list_events(engine, camera="cam1")] == [ids[5], ids[3], ids[1]]
+    assert [r.event_id for r in list_events(engine, identity="bob")] == [ids[4], ids[1]]
+    assert [r.event_id for r in list_events(engine, camera="cam0", identity="bob")] == [ids[4]]
+    assert list_events(engine, camera="nope") == []
+    with pytest.raises(ValueError, match="limit"):
+        list_events(engine, limit=0)
+
+
+def test_event_row_to_json(engine):
+    eid = _eid()
+    w = EventWriter(engine, 100, 100)
+    w.add_update(update(eid))
+    w.flush()
+    doc = list_events(engine)[0].to_json()
+    assert json.loads(json.dumps(doc)) == doc
+    assert doc["started_at"] == "2023-11-14T22:13:20.123456+00:00"
+    assert doc["xyxy"] == [1.5, 2.5, 30.25, 60.75] and doc["event_id"] == eid
+    assert datetime.fromisoformat(doc["ended_at"]).tzinfo is not None
+
+
+# ------------------------------------------------------------- enrollment
+
+
+def test_enroll_load_gallery_and_delete_cascade(engine):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, 16)).astype(np.float32)
+    b = rng.standard_normal((1, 16)).astype(np.float32)
+    c = rng.standard_normal((3, 8)).astype(np.float32)
+    alice = enroll(engine, "alice", a, "arcface", ["a1.jpg", "a2.jpg"], ["0" * 64, "1" * 64])
+    assert enroll(engine, "bob", b, "arcface", ["b.jpg"], [None]) != alice
+    enroll(engine, "carol", c, "other_model")
+    assert enroll(engine, "alice", a[:1], "arcface") == alice  # adds to the existing identity
+
+    names, vectors = load_gallery(engine, "arcface")
+    assert names == ["alice", "alice", "alice", "bob"]
+    assert vectors.dtype == np.float32 and vectors.shape == (4, 16)
+    assert np.array_equal(vectors, np.vstack([a, a[:1], b]))
+    assert load_gallery(engine, "arcface").skipped == {"carol"}
+    assert list_identities(engine) == [("alice", 3), ("bob", 1), ("carol", 3)]
+
+    eid = _eid()
+    w = EventWriter(engine, 100, 100)
+    w.add_update(update(eid, identity="alice", method="face", identity_score=0.9))
+    w.flush()
+
+    assert delete_identity(engine, "alice") is True
+    assert delete_identity(engine, "alice") is False
+    counts = count_rows(engine)
+    assert (counts["identities"], counts["face_embeddings"], counts["events"]) == (2, 4, 1)
+    (row,) = list_events(engine)
+    assert row.event_id == eid and row.identity is None  # ON DELETE SET NULL
+    assert load_gallery(engine, "arcface").names == ["bob"]
+
+
+def test_empty_gallery(engine):
+    gallery = load_gallery(engine, "arcface")
+    names, vectors = gallery
+    assert names == [] and vectors.shape == (0, 0) and gallery.skipped == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(name=" alice"), "leading/trailing"),
+        (dict(name=""), "non-empty"),
+        (dict(vectors=np.zeros((2, 4), np.float64)), "float32"),
+        (dict(vectors=np.zeros(4, np.float32)), r"\(k, d\)"),
+        (dict(vectors=np.array([[np.inf, 0]], np.float32)), "NaN or infinite"),
+        (dict(image_paths=["x.jpg", "y.jpg"]), "need 1 image_paths"),
+        (dict(image_sha256=["abc"]), "64 lowercase hex"),
+        (dict(model=""), "model"),
+    ],
+)
+def test_enroll_rejects_bad_input(engine, kwargs, match):
+    args = dict(name="alice", vectors=np.ones((1, 4), np.float32), model="m", image_paths=None, image_sha256=None)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        enroll(engine, **args)
+    assert count_rows(engine)["identities"] == 0
+
+
+def test_enroll_refuses_a_second_dimension_for_a_model(engine):
+    enroll(engine, "alice", np.ones((1, 4), np.float32), "m")
+    with pytest.raises(ValueError, match="dimension 4, got 8"):
+        enroll(engine, "bob", np.ones((1, 8), np.float32), "m")
+    assert list_identities(engine) == [("alice", 1)]  # the failed call left nothing behind
+
+
+# -------------------------------------------------------------- concurrency
+
+
+def test_reader_open_during_flush_does_not_block_the_writer(engine, db_path):
+    w = EventWriter(engine, 100, 100)
+    w.add_update(update(_eid()))
+    w.flush()
+    reader = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM events").fetchone() == (1,)  # holds a read snapshot
+        w.add_update(update(_eid()))
+        w.add_embedding(embedding(_eid()))
+        assert w.flush() == 1
+        assert reader.execute("SELECT count(*) FROM events").fetchone() == (1,)  # its snapshot is unchanged
+        reader.execute("COMMIT")
+        assert reader.execute("SELECT count(*) FROM events").fetchone() == (2,)
+    finally:
+        reader.close()
+
+
+def test_locked_database_raises_storage_error_and_keeps_pending_rows(db_path):
+    url = f"sqlite:///{db_path}"
+    upgrade(url)
+    engine = open_engine(url, busy_timeout_ms=10)
+    sleeps: list[float] = []
+    w = EventWriter(engine, 100, 100, retries=3, backoff_s=0.01, sleep=sleeps.append)
+    eid = _eid()
+    w.add_update(update(eid))
+    w.add_embedding(embedding(eid))
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        with pytest.raises(StorageError, match="locked by another process"):
+            w.flush()
+        assert sleeps == [0.01, 0.02, 0.04]  # retried with backoff, then gave up
+        assert w.pending == 2
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert w.flush() == 2  # nothing was lost
+    assert count_rows(engine)["track_embeddings"] == 1
+    engine.dispose()
+
+
+def test_discard_drops_pending_rows(engine):
+    w = EventWriter(engine, 100, 100)
+    w.add_update(update(_eid()))
+    assert w.discard() == 1 and w.pending == 0 and w.flush() == 0
+
+
+# --------------------------------------------------------------- PostgreSQL
+
+DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture()
+def pg_url() -> Iterator[str]:
+    """A URL whose search_path is a fresh, uniquely named schema (dropped afterwards)."""
+    explicit = os.environ.get("FACEPRO_TEST_POSTGRES_URL")
+    base = explicit or DEFAULT_PG_URL
+    admin = create_engine(base, connect_args={"connect_timeout": 3})
+    try:
+        with admin.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except OperationalError as err:
+        admin.dispose()
+        if explicit:
+            pytest.fail(
+                f"FACEPRO_TEST_POSTGRES_URL={describe(base)} is set but the server is unreachable: "
+                f"{' '.join(str(err.orig).split())}; start PostgreSQL or unset the variable to skip the postgres tests",
+                pytrace=False,
+            )
+        pytest.skip(f"no PostgreSQL at {describe(base)} (set FACEPRO_TEST_POSTGRES_URL to test one)")
+    schema = f"facepro_test_{uuid.uuid4().hex[:12]}"
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield make_url(base).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_upgrade_writer_and_queries_round_trip(pg_url):
+    assert current_revision(pg_url) is None
+    assert upgrade(pg_url) == head_revision()
+    assert current_revision(pg_url) == head_revision()
+    engine = open_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            command.check(alembic_config(conn))  # no drift on PostgreSQL either
+            assert conn.exec_driver_sql("SELECT current_schema()").scalar().startswith("facepro_test_")
+
+        vectors = np.random.default_rng(3).standard_normal((2, 8)).astype(np.float32)
+        enroll(engine, "alice", vectors, "arcface", ["a.jpg", "b.jpg"], [None, None])
+        eid, other = _eid(), _eid()
+        rec = embedding(eid, dim=8, seed=4)
+        w = EventWriter(engine, 100, 100)
+        w.add_update(update(eid, first=2, last=10, identity="alice", method="face", identity_score=0.7))
+        w.add_update(update(eid, first=3, last=30, identity="alice", method="face", identity_score=0.8))
+        w.add_update(update(other, camera="cam1", t0=T0 + SEC, identity="nobody"))
+        w.add_embedding(rec)
+        assert w.flush() == 3
+        w.add_update(update(eid, first=1, last=30, best_score=0.95, identity="alice", method="face", identity_score=0.8))
+        w.add_update(update(other, camera="cam1", t0=T0 + SEC, last=5))  # stale: ignored
+        w.flush()
+
+        rows = list_events(engine)
+        assert [r.event_id for r in rows] == [other, eid]
+        assert w.unknown_identity == 1
+        ev = rows[1]
+        assert (ev.identity, ev.first_frame, ev.last_frame, ev.best_score) == ("alice", 1, 30, 0.95)
+        assert ev.started_at == ns_to_datetime(T0 + 1 * SEC // 10)
+        assert ev.started_at.utcoffset().total_seconds() == 0
+        assert rows[0].last_frame == 10
+        assert [r.event_id for r in list_events(engine, camera="cam1")] == [other]
+        assert [r.event_id for r in list_events(engine, identity="alice")] == [eid]
+
+        names, gallery = load_gallery(engine, "arcface")
+        assert names == ["alice", "alice"] and np.array_equal(gallery, vectors)
+        with engine.connect() as conn:
+            blob = conn.exec_driver_sql("SELECT vector FROM track_embeddings").scalar()
+        assert bytes(blob) == rec.vector.astype("<f4").tobytes()
+
+        assert delete_identity(engine, "alice")
+        assert list_events(engine, camera="cam0")[0].identity is None
+        assert count_rows(engine) == {"cameras": 2, "identities": 0, "face_embeddings": 0, "events": 2, "track_embeddings": 1}
+    finally:
+        engine.dispose()
