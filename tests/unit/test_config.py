@@ -1,0 +1,107 @@
+"""Config validation: unknown keys, bounds, ${VAR} expansion, file errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import AppConfig, ConfigError, load_config, parse_config, thread_budget, with_sources
+
+BASE = {
+    "cameras": [{"name": "cam0", "source": "video.avi"}],
+    "detection": {"detector": {"path": "m.onnx", "layout": "yolox"}},
+    "recognition": {"face": {"detector": {"path": "s.onnx"}, "embedder": {"path": "e.onnx"}}},
+}
+
+
+def _with(path: str, value: object) -> dict:
+    tree = yaml.safe_load(yaml.safe_dump(BASE))
+    node = tree
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node[int(k)] if k.isdigit() else node.setdefault(k, {})
+    node[keys[-1]] = value
+    return tree
+
+
+def test_minimal_config_gets_defaults() -> None:
+    cfg = parse_config(BASE)
+    assert cfg.detection.processes == 1 and cfg.recognition.processes == 1
+    assert cfg.detection.detector.classes == ("person",)
+    assert cfg.cameras[0].resolved_mode() == "file"
+
+
+@pytest.mark.parametrize(
+    "path, value, error",
+    [
+        ("detection.detecter", {}, r"detection\.detecter: Extra inputs are not permitted"),
+        ("cameras.0.sorce", "x", r"cameras\.0\.sorce: Extra inputs"),
+        ("detection.processes", 0, r"detection\.processes: Input should be greater than or equal to 1"),
+        ("detection.detector.layout", "ssd", r"detection\.detector\.layout"),
+        ("detection.detector.type", "tensorrt", r"detection\.detector\.type"),
+        ("ring.slots", 2, r"ring\.slots"),
+        ("recognition.face.match_threshold", 1.5, r"recognition\.face\.match_threshold"),
+        ("recognition.face.detector.input_size", 100, r"multiple of 32"),
+        ("cameras.0.name", "bad name!", r"cameras\.0\.name"),
+        ("cameras", [], r"cameras"),
+        ("cameras", [{"name": "a", "source": "x"}, {"name": "a", "source": "y"}], r"repeated: a"),
+    ],
+)
+def test_invalid_configs_name_the_key(path: str, value: object, error: str) -> None:
+    with pytest.raises(ConfigError, match=error):
+        parse_config(_with(path, value), "test.yaml")
+
+
+@pytest.mark.parametrize(
+    "source, mode, expected",
+    [("a.mp4", "auto", "file"), ("rtsp://h/s", "auto", "live"), ("0", "auto", "live"), ("rtsp://h/s", "file", "file")],
+)
+def test_source_mode(source: str, mode: str, expected: str) -> None:
+    cfg = parse_config(_with("cameras", [{"name": "c", "source": source, "mode": mode}]))
+    assert cfg.cameras[0].resolved_mode() == expected
+
+
+def test_env_vars_are_expanded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FACEPRO_ASSETS", "/assets")
+    cfg = parse_config(_with("detection.detector.path", "${FACEPRO_ASSETS}/models/yolox_nano.onnx"))
+    assert str(cfg.detection.detector.path) == "/assets/models/yolox_nano.onnx"
+
+
+def test_unset_env_var_names_variable_and_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FACEPRO_ASSETS", raising=False)
+    with pytest.raises(ConfigError, match=r"detection\.detector\.path: environment variable FACEPRO_ASSETS is not set"):
+        parse_config(_with("detection.detector.path", "${FACEPRO_ASSETS}/m.onnx"))
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [(None, "cannot read"), ("cameras: [", "invalid YAML"), ("- a\n- b\n", "mapping at the top level")],
+)
+def test_file_errors(tmp_path: Path, text: str | None, error: str) -> None:
+    path = tmp_path / "c.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=error):
+        load_config(path)
+
+
+def test_bundled_configs_validate(monkeypatch: pytest.MonkeyPatch, assets: Path) -> None:
+    monkeypatch.setenv("FACEPRO_ASSETS", str(assets))
+    for path in Path("configs").glob("*.yaml"):
+        cfg = load_config(path)
+        assert isinstance(cfg, AppConfig)
+        assert Path(cfg.detection.detector.path).is_file(), path
+
+
+def test_with_sources_replaces_cameras() -> None:
+    cfg = with_sources(parse_config(BASE), ["rtsp://a/1", "0"])
+    assert [(c.name, c.source, c.resolved_mode()) for c in cfg.cameras] == [("cam0", "rtsp://a/1", "live"), ("cam1", "0", "live")]
+
+
+@pytest.mark.parametrize("cores, det, rec, expected", [(2, 1, 1, 1), (8, 1, 1, 4), (8, 3, 1, 2), (2, 4, 4, 1)])
+def test_thread_budget_never_oversubscribes(cores: int, det: int, rec: int, expected: int) -> None:
+    cfg = parse_config(_with("detection.processes", det))
+    cfg = cfg.model_copy(update={"recognition": cfg.recognition.model_copy(update={"processes": rec})})
+    assert thread_budget(cfg, cpu_count=cores) == expected
