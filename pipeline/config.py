@@ -85,6 +85,7 @@ class MotionConfig(_Strict):
 
 class DetectionConfig(_Strict):
     processes: int = Field(1, ge=1, le=64)
+    threads: int | None = Field(None, ge=1, le=256, description="ONNX Runtime threads per detection process; default from the CPU budget")
     detector: OnnxDetectorConfig
     motion: MotionConfig = MotionConfig()
 
@@ -126,6 +127,7 @@ class FaceConfig(_Strict):
 
 class RecognitionConfig(_Strict):
     processes: int = Field(1, ge=1, le=64)
+    threads: int | None = Field(None, ge=1, le=256, description="ONNX Runtime threads per recognition process; default from the CPU budget")
     face: FaceConfig
     max_lag_ms: float = Field(2000, gt=0, le=600_000, description="skip face work on frames older than this (live mode)")
 
@@ -250,13 +252,17 @@ def database_url(cfg: AppConfig) -> str:
     return f"sqlite:///{data_dir() / 'facepro.db'}"
 
 
-def thread_budget(cfg: AppConfig, cpu_count: int | None = None) -> int:
-    """ONNX Runtime intra-op threads for one inference process.
+def thread_budget(cfg: AppConfig, cpu_count: int | None = None, stage: str | None = None) -> int:
+    """ONNX Runtime intra-op threads for one inference process of ``stage``.
 
     Splits the CPU cores over the inference processes (detection +
     recognition) so their total never exceeds the core count (oversubscription
-    slows every process on small boxes); ``runtime.inference_threads`` overrides.
+    slows every process on small boxes). ``detection.threads`` /
+    ``recognition.threads`` override per stage, ``runtime.inference_threads`` for all.
     """
+    per_stage = {"detection": cfg.detection.threads, "recognition": cfg.recognition.threads}.get(stage or "")
+    if per_stage:
+        return per_stage
     if cfg.runtime.inference_threads:
         return cfg.runtime.inference_threads
     cores = cpu_count or os.cpu_count() or 1

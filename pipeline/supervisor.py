@@ -174,6 +174,8 @@ class Supervisor:
         self.phase_started = 0.0
         self.failure: str | None = None
         self.transport: Transport | None = None
+        self.first_frame_at: float | None = None  # monotonic time the first frame was captured
+        self.sources_done_at: float | None = None  # monotonic time every file source had ended
         self.pending: list[tuple[float, str, int]] = []  # (due, stage, index) restarts waiting for their backoff
 
     # ----------------------------------------------------------------- start
@@ -231,6 +233,8 @@ class Supervisor:
             if msg is None:
                 return
             if isinstance(msg, StageStats):
+                if self.first_frame_at is None and msg.stage == "capture" and msg.frames_out > 0:
+                    self.first_frame_at = time.monotonic()
                 for c in self.children:
                     if c.popen.pid == msg.pid:
                         c.stats = msg
@@ -430,6 +434,7 @@ class Supervisor:
                 self._start_pending()
                 if self.shutdown_phase is None and not self.pending and self._files_done():
                     log.info("all file sources finished; draining")
+                    self.sources_done_at = time.monotonic()
                     self._begin_shutdown()
                 if self.shutdown_phase is not None and self._advance_shutdown():
                     break
@@ -451,6 +456,8 @@ class Supervisor:
         """Totals of the finished run: frames, wall time, per-stage rates, drops, peak memory."""
         wall = time.monotonic() - self.started
         out: dict = {"run_id": self.run_id, "wall_s": round(wall, 2), "stages": {}}
+        if self.first_frame_at is not None and self.sources_done_at is not None:
+            out["active_s"] = round(self.sources_done_at - self.first_frame_at, 3)  # first frame → all frames processed
         for stage in STAGES:
             frames_in, frames_out, sent, _ = self._totals(stage)
             book = self.books[stage]

@@ -24,6 +24,7 @@ from pathlib import Path
 import zmq
 
 from pipeline.codec import MalformedMessage, decode, encode
+from pipeline.messages import Ack
 
 #: Unix socket paths are limited to ~107 bytes.
 MAX_IPC_PATH = 100
@@ -157,23 +158,15 @@ class Receiver:
         transport._attach(self.sock, endpoint_name, False)
 
 
-class Server:
-    """REP socket: :meth:`poll_request` then :meth:`reply`."""
-
-    def __init__(self, sock: zmq.Socket) -> None:
-        self.sock = sock
+class Server(Receiver):
+    """REP socket: :meth:`poll_request` then :meth:`reply` (a malformed request is answered with a failed Ack)."""
 
     def poll_request(self, timeout_ms: int) -> object | None:
-        if not self.sock.poll(timeout_ms, zmq.POLLIN):
-            return None
-        frames = self.sock.recv_multipart(copy=False)
-        try:
-            return decode(frames)
-        except MalformedMessage as err:
-            from pipeline.messages import Ack
-
-            self.sock.send_multipart(encode(Ack(ok=False, message=f"malformed request: {err}")))
-            return None
+        before = self.malformed
+        msg = self.recv(timeout_ms)
+        if self.malformed != before:
+            self.reply(Ack(ok=False, message=f"malformed request: {self.last_malformed}"))
+        return msg
 
     def reply(self, msg: object) -> None:
         self.sock.send_multipart(encode(msg), copy=False)

@@ -35,10 +35,10 @@ def recognition_index(cfg: AppConfig, camera: str, n_recognition: int) -> int:
     return (names.index(camera) if camera in names else 0) % n_recognition
 
 
-def _session_options(cfg: AppConfig):
+def _session_options(cfg: AppConfig, stage: str):
     from stages.runtime import SessionOptions
 
-    return SessionOptions(threads=thread_budget(cfg))
+    return SessionOptions(threads=thread_budget(cfg, stage=stage))
 
 
 def _capture(cfg: AppConfig, t: Transport, run_id: str, index: int, counters: StageCounters, hb: Heartbeat, stop: StopFlag) -> None:
@@ -62,7 +62,7 @@ def _detection(cfg: AppConfig, t: Transport, n_rec: int, counters: StageCounters
     from stages.detection import DetectionStage
     from stages.detector import ObjectDetector
 
-    stage = DetectionStage(ObjectDetector(cfg.detection.detector, _session_options(cfg)), cfg.detection.motion)
+    stage = DetectionStage(ObjectDetector(cfg.detection.detector, _session_options(cfg, "detection")), cfg.detection.motion)
     inbox = t.receiver(f"frames-{cfg.cameras[0].name}", bind=False, hwm=2)
     for cam in cfg.cameras[1:]:
         inbox.connect(f"frames-{cam.name}", t)
@@ -96,7 +96,7 @@ def _recognition(cfg: AppConfig, t: Transport, index: int, counters: StageCounte
     from storage.db import open_engine
     from storage.queries import load_gallery
 
-    opts = _session_options(cfg)
+    opts = _session_options(cfg, "recognition")
     class_names = ObjectDetector(cfg.detection.detector, opts).class_names
     analyzer = FaceAnalyzer(cfg.recognition.face, opts)
     rows = load_gallery(open_engine(database_url(cfg)), analyzer.model_name)
