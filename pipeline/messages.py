@@ -319,6 +319,30 @@ class ScaleRequest:
 
 
 @dataclass(frozen=True)
+class Credit:
+    """Flow control, detection → capture: ``frames`` > 0 grants that many more frames; < 0 revokes unused ones.
+
+    A revoke is answered by :class:`CreditAck` on the same connection, after
+    every frame already sent against this worker's credits (ZeroMQ keeps one
+    connection's messages in order), so a worker that is scaled down can finish
+    exactly the frames it was given.
+    """
+
+    frames: int
+
+    def __post_init__(self) -> None:
+        if self.frames == 0:
+            raise ValueError("Credit.frames: must not be 0")
+
+
+@dataclass(frozen=True)
+class CreditAck:
+    """Capture → detection: ``revoked`` unused credits were withdrawn; no more frames follow."""
+
+    revoked: int
+
+
+@dataclass(frozen=True)
 class Ack:
     """Generic reply: ``ok`` and a human-readable ``message``."""
 

@@ -204,12 +204,13 @@ class RingWriter(_Ring):
         except OSError as err:
             raise RingError(f"cannot create shared-memory segment {name} ({layout.total_bytes} bytes): {err}") from None
         _untrack(shm)
-        try:
-            os.posix_fallocate(shm._fd, 0, layout.total_bytes)  # type: ignore[attr-defined]
-        except (OSError, AttributeError) as err:
-            shm.close()
-            _unlink(name)
-            if isinstance(err, OSError):
+        fallocate = getattr(os, "posix_fallocate", None)  # absent on macOS/Windows: no reservation there
+        if fallocate is not None:
+            try:
+                fallocate(shm._fd, 0, layout.total_bytes)  # type: ignore[attr-defined]
+            except OSError as err:
+                shm.close()
+                _unlink(name)
                 raise ShmSpaceError(f"/dev/shm cannot hold ring {name} ({layout.total_bytes / 2**20:.1f} MiB): {err.strerror}; "
                                     "lower ring.slots or enlarge /dev/shm") from None
         head = np.ndarray((8,), dtype=np.int64, buffer=shm.buf)
@@ -220,11 +221,12 @@ class RingWriter(_Ring):
         seq = self._headers[slot, _SEQ]
         return seq == 0 or self._headers[slot, _RELEASED] == seq
 
-    def wait_slot(self, stop: object = None) -> bool:
+    def wait_slot(self, stop: object = None, idle: object = None) -> bool:
         """File mode: block until the next slot is released (or reclaimed after the timeout).
 
         Args:
             stop: optional object with ``is_set()``; returning True aborts the wait.
+            idle: optional callable run while waiting (e.g. answering flow-control messages).
 
         Returns:
             False if ``stop`` aborted the wait, True when the slot may be written.
@@ -240,6 +242,8 @@ class RingWriter(_Ring):
             if time.monotonic() > deadline:
                 self.reclaimed += 1
                 return True
+            if idle is not None:
+                idle()  # type: ignore[operator]
             time.sleep(pause)
             pause = min(pause * 2, 0.005)
         return True

@@ -22,7 +22,7 @@ import numpy as np
 from pipeline.messages import DROP_REASONS, Detections, FrameRef
 from pipeline.metrics import Heartbeat, StageCounters
 from pipeline.ring import RingCache, RingError, RingLayout, RingWriter, ring_name
-from pipeline.transport import Receiver, Sender
+from pipeline.transport import CreditInbox, Dispatcher, Receiver, Sender
 
 
 _MALFORMED = DROP_REASONS.index("malformed")
@@ -167,7 +167,8 @@ class RunnerIO:
     """The runner's connections.
 
     Attributes:
-        inbox: where messages arrive.
+        inbox: where messages arrive (a PULL :class:`Receiver`, or the detection
+            stage's :class:`CreditInbox`, which withdraws its credits when stopping).
         route: maps an output message to the sender it goes to (None: drop it).
         heartbeat: stats sender.
         release: True if this process is the last owner of the frames it receives.
@@ -175,7 +176,7 @@ class RunnerIO:
             (a full queue drops the message and counts ``queue_full``).
     """
 
-    inbox: Receiver
+    inbox: Receiver | CreditInbox
     route: Callable[[object], Sender | None]
     heartbeat: Heartbeat
     release: bool
@@ -273,8 +274,10 @@ class Runner:
             self._send(self.stage.tick(time.time_ns()))
             self._update_gauges()
             self.io.heartbeat.beat()
-            if self.stop.is_set() and now - idle_since >= self.drain_idle_s:
-                break
+            if self.stop.is_set():
+                self.io.inbox.stop_receiving()
+                if self.io.inbox.drained(now - idle_since, self.drain_idle_s):
+                    break
         self._finish()
 
     def _update_gauges(self) -> None:
@@ -345,7 +348,7 @@ class CaptureLoop:
     downstream, so the pipeline can drain, then unlinks its ring.
     """
 
-    def __init__(self, source: FrameSource, settings: CaptureSettings, sender: Sender,
+    def __init__(self, source: FrameSource, settings: CaptureSettings, sender: Dispatcher,
                  counters: StageCounters, heartbeat: Heartbeat, stop: StopFlag) -> None:
         self.source = source
         self.s = settings
@@ -372,7 +375,7 @@ class CaptureLoop:
 
     def _publish(self, frame: np.ndarray) -> bool:
         ring = self._ring_for(frame)
-        if not ring.wait_slot(self.stop):
+        if not ring.wait_slot(self.stop, idle=self.sender.service):
             return False
         slot, seq = ring.write(frame, self.frame_index, time.time_ns())
         ref = FrameRef(camera=self.s.camera, ring=ring.name, slot=slot, seq=seq, frame_index=self.frame_index,
@@ -423,7 +426,7 @@ class CaptureLoop:
             if self.stop.is_set() or time.monotonic() > deadline:
                 break
             self.heartbeat.beat()
-            time.sleep(0.01)
+            self.sender.service(10)
         self.counters.drops[_LOST] += 0 if w is None else w.reclaimed
         self.heartbeat.beat(force=True)
         self.source.close()

@@ -9,7 +9,10 @@ queued before exiting (``linger_ms``). Messages are encoded by
 
 Endpoint names used by the pipeline:
 
-- ``frames-<camera>``: capture binds PUSH; detection processes connect PULL.
+- ``frames-<camera>``: capture binds a :class:`Dispatcher` (ROUTER); each detection
+  process connects a :class:`CreditInbox` (one DEALER per camera). Frames are
+  sent only against credits the detection process granted, so adding or
+  removing a detection process never loses or duplicates a frame.
 - ``detections-<i>``: recognition process ``i`` binds PULL; detection connects PUSH.
 - ``storage``: storage binds PULL; recognition connects PUSH.
 - ``stats``: supervisor binds PULL; every process connects PUSH (heartbeats).
@@ -19,12 +22,14 @@ Endpoint names used by the pipeline:
 from __future__ import annotations
 
 import os
+import time
+from collections import deque
 from pathlib import Path
 
 import zmq
 
 from pipeline.codec import MalformedMessage, decode, encode
-from pipeline.messages import Ack
+from pipeline.messages import Ack, Credit, CreditAck
 
 #: Unix socket paths are limited to ~107 bytes.
 MAX_IPC_PATH = 100
@@ -84,6 +89,22 @@ class Transport:
         sock = self._socket(zmq.PULL, hwm, 0)
         self._attach(sock, name, bind)
         return Receiver(sock)
+
+    def dispatcher(self, name: str) -> Dispatcher:
+        """A ROUTER socket bound at ``name`` that sends frames against credits (capture side)."""
+        sock = self._socket(zmq.ROUTER, 1000, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._attach(sock, name, True)
+        return Dispatcher(sock)
+
+    def credit_inbox(self, names: list[str], window: int) -> CreditInbox:
+        """DEALER sockets connected to each dispatcher ``names`` (detection side), granting ``window`` credits each."""
+        socks = []
+        for name in names:
+            sock = self._socket(zmq.DEALER, 1000, 0)
+            self._attach(sock, name, False)
+            socks.append(sock)
+        return CreditInbox(socks, window)
 
     def server(self, name: str) -> Server:
         """A REP socket bound at ``name`` (the supervisor's control endpoint)."""
@@ -153,6 +174,12 @@ class Receiver:
             self.last_malformed = str(err)
             return None
 
+    def stop_receiving(self) -> None:
+        """Nothing to withdraw for a PULL socket: it drains until idle."""
+
+    def drained(self, idle_s: float, drain_idle_s: float) -> bool:
+        return idle_s >= drain_idle_s
+
     def connect(self, endpoint_name: str, transport: Transport) -> None:
         """Also pull from another endpoint (a PULL socket may connect to several PUSHers)."""
         transport._attach(self.sock, endpoint_name, False)
@@ -188,3 +215,135 @@ def request(runtime_dir: Path, name: str, msg: object, timeout_ms: int = 3000) -
         return decode(sock.recv_multipart())
     finally:
         t.close()
+
+
+class Dispatcher:
+    """Capture side of credit-based flow control: send each message to a worker that asked for one.
+
+    Workers (``CreditInbox``) grant credits; :meth:`send` spends one, so a
+    worker never holds more than its window of frames and frames go to idle
+    workers first. A revoke is answered with :class:`CreditAck` after removing
+    the worker's unused credits. Call :meth:`service` while idle so revokes are
+    answered.
+    """
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self.sock = sock
+        self.credits: deque[bytes] = deque()
+        self.full = 0
+        self.malformed = 0
+
+    def service(self, timeout_ms: int = 0) -> None:
+        """Handle credit messages that have arrived (waiting up to ``timeout_ms`` for the first)."""
+        while self.sock.poll(timeout_ms, zmq.POLLIN):
+            timeout_ms = 0
+            identity, *frames = self.sock.recv_multipart()
+            try:
+                msg = decode(frames)
+            except MalformedMessage:
+                self.malformed += 1
+                continue
+            if isinstance(msg, Credit) and msg.frames > 0:
+                self.credits.extend([identity] * msg.frames)
+            elif isinstance(msg, Credit):
+                self._revoke(identity, -msg.frames)
+
+    def _revoke(self, identity: bytes, n: int) -> None:
+        kept = [c for c in self.credits if c != identity]
+        revoked = min(n, len(self.credits) - len(kept))
+        self.credits = deque(kept)
+        self._send_to(identity, CreditAck(revoked=revoked))
+
+    def _send_to(self, identity: bytes, msg: object) -> bool:
+        try:
+            self.sock.send_multipart([identity, *encode(msg)], flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.ZMQError:  # EHOSTUNREACH (worker gone) or EAGAIN: forget its credits
+            self.credits = deque(c for c in self.credits if c != identity)
+            return False
+
+    def send(self, msg: object, timeout_ms: int = 0) -> bool:
+        """Send ``msg`` to a worker with a credit, waiting up to ``timeout_ms`` for one.
+
+        Returns:
+            False (and counts ``full``) when no worker asked for a frame in time.
+        """
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        while True:
+            self.service(0)
+            while self.credits:
+                if self._send_to(self.credits.popleft(), msg):
+                    return True
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0:
+                self.full += 1
+                return False
+            self.service(min(remaining_ms, 100))
+
+    def send_until(self, msg: object, stop: object, slice_ms: int = 100) -> bool:
+        """Send, waiting for a credit, until sent or ``stop.is_set()``."""
+        while not stop.is_set():  # type: ignore[attr-defined]
+            if self.send(msg, timeout_ms=slice_ms):
+                return True
+        return False
+
+
+class CreditInbox:
+    """Detection side: DEALER sockets to each camera's :class:`Dispatcher`, granting credits.
+
+    Every received frame is replaced by a new credit at once, so each camera
+    keeps at most ``window`` frames in flight to this process. :meth:`stop_receiving`
+    revokes the unused credits; :meth:`drained` is True once every camera has
+    answered (all frames it sent here have then arrived) or ``revoke_timeout_s``
+    passed (the capture has already exited).
+    """
+
+    def __init__(self, socks: list[zmq.Socket], window: int, revoke_timeout_s: float = 3.0) -> None:
+        self.socks = socks
+        self.poller = zmq.Poller()
+        for sock in socks:
+            self.poller.register(sock, zmq.POLLIN)
+            sock.send_multipart(encode(Credit(frames=window)))
+        self.window = window
+        self.revoke_timeout_s = revoke_timeout_s
+        self.malformed = 0
+        self.last_malformed = ""
+        self.stopping_since: float | None = None
+        self.acked: set[int] = set()
+        self._ready: deque[tuple[zmq.Socket, list]] = deque()
+
+    def recv(self, timeout_ms: int) -> object | None:
+        """Next frame message from any camera, or None after ``timeout_ms``."""
+        if not self._ready:
+            for sock, _ in self.poller.poll(timeout_ms):
+                self._ready.append((sock, sock.recv_multipart(copy=False)))
+        while self._ready:
+            sock, frames = self._ready.popleft()
+            try:
+                msg = decode(frames)
+            except MalformedMessage as err:
+                self.malformed += 1
+                self.last_malformed = str(err)
+                msg = None
+            if isinstance(msg, CreditAck):
+                self.acked.add(id(sock))
+                continue
+            if self.stopping_since is None:
+                sock.send_multipart(encode(Credit(frames=1)))
+            if msg is not None:
+                return msg
+        return None
+
+    def stop_receiving(self) -> None:
+        """Revoke unused credits on every connection (once)."""
+        if self.stopping_since is None:
+            self.stopping_since = time.monotonic()
+            for sock in self.socks:
+                sock.send_multipart(encode(Credit(frames=-self.window)))
+
+    def drained(self, idle_s: float, drain_idle_s: float) -> bool:
+        if self.stopping_since is None:
+            return False
+        if len(self.acked) == len(self.socks):
+            return True
+        return time.monotonic() - self.stopping_since > self.revoke_timeout_s and idle_s >= drain_idle_s

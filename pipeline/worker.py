@@ -6,6 +6,10 @@ the generic :class:`~pipeline.runner.Runner` (or the
 :class:`~pipeline.runner.CaptureLoop` for a camera). The config comes from
 the run's ``config.json`` (written by the supervisor), never through pickling.
 
+Flow: capture → detection is credit-based (``CREDIT_WINDOW`` frames per
+camera and detection process), so detection processes can be added and
+removed while running without losing or repeating a frame.
+
 Routing: camera ``k`` (config order) is tracked by recognition process
 ``k % N_RECOGNITION``, so every camera's tracker lives in one process.
 """
@@ -28,6 +32,9 @@ from pipeline.transport import Transport
 
 log = logging.getLogger("facepro.worker")
 
+#: Frames of one camera a detection process may hold at once (1 in work + 1 queued).
+CREDIT_WINDOW = 2
+
 
 def recognition_index(cfg: AppConfig, camera: str, n_recognition: int) -> int:
     """The recognition process that owns ``camera``."""
@@ -46,7 +53,7 @@ def _capture(cfg: AppConfig, t: Transport, run_id: str, index: int, counters: St
 
     cam = cfg.cameras[index]
     source = open_source(cam)
-    sender = t.sender(f"frames-{cam.name}", bind=True, hwm=max(2, cfg.ring.slots // 2))
+    sender = t.dispatcher(f"frames-{cam.name}")
     settings = CaptureSettings(run_id=run_id, camera=cam.name, slots=cfg.ring.slots,
                                release_timeout_s=cfg.ring.release_timeout_s,
                                wait_for_release=cam.resolved_mode() == "file", max_fps=cam.max_fps,
@@ -63,9 +70,7 @@ def _detection(cfg: AppConfig, t: Transport, n_rec: int, counters: StageCounters
     from stages.detector import ObjectDetector
 
     stage = DetectionStage(ObjectDetector(cfg.detection.detector, _session_options(cfg, "detection")), cfg.detection.motion)
-    inbox = t.receiver(f"frames-{cfg.cameras[0].name}", bind=False, hwm=2)
-    for cam in cfg.cameras[1:]:
-        inbox.connect(f"frames-{cam.name}", t)
+    inbox = t.credit_inbox([f"frames-{cam.name}" for cam in cfg.cameras], window=CREDIT_WINDOW)
     outs = [t.sender(f"detections-{i}", hwm=cfg.ring.slots, linger_ms=2000) for i in range(n_rec)]
     route = lambda msg: outs[recognition_index(cfg, msg.frame.camera, n_rec)]  # noqa: E731
     io = RunnerIO(inbox=inbox, route=route, heartbeat=hb, release=False, blocking_send=_file_mode(cfg))

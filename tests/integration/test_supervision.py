@@ -47,3 +47,49 @@ def test_killed_detection_process_is_restarted_and_run_completes(clip: Path, mod
     assert stages["recognition"]["frames_out"] + lost >= FRAMES - 2 * 16
     assert stages["recognition"]["frames_out"] > FRAMES // 2
     assert list_segments(json.loads((short_data_dir / "last_run.json").read_text())["run_id"]) == []
+
+
+def test_scaling_detection_up_and_down_processes_every_frame_exactly_once(clip: Path, models: Path, short_data_dir: Path) -> None:
+    from tests.integration.conftest import facepro
+
+    tree = pipeline_config(models, {"campus": clip}, detection__motion={"enabled": False})
+    cfg = save_config(tree, short_data_dir / "cfg.yaml")
+    proc = start_run(cfg)
+    try:
+        wait_status(proc, until=lambda d: _stage(d, "detection")["rate_fps"] > 0)
+        up = facepro("scale", "--config", str(cfg), "detection=2")
+        assert up.returncode == 0 and "1 -> 2" in up.stdout, up.stderr
+        doc = wait_status(proc, until=lambda d: _stage(d, "detection")["processes"] == 2 and _stage(d, "detection")["rate_fps"] > 0)
+        down = facepro("scale", "--config", str(cfg), "detection=1")
+        assert down.returncode == 0, down.stderr
+        wait_status(proc, until=lambda d: _stage(d, "detection")["processes"] == 1)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    stages = json.loads((short_data_dir / "last_run.json").read_text())["stages"]
+    assert len(stages["detection"]["peak_rss_mb"]) == 2  # two processes took part
+    assert stages["detection"]["restarts"] == 0
+    # Exactly once: the detection processes together handled each frame once, and recognition got all of them in order.
+    assert stages["capture"]["frames_out"] == FRAMES
+    assert stages["detection"]["frames_out"] == FRAMES
+    assert stages["recognition"]["frames_out"] == FRAMES
+    assert "lost" not in stages["recognition"]["dropped"]
+
+
+@pytest.mark.parametrize("spec, error", [("recognition=2", "not supported"), ("detection", "expected STAGE=N")])
+def test_scale_rejects_bad_requests(clip: Path, models: Path, short_data_dir: Path, spec: str, error: str) -> None:
+    from tests.integration.conftest import facepro
+
+    cfg = save_config(pipeline_config(models, {"campus": clip}), short_data_dir / "cfg.yaml")
+    proc = start_run(cfg)
+    try:
+        wait_status(proc)
+        res = facepro("scale", "--config", str(cfg), spec)
+        assert res.returncode == 2
+        assert error in res.stdout + res.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=120)
+    assert proc.returncode == 0
