@@ -139,8 +139,19 @@ class StorageConfig(_Strict):
     snapshots: bool = True
 
 
+class AlertConfig(_Strict):
+    """Thresholds of the alert states exported to Prometheus and logged as warnings."""
+
+    min_rate_fps: float = Field(1.0, ge=0, le=10_000, description="a running stage passing fewer frames/s is 'low rate'")
+    backlog_frames: int = Field(48, ge=1, le=1_000_000, description="a queue deeper than this that kept growing is 'backlog'")
+    max_rss_mb: float = Field(2048, gt=0, le=1_000_000, description="a stage using more resident memory is 'high memory'")
+    grace_s: float = Field(10.0, ge=0, le=3600, description="no alerts this long after start")
+
+
 class RuntimeConfig(_Strict):
     stats_interval_s: float = Field(0.5, gt=0, le=60)
+    metrics_port: int | None = Field(9108, ge=0, le=65535, description="Prometheus endpoint on 127.0.0.1 (0: any free port, null: off)")
+    alerts: AlertConfig = AlertConfig()
     inference_threads: int | None = Field(None, ge=1, le=256, description="ONNX Runtime threads per process; default from CPU count")
     heartbeat_timeout_s: float = Field(30.0, gt=0, le=3600)
 

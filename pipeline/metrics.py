@@ -85,3 +85,110 @@ class Heartbeat:
         if force or now >= self._next:
             self.sender.send(self.counters.snapshot(), timeout_ms=0)  # type: ignore[attr-defined]
             self._next = now + self.interval_s
+
+
+# ----------------------------------------------------------------- Prometheus
+ALERTS: tuple[str, ...] = ("low_rate", "backlog", "high_memory")
+
+
+class AlertTracker:
+    """Alert states per stage from successive status snapshots.
+
+    - ``low_rate``: a stage with running processes passes fewer than
+      ``min_rate_fps`` frames/s (after ``grace_s``);
+    - ``backlog``: its queue is deeper than ``backlog_frames`` and deeper than
+      in each of the last three snapshots (still growing);
+    - ``high_memory``: its processes use more than ``max_rss_mb`` MiB together.
+
+    :meth:`update` returns the alerts that changed state, for logging.
+    """
+
+    def __init__(self, min_rate_fps: float, backlog_frames: int, max_rss_mb: float, grace_s: float) -> None:
+        self.min_rate_fps = min_rate_fps
+        self.backlog_frames = backlog_frames
+        self.max_rss_mb = max_rss_mb
+        self.grace_s = grace_s
+        self.active: dict[tuple[str, str], bool] = {}
+        self._depths: dict[str, deque[int]] = {}
+
+    def _evaluate(self, st: object, uptime_s: float) -> dict[str, bool]:
+        depths = self._depths.setdefault(st.stage, deque(maxlen=4))  # type: ignore[attr-defined]
+        depths.append(st.queue_depth)  # type: ignore[attr-defined]
+        growing = len(depths) == depths.maxlen and all(a < b for a, b in zip(depths, list(depths)[1:]))
+        running = st.processes > 0 and st.state == "running" and uptime_s >= self.grace_s  # type: ignore[attr-defined]
+        return {
+            "low_rate": running and st.rate_fps < self.min_rate_fps,  # type: ignore[attr-defined]
+            "backlog": st.queue_depth > self.backlog_frames and growing,  # type: ignore[attr-defined]
+            "high_memory": st.rss_mb > self.max_rss_mb,  # type: ignore[attr-defined]
+        }
+
+    def update(self, reply: object) -> list[tuple[str, str, bool]]:
+        """Feed a :class:`~pipeline.messages.StatusReply`; returns ``(stage, alert, now_active)`` changes."""
+        changes = []
+        for st in reply.stages:  # type: ignore[attr-defined]
+            for alert, on in self._evaluate(st, reply.uptime_s).items():  # type: ignore[attr-defined]
+                key = (st.stage, alert)
+                if self.active.get(key, False) != on:
+                    changes.append((st.stage, alert, on))
+                self.active[key] = on
+        return changes
+
+
+class StatusCollector:
+    """prometheus-client collector exporting the latest status snapshot and alert states.
+
+    Metric names: ``facepro_stage_processes``, ``facepro_stage_rate_fps``,
+    ``facepro_stage_queue_depth``, ``facepro_stage_oldest_wait_ms``,
+    ``facepro_stage_latency_ms{quantile}``, ``facepro_stage_cpu_percent``,
+    ``facepro_stage_rss_mb``, ``facepro_stage_restarts_total``,
+    ``facepro_stage_dropped_total{reason}``, ``facepro_alert{alert}`` (0/1),
+    all labelled by ``stage``.
+    """
+
+    def __init__(self, alerts: AlertTracker) -> None:
+        self.reply: object | None = None  # replaced (never mutated) by the supervisor's loop
+        self.alerts = alerts
+
+    def collect(self):  # noqa: ANN201 - prometheus-client protocol
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        reply = self.reply
+        if reply is None:
+            return
+        gauges = {name: GaugeMetricFamily(f"facepro_stage_{name}", doc, labels=["stage"]) for name, doc in (
+            ("processes", "live processes"), ("rate_fps", "frames passed on per second"),
+            ("queue_depth", "frames waiting for the stage"), ("oldest_wait_ms", "age of the oldest waiting frame, ms"),
+            ("cpu_percent", "CPU use, 100 = one core"), ("rss_mb", "resident memory, MiB"))}
+        latency = GaugeMetricFamily("facepro_stage_latency_ms", "processing latency per item, ms", labels=["stage", "quantile"])
+        restarts = CounterMetricFamily("facepro_stage_restarts", "process restarts", labels=["stage"])
+        dropped = CounterMetricFamily("facepro_stage_dropped", "frames dropped by reason", labels=["stage", "reason"])
+        alert = GaugeMetricFamily("facepro_alert", "alert state (1 = active)", labels=["stage", "alert"])
+        for st in reply.stages:  # type: ignore[attr-defined]
+            for name, fam in gauges.items():
+                fam.add_metric([st.stage], float(getattr(st, name)))
+            latency.add_metric([st.stage, "0.5"], st.latency_p50_ms)
+            latency.add_metric([st.stage, "0.99"], st.latency_p99_ms)
+            restarts.add_metric([st.stage], st.restarts)
+            for reason, n in zip(DROP_REASONS, st.drop_counts):
+                dropped.add_metric([st.stage, reason], int(n))
+            for name in ALERTS:
+                alert.add_metric([st.stage, name], 1.0 if self.alerts.active.get((st.stage, name)) else 0.0)
+        yield from (*gauges.values(), latency, restarts, dropped, alert)
+
+
+def start_exporter(collector: StatusCollector, port: int) -> int:
+    """Serve ``collector`` on ``http://127.0.0.1:port/metrics`` (0 = any free port); returns the port.
+
+    Raises:
+        OSError: the port is taken (the message names it and the config key).
+    """
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry()
+    registry.register(collector)
+    try:
+        server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
+    except OSError as err:
+        raise OSError(f"cannot serve Prometheus metrics on 127.0.0.1:{port} ({err.strerror}); "
+                      "change runtime.metrics_port in the config (null disables it)") from None
+    return int(server.server_address[1])

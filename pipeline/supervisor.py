@@ -48,6 +48,7 @@ import numpy as np
 import psutil
 
 from pipeline.config import AppConfig
+from pipeline.metrics import AlertTracker, StatusCollector, start_exporter
 from pipeline.messages import DROP_REASONS, ScaleRequest, StageStats, StageStatus, StatusReply, StatusRequest, Ack
 from pipeline.ring import list_segments, run_id_of, unlink_segments
 from pipeline.transport import Transport, make_runtime_dir
@@ -174,6 +175,7 @@ class Supervisor:
         self.phase_started = 0.0
         self.failure: str | None = None
         self.transport: Transport | None = None
+        self.metrics_port: int | None = None
         self.first_frame_at: float | None = None  # monotonic time the first frame was captured
         self.sources_done_at: float | None = None  # monotonic time every file source had ended
         self.pending: list[tuple[float, str, int]] = []  # (due, stage, index) restarts waiting for their backoff
@@ -219,12 +221,39 @@ class Supervisor:
         self._claim_run()
         if self.prepare_database is not None:
             self.prepare_database()
+        self._start_metrics()
         self.transport = Transport(self.runtime_dir)
         self.stats_in = self.transport.receiver("stats", bind=True, hwm=10_000)
         self.control = self.transport.server("control")
         for stage in reversed(STAGES):  # downstream first: their endpoints are bound before upstream sends
             for i in range(self.counts[stage]):
                 self._spawn(stage, i)
+
+    def _start_metrics(self) -> None:
+        a = self.cfg.runtime.alerts
+        self.alerts = AlertTracker(a.min_rate_fps, a.backlog_frames, a.max_rss_mb, a.grace_s)
+        self.collector = StatusCollector(self.alerts)
+        if self.cfg.runtime.metrics_port is None:
+            return
+        try:
+            self.metrics_port = start_exporter(self.collector, self.cfg.runtime.metrics_port)
+        except OSError as err:
+            raise SupervisorError(str(err)) from None
+        log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", self.metrics_port)
+        info = json.loads((self.runtime_dir / "run.json").read_text())
+        info["metrics_port"] = self.metrics_port
+        for path in (self.runtime_dir / "run.json", current_run_file(self.data_dir)):
+            path.write_text(json.dumps(info))
+
+    def _refresh_status(self) -> None:
+        """Recompute the status snapshot for the exporter and log alert changes (once a second)."""
+        reply = self.status()
+        self.collector.reply = reply
+        for stage, alert, on in self.alerts.update(reply):
+            if on:
+                log.warning("alert %s on stage %s (see facepro status)", alert, stage)
+            else:
+                log.info("alert %s on stage %s cleared", alert, stage)
 
     # ------------------------------------------------------------ monitoring
     def _collect_stats(self) -> None:
@@ -427,6 +456,7 @@ class Supervisor:
         try:
             self.start()
             next_log = time.monotonic() + 5.0
+            next_refresh = time.monotonic()
             while True:
                 self._collect_stats()
                 self._serve_control()
@@ -438,6 +468,9 @@ class Supervisor:
                     self._begin_shutdown()
                 if self.shutdown_phase is not None and self._advance_shutdown():
                     break
+                if time.monotonic() >= next_refresh:
+                    self._refresh_status()
+                    next_refresh = time.monotonic() + 1.0
                 if time.monotonic() >= next_log:
                     self._log_progress()
                     next_log = time.monotonic() + 5.0

@@ -42,7 +42,7 @@ def pipeline_config(models: Path, sources: dict[str, Path], **overrides: object)
         "recognition": {"processes": 1, "face": {
             "detector": {"type": "onnx", "path": str(models / "scrfd_500m.onnx")},
             "embedder": {"type": "onnx", "path": str(models / "mobilefacenet_128d.onnx")}}},
-        "runtime": {"stats_interval_s": 0.2},
+        "runtime": {"stats_interval_s": 0.2, "metrics_port": 0},
     }
     for key, value in overrides.items():
         section, _, field = key.partition("__")

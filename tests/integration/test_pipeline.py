@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -33,6 +34,11 @@ def test_pipeline_stores_person_events_and_reports_status(clip: Path, models: Pa
             assert set(s) >= {"stage", "processes", "rate_fps", "queue_depth", "dropped"}
         run_id = status["run_id"]
         assert list_segments(run_id), "the capture's ring should exist in /dev/shm while running"
+        port = json.loads((short_data_dir / "run" / "current.json").read_text())["metrics_port"]
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        for stage in ("capture", "detection", "recognition", "storage"):
+            assert f'facepro_stage_queue_depth{{stage="{stage}"}}' in metrics
+        assert 'facepro_alert{alert="backlog",stage="recognition"}' in metrics
         out, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
