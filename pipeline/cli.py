@@ -53,6 +53,8 @@ def _check_assets(cfg: AppConfig) -> None:
     check_model_file(cfg.detection.detector.path, "object detector")
     check_model_file(cfg.recognition.face.detector.path, "face detector")
     check_model_file(cfg.recognition.face.embedder.path, "face embedder")
+    if cfg.recognition.reid is not None:
+        check_model_file(cfg.recognition.reid.path, "Re-ID embedder")
     for cam in cfg.cameras:
         if cam.resolved_mode() == "file":
             open_source(cam).close()

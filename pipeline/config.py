@@ -125,10 +125,29 @@ class FaceConfig(_Strict):
     every_n_frames: int = Field(2, ge=1, le=1000, description="run face analysis on every n-th frame of a camera")
 
 
+class OnnxReidConfig(_Strict):
+    """Person Re-ID (OSNet, Zhou et al. 2019) on ONNX Runtime: names a track whose face was never seen.
+
+    ``link_threshold`` is the cosine similarity of two tracks' mean embeddings
+    needed to link them; calibrate it with ``scripts/eval_reid.py`` (0.935 on
+    the asset videos, with little margin: see ``stages/reid.py``).
+    """
+
+    type: Literal["onnx"] = "onnx"
+    path: Path
+    link_threshold: float = Field(0.935, ge=-1.0, le=1.0)
+    every_n_frames: int = Field(5, ge=1, le=10_000, description="sample a person track's embedding every n frames")
+    max_samples: int = Field(64, ge=1, le=100_000, description="samples kept per track for inspection (the mean uses all)")
+    min_box_height_px: int = Field(0, ge=0, le=4096, description="lower person boxes are not embedded")
+    min_samples: int = Field(3, ge=1, le=1000, description="samples a track needs before it is linked")
+    keep_tracks: int = Field(256, ge=1, le=100_000, description="ended tracks remembered for linking")
+
+
 class RecognitionConfig(_Strict):
     processes: int = Field(1, ge=1, le=64)
     threads: int | None = Field(None, ge=1, le=256, description="ONNX Runtime threads per recognition process; default from the CPU budget")
     face: FaceConfig
+    reid: OnnxReidConfig | None = None
     max_lag_ms: float = Field(2000, gt=0, le=600_000, description="skip face work on frames older than this (live mode)")
 
 

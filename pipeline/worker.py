@@ -105,12 +105,20 @@ def _recognition(cfg: AppConfig, t: Transport, index: int, counters: StageCounte
     class_names = ObjectDetector(cfg.detection.detector, opts).class_names
     analyzer = FaceAnalyzer(cfg.recognition.face, opts)
     rows = load_gallery(open_engine(database_url(cfg)), analyzer.model_name)
+    if rows.skipped:
+        log.warning("identities enrolled only with another face model are ignored: %s; re-enroll them", ", ".join(sorted(rows.skipped)))
     gallery = Gallery(list(rows.names), rows.vectors, threshold=cfg.recognition.face.match_threshold,
                       model_name=analyzer.model_name)
     live = frozenset(c.name for c in cfg.cameras if c.resolved_mode() == "live")
     snap = _snapshot_sink(data_dir() / "snapshots") if cfg.storage.snapshots else None
+    reid = None
+    if cfg.recognition.reid is not None:
+        from stages.recognition import ReidLinker
+        from stages.reid import ReidEmbedder
+
+        reid = ReidLinker(ReidEmbedder(cfg.recognition.reid.path, opts), cfg.recognition.reid)
     stage = RecognitionStage(cfg.tracking, cfg.recognition.face, class_names, analyzer, gallery, snap, live,
-                             cfg.recognition.max_lag_ms)
+                             cfg.recognition.max_lag_ms, reid)
     inbox = t.receiver(f"detections-{index}", bind=True, hwm=cfg.ring.slots)
     out = t.sender("storage", hwm=10_000, linger_ms=10_000)
     io = RunnerIO(inbox=inbox, route=lambda msg: out, heartbeat=hb, release=True, blocking_send=True)

@@ -8,6 +8,12 @@ inside each person box (SCRFD), aligns and embeds it, and matches it against
 the enrolled gallery (open-set, cosine similarity ≥ ``face.match_threshold``).
 A track is named by the votes of all its face observations
 (:class:`TrackVotes`), so one bad frame does not name a person.
+
+With ``recognition.reid`` configured, person tracks are also sampled with
+OSNet every few frames (:class:`ReidLinker`); a track that has no face
+identity is linked to an earlier, named track of any camera of this process
+whose mean Re-ID embedding is similar enough, and inherits its identity with
+method ``reid``. Every ended person track's mean Re-ID embedding is stored.
 """
 
 from __future__ import annotations
@@ -19,10 +25,13 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.config import FaceConfig, TrackingConfig
+from collections import OrderedDict
+
+from pipeline.config import FaceConfig, OnnxReidConfig, TrackingConfig
 from pipeline.messages import Detections, EmbeddingRecord, TrackUpdate
 from stages.face import Face, FaceAnalyzer
 from stages.gallery import Gallery
+from stages.reid import ReidEmbedder, TrackReid, link_tracks
 from stages.tracking import ActiveTrack, CameraTracks
 
 #: ``(event_id, camera, image (h, w, 3) uint8 BGR) -> path or None``: stores a JPEG snapshot.
@@ -57,6 +66,74 @@ class TrackVotes:
         return name, float(self.best[name])
 
 
+@dataclass(frozen=True)
+class Named:
+    """The identity decision of a track: name (or None), method and score."""
+
+    identity: str | None
+    method: str | None
+    score: float
+
+
+class ReidLinker:
+    """Person Re-ID per track: sampling, linking to earlier named tracks, the stored mean.
+
+    Args:
+        embedder: OSNet embedder.
+        cfg: sampling and linking settings.
+    """
+
+    def __init__(self, embedder: ReidEmbedder, cfg: OnnxReidConfig) -> None:
+        self.embedder = embedder
+        self.cfg = cfg
+        self.tracks: dict[str, TrackReid] = {}
+        self.earlier: OrderedDict[int, tuple[np.ndarray, Named]] = OrderedDict()  # ended named tracks
+        self._next = 0
+        self.links = 0
+
+    def due(self, frame_index: int) -> bool:
+        return frame_index % self.cfg.every_n_frames == 0
+
+    def sample(self, camera: str, persons: list[ActiveTrack], frame: np.ndarray, frame_index: int) -> list[int]:
+        """Embed the due person boxes of a frame; returns the track ids that got a sample."""
+        reid = self.tracks.setdefault(camera, TrackReid(self.cfg.every_n_frames, self.cfg.max_samples))
+        due = [t for t in persons if reid.due(t.track_id, frame_index)
+               and t.xyxy[3] - t.xyxy[1] >= self.cfg.min_box_height_px]
+        if not due:
+            return []
+        emb = self.embedder.embed(frame, np.stack([t.xyxy for t in due]).astype(np.float32))
+        for t, e in zip(due, emb):
+            reid.add(t.track_id, e, frame_index)
+        return [t.track_id for t in due]
+
+    def link(self, camera: str, track_id: int) -> Named | None:
+        """The identity of the most similar earlier named track above the threshold, if any."""
+        reid = self.tracks.get(camera)
+        if reid is None or reid.count(track_id) < self.cfg.min_samples or not self.earlier:
+            return None
+        earlier = {k: mean for k, (mean, _) in self.earlier.items()}
+        found = link_tracks({track_id: reid.mean(track_id)}, earlier, self.cfg.link_threshold, exclusive=False)
+        if track_id not in found:
+            return None
+        self.links += 1
+        named = self.earlier[found[track_id].earlier_id][1]
+        return Named(named.identity, "reid", float(found[track_id].similarity))
+
+    def end(self, camera: str, track_id: int, event_id: str, named: Named | None) -> EmbeddingRecord | None:
+        """Forget a track; remember it for linking if named; return its mean embedding to store."""
+        reid = self.tracks.get(camera)
+        mean = reid.pop(track_id) if reid is not None and track_id in reid else None
+        if mean is None:
+            return None
+        if named is not None and named.identity is not None:
+            self.earlier[self._next] = (mean, named)
+            self._next += 1
+            while len(self.earlier) > self.cfg.keep_tracks:
+                self.earlier.popitem(last=False)
+        return EmbeddingRecord(event_id=event_id, kind="reid", model=self.embedder.model_name,
+                               vector=mean.astype(np.float32), frame_index=-1)
+
+
 def _largest(faces: list[Face]) -> Face | None:
     return max(faces, key=lambda f: f.width, default=None)
 
@@ -74,6 +151,7 @@ class RecognitionStage:
         live_cameras: cameras in live mode, whose frames older than ``max_lag_ms``
             skip face work (counted as ``behind``).
         max_lag_ms: see ``live_cameras``.
+        reid: person Re-ID linker, or None.
 
     Attributes:
         drops: cumulative ``{"behind": n}``.
@@ -81,7 +159,8 @@ class RecognitionStage:
 
     def __init__(self, tracking: TrackingConfig, face: FaceConfig, class_names: tuple[str, ...],
                  analyzer: FaceAnalyzer | None, gallery: Gallery, snapshot: SnapshotSink | None = None,
-                 live_cameras: frozenset[str] = frozenset(), max_lag_ms: float = 2000.0) -> None:
+                 live_cameras: frozenset[str] = frozenset(), max_lag_ms: float = 2000.0,
+                 reid: ReidLinker | None = None) -> None:
         self.tracking = tracking
         self.face = face
         self.class_names = class_names
@@ -93,6 +172,8 @@ class RecognitionStage:
         self.cameras: dict[str, CameraTracks] = {}
         self.votes: dict[tuple[str, int], TrackVotes] = {}
         self.snapped: set[str] = set()
+        self.named: dict[tuple[str, int], Named] = {}
+        self.reid = reid
         self.drops = {"behind": 0}
 
     def _tracks(self, camera: str) -> CameraTracks:
@@ -101,7 +182,10 @@ class RecognitionStage:
         return self.cameras[camera]
 
     def _due(self, det: Detections) -> bool:
-        return det.valid and len(det) > 0 and det.frame.frame_index % self.face.every_n_frames == 0
+        if not det.valid or len(det) == 0:
+            return False
+        idx = det.frame.frame_index
+        return idx % self.face.every_n_frames == 0 or (self.reid is not None and self.reid.due(idx))
 
     def _behind(self, det: Detections) -> bool:
         if det.frame.camera not in self.live_cameras:
@@ -121,13 +205,32 @@ class RecognitionStage:
         assert isinstance(meta, Detections)
         tracks = self._tracks(meta.frame.camera)
         out: list[object] = list(tracks.update(meta))
+        idx = meta.frame.frame_index
         if frame is not None:
             active = tracks.active()
-            faces = self._faces(frame, active)
-            for track in active:
-                out.extend(self._observe(tracks, track, frame, meta.frame.frame_index, faces))
-        self._forget_ended(out)
+            if idx % self.face.every_n_frames == 0:
+                faces = self._faces(frame, active)
+                for track in active:
+                    out.extend(self._observe(tracks, track, frame, idx, faces))
+            if self.reid is not None and self.reid.due(idx):
+                self._reid(tracks, [t for t in active if t.label == "person"], frame, idx)
+        out.extend(self._forget_ended(out))
         return out
+
+    def _name(self, tracks: CameraTracks, track_id: int, named: Named) -> None:
+        key = (tracks.camera, track_id)
+        if self.named.get(key) != named:
+            self.named[key] = named
+            tracks.set_identity(track_id, named.identity, named.method, named.score)
+
+    def _reid(self, tracks: CameraTracks, persons: list[ActiveTrack], frame: np.ndarray, idx: int) -> None:
+        for track_id in self.reid.sample(tracks.camera, persons, frame, idx):
+            current = self.named.get((tracks.camera, track_id))
+            if current is not None and current.method == "face":
+                continue  # a face decision is never overridden by Re-ID
+            linked = self.reid.link(tracks.camera, track_id)
+            if linked is not None:
+                self._name(tracks, track_id, linked)
 
     def _faces(self, frame: np.ndarray, active: list[ActiveTrack]) -> list[Face] | None:
         """Faces of the whole frame when several person boxes need them (one SCRFD run), else None."""
@@ -159,15 +262,25 @@ class RecognitionStage:
         identity, score = votes.decision()
         if identity != votes.current:  # re-send only when the decision changes
             votes.current = identity
-            tracks.set_identity(track.track_id, identity, "face" if identity else None, score)
+            current = self.named.get((tracks.camera, track.track_id))
+            if identity is not None or (current is not None and current.method == "face"):
+                self._name(tracks, track.track_id, Named(identity, "face" if identity else None, score))
         return [EmbeddingRecord(event_id=track.event_id, kind="face", model=self.analyzer.model_name,
                                 vector=face.embedding.astype(np.float32), frame_index=frame_index, quality=face.score)]
 
-    def _forget_ended(self, out: list[object]) -> None:
+    def _forget_ended(self, out: list[object]) -> list[object]:
+        """Drop per-track state of ended tracks; returns their stored Re-ID means."""
+        extra: list[object] = []
         for msg in out:
             if isinstance(msg, TrackUpdate) and msg.ended:
                 self.votes.pop((msg.camera, msg.track_id), None)
                 self.snapped.discard(msg.event_id)
+                named = self.named.pop((msg.camera, msg.track_id), None)
+                if self.reid is not None and msg.label == "person":
+                    rec = self.reid.end(msg.camera, msg.track_id, msg.event_id, named)
+                    if rec is not None:
+                        extra.append(rec)
+        return extra
 
     def tick(self, now_ns: int) -> list[object]:
         return []
@@ -176,6 +289,7 @@ class RecognitionStage:
         out: list[object] = []
         for tracks in self.cameras.values():
             out.extend(tracks.finish())
+        out.extend(self._forget_ended(out))
         return out
 
 

@@ -47,12 +47,11 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.config import OnnxReidConfig  # noqa: F401  (re-exported: the Re-ID settings)
 from stages.runtime import ModelError, SessionOptions, open_session
 
 #: OSNet input size ``(height, width)`` in pixels (torchreid's default person crop).
@@ -69,30 +68,6 @@ DEFAULT_LINK_THRESHOLD = 0.935
 MAX_BATCH = 128
 
 _WHAT = "Re-ID embedder"
-
-
-class OnnxReidConfig(BaseModel):
-    """Re-ID settings (to move into ``pipeline.config`` as ``recognition.reid``).
-
-    Attributes:
-        type: model backend (``"onnx"``).
-        path: OSNet ONNX file with input ``[B, 3, 256, 128]``.
-        link_threshold: cosine similarity of track means needed to link a
-            new track to an earlier one.
-        every_n_frames: sample a track's embedding every this many frames.
-        max_samples: samples kept per track for inspection (the mean uses all).
-        min_box_height_px: person boxes lower than this many pixels are not
-            embedded (0: all; no benefit was measured on the asset videos).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    type: Literal["onnx"] = "onnx"
-    path: Path
-    link_threshold: float = Field(DEFAULT_LINK_THRESHOLD, ge=-1.0, le=1.0)
-    every_n_frames: int = Field(5, ge=1, le=10_000)
-    max_samples: int = Field(64, ge=1, le=100_000)
-    min_box_height_px: int = Field(0, ge=0, le=4096)
 
 
 def _check_frame(frame: object) -> None:

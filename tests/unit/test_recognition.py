@@ -1,0 +1,96 @@
+"""Track-level identity: face votes and Re-ID linking on real crops of the one-by-one video."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.config import OnnxDetectorConfig, OnnxReidConfig
+from stages.detector import ObjectDetector
+from stages.recognition import Named, ReidLinker, TrackVotes
+from stages.reid import ReidEmbedder
+from stages.tracking import ActiveTrack
+
+
+@pytest.mark.parametrize(
+    "votes, expected",
+    [
+        ([], None),
+        ([("A", 0.6)], "A"),
+        ([("A", 0.6), (None, 0.1)], None),  # no strict majority
+        ([("A", 0.6), ("A", 0.5), (None, 0.1)], "A"),
+        ([(None, 0.1)] * 5 + [("A", 0.9)], None),  # one good frame among many unknown
+        ([("A", 0.6), ("B", 0.7), ("B", 0.65)], "B"),
+    ],
+)
+def test_track_votes_need_a_strict_majority(votes: list, expected: str | None) -> None:
+    v = TrackVotes()
+    for name, sim in votes:
+        v.add(name, sim)
+    identity, score = v.decision()
+    assert identity == expected
+    if expected:
+        assert score == max(s for n, s in votes if n == expected)
+
+
+@pytest.fixture(scope="module")
+def person_crops(videos: Path, models: Path) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """(frame, largest person box) for frames of two different people of the one-by-one video."""
+    det = ObjectDetector(OnnxDetectorConfig(path=models / "yolox_nano.onnx", layout="yolox"))
+    ranges = {"woman_grey": range(120, 190, 5), "man_hoodie": range(300, 370, 5)}
+    cap = cv2.VideoCapture(str(videos / "one-by-one-person-detection.mp4"))
+    out: dict[str, list] = {k: [] for k in ranges}
+    idx = 0
+    while idx <= 370:
+        ok, frame = cap.read()
+        assert ok
+        for name, r in ranges.items():
+            if idx in r:
+                res = det.detect(frame)
+                if len(res):
+                    areas = (res.xyxy[:, 2] - res.xyxy[:, 0]) * (res.xyxy[:, 3] - res.xyxy[:, 1])
+                    out[name].append((frame, res.xyxy[int(np.argmax(areas))]))
+        idx += 1
+    assert all(len(v) >= 10 for v in out.values())
+    return out
+
+
+def _feed(linker: ReidLinker, track_id: int, samples: list, start: int) -> list[int]:
+    got = []
+    for i, (frame, box) in enumerate(samples):
+        t = ActiveTrack(track_id=track_id, event_id=f"{track_id:032x}", xyxy=box.astype(np.float32), label="person")
+        got += linker.sample("cam", [t], frame, start + i * linker.cfg.every_n_frames)
+    return got
+
+
+def test_reid_links_the_same_person_and_not_another(person_crops: dict, models: Path) -> None:
+    cfg = OnnxReidConfig(path=models / "osnet_x0_25_msmt17.onnx")
+    linker = ReidLinker(ReidEmbedder(cfg.path), cfg)
+    woman = person_crops["woman_grey"]
+    half = len(woman) // 2
+    assert _feed(linker, 1, woman[:half], 0)
+    assert linker.link("cam", 1) is None  # nobody named yet
+    rec = linker.end("cam", 1, f"{1:032x}", Named("Alice", "face", 0.8))
+    assert rec is not None and rec.kind == "reid" and rec.vector.shape == (512,)
+    assert abs(float(np.linalg.norm(rec.vector)) - 1) < 1e-5
+
+    _feed(linker, 2, woman[half:], 1000)  # the same woman later, face not seen
+    linked = linker.link("cam", 2)
+    assert linked is not None and linked.identity == "Alice" and linked.method == "reid"
+    assert linked.score >= cfg.link_threshold
+
+    _feed(linker, 3, person_crops["man_hoodie"], 2000)  # another person
+    assert linker.link("cam", 3) is None
+
+
+def test_reid_needs_min_samples(person_crops: dict, models: Path) -> None:
+    cfg = OnnxReidConfig(path=models / "osnet_x0_25_msmt17.onnx", min_samples=50)
+    linker = ReidLinker(ReidEmbedder(cfg.path), cfg)
+    woman = person_crops["woman_grey"]
+    _feed(linker, 1, woman, 0)
+    linker.end("cam", 1, f"{1:032x}", Named("Alice", "face", 0.8))
+    _feed(linker, 2, woman, 1000)
+    assert linker.link("cam", 2) is None  # too few samples to decide
