@@ -6,6 +6,8 @@ Modules:
         :class:`~storage.db.StorageError` and :class:`~storage.db.SchemaError`.
     :mod:`storage.writer`: :class:`~storage.writer.EventWriter`.
     :mod:`storage.queries`: event listing, enrollment, gallery loading.
+    :mod:`storage.retention`: deleting old events by age / total size, ``db_stats``.
+    :mod:`storage.backup`: backup archives (database, face images, config), verified restore.
 
 Typical use::
 
@@ -18,24 +20,49 @@ This package never imports :mod:`stages`; it depends only on
 :mod:`pipeline.messages` for the message types it stores.
 """
 
-from storage.db import SchemaError, StorageError, current_revision, head_revision, open_engine, upgrade
+from storage.backup import BackupError, BackupInfo, RestoreResult, create_backup, list_backups, prune_backups, restore_backup
+from storage.db import (
+    RevisionInfo,
+    SchemaError,
+    StorageError,
+    current_revision,
+    downgrade,
+    head_revision,
+    history,
+    open_engine,
+    upgrade,
+)
 from storage.queries import EventRow, Gallery, count_rows, delete_identity, enroll, list_events, list_identities, load_gallery
+from storage.retention import RetentionResult, apply_retention, db_stats
 from storage.writer import EventWriter
 
 __all__ = [
+    "BackupError",
+    "BackupInfo",
     "EventRow",
     "EventWriter",
     "Gallery",
+    "RestoreResult",
+    "RetentionResult",
+    "RevisionInfo",
     "SchemaError",
     "StorageError",
+    "apply_retention",
     "count_rows",
+    "create_backup",
     "current_revision",
+    "db_stats",
     "delete_identity",
+    "downgrade",
     "enroll",
     "head_revision",
+    "history",
+    "list_backups",
     "list_events",
     "list_identities",
     "load_gallery",
     "open_engine",
+    "prune_backups",
+    "restore_backup",
     "upgrade",
 ]

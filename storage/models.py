@@ -8,7 +8,16 @@ Tables (the Alembic migrations in ``alembic/versions`` create exactly these;
 - ``face_embeddings``: gallery vectors of an identity (``ON DELETE CASCADE``).
 - ``events``: one row per tracked object (primary key: the 32-hex UUID of
   :attr:`pipeline.messages.TrackUpdate.event_id`).
-- ``track_embeddings``: face / Re-ID / gait vectors computed for an event.
+- ``track_embeddings``: face vectors computed for an event (``kind = 'face'``;
+  revision 0001 also kept Re-ID and gait vectors here).
+- ``reid_embeddings``: Re-ID (appearance) vectors computed for an event.
+- ``gait_embeddings``: gait vectors computed for an event.
+- ``snapshots``: JPEG snapshot files of an event (path and size on disk).
+
+Every per-event table (``track_embeddings``, ``reid_embeddings``,
+``gait_embeddings``, ``snapshots``) references ``events.id`` with
+``ON DELETE CASCADE``: deleting an event deletes its vectors and snapshot
+rows (the snapshot files are removed by :mod:`storage.retention`).
 
 Vectors are stored as raw little-endian float32 bytes (``dim * 4`` bytes,
 never pickled); use :func:`vector_to_bytes` and :func:`bytes_to_vector`.
@@ -40,6 +49,7 @@ from sqlalchemy import (
     MetaData,
     String,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -61,7 +71,7 @@ PATH_LEN = 1024
 EVENT_ID_LEN = 32
 SHA256_LEN = 64
 
-#: Allowed values of ``events.method`` and ``track_embeddings.kind``.
+#: Allowed values of ``events.method`` and of ``EmbeddingRecord.kind``.
 METHODS: tuple[str, ...] = ("face", "reid", "gait")
 _METHODS_SQL = ", ".join(f"'{m}'" for m in METHODS)
 
@@ -173,17 +183,11 @@ class Event(Base):
     ended: Mapped[bool] = mapped_column(Boolean)
 
 
-class TrackEmbedding(Base):
-    __tablename__ = "track_embeddings"
-    __table_args__ = (
-        CheckConstraint(f"kind IN ({_METHODS_SQL})", name="kind"),
-        CheckConstraint("dim > 0", name="dim_positive"),
-        CheckConstraint("length(vector) = dim * 4", name="vector_size"),
-    )
+class _EventVector:
+    """Columns shared by the per-event vector tables: one embedding computed for an event's track."""
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     event_id: Mapped[str] = mapped_column(ForeignKey("events.id", ondelete="CASCADE"), index=True)
-    kind: Mapped[str] = mapped_column(String(16))
     model: Mapped[str] = mapped_column(String(MODEL_LEN))
     dim: Mapped[int] = mapped_column(Integer)
     vector: Mapped[bytes] = mapped_column(LargeBinary)
@@ -192,8 +196,69 @@ class TrackEmbedding(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+def _vector_checks() -> tuple[CheckConstraint, CheckConstraint]:
+    return (
+        CheckConstraint("dim > 0", name="dim_positive"),
+        CheckConstraint("length(vector) = dim * 4", name="vector_size"),
+    )
+
+
+class TrackEmbedding(_EventVector, Base):
+    """Face vectors of an event (``kind`` is always ``'face'`` since revision 0002)."""
+
+    __tablename__ = "track_embeddings"
+    __table_args__ = (CheckConstraint("kind = 'face'", name="kind"), *_vector_checks())
+
+    kind: Mapped[str] = mapped_column(String(16))
+
+
+class ReidEmbedding(_EventVector, Base):
+    """Re-ID (whole-body appearance) vectors of an event."""
+
+    __tablename__ = "reid_embeddings"
+    __table_args__ = _vector_checks()
+
+
+class GaitEmbedding(_EventVector, Base):
+    """Gait vectors of an event."""
+
+    __tablename__ = "gait_embeddings"
+    __table_args__ = _vector_checks()
+
+
+class Snapshot(Base):
+    """A JPEG snapshot file of an event; one row per distinct ``(event_id, path)``."""
+
+    __tablename__ = "snapshots"
+    __table_args__ = (
+        UniqueConstraint("event_id", "path"),  # also the index behind "snapshots of an event"
+        CheckConstraint("bytes >= 0", name="bytes_non_negative"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    event_id: Mapped[str] = mapped_column(ForeignKey("events.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(String(PATH_LEN))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    bytes: Mapped[int | None] = mapped_column(BigInteger)
+
+
+#: The vector table of each ``EmbeddingRecord.kind``.
+EMBEDDING_TABLES: dict[str, str] = {"face": "track_embeddings", "reid": "reid_embeddings", "gait": "gait_embeddings"}
+
 #: Every FacePro table, parents before children.
-TABLES: tuple[str, ...] = ("cameras", "identities", "face_embeddings", "events", "track_embeddings")
+TABLES: tuple[str, ...] = (
+    "cameras",
+    "identities",
+    "face_embeddings",
+    "events",
+    "track_embeddings",
+    "reid_embeddings",
+    "gait_embeddings",
+    "snapshots",
+)
+
+#: The tables whose rows belong to one event (deleted with it by ``ON DELETE CASCADE``).
+EVENT_CHILD_TABLES: tuple[str, ...] = ("track_embeddings", "reid_embeddings", "gait_embeddings", "snapshots")
 
 
 def vector_to_bytes(vector: np.ndarray, dim: int | None = None) -> bytes:

@@ -14,26 +14,52 @@ transaction per :meth:`EventWriter.flush`:
 - camera rows are created on demand; identity names are resolved to ids,
   and a name that is not enrolled is stored as NULL and counted in
   :attr:`EventWriter.unknown_identity` (only enrollment creates identities);
-- embeddings are inserted after the events of their batch; an embedding whose
-  event is neither in the batch nor in the database is dropped and counted in
-  :attr:`EventWriter.orphan_embeddings` (send the event's update first).
+- embeddings are inserted after the events of their batch, into the table of
+  their kind (:data:`storage.models.EMBEDDING_TABLES`: ``face`` into
+  ``track_embeddings``, ``reid`` into ``reid_embeddings``, ``gait`` into
+  ``gait_embeddings``); an embedding whose event is neither in the batch nor
+  in the database is dropped and counted in
+  :attr:`EventWriter.orphan_embeddings` (send the event's update first);
+- an update with a ``snapshot_path`` adds a ``snapshots`` row (once per
+  event and path; re-sending it is a no-op) with the file's size in bytes
+  (NULL when the file cannot be read when the batch is written).
 
 A flush that fails leaves the pending rows in place, so the caller can retry.
+
+On SQLite the batch statements are compiled once and run through the
+driver's ``executemany`` with values already in their stored form (times as
+SQLAlchemy's naive-UTC text), skipping SQLAlchemy's per-row bind processing;
+PostgreSQL uses SQLAlchemy Core (its batched ``insertmanyvalues``).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import time
+from operator import itemgetter
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator
 
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, Executable, func, select
 
 from pipeline.messages import EmbeddingRecord, TrackUpdate
 from storage.db import StorageError, dialect_insert, is_transient, storage_errors
-from storage.models import LABEL_LEN, MODEL_LEN, NAME_LEN, PATH_LEN, Camera, Event, Identity, TrackEmbedding, utcnow, vector_to_bytes
+from storage.models import (
+    EMBEDDING_TABLES,
+    LABEL_LEN,
+    MODEL_LEN,
+    NAME_LEN,
+    PATH_LEN,
+    Base,
+    Camera,
+    Event,
+    Identity,
+    Snapshot,
+    utcnow,
+    vector_to_bytes,
+)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -69,7 +95,7 @@ def _merge(old: TrackUpdate, new: TrackUpdate) -> TrackUpdate:
 @dataclass
 class _Pending:
     events: dict[str, TrackUpdate]
-    embeddings: list[EmbeddingRecord]
+    embeddings: list[tuple[EmbeddingRecord, bytes]]  # with the vector's stored bytes
     since: float | None = None  # clock() when the oldest pending item was added
 
     @property
@@ -177,8 +203,8 @@ class EventWriter:
         """
         _check_event_id("EmbeddingRecord", r.event_id)
         _check_len("EmbeddingRecord.model", r.model, MODEL_LEN)
-        vector_to_bytes(r.vector)  # validate now, so a bad record never poisons a batch
-        self._pending.embeddings.append(r)
+        blob = vector_to_bytes(r.vector)  # validate now, so a bad record never poisons a batch
+        self._pending.embeddings.append((r, blob))
         self._mark()
 
     def discard(self) -> int:
@@ -225,11 +251,13 @@ class EventWriter:
     def _write_once(self) -> tuple[int, dict[str, int]]:
         events = list(self._pending.events.values())
         embeddings = list(self._pending.embeddings)
+        snapshots = _snapshot_rows(events)  # file sizes are read before the write lock is taken
         with self.engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
             cameras = self._camera_ids(conn, {u.camera for u in events})
             identities = _identity_ids(conn, {u.identity for u in events if u.identity is not None})
             unknown = sum(1 for u in events if u.identity is not None and u.identity not in identities)
             _upsert_events(conn, events, cameras, identities)
+            _insert_snapshots(conn, snapshots)
             kept = _existing_event_embeddings(conn, embeddings, {u.event_id for u in events})
             _insert_embeddings(conn, kept)
         self.unknown_identity += unknown
@@ -308,31 +336,109 @@ def _upsert_events(conn: Connection, events: list[TrackUpdate], cameras: dict[st
         },
         where=new.last_frame >= Event.last_frame,  # an older update never overwrites a newer row
     )
-    conn.execute(stmt, [_event_row(u, cameras, identities) for u in events])
+    _execute_many(conn, "upsert events", stmt, [_event_row(u, cameras, identities) for u in events])
 
 
-def _existing_event_embeddings(conn: Connection, records: list[EmbeddingRecord], batch_ids: set[str]) -> list[EmbeddingRecord]:
+def _existing_event_embeddings(
+    conn: Connection, records: list[tuple[EmbeddingRecord, bytes]], batch_ids: set[str]
+) -> list[tuple[EmbeddingRecord, bytes]]:
     known = set(batch_ids)
-    for part in _chunks({r.event_id for r in records} - batch_ids):
+    for part in _chunks({r.event_id for r, _ in records} - batch_ids):
         known.update(conn.execute(select(Event.id).where(Event.id.in_(part))).scalars())
-    return [r for r in records if r.event_id in known]
+    return [(r, b) for r, b in records if r.event_id in known]
 
 
-def _insert_embeddings(conn: Connection, records: list[EmbeddingRecord]) -> None:
+def _insert_embeddings(conn: Connection, records: list[tuple[EmbeddingRecord, bytes]]) -> None:
     if not records:
         return
     now = utcnow()
-    rows = [
-        {
+    by_table: dict[str, list[dict[str, Any]]] = {}
+    for r, blob in records:
+        row = {
             "event_id": r.event_id,
-            "kind": r.kind,
             "model": r.model,
             "dim": int(r.vector.shape[0]),
-            "vector": vector_to_bytes(r.vector),
+            "vector": blob,
             "frame_index": int(r.frame_index),
             "quality": float(r.quality),
             "created_at": now,
         }
-        for r in records
+        if r.kind == "face":
+            row["kind"] = "face"
+        by_table.setdefault(EMBEDDING_TABLES[r.kind], []).append(row)
+    for table, rows in by_table.items():
+        _execute_many(conn, f"insert {table}", Base.metadata.tables[table].insert(), rows)
+
+
+def _file_size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+def _snapshot_rows(events: list[TrackUpdate]) -> list[dict[str, Any]]:
+    """One ``snapshots`` row per update with a snapshot path (size read from disk, None if unreadable)."""
+    now = utcnow()
+    return [
+        {"event_id": u.event_id, "path": u.snapshot_path, "created_at": now, "bytes": _file_size(u.snapshot_path)}
+        for u in events
+        if u.snapshot_path is not None
     ]
-    conn.execute(TrackEmbedding.__table__.insert(), rows)
+
+
+def _insert_snapshots(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    insert = dialect_insert(conn)
+    _execute_many(conn, "insert snapshots", insert(Snapshot).on_conflict_do_nothing(index_elements=["event_id", "path"]), rows)
+
+
+#: Columns holding :class:`storage.models.UTCDateTime` values in the writer's rows.
+_TIME_KEYS = frozenset({"started_at", "ended_at", "created_at"})
+#: ``(statement name, column keys) -> (SQL text, positional key order)`` compiled for SQLite.
+_SQLITE_SQL: dict[tuple[str, tuple[str, ...]], tuple[str, tuple[str, ...]]] = {}
+
+
+def sqlite_time(dt: datetime) -> str:
+    """The text SQLAlchemy stores on SQLite for an aware datetime through :class:`storage.models.UTCDateTime`.
+
+    ``YYYY-MM-DD HH:MM:SS.ffffff`` in UTC, without zone (what
+    ``UTCDateTime.process_bind_param`` and SQLite's ``DATETIME`` processor produce).
+    """
+    if dt.tzinfo is not timezone.utc:
+        dt = dt.astimezone(timezone.utc)
+    return dt.isoformat(sep=" ", timespec="microseconds")[:26]  # drop "+00:00"
+
+
+def _execute_many(conn: Connection, name: str, stmt: Executable, rows: list[dict[str, Any]]) -> None:
+    """``conn.execute(stmt, rows)``; on SQLite through the driver with a statement compiled once per column set."""
+    if not rows:
+        return
+    if conn.dialect.name != "sqlite":
+        conn.execute(stmt, rows)
+        return
+    keys = tuple(rows[0])
+    cached = _SQLITE_SQL.get((name, keys))
+    if cached is None:
+        compiled = stmt.compile(dialect=conn.dialect, column_keys=list(keys))
+        cached = _SQLITE_SQL[(name, keys)] = (str(compiled), tuple(compiled.positiontup or ()))
+    sql, order = cached
+    conn.exec_driver_sql(sql, _sqlite_params(rows, order))
+
+
+def _sqlite_params(rows: list[dict[str, Any]], order: tuple[str, ...]) -> list[tuple[Any, ...]]:
+    """Rows as positional tuples in ``order``, with times as :func:`sqlite_time` text."""
+    pick = itemgetter(*order)
+    times = [i for i, k in enumerate(order) if k in _TIME_KEYS]
+    if not times:
+        return [tuple(pick(row)) if len(order) > 1 else (pick(row),) for row in rows]
+    texts: dict[datetime, str] = {}  # created_at is shared by a whole batch
+    params = []
+    for row in rows:
+        values = list(pick(row)) if len(order) > 1 else [pick(row)]
+        for i in times:
+            t = values[i]
+            values[i] = texts.get(t) or texts.setdefault(t, sqlite_time(t))
+        params.append(tuple(values))
+    return params

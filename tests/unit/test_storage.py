@@ -6,7 +6,7 @@ import json
 import os
 import sqlite3
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
 
@@ -18,10 +18,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from pipeline.messages import EmbeddingRecord, TrackUpdate
-from storage.db import StorageError, alembic_config, current_revision, describe, head_revision, open_engine, upgrade
+from storage.db import PAGE_SIZE, StorageError, alembic_config, current_revision, describe, head_revision, open_engine, upgrade
 from storage.models import bytes_to_vector, vector_to_bytes
 from storage.queries import EventRow, count_rows, delete_identity, enroll, list_events, list_identities, load_gallery
-from storage.writer import EventWriter, ns_to_datetime
+from storage.writer import EventWriter, ns_to_datetime, sqlite_time
 
 T0 = 1_700_000_000_123_456_789  # ns since the epoch
 SEC = 1_000_000_000
@@ -79,6 +79,8 @@ def test_sqlite_engine_settings(engine):
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+        assert conn.exec_driver_sql("PRAGMA page_size").scalar() == PAGE_SIZE  # a new file
+        assert conn.exec_driver_sql("PRAGMA auto_vacuum").scalar() == 2  # INCREMENTAL
 
 
 def test_open_engine_creates_the_parent_folder(tmp_path):
@@ -115,12 +117,39 @@ def test_vector_bytes_round_trip_exactly():
         (np.zeros(0, np.float32), None, r"shape \(d,\)"),
         (np.zeros(4, np.float32), 5, "dimension 5"),
         (np.array([1, np.nan], np.float32), None, "NaN"),
+        (np.array([np.inf, -np.inf], np.float32), None, "infinite"),
+        (np.array([3e38, np.inf], np.float32), None, "infinite"),
         ([1.0, 2.0], None, "numpy.ndarray"),
     ],
 )
 def test_vector_to_bytes_rejects_bad_input(value, dim, match):
     with pytest.raises(ValueError, match=match):
         vector_to_bytes(value, dim)
+
+
+def test_vector_to_bytes_accepts_huge_finite_values_whose_float32_sum_would_overflow():
+    v = np.full(4, 3e38, np.float32)
+    assert bytes_to_vector(vector_to_bytes(v), 4).tolist() == v.tolist()
+
+
+@pytest.mark.parametrize(
+    "dt",
+    [
+        datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc),
+        datetime(2024, 1, 2, 4, 4, 5, 6, tzinfo=timezone(timedelta(hours=1))),
+        datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
+    ],
+)
+def test_sqlite_time_is_what_sqlalchemy_stores(engine, dt):
+    from sqlalchemy import select
+
+    from storage.models import Camera
+
+    with engine.begin() as conn:
+        conn.execute(Camera.__table__.insert(), {"name": "c", "created_at": dt})
+        stored = conn.exec_driver_sql("SELECT created_at FROM cameras").scalar()
+        assert conn.execute(select(Camera.created_at)).scalar() == dt
+    assert sqlite_time(dt) == stored == "2024-01-02 03:04:05." + f"{dt.microsecond:06d}"
 
 
 def test_bytes_to_vector_checks_the_size():
@@ -274,7 +303,55 @@ def test_embedding_of_an_event_written_earlier_is_kept_and_orphans_are_counted(e
     w.add_embedding(embedding(_eid()))  # no such event anywhere
     assert w.flush() == 1
     assert w.orphan_embeddings == 1
-    assert count_rows(engine)["track_embeddings"] == 1
+    assert count_rows(engine)["reid_embeddings"] == 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "table"),
+    [("face", "track_embeddings"), ("reid", "reid_embeddings"), ("gait", "gait_embeddings")],
+)
+def test_each_embedding_kind_goes_to_its_table(engine, db_path, kind, table):
+    eid = _eid()
+    rec = embedding(eid, dim=16, seed=2, kind=kind)
+    w = EventWriter(engine, 100, 100)
+    w.add_update(update(eid))
+    w.add_embedding(rec)
+    assert w.flush() == 2
+    counts = count_rows(engine)
+    assert {t: counts[t] for t in ("track_embeddings", "reid_embeddings", "gait_embeddings")} == {
+        t: int(t == table) for t in ("track_embeddings", "reid_embeddings", "gait_embeddings")
+    }
+    raw = sqlite3.connect(db_path)
+    try:
+        event_id, model, dim, blob, frame, quality = raw.execute(
+            f"SELECT event_id, model, dim, vector, frame_index, quality FROM {table}"
+        ).fetchone()
+    finally:
+        raw.close()
+    assert (event_id, model, dim, frame, quality) == (eid, "mobilefacenet_128d", 16, 3, pytest.approx(0.9))
+    assert blob == rec.vector.astype("<f4").tobytes()
+
+
+def test_snapshot_rows_once_per_event_and_path_with_file_size(engine, db_path, tmp_path):
+    shot = tmp_path / "snap" / "a.jpg"
+    shot.parent.mkdir()
+    shot.write_bytes(b"\xff\xd8" + b"x" * 98)
+    later = tmp_path / "snap" / "b.jpg"
+    e1, e2, e3 = _eid(), _eid(), _eid()
+    w = EventWriter(engine, 100, 100)
+    w.add_update(update(e1, snapshot_path=str(shot)))
+    w.add_update(update(e2))  # no snapshot: no row
+    w.add_update(update(e3, snapshot_path=str(later)))  # file missing: size unknown
+    w.flush()
+    w.add_update(update(e1, last=20, snapshot_path=str(shot)))  # re-sent: no second row
+    w.add_update(update(e3, last=20, snapshot_path=str(shot)))  # a new path of e3: a new row
+    w.flush()
+    raw = sqlite3.connect(db_path)
+    try:
+        rows = sorted(raw.execute("SELECT event_id, path, bytes FROM snapshots").fetchall())
+    finally:
+        raw.close()
+    assert rows == sorted([(e1, str(shot), 100), (e3, str(later), None), (e3, str(shot), 100)])
 
 
 def test_identity_names_resolve_and_unknown_names_are_counted(engine):
@@ -507,11 +584,12 @@ def test_postgres_upgrade_writer_and_queries_round_trip(pg_url):
         w = EventWriter(engine, 100, 100)
         w.add_update(update(eid, first=2, last=10, identity="alice", method="face", identity_score=0.7))
         w.add_update(update(eid, first=3, last=30, identity="alice", method="face", identity_score=0.8))
-        w.add_update(update(other, camera="cam1", t0=T0 + SEC, identity="nobody"))
+        w.add_update(update(other, camera="cam1", t0=T0 + SEC, identity="nobody", snapshot_path="/nonexistent/s.jpg"))
         w.add_embedding(rec)
-        assert w.flush() == 3
+        w.add_embedding(embedding(other, dim=8, seed=5, kind="reid"))
+        assert w.flush() == 4
         w.add_update(update(eid, first=1, last=30, best_score=0.95, identity="alice", method="face", identity_score=0.8))
-        w.add_update(update(other, camera="cam1", t0=T0 + SEC, last=5))  # stale: ignored
+        w.add_update(update(other, camera="cam1", t0=T0 + SEC, last=5, snapshot_path="/nonexistent/s.jpg"))  # stale: ignored
         w.flush()
 
         rows = list_events(engine)
@@ -533,6 +611,9 @@ def test_postgres_upgrade_writer_and_queries_round_trip(pg_url):
 
         assert delete_identity(engine, "alice")
         assert list_events(engine, camera="cam0")[0].identity is None
-        assert count_rows(engine) == {"cameras": 2, "identities": 0, "face_embeddings": 0, "events": 2, "track_embeddings": 1}
+        assert count_rows(engine) == {
+            "cameras": 2, "identities": 0, "face_embeddings": 0, "events": 2,
+            "track_embeddings": 1, "reid_embeddings": 1, "gait_embeddings": 0, "snapshots": 1,
+        }
     finally:
         engine.dispose()

@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Storage write benchmark: one transaction per event row vs. EventWriter batches.
+
+Each *row* is one event: a :class:`~pipeline.messages.TrackUpdate` plus one
+512-float :class:`~pipeline.messages.EmbeddingRecord` (two database rows:
+``events`` and the embedding's table). Both modes write to the same
+temporary SQLite file (WAL, ``synchronous=NORMAL``, as the pipeline does):
+
+- ``per_row``: ``flush()`` after every event (one transaction per event);
+- ``batched``: :class:`~storage.writer.EventWriter` flushing when
+  :meth:`~storage.writer.EventWriter.due` (``--batch-rows`` pending rows).
+
+Messages are built before the clock starts; rows/s = events written / wall
+seconds (``time.perf_counter``) including the final flush.
+
+Usage::
+
+    python scripts/bench_storage.py                 # table
+    python scripts/bench_storage.py --json          # {"per_row_rows_s": ..., "batched_rows_s": ..., ...}
+
+Pipeline-level numbers (``slow_storage_fps_ratio``: pipeline FPS with a slow
+database vs. a fast one) belong in :func:`pipeline_measurements`, which
+returns nothing yet; its keys are merged into the JSON output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.messages import EmbeddingRecord, TrackUpdate  # noqa: E402
+from storage.db import open_engine, upgrade  # noqa: E402
+from storage.writer import EventWriter  # noqa: E402
+
+T0_NS = 1_700_000_000_000_000_000
+#: Target of the batched mode, event rows/s (issue: "writes that never stall").
+TARGET_BATCHED_ROWS_S = 30_000
+
+
+def make_rows(n: int, dim: int, seed: int = 0) -> list[tuple[TrackUpdate, EmbeddingRecord]]:
+    """``n`` (update, embedding) pairs of distinct events; vectors are unit-norm float32 of ``dim``."""
+    rng = np.random.default_rng(seed)
+    pool = rng.standard_normal((min(n, 1024), dim)).astype(np.float32)
+    pool /= np.linalg.norm(pool, axis=1, keepdims=True)
+    box = np.array([10, 20, 110, 320], np.float32)
+    rows = []
+    for i in range(n):
+        eid = uuid.UUID(int=rng.integers(0, 2**63) << 64 | i).hex
+        t = T0_NS + i * 40_000_000
+        u = TrackUpdate(eid, f"cam{i % 4}", i, "person", t, t + 1_000_000_000, i, i + 25, 0.8, box)
+        rows.append((u, EmbeddingRecord(eid, "face", "arcface_512d", pool[i % len(pool)], frame_index=i, quality=0.9)))
+    return rows
+
+
+def run_per_row(writer: EventWriter, rows: list[tuple[TrackUpdate, EmbeddingRecord]]) -> float:
+    """Write each event and its embedding in its own transaction; returns event rows/s."""
+    start = time.perf_counter()
+    for u, e in rows:
+        writer.add_update(u)
+        writer.add_embedding(e)
+        writer.flush()
+    return len(rows) / (time.perf_counter() - start)
+
+
+def run_batched(writer: EventWriter, rows: list[tuple[TrackUpdate, EmbeddingRecord]]) -> float:
+    """Queue every event and embedding, flushing whenever the writer is due; returns event rows/s."""
+    start = time.perf_counter()
+    for u, e in rows:
+        writer.add_update(u)
+        writer.add_embedding(e)
+        if writer.due():
+            writer.flush()
+    writer.flush()
+    return len(rows) / (time.perf_counter() - start)
+
+
+def pipeline_measurements(args: argparse.Namespace) -> dict[str, float]:
+    """Hook for pipeline-level storage numbers, merged into the ``--json`` output.
+
+    Not implemented here: the lead adds ``slow_storage_fps_ratio`` (pipeline
+    FPS with an artificially slow database / FPS with the normal one).
+    Returns ``{}`` until then.
+    """
+    return {}
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="facepro-bench-", dir=args.dir) as tmp:
+        url = f"sqlite:///{Path(tmp) / 'bench.db'}"
+        upgrade(url)
+        engine = open_engine(url)
+        try:
+            per_row = run_per_row(EventWriter(engine, batch_rows=1, batch_ms=1), make_rows(args.per_row_rows, args.dim, seed=1))
+            batched = run_batched(
+                EventWriter(engine, batch_rows=args.batch_rows, batch_ms=args.batch_ms), make_rows(args.batched_rows, args.dim, seed=2)
+            )
+        finally:
+            engine.dispose()
+    result: dict[str, Any] = {
+        "per_row_rows_s": round(per_row, 1),
+        "batched_rows_s": round(batched, 1),
+        "ratio": round(batched / per_row, 2),
+        "dim": args.dim,
+        "batch_rows": args.batch_rows,
+        "per_row_events": args.per_row_rows,
+        "batched_events": args.batched_rows,
+        "target_batched_rows_s": TARGET_BATCHED_ROWS_S,
+    }
+    result.update(pipeline_measurements(args))
+    return result
+
+
+def print_table(r: dict[str, Any]) -> None:
+    print(f"storage write benchmark: event + {r['dim']}-float embedding per row, SQLite WAL")
+    print(f"{'mode':<28}{'events':>10}{'rows/s':>12}")
+    print(f"{'per_row (1 txn / event)':<28}{r['per_row_events']:>10}{r['per_row_rows_s']:>12,.0f}")
+    print(f"{'batched (' + str(r['batch_rows']) + ' rows / txn)':<28}{r['batched_events']:>10}{r['batched_rows_s']:>12,.0f}")
+    ok = "met" if r["batched_rows_s"] >= r["target_batched_rows_s"] else "NOT met"
+    print(f"ratio batched / per_row: {r['ratio']:.1f}x; target >= {r['target_batched_rows_s']:,} rows/s batched: {ok}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--per-row-rows", type=int, default=3_000, help="events written one transaction each")
+    p.add_argument("--batched-rows", type=int, default=60_000, help="events written in batches")
+    p.add_argument("--batch-rows", type=int, default=500, help="EventWriter.batch_rows (pending rows per flush)")
+    p.add_argument("--batch-ms", type=int, default=200, help="EventWriter.batch_ms")
+    p.add_argument("--dim", type=int, default=512, help="embedding dimension")
+    p.add_argument("--dir", type=Path, default=None, help="folder for the temporary database (default: system temp)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = p.parse_args(argv)
+    if min(args.per_row_rows, args.batched_rows, args.batch_rows, args.batch_ms, args.dim) < 1:
+        p.error("every count must be >= 1")
+    result = bench(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
