@@ -113,6 +113,9 @@ def _status_table(reply: StatusReply) -> str:
         reasons = ", ".join(f"{r}={int(n)}" for r, n in zip(DROP_REASONS, s.drop_counts) if n)
         if reasons:
             lines.append(f"{'':<12}drops: {reasons}")
+        counts = ", ".join(f"{n}={int(v)}" for n, v in zip(s.count_names, s.counts))
+        if counts:
+            lines.append(f"{'':<12}counts: {counts}")
         if s.last_error:
             lines.append(f"{'':<12}last error: {s.last_error}")
     return "\n".join(lines)
@@ -125,7 +128,8 @@ def status_json(reply: StatusReply) -> dict:
          "dropped": s.dropped, "drops": {r: int(n) for r, n in zip(DROP_REASONS, s.drop_counts)},
          "pids": [int(p) for p in s.pids], "state": s.state, "oldest_wait_ms": s.oldest_wait_ms,
          "latency_p50_ms": s.latency_p50_ms, "latency_p99_ms": s.latency_p99_ms, "cpu_percent": s.cpu_percent,
-         "rss_mb": s.rss_mb, "restarts": s.restarts, "last_error": s.last_error}
+         "rss_mb": s.rss_mb, "restarts": s.restarts, "last_error": s.last_error,
+         "counts": {n: int(v) for n, v in zip(s.count_names, s.counts)}}
         for s in reply.stages]}
 
 

@@ -117,12 +117,26 @@ class OnnxFaceEmbedderConfig(_Strict):
     path: Path
 
 
+class FaceQualityConfig(_Strict):
+    """Gate before a face counts for recognition (rejections are counted per reason).
+
+    Defaults measured on the asset faces: aligned crops score 120-4500 in
+    variance of the Laplacian, the same crops blurred (sigma 3) 3-6; frontal to
+    three-quarter faces have |yaw| <= 0.5 (nose offset from the eye midpoint
+    over the eye distance), profiles approach 1.
+    """
+
+    min_sharpness: float = Field(40.0, ge=0, le=1e6, description="variance of the Laplacian of the aligned grey crop")
+    max_abs_yaw: float = Field(0.6, gt=0, le=10, description="|nose offset| / eye distance")
+
+
 class FaceConfig(_Strict):
     detector: OnnxFaceDetectorConfig
     embedder: OnnxFaceEmbedderConfig
     match_threshold: float = Field(0.40, ge=-1.0, le=1.0, description="cosine similarity needed to name a face")
     min_face_px: int = Field(16, ge=4, le=1024, description="smaller faces (box width) are ignored")
     every_n_frames: int = Field(2, ge=1, le=1000, description="run face analysis on every n-th frame of a camera")
+    quality: FaceQualityConfig = FaceQualityConfig()
 
 
 class OnnxReidConfig(_Strict):

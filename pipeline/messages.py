@@ -214,6 +214,8 @@ class StageStats:
         oldest_wait_ms: age of the oldest item waiting in ``backlog``, milliseconds.
         max_rss_mb: peak resident memory of the process so far, MiB (``getrusage``).
         last_error: last error message, empty when none.
+        count_names, counts: stage-specific cumulative counters (e.g. ``face_rejected_blurry``),
+            ``counts`` is ``(len(count_names),) int64``.
     """
 
     stage: str
@@ -230,9 +232,14 @@ class StageStats:
     oldest_wait_ms: float = 0.0
     max_rss_mb: float = 0.0
     last_error: str = ""
+    count_names: tuple[str, ...] = ()
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __post_init__(self) -> None:
         _check_array("StageStats.drop_counts", self.drop_counts, np.int64, 1, len(DROP_REASONS))
+        _check_array("StageStats.counts", self.counts, np.int64, 1)
+        if len(self.count_names) != len(self.counts):
+            raise ValueError(f"StageStats: {len(self.count_names)} count_names for {len(self.counts)} counts")
 
     @property
     def dropped(self) -> int:
@@ -265,6 +272,7 @@ class StageStatus:
         restarts: process restarts since the run began.
         state: ``running``, ``starting``, ``done`` or ``failed``.
         last_error: last error reported by a process of this stage.
+        count_names, counts: stage-specific counters summed over its processes.
     """
 
     stage: str
@@ -281,9 +289,12 @@ class StageStatus:
     restarts: int
     state: str
     last_error: str = ""
+    count_names: tuple[str, ...] = ()
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __post_init__(self) -> None:
         _check_array("StageStatus.pids", self.pids, np.int64, 1)
+        _check_array("StageStatus.counts", self.counts, np.int64, 1)
         _check_array("StageStatus.drop_counts", self.drop_counts, np.int64, 1, len(DROP_REASONS))
 
     @property

@@ -44,6 +44,7 @@ class StageCounters:
         self.backlog = 0
         self.oldest_wait_ms = 0.0
         self.last_error = ""
+        self.extra: dict[str, int] = {}  # stage-specific cumulative counters
         self._latency_ms: deque[float] = deque(maxlen=window)
 
     def drop(self, reason: str, n: int = 1) -> None:
@@ -68,6 +69,7 @@ class StageCounters:
             frames_in=self.frames_in, frames_out=self.frames_out, drop_counts=self.drops.copy(), sent=self.sent,
             latency_p50_ms=p50, latency_p99_ms=p99, backlog=self.backlog, oldest_wait_ms=self.oldest_wait_ms,
             max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, last_error=self.last_error,
+            count_names=tuple(self.extra), counts=np.array(list(self.extra.values()), np.int64),
         )
 
 

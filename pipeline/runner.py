@@ -291,6 +291,7 @@ class Runner:
             c.drops[_LOST] = self.reorderer.lost
             c.backlog += self.reorderer.backlog
             c.oldest_wait_ms = self.reorderer.oldest_wait_ms()
+        c.extra.update(getattr(self.stage, "counts", {}))
         error = getattr(self.stage, "last_error", "")
         if error:
             c.last_error = error

@@ -146,6 +146,7 @@ class StageBook:
     last_error: str = ""
     rate_samples: deque = field(default_factory=lambda: deque(maxlen=64))
     peak_rss_mb: dict = field(default_factory=dict)  # "stage-index pid" -> MiB
+    retired_counts: dict = field(default_factory=dict)  # stage-specific counters of exited processes
     done: bool = False
 
 
@@ -279,6 +280,8 @@ class Supervisor:
             book.retired_out += child.stats.frames_out
             book.retired_sent += child.stats.sent
             book.retired_drops += child.stats.drop_counts
+            for name, n in zip(child.stats.count_names, child.stats.counts):
+                book.retired_counts[name] = book.retired_counts.get(name, 0) + int(n)
         book.peak_rss_mb[f"{child.stage}-{child.index} (pid {child.popen.pid})"] = child.peak_rss_mb
         self.children.remove(child)
 
@@ -391,6 +394,10 @@ class Supervisor:
                     rss += c.proc.memory_info().rss / 2**20
             except psutil.Error:
                 pass
+        extra: dict[str, int] = dict(book.retired_counts)
+        for st in stats:
+            for name, n in zip(st.count_names, st.counts):
+                extra[name] = extra.get(name, 0) + int(n)
         state = "running" if kids else ("done" if self.books[stage].done or stage == "capture" else "stopped")
         if self.failure and stage in self.failure:
             state = "failed"
@@ -401,7 +408,7 @@ class Supervisor:
             latency_p50_ms=max((s.latency_p50_ms for s in stats), default=0.0),
             latency_p99_ms=max((s.latency_p99_ms for s in stats), default=0.0),
             cpu_percent=round(cpu, 1), rss_mb=round(rss, 1), restarts=book.restarts, state=state,
-            last_error=book.last_error,
+            last_error=book.last_error, count_names=tuple(extra), counts=np.array(list(extra.values()), np.int64),
         )
 
     def _totals(self, stage: str) -> tuple[int, int, int, int]:
@@ -499,6 +506,7 @@ class Supervisor:
                 "rate_fps": round(frames_out / wall, 2) if wall else 0.0,
                 "dropped": {r: int(n) for r, n in zip(DROP_REASONS, book.retired_drops) if n},
                 "restarts": book.restarts, "peak_rss_mb": {k: round(v, 1) for k, v in book.peak_rss_mb.items()},
+                "counts": dict(book.retired_counts),
             }
         if self.failure:
             out["failure"] = self.failure

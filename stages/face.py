@@ -352,6 +352,7 @@ class FaceAnalyzer:
         self.cfg = face_cfg
         self.detector = FaceDetector(face_cfg.detector, opts)
         self.embedder = FaceEmbedder(face_cfg.embedder, opts)
+        self.last_small = 0
 
     @property
     def dim(self) -> int:
@@ -383,6 +384,7 @@ class FaceAnalyzer:
         dets = self.detector.detect(image, region_xyxy)
         min_w = self.cfg.min_face_px if min_face_px is None else min_face_px
         keep = [i for i in range(len(dets)) if dets.xyxy[i, 2] - dets.xyxy[i, 0] >= min_w]
+        self.last_small = len(dets) - len(keep)  # faces skipped as too small by the last call
         if not keep:
             return []
         crops = np.stack([align(image, dets.kps[i]) for i in keep])

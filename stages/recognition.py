@@ -31,6 +31,7 @@ from pipeline.config import FaceConfig, OnnxReidConfig, TrackingConfig
 from pipeline.messages import Detections, EmbeddingRecord, TrackUpdate
 from stages.face import Face, FaceAnalyzer
 from stages.gallery import Gallery
+from stages.quality import assess
 from stages.reid import ReidEmbedder, TrackReid, link_tracks
 from stages.tracking import ActiveTrack, CameraTracks
 
@@ -173,6 +174,7 @@ class RecognitionStage:
         self.votes: dict[tuple[str, int], TrackVotes] = {}
         self.snapped: set[str] = set()
         self.named: dict[tuple[str, int], Named] = {}
+        self.counts: Counter = Counter()  # face_rejected_<reason>, faces_used
         self.reid = reid
         self.drops = {"behind": 0}
 
@@ -237,12 +239,28 @@ class RecognitionStage:
         persons = [t for t in active if t.label == "person"]
         if self.analyzer is None or len(persons) < 2:
             return None
-        return self.analyzer.analyze(frame, min_face_px=self.face.min_face_px)
+        return self._analyze(frame, None)
+
+    def _analyze(self, frame: np.ndarray, region: np.ndarray | None) -> list[Face]:
+        faces = self.analyzer.analyze(frame, region_xyxy=region, min_face_px=self.face.min_face_px)
+        self.counts["face_rejected_small"] += self.analyzer.last_small
+        return faces
 
     def _face_of(self, frame: np.ndarray, track: ActiveTrack, faces: list[Face] | None) -> Face | None:
+        """The track's largest face that passes the quality gate (rejections counted per reason)."""
         if faces is None:
-            return _largest(self.analyzer.analyze(frame, region_xyxy=track.xyxy, min_face_px=self.face.min_face_px))
-        return _largest([f for f in faces if _centre_inside(f.xyxy, track.xyxy)])
+            faces = self._analyze(frame, track.xyxy)
+        else:
+            faces = [f for f in faces if _centre_inside(f.xyxy, track.xyxy)]
+        face = _largest(faces)
+        if face is None:
+            return None
+        quality = assess(frame, face, self.face.quality)
+        if not quality.ok:
+            self.counts[f"face_rejected_{quality.reason}"] += 1
+            return None
+        self.counts["faces_used"] += 1
+        return face
 
     def _observe(self, tracks: CameraTracks, track: ActiveTrack, frame: np.ndarray, frame_index: int,
                  faces: list[Face] | None) -> list[object]:
