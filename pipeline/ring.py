@@ -235,7 +235,7 @@ class RingWriter(_Ring):
         if not self.wait_for_release or self._slot_free(slot):
             return True
         deadline = time.monotonic() + self.release_timeout_s
-        pause = 0.0002
+        pause = 0.00002  # poll fast at first (a slot is usually released within a frame time), then back off
         while not self._slot_free(slot):
             if stop is not None and stop.is_set():  # type: ignore[attr-defined]
                 return False
@@ -245,7 +245,7 @@ class RingWriter(_Ring):
             if idle is not None:
                 idle()  # type: ignore[operator]
             time.sleep(pause)
-            pause = min(pause * 2, 0.005)
+            pause = min(pause * 1.5, 0.002)
         return True
 
     def write(self, frame: np.ndarray, frame_index: int, captured_at_ns: int) -> tuple[int, int]:
@@ -336,6 +336,23 @@ class RingReader(_Ring):
         if self._headers[slot, _SEQ] != seq:
             return None
         return out
+
+    def view(self, slot: int, seq: int) -> np.ndarray | None:
+        """A read-only zero-copy view of frame ``seq`` in ``slot``, or None if the slot no longer holds it.
+
+        The caller *uses* the frame in place and must then confirm with
+        :meth:`published` that the slot still holds ``seq``; if not, whatever
+        it computed from the view is discarded and the frame counted as
+        ``overwritten`` (seqlock read without the copy). In file mode a slot is
+        never rewritten while its owner holds it, so the check always passes.
+        """
+        if not 0 <= slot < self.layout.slots:
+            raise ValueError(f"slot {slot} outside ring {self.name} of {self.layout.slots} slots")
+        if self._headers[slot, _SEQ] != seq:
+            return None
+        view = self._frames[slot].view()
+        view.flags.writeable = False
+        return view
 
     def release(self, slot: int, seq: int) -> None:
         """Give slot ``slot`` back to the writer (only the current owner of ``seq`` calls this)."""

@@ -172,6 +172,11 @@ class RunnerIO:
         route: maps an output message to the sender it goes to (None: drop it).
         heartbeat: stats sender.
         release: True if this process is the last owner of the frames it receives.
+        zero_copy: hand the stage a read-only view of the ring slot instead of a
+            copy, and re-check the slot afterwards; if it was overwritten meanwhile
+            the result is discarded and the stage called again with ``frame=None``.
+            For stages whose ``process`` has no side effect a torn frame could spoil
+            beyond its return value (detection).
         blocking_send: True in file mode (wait for downstream), False in live mode
             (a full queue drops the message and counts ``queue_full``).
     """
@@ -181,6 +186,7 @@ class RunnerIO:
     heartbeat: Heartbeat
     release: bool
     blocking_send: bool
+    zero_copy: bool = False
 
 
 class Runner:
@@ -233,17 +239,37 @@ class Runner:
             else:
                 self.counters.drop("queue_full")
 
-    def handle(self, item: object) -> None:
-        """Process one in-order item: frame copy, stage, release, send."""
-        ref = frame_ref(item)
-        frame = None
-        t0 = time.perf_counter()
-        if ref is not None and self.stage.wants_frame(item):
+    def _view(self, ref: FrameRef) -> tuple[np.ndarray | None, object]:
+        try:
+            ring = self.rings.get(ref.ring)
+        except RingError:
+            return None, None
+        return ring.view(ref.slot, ref.seq), ring
+
+    def _process(self, ref: FrameRef | None, item: object) -> Sequence[object]:
+        """Run the stage on a private copy (or a re-checked zero-copy view) of the frame."""
+        if ref is None or not self.stage.wants_frame(item):
+            return self.stage.process(None, item)
+        if not self.io.zero_copy:
             frame = self._read_frame(ref)
             if frame is None:
                 self.counters.drop("overwritten")
+            return self.stage.process(frame, item)
+        view, ring = self._view(ref)
+        if view is not None:
+            outputs = self.stage.process(view, item)
+            del view
+            if ring.published(ref.slot, ref.seq):  # type: ignore[union-attr]
+                return outputs
+        self.counters.drop("overwritten")  # rewritten before or while the stage used it: result discarded
+        return self.stage.process(None, item)
+
+    def handle(self, item: object) -> None:
+        """Process one in-order item: frame copy or checked view, stage, release, send."""
+        ref = frame_ref(item)
+        t0 = time.perf_counter()
         try:
-            outputs = self.stage.process(frame, item)
+            outputs = self._process(ref, item)
         finally:
             self._release(ref)
         self.counters.observe_ms((time.perf_counter() - t0) * 1000.0)

@@ -73,7 +73,7 @@ def _detection(cfg: AppConfig, t: Transport, n_rec: int, counters: StageCounters
     inbox = t.credit_inbox([f"frames-{cam.name}" for cam in cfg.cameras], window=CREDIT_WINDOW)
     outs = [t.sender(f"detections-{i}", hwm=cfg.ring.slots, linger_ms=2000) for i in range(n_rec)]
     route = lambda msg: outs[recognition_index(cfg, msg.frame.camera, n_rec)]  # noqa: E731
-    io = RunnerIO(inbox=inbox, route=route, heartbeat=hb, release=False, blocking_send=_file_mode(cfg))
+    io = RunnerIO(inbox=inbox, route=route, heartbeat=hb, release=False, blocking_send=_file_mode(cfg), zero_copy=True)
     Runner(stage, io, counters, stop).run()
 
 

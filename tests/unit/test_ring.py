@@ -117,3 +117,32 @@ def test_layout_aligns_slots() -> None:
     assert lay.slot_stride % 4096 == 0 and lay.slot_stride >= 1080 * 1920 * 3
     assert lay.data_offset % 4096 == 0
     assert lay.total_bytes == lay.data_offset + 3 * lay.slot_stride
+
+
+def test_view_is_zero_copy_read_only_and_rechecked(name: str) -> None:
+    w = r.RingWriter.create(name, r.RingLayout(slots=2, height=6, width=8), wait_for_release=False)
+    rd = r.RingReader.attach(name)
+    try:
+        slot, seq = w.write(_frame(1), 0, 0)
+        v = rd.view(slot, seq)
+        assert v is not None and np.array_equal(v, _frame(1)) and not v.flags.writeable
+        assert np.shares_memory(v, rd._frames[slot])
+        assert rd.published(slot, seq)
+        w.write(_frame(2), 1, 0)
+        w.write(_frame(3), 2, 0)  # rewrites the viewed slot
+        assert not rd.published(slot, seq)  # the user of the view must discard its result
+        assert rd.view(slot, seq) is None
+    finally:
+        rd.close()
+        w.close()
+
+
+def test_missing_fallocate_does_not_lose_the_segment(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(r.os, "posix_fallocate")
+    w = r.RingWriter.create(name, r.RingLayout(slots=2, height=6, width=8), wait_for_release=False)
+    try:
+        assert name in r.list_segments()
+        rd = r.RingReader.attach(name)
+        rd.close()
+    finally:
+        w.close()
