@@ -101,7 +101,7 @@ def _runtime_dir() -> Path:
     info = read_current_run(data_dir())
     if info is None:
         raise CliError(f"no pipeline is running (data dir {data_dir()}); start one with: facepro run CONFIG")
-    return Path(info["runtime_dir"])
+    return Path(info["socket_dir"])
 
 
 def _status_table(reply: StatusReply) -> str:
@@ -233,11 +233,60 @@ def cmd_events(args: argparse.Namespace) -> int:
 def cmd_db(args: argparse.Namespace) -> int:
     from storage import db
 
-    url = database_url(_config(args))
+    cfg = _config(args)
+    url = database_url(cfg)
+    if args.action in ("upgrade", "downgrade") and _running():
+        raise CliError(f"a pipeline is running with data dir {data_dir()}; stop it before changing the schema")
     if args.action == "upgrade":
         print(f"database at revision {db.upgrade(url)}")
+    elif args.action == "downgrade":
+        if not args.revision:
+            raise CliError("db downgrade needs a revision, e.g. facepro db downgrade 0001 (or base)")
+        print(f"database at revision {db.downgrade(url, args.revision) or 'base (empty)'}")
     elif args.action == "current":
         print(db.current_revision(url) or "empty (no revision)")
+    elif args.action == "history":
+        for rev in db.history():
+            print(f"{rev.revision:<6} <- {rev.down_revision or 'base':<6} {'(head) ' if rev.is_head else ''}{rev.message}")
+    elif args.action == "stats":
+        from storage.retention import db_stats
+
+        print(json.dumps(db_stats(db.open_engine(url), data_dir() / "snapshots"), indent=2, default=str))
+    return 0
+
+
+def _running() -> bool:
+    from pipeline.supervisor import read_current_run
+
+    return read_current_run(data_dir()) is not None
+
+
+def _backup_dir(args: argparse.Namespace) -> Path:
+    return Path(args.dir) if args.dir else data_dir() / "backups"
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from storage import backup
+    from storage.db import upgrade
+
+    url = database_url(_config(args))
+    if args.action == "create":
+        print(backup.create_backup(url, data_dir(), Path(args.config), _backup_dir(args)))
+    elif args.action == "list":
+        for info in backup.list_backups(_backup_dir(args)):
+            when = info.created_at.isoformat() if info.created_at else "?"
+            print(f"{info.path}  {when}  schema {info.schema_revision}  {info.files} files  {info.size} bytes"
+                  + (f"  UNREADABLE: {info.error}" if info.error else ""))
+    elif args.action == "restore":
+        if not args.file:
+            raise CliError("backup restore needs the archive: facepro backup restore FILE")
+        res = backup.restore_backup(Path(args.file), url, data_dir(), running=_running())
+        print(f"restored {res.database} (schema {res.schema_revision}), {len(res.faces)} face image(s); "
+              f"previous database kept as {res.previous}")
+        print(f"database at revision {upgrade(url)}")
+    elif args.action == "prune":
+        for path in backup.prune_backups(_backup_dir(args), args.keep):
+            print(f"removed {path}")
     return 0
 
 
@@ -275,8 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--camera")
     ev.add_argument("--identity")
     ev.add_argument("--limit", type=int, default=100)
-    dbp = add("db", cmd_db, "database schema: upgrade | current")
-    dbp.add_argument("action", choices=["upgrade", "current"])
+    dbp = add("db", cmd_db, "database schema and size: upgrade | downgrade REV | current | history | stats")
+    dbp.add_argument("action", choices=["upgrade", "downgrade", "current", "history", "stats"])
+    dbp.add_argument("revision", nargs="?", help="target revision for downgrade (e.g. 0001 or base)")
+    bk = add("backup", cmd_backup, "backups of database, enrolled faces and config: create | list | restore FILE | prune --keep N")
+    bk.add_argument("action", choices=["create", "list", "restore", "prune"])
+    bk.add_argument("file", nargs="?", help="archive to restore")
+    bk.add_argument("--dir", help="backup folder (default: <data dir>/backups)")
+    bk.add_argument("--keep", type=int, default=5, help="prune: archives to keep (default: %(default)s)")
     return p
 
 
@@ -287,7 +342,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from stages.runtime import ModelError
     from storage.db import StorageError
 
-    return (CliError, ConfigError, TransportError, SupervisorError, RingError, SourceError, ModelError, StorageError)
+    return (CliError, ConfigError, TransportError, SupervisorError, RingError, SourceError, ModelError, StorageError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:

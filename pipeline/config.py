@@ -170,6 +170,9 @@ class StorageConfig(_Strict):
     batch_rows: int = Field(500, ge=1, le=100_000)
     batch_ms: int = Field(200, ge=1, le=60_000)
     snapshots: bool = True
+    retention_days: float | None = Field(None, gt=0, le=36500, description="delete events (and snapshots) older than this")
+    max_total_mb: float | None = Field(None, gt=0, le=10_000_000, description="keep database + snapshots under this size")
+    retention_interval_s: float = Field(300, ge=1, le=86400, description="how often the storage process applies retention")
 
 
 class AlertConfig(_Strict):

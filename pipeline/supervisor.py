@@ -51,7 +51,7 @@ from pipeline.config import AppConfig
 from pipeline.metrics import AlertTracker, StatusCollector, start_exporter
 from pipeline.messages import DROP_REASONS, ScaleRequest, StageStats, StageStatus, StatusReply, StatusRequest, Ack
 from pipeline.ring import list_segments, run_id_of, unlink_segments
-from pipeline.transport import Transport, make_runtime_dir
+from pipeline.transport import Transport, make_runtime_dir, socket_dir_for
 
 log = logging.getLogger("facepro.supervisor")
 
@@ -70,7 +70,7 @@ def runs_dir(data_dir: Path) -> Path:
 
 
 def current_run_file(data_dir: Path) -> Path:
-    """JSON file describing the running pipeline (``run_id``, ``pid``, ``runtime_dir``)."""
+    """JSON file describing the running pipeline (``run_id``, ``pid``, ``runtime_dir``, ``socket_dir``)."""
     return runs_dir(data_dir) / "current.json"
 
 
@@ -190,8 +190,11 @@ class Supervisor:
         removed = cleanup_stale_runs(self.data_dir)
         if removed:
             log.warning("removed %d shared-memory segment(s) left by a killed run", removed)
-        make_runtime_dir(self.runtime_dir)
-        info = {"run_id": self.run_id, "pid": os.getpid(), "runtime_dir": str(self.runtime_dir), "started_at": time.time()}
+        self.runtime_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.runtime_dir, 0o700)
+        self.socket_dir = make_runtime_dir(socket_dir_for(self.runtime_dir, self.run_id))
+        info = {"run_id": self.run_id, "pid": os.getpid(), "runtime_dir": str(self.runtime_dir),
+                "socket_dir": str(self.socket_dir), "started_at": time.time()}
         (self.runtime_dir / "run.json").write_text(json.dumps(info))
         (self.runtime_dir / "config.json").write_text(self.cfg.model_dump_json())
         current_run_file(self.data_dir).write_text(json.dumps(info))
@@ -223,7 +226,7 @@ class Supervisor:
         if self.prepare_database is not None:
             self.prepare_database()
         self._start_metrics()
-        self.transport = Transport(self.runtime_dir)
+        self.transport = Transport(self.socket_dir)
         self.stats_in = self.transport.receiver("stats", bind=True, hwm=10_000)
         self.control = self.transport.server("control")
         for stage in reversed(STAGES):  # downstream first: their endpoints are bound before upstream sends
@@ -522,6 +525,8 @@ class Supervisor:
             self.transport.close()
         unlink_segments(list_segments(self.run_id))
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        if getattr(self, "socket_dir", self.runtime_dir) != self.runtime_dir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
         cur = read_current_run(self.data_dir)
         if cur is None or cur.get("run_id") == self.run_id:
             current_run_file(self.data_dir).unlink(missing_ok=True)

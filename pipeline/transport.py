@@ -22,6 +22,7 @@ Endpoint names used by the pipeline:
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections import deque
 from pathlib import Path
@@ -45,11 +46,23 @@ def make_runtime_dir(path: Path) -> Path:
     Raises:
         TransportError: the socket paths inside it would be too long for ``ipc://``.
     """
-    if len(str(path)) + 24 > MAX_IPC_PATH:
+    if not fits_ipc(path):
         raise TransportError(f"runtime directory {path} is too long for ipc:// sockets (limit ~{MAX_IPC_PATH} bytes); use a shorter FACEPRO_DATA_DIR")
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
     return path
+
+
+def fits_ipc(path: Path) -> bool:
+    """True if sockets inside ``path`` stay within the ``ipc://`` path limit."""
+    return len(str(path)) + 24 <= MAX_IPC_PATH
+
+
+def socket_dir_for(run_dir: Path, run_id: str) -> Path:
+    """Where a run's sockets live: ``run_dir`` itself, or ``/tmp/facepro-<uid>/<run_id>`` when ``run_dir`` is too deep."""
+    if fits_ipc(run_dir):
+        return run_dir
+    return Path(tempfile.gettempdir()) / f"facepro-{os.getuid()}" / run_id
 
 
 class Transport:

@@ -130,10 +130,18 @@ def _storage(cfg: AppConfig, t: Transport, counters: StageCounters, hb: Heartbea
     from storage.stage import StorageStage
     from storage.writer import EventWriter
 
-    writer = EventWriter(open_engine(database_url(cfg)), cfg.storage.batch_rows, cfg.storage.batch_ms)
+    engine = open_engine(database_url(cfg))
+    writer = EventWriter(engine, cfg.storage.batch_rows, cfg.storage.batch_ms)
+    st = cfg.storage
+    retention = None
+    if st.retention_days or st.max_total_mb:
+        from storage.retention import apply_retention
+
+        max_bytes = int(st.max_total_mb * 2**20) if st.max_total_mb else None
+        retention = lambda: apply_retention(engine, st.retention_days, max_bytes, data_dir() / "snapshots")  # noqa: E731
     inbox = t.receiver("storage", bind=True, hwm=10_000)
     io = RunnerIO(inbox=inbox, route=lambda msg: None, heartbeat=hb, release=False, blocking_send=False)
-    Runner(StorageStage(writer), io, counters, stop).run()
+    Runner(StorageStage(writer, retention, st.retention_interval_s), io, counters, stop).run()
 
 
 def main(argv: list[str]) -> int:
@@ -142,8 +150,9 @@ def main(argv: list[str]) -> int:
     cv2.setNumThreads(1)
     stop = StopFlag().install()
     cfg = AppConfig.model_validate_json((runtime_dir / "config.json").read_text())
-    run_id = json.loads((runtime_dir / "run.json").read_text())["run_id"]
-    t = Transport(runtime_dir)
+    run_info = json.loads((runtime_dir / "run.json").read_text())
+    run_id = run_info["run_id"]
+    t = Transport(Path(run_info["socket_dir"]))
     counters = StageCounters(stage, index)
     hb = Heartbeat(counters, t.sender("stats", hwm=100), cfg.runtime.stats_interval_s)
     try:

@@ -6,9 +6,14 @@
 (``storage.batch_rows`` rows or ``storage.batch_ms`` old); ``finish`` commits
 the rest. A failed commit keeps the batch and is retried at the next tick;
 the error is reported through ``last_error`` (shown by ``facepro status``).
+Retention (``storage.retention_days`` / ``max_total_mb``) runs between
+batches every ``storage.retention_interval_s``.
 """
 
 from __future__ import annotations
+
+import time
+from typing import Callable
 
 import numpy as np
 
@@ -25,11 +30,16 @@ class StorageStage:
         written: rows committed so far.
     """
 
-    def __init__(self, writer: EventWriter) -> None:
+    def __init__(self, writer: EventWriter, retention: Callable[[], object] | None = None,
+                 retention_interval_s: float = 300.0) -> None:
         self.writer = writer
+        self.retention = retention
+        self.retention_interval_s = retention_interval_s
+        self._next_retention = time.monotonic() + min(10.0, retention_interval_s)
         self.last_error = ""
         self.written = 0
         self.drops = {"malformed": 0}
+        self.counts = {"retention_runs": 0}
 
     @property
     def backlog(self) -> int:
@@ -60,6 +70,13 @@ class StorageStage:
     def tick(self, now_ns: int) -> list[object]:
         if self.writer.due():
             self._flush()
+        if self.retention is not None and time.monotonic() >= self._next_retention and not self.writer.pending:
+            self._next_retention = time.monotonic() + self.retention_interval_s
+            try:
+                self.retention()
+                self.counts["retention_runs"] += 1
+            except StorageError as err:
+                self.last_error = f"retention: {err}"
         return []
 
     def finish(self) -> list[object]:
