@@ -50,6 +50,7 @@ mid-run.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -58,6 +59,8 @@ from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger("facepro.ring")
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "facepro_"
@@ -222,7 +225,7 @@ class RingWriter(_Ring):
         return seq == 0 or self._headers[slot, _RELEASED] == seq
 
     def wait_slot(self, stop: object = None, idle: object = None) -> bool:
-        """File mode: block until the next slot is released (or reclaimed after the timeout).
+        """File mode: block until the next slot is released (or reclaimed ``release_timeout_s`` after it was published).
 
         Args:
             stop: optional object with ``is_set()``; returning True aborts the wait.
@@ -234,13 +237,18 @@ class RingWriter(_Ring):
         slot = (self.next_seq - 1) % self.layout.slots
         if not self.wait_for_release or self._slot_free(slot):
             return True
-        deadline = time.monotonic() + self.release_timeout_s
+        # The timeout counts from when the frame was published, so a burst of orphaned
+        # slots (their owner was killed) is reclaimed within one timeout, not one each.
+        published_ns = int(self._headers[slot, _CAPTURED])
+        deadline = time.monotonic() + self.release_timeout_s - max(0.0, (time.time_ns() - published_ns) / 1e9)
         pause = 0.00002  # poll fast at first (a slot is usually released within a frame time), then back off
         while not self._slot_free(slot):
             if stop is not None and stop.is_set():  # type: ignore[attr-defined]
                 return False
             if time.monotonic() > deadline:
                 self.reclaimed += 1
+                log.warning("ring %s: slot %d (frame seq %d) not released within %.1f s; reclaimed",
+                            self.name, slot, int(self._headers[slot, _SEQ]), self.release_timeout_s)
                 return True
             if idle is not None:
                 idle()  # type: ignore[operator]

@@ -26,6 +26,7 @@ def _stage(doc: dict, name: str) -> dict:
 
 def test_killed_detection_process_is_restarted_and_run_completes(clip: Path, models: Path, short_data_dir: Path) -> None:
     tree = pipeline_config(models, {"campus": clip}, ring__release_timeout_s=2.0, tracking__reorder_timeout_s=1.0)
+    tree["cameras"][0]["max_fps"] = 25  # paced, so the run outlasts the kill and the restart
     cfg = save_config(tree, short_data_dir / "cfg.yaml")
     proc = start_run(cfg)
     try:
@@ -53,6 +54,7 @@ def test_scaling_detection_up_and_down_processes_every_frame_exactly_once(clip: 
     from tests.integration.conftest import facepro
 
     tree = pipeline_config(models, {"campus": clip}, detection__motion={"enabled": False})
+    tree["cameras"][0]["max_fps"] = 20  # paced, so the run outlasts the scale requests (~15 s)
     cfg = save_config(tree, short_data_dir / "cfg.yaml")
     proc = start_run(cfg)
     try:

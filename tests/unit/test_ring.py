@@ -146,3 +146,20 @@ def test_missing_fallocate_does_not_lose_the_segment(name: str, monkeypatch: pyt
         rd.close()
     finally:
         w.close()
+
+
+def test_orphaned_slots_are_reclaimed_within_one_timeout(name: str) -> None:
+    import time
+
+    w = r.RingWriter.create(name, r.RingLayout(slots=3, height=6, width=8), wait_for_release=True, release_timeout_s=0.2)
+    try:
+        for s in range(1, 4):
+            w.write(_frame(s), s - 1, time.time_ns())  # three frames whose owner dies: never released
+        t0 = time.monotonic()
+        for s in range(4, 7):
+            assert w.wait_slot(_Never())
+            w.write(_frame(s), s - 1, time.time_ns())
+        assert w.reclaimed == 3
+        assert time.monotonic() - t0 < 0.5  # one timeout for the burst, not three
+    finally:
+        w.close()
