@@ -42,6 +42,8 @@ TYPES: dict[int, type] = {
     10: m.Ack,
     11: m.Credit,
     12: m.CreditAck,
+    13: m.StorageItem,
+    14: m.StorageAck,
 }
 _IDS: dict[type, int] = {t: i for i, t in TYPES.items()}
 _ALLOWED_DTYPES = frozenset(np.dtype(t).str for t in (np.float32, np.float64, np.int32, np.int64, np.uint8, np.bool_))

@@ -173,6 +173,9 @@ class StorageConfig(_Strict):
     retention_days: float | None = Field(None, gt=0, le=36500, description="delete events (and snapshots) older than this")
     max_total_mb: float | None = Field(None, gt=0, le=10_000_000, description="keep database + snapshots under this size")
     retention_interval_s: float = Field(300, ge=1, le=86400, description="how often the storage process applies retention")
+    resend_after_s: float = Field(5.0, gt=0, le=3600, description="re-send unacknowledged items after storage was quiet this long")
+    exit_wait_s: float = Field(60.0, gt=0, le=3600, description="at shutdown, wait this long for storage to acknowledge everything")
+    debug_commit_delay_ms: float = Field(0.0, ge=0, le=60_000, description="benchmarks only: sleep this long in every commit")
 
 
 class AlertConfig(_Strict):

@@ -196,6 +196,49 @@ class EmbeddingRecord:
 
 
 @dataclass(frozen=True)
+class StorageItem:
+    """Envelope of one message to storage, numbered per producer for acknowledged delivery.
+
+    Attributes:
+        producer: sending process's delivery id (unique per process life).
+        seq: 1, 2, 3... per producer, in send order.
+        update, embedding: exactly one of them is set.
+    """
+
+    producer: str
+    seq: int
+    update: TrackUpdate | None = None
+    embedding: EmbeddingRecord | None = None
+
+    def __post_init__(self) -> None:
+        if self.seq < 1:
+            raise ValueError(f"StorageItem.seq: must be >= 1, got {self.seq}")
+        if (self.update is None) == (self.embedding is None):
+            raise ValueError("StorageItem: exactly one of update and embedding must be set")
+
+    @property
+    def payload(self) -> TrackUpdate | EmbeddingRecord:
+        return self.update if self.update is not None else self.embedding  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class StorageAck:
+    """Storage → producers, after a commit: these items of ``producer`` are in the database.
+
+    Attributes:
+        producer: the producer's delivery id.
+        seqs: ``(n,) int64`` sequence numbers committed (exact, not cumulative: after a
+            storage restart, re-sent old items and new items interleave).
+    """
+
+    producer: str
+    seqs: np.ndarray
+
+    def __post_init__(self) -> None:
+        _check_array("StorageAck.seqs", self.seqs, np.int64, 1)
+
+
+@dataclass(frozen=True)
 class StageStats:
     """Heartbeat and counters one process sends to the supervisor (cumulative since start).
 

@@ -177,6 +177,9 @@ class RunnerIO:
             the result is discarded and the stage called again with ``frame=None``.
             For stages whose ``process`` has no side effect a torn frame could spoil
             beyond its return value (detection).
+        services: called on every loop turn (e.g. reading storage acknowledgements).
+        on_exit: called after the stage's final messages were sent (e.g. wait for
+            storage to acknowledge them).
         blocking_send: True in file mode (wait for downstream), False in live mode
             (a full queue drops the message and counts ``queue_full``).
     """
@@ -187,6 +190,8 @@ class RunnerIO:
     release: bool
     blocking_send: bool
     zero_copy: bool = False
+    services: tuple[Callable[[], None], ...] = ()
+    on_exit: Callable[[], None] | None = None
 
 
 class Runner:
@@ -298,6 +303,8 @@ class Runner:
             for item in self._ready(msg):
                 self.handle(item)
             self._send(self.stage.tick(time.time_ns()))
+            for service in self.io.services:
+                service()
             self._update_gauges()
             self.io.heartbeat.beat()
             if self.stop.is_set():
@@ -327,6 +334,8 @@ class Runner:
         for item in rest:
             self.handle(item)
         self._send(self.stage.finish())
+        if self.io.on_exit is not None:
+            self.io.on_exit()
         self._update_gauges()
         self.io.heartbeat.beat(force=True)
         self.rings.close()

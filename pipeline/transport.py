@@ -14,7 +14,12 @@ Endpoint names used by the pipeline:
   sent only against credits the detection process granted, so adding or
   removing a detection process never loses or duplicates a frame.
 - ``detections-<i>``: recognition process ``i`` binds PULL; detection connects PUSH.
-- ``storage``: storage binds PULL; recognition connects PUSH.
+- ``storage``: storage binds PULL; recognition connects PUSH through a
+  :class:`ReliableSender`: every item is numbered and kept until storage
+  acknowledges its commit on ``storage-acks`` (PUB → SUB), and re-sent when no
+  acknowledgement comes (e.g. storage was restarted). Storage writes are
+  idempotent (events upserted by UUID, embeddings by natural key), so a
+  re-sent item is never duplicated: delivery is effectively exactly-once.
 - ``stats``: supervisor binds PULL; every process connects PUSH (heartbeats).
 - ``control``: supervisor binds REP; ``facepro status`` / ``scale`` connect REQ.
 """
@@ -30,7 +35,7 @@ from pathlib import Path
 import zmq
 
 from pipeline.codec import MalformedMessage, decode, encode
-from pipeline.messages import Ack, Credit, CreditAck
+from pipeline.messages import Ack, Credit, CreditAck, StorageAck, StorageItem
 
 #: Unix socket paths are limited to ~107 bytes.
 MAX_IPC_PATH = 100
@@ -118,6 +123,19 @@ class Transport:
             self._attach(sock, name, False)
             socks.append(sock)
         return CreditInbox(socks, window)
+
+    def publisher(self, name: str, linger_ms: int = 1000) -> Sender:
+        """A PUB socket bound at ``name`` (storage's acknowledgements)."""
+        sock = self._socket(zmq.PUB, 10_000, linger_ms)
+        self._attach(sock, name, True)
+        return Sender(sock)
+
+    def subscriber(self, name: str) -> Receiver:
+        """A SUB socket connected to ``name``, subscribed to everything."""
+        sock = self._socket(zmq.SUB, 10_000, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._attach(sock, name, False)
+        return Receiver(sock)
 
     def server(self, name: str) -> Server:
         """A REP socket bound at ``name`` (the supervisor's control endpoint)."""
@@ -360,3 +378,69 @@ class CreditInbox:
         if len(self.acked) == len(self.socks):
             return True
         return time.monotonic() - self.stopping_since > self.revoke_timeout_s and idle_s >= drain_idle_s
+
+
+class ReliableSender:
+    """At-least-once delivery to storage: number, keep, re-send until acknowledged.
+
+    :meth:`send` wraps a message in a :class:`StorageItem` and keeps it until a
+    :class:`StorageAck` for this producer covers its ``seq``. :meth:`service`
+    (call it often) reads acknowledgements and, when the oldest kept item has
+    waited ``resend_after_s`` without any acknowledgement progress, re-sends
+    every kept item in order (storage may have been restarted and lost its
+    uncommitted batch). At most ``max_unacked`` items are kept; beyond that the
+    oldest are dropped and counted in ``dropped`` (reported, never silent).
+    """
+
+    def __init__(self, sender: Sender, acks: Receiver, producer: str, resend_after_s: float = 5.0,
+                 max_unacked: int = 200_000) -> None:
+        self.sender = sender
+        self.acks = acks
+        self.producer = producer
+        self.resend_after_s = resend_after_s
+        self.max_unacked = max_unacked
+        self.unacked: dict[int, StorageItem] = {}
+        self.next_seq = 1
+        self.resent = 0
+        self.dropped = 0
+        self._progress_at = time.monotonic()
+
+    def send(self, msg: object, timeout_ms: int | None = 0) -> bool:
+        """Number and keep ``msg`` (a TrackUpdate or EmbeddingRecord), then try to send it. Always True: it is kept."""
+        is_update = type(msg).__name__ == "TrackUpdate"
+        item = StorageItem(producer=self.producer, seq=self.next_seq,
+                           update=msg if is_update else None, embedding=None if is_update else msg)  # type: ignore[arg-type]
+        self.next_seq += 1
+        if not self.unacked:
+            self._progress_at = time.monotonic()
+        self.unacked[item.seq] = item
+        if len(self.unacked) > self.max_unacked:
+            self.unacked.pop(next(iter(self.unacked)))
+            self.dropped += 1
+        self.sender.send(item, timeout_ms=timeout_ms or 0)
+        return True
+
+    def service(self) -> None:
+        """Apply acknowledgements that arrived; re-send everything kept if storage went quiet."""
+        while (ack := self.acks.recv(timeout_ms=0)) is not None:
+            if isinstance(ack, StorageAck) and ack.producer == self.producer:
+                before = len(self.unacked)
+                for seq in ack.seqs.tolist():
+                    self.unacked.pop(seq, None)
+                if len(self.unacked) < before:
+                    self._progress_at = time.monotonic()
+        if self.unacked and time.monotonic() - self._progress_at > self.resend_after_s:
+            for item in list(self.unacked.values()):
+                self.sender.send(item, timeout_ms=100)
+            self.resent += len(self.unacked)
+            self._progress_at = time.monotonic()
+
+    def wait_all_acked(self, timeout_s: float, stop_hard: object = None) -> bool:
+        """Block (servicing) until nothing is kept, ``timeout_s`` passes, or ``stop_hard()`` is True."""
+        deadline = time.monotonic() + timeout_s
+        while self.unacked and time.monotonic() < deadline:
+            if stop_hard is not None and stop_hard():  # type: ignore[operator]
+                break
+            self.service()
+            time.sleep(0.01)
+        return not self.unacked

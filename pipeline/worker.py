@@ -28,7 +28,7 @@ import cv2
 from pipeline.config import AppConfig, data_dir, database_url, thread_budget
 from pipeline.metrics import Heartbeat, StageCounters
 from pipeline.runner import CaptureLoop, CaptureSettings, Reorderer, Runner, RunnerIO, StopFlag
-from pipeline.transport import Transport
+from pipeline.transport import ReliableSender, Transport
 
 log = logging.getLogger("facepro.worker")
 
@@ -120,8 +120,19 @@ def _recognition(cfg: AppConfig, t: Transport, index: int, counters: StageCounte
     stage = RecognitionStage(cfg.tracking, cfg.recognition.face, class_names, analyzer, gallery, snap, live,
                              cfg.recognition.max_lag_ms, reid)
     inbox = t.receiver(f"detections-{index}", bind=True, hwm=cfg.ring.slots)
-    out = t.sender("storage", hwm=10_000, linger_ms=10_000)
-    io = RunnerIO(inbox=inbox, route=lambda msg: out, heartbeat=hb, release=True, blocking_send=True)
+    out = ReliableSender(t.sender("storage", hwm=10_000, linger_ms=10_000), t.subscriber("storage-acks"),
+                         producer=f"recognition-{index}-{os.getpid()}", resend_after_s=cfg.storage.resend_after_s)
+
+    def wait_for_storage() -> None:
+        if not out.wait_all_acked(cfg.storage.exit_wait_s, stop_hard=stop.hard):
+            counters.last_error = f"{len(out.unacked)} item(s) not acknowledged by storage at exit"
+
+    def gauges() -> None:
+        out.service()
+        counters.extra.update(storage_unacked=len(out.unacked), storage_resent=out.resent, storage_dropped=out.dropped)
+
+    io = RunnerIO(inbox=inbox, route=lambda msg: out, heartbeat=hb, release=True, blocking_send=True,
+                  services=(gauges,), on_exit=wait_for_storage)
     Runner(stage, io, counters, stop, reorderer=Reorderer(cfg.tracking.reorder_timeout_s)).run()
 
 
@@ -140,8 +151,10 @@ def _storage(cfg: AppConfig, t: Transport, counters: StageCounters, hb: Heartbea
         max_bytes = int(st.max_total_mb * 2**20) if st.max_total_mb else None
         retention = lambda: apply_retention(engine, st.retention_days, max_bytes, data_dir() / "snapshots")  # noqa: E731
     inbox = t.receiver("storage", bind=True, hwm=10_000)
-    io = RunnerIO(inbox=inbox, route=lambda msg: None, heartbeat=hb, release=False, blocking_send=False)
-    Runner(StorageStage(writer, retention, st.retention_interval_s), io, counters, stop).run()
+    acks = t.publisher("storage-acks")
+    io = RunnerIO(inbox=inbox, route=lambda msg: acks, heartbeat=hb, release=False, blocking_send=False)
+    stage = StorageStage(writer, retention, st.retention_interval_s, st.debug_commit_delay_ms / 1000.0)
+    Runner(stage, io, counters, stop).run()
 
 
 def main(argv: list[str]) -> int:

@@ -196,10 +196,12 @@ class _EventVector:
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-def _vector_checks() -> tuple[CheckConstraint, CheckConstraint]:
+def _vector_checks() -> tuple[CheckConstraint, CheckConstraint, UniqueConstraint]:
     return (
         CheckConstraint("dim > 0", name="dim_positive"),
         CheckConstraint("length(vector) = dim * 4", name="vector_size"),
+        # natural key: a re-sent embedding (storage delivery is at-least-once) is ignored
+        UniqueConstraint("event_id", "model", "frame_index"),
     )
 
 

@@ -6,6 +6,10 @@
 (``storage.batch_rows`` rows or ``storage.batch_ms`` old); ``finish`` commits
 the rest. A failed commit keeps the batch and is retried at the next tick;
 the error is reported through ``last_error`` (shown by ``facepro status``).
+Items arrive as :class:`~pipeline.messages.StorageItem` envelopes; after each
+successful commit the stage returns one :class:`~pipeline.messages.StorageAck`
+per producer (everything received so far was in the committed batch), which
+the producers' ``ReliableSender`` uses to forget them.
 Retention (``storage.retention_days`` / ``max_total_mb``) runs between
 batches every ``storage.retention_interval_s``.
 """
@@ -17,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.messages import EmbeddingRecord, TrackUpdate
+from pipeline.messages import EmbeddingRecord, StorageAck, StorageItem, TrackUpdate
 from storage.db import StorageError
 from storage.writer import EventWriter
 
@@ -31,7 +35,7 @@ class StorageStage:
     """
 
     def __init__(self, writer: EventWriter, retention: Callable[[], object] | None = None,
-                 retention_interval_s: float = 300.0) -> None:
+                 retention_interval_s: float = 300.0, commit_delay_s: float = 0.0) -> None:
         self.writer = writer
         self.retention = retention
         self.retention_interval_s = retention_interval_s
@@ -40,6 +44,8 @@ class StorageStage:
         self.written = 0
         self.drops = {"malformed": 0}
         self.counts = {"retention_runs": 0}
+        self._received: dict[str, list[int]] = {}  # producer -> seqs in the pending batch
+        self.commit_delay_s = commit_delay_s
 
     @property
     def backlog(self) -> int:
@@ -50,6 +56,9 @@ class StorageStage:
         return False
 
     def process(self, frame: np.ndarray | None, meta: object) -> list[object]:
+        if isinstance(meta, StorageItem):
+            self._received.setdefault(meta.producer, []).append(meta.seq)
+            meta = meta.payload
         try:
             if isinstance(meta, TrackUpdate):
                 self.writer.add_update(meta)
@@ -60,16 +69,22 @@ class StorageStage:
             self.last_error = f"rejected row: {err}"
         return []
 
-    def _flush(self) -> None:
+    def _flush(self) -> list[object]:
+        """Commit the batch; on success acknowledge exactly the items it held."""
+        if self.commit_delay_s:
+            time.sleep(self.commit_delay_s)  # benchmarks: a slow disk
         try:
             self.written += self.writer.flush()
             self.last_error = ""
         except StorageError as err:
             self.last_error = str(err)
+            return []
+        acks = [StorageAck(producer=p, seqs=np.array(seqs, np.int64)) for p, seqs in self._received.items() if seqs]
+        self._received = {}
+        return acks
 
     def tick(self, now_ns: int) -> list[object]:
-        if self.writer.due():
-            self._flush()
+        acks = self._flush() if self.writer.due() else []
         if self.retention is not None and time.monotonic() >= self._next_retention and not self.writer.pending:
             self._next_retention = time.monotonic() + self.retention_interval_s
             try:
@@ -77,9 +92,7 @@ class StorageStage:
                 self.counts["retention_runs"] += 1
             except StorageError as err:
                 self.last_error = f"retention: {err}"
-        return []
+        return acks
 
     def finish(self) -> list[object]:
-        if self.writer.pending:
-            self._flush()
-        return []
+        return self._flush()

@@ -366,8 +366,11 @@ def _insert_embeddings(conn: Connection, records: list[tuple[EmbeddingRecord, by
         if r.kind == "face":
             row["kind"] = "face"
         by_table.setdefault(EMBEDDING_TABLES[r.kind], []).append(row)
+    insert = dialect_insert(conn)
     for table, rows in by_table.items():
-        _execute_many(conn, f"insert {table}", Base.metadata.tables[table].insert(), rows)
+        # Idempotent: delivery to storage is at-least-once, the natural key drops repeats.
+        stmt = insert(Base.metadata.tables[table]).on_conflict_do_nothing(index_elements=["event_id", "model", "frame_index"])
+        _execute_many(conn, f"insert {table}", stmt, rows)
 
 
 def _file_size(path: str) -> int | None:

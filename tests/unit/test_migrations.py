@@ -78,9 +78,9 @@ def _alembic(url: str, fn, *args) -> None:
 
 
 def test_head_and_history():
-    assert head_revision() == "0002"
+    assert head_revision() == "0003"
     revs = history()
-    assert [(r.revision, r.down_revision, r.is_head) for r in revs] == [("0001", None, False), ("0002", "0001", True)]
+    assert [(r.revision, r.down_revision, r.is_head) for r in revs] == [("0001", None, False), ("0002", "0001", False), ("0003", "0002", True)]
     assert all(isinstance(r, RevisionInfo) and r.message for r in revs)
 
 
@@ -131,7 +131,7 @@ def test_downgrade_helper_backs_up_and_goes_to_base(url, db_path):
     assert downgrade(url, "0001") == "0001"
     assert current_revision(url) == "0001"
     assert _tables(url) == {"cameras", "identities", "face_embeddings", "events", "track_embeddings", "alembic_version"}
-    assert [b.name.split("-")[1] for b in _backups(db_path)] == ["0002"]
+    assert [b.name.split("-")[1] for b in _backups(db_path)] == ["0003"]
     assert downgrade(url, "0001") == "0001"  # already there: nothing to do, no backup
     assert downgrade(url, "base", backup=False) is None
     assert _tables(url) == {"alembic_version"}
@@ -142,7 +142,7 @@ def test_downgrade_helper_backs_up_and_goes_to_base(url, db_path):
     ("start", "target", "match"),
     [
         ("0002", "9999", "unknown; expected 'base' or one of"),
-        ("0001", "0002", "newer than the database's '0001'"),
+        ("0001", "0003", "newer than the database's '0001'"),
         (None, "0001", "has no schema revision"),
     ],
 )
@@ -236,7 +236,7 @@ def _round_trip_keeps_rows(url: str) -> None:
     finally:
         engine.dispose()
 
-    assert upgrade(url, backup=False) == "0002"
+    assert upgrade(url, backup=False) == "0003"
     engine = open_engine(url)
     try:
         with engine.connect() as conn:
@@ -260,7 +260,7 @@ def _round_trip_keeps_rows(url: str) -> None:
     finally:
         engine.dispose()
     assert downgrade(url, "base", backup=False) is None
-    assert upgrade(url, backup=False) == "0002"
+    assert upgrade(url, backup=False) == "0003"
 
 
 def test_rows_survive_0001_to_0002_and_back(url):
@@ -398,8 +398,8 @@ SECOND_REVISION = '''
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003"
-down_revision = "0002"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
@@ -418,25 +418,25 @@ def downgrade():
 
 @pytest.fixture()
 def two_revisions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of the migration scripts with a test revision 0003 on top, used by storage.db."""
+    """A copy of the migration scripts with a test revision 0004 on top, used by storage.db."""
     scripts = tmp_path / "alembic"
     shutil.copytree(storage.db.script_location(), scripts, ignore=shutil.ignore_patterns("__pycache__"))
-    (scripts / "versions" / "0003_test.py").write_text(SECOND_REVISION)
+    (scripts / "versions" / "0004_test.py").write_text(SECOND_REVISION)
     monkeypatch.setattr(storage.db, "script_location", lambda: scripts)
     return scripts
 
 
 def test_upgrade_behind_head_backs_up_and_keeps_child_rows(url, db_path, two_revisions):
-    _alembic(url, command.upgrade, "0002")
+    _alembic(url, command.upgrade, "0003")
     engine = open_engine(url)
     vectors = np.arange(8, dtype=np.float32).reshape(2, 4)
     enroll(engine, "alice", vectors, "m", ["a.jpg", "b.jpg"], [None, None])
     engine.dispose()
 
-    assert head_revision() == "0003"
-    assert upgrade(url) == "0003"
+    assert head_revision() == "0004"
+    assert upgrade(url) == "0004"
 
-    assert current_revision(url) == "0003"
+    assert current_revision(url) == "0004"
     engine = open_engine(url)
     try:
         assert list_identities(engine) == [("alice", 2)]  # the rebuild did not cascade
@@ -444,18 +444,18 @@ def test_upgrade_behind_head_backs_up_and_keeps_child_rows(url, db_path, two_rev
     finally:
         engine.dispose()
     (backup,) = _backups(db_path)
-    assert backup.name.startswith("facepro.db.bak-0002-")
+    assert backup.name.startswith("facepro.db.bak-0003-")
     old = sqlite3.connect(backup)
     try:
-        assert old.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
+        assert old.execute("SELECT version_num FROM alembic_version").fetchall() == [("0003",)]
         assert old.execute("SELECT count(*) FROM face_embeddings").fetchone() == (2,)
     finally:
         old.close()
 
 
 def test_upgrade_without_backup_writes_none(url, db_path, two_revisions):
-    _alembic(url, command.upgrade, "0002")
-    assert upgrade(url, backup=False) == "0003"
+    _alembic(url, command.upgrade, "0003")
+    assert upgrade(url, backup=False) == "0004"
     assert _backups(db_path) == []
     engine = open_engine(url)
     try:
