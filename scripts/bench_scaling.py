@@ -21,41 +21,23 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-import yaml
+from benchlib import active_fps, assets_dir, pipeline_tree, run_pipeline
 
 
 def config(assets: Path, processes: int, threads: int, video: str) -> dict:
-    models = assets / "models"
-    return {
-        "cameras": [{"name": "campus", "source": str(assets / "data" / "videos" / video), "mode": "file"}],
-        "detection": {"processes": processes, "threads": threads, "motion": {"enabled": False},
-                      "detector": {"type": "onnx", "path": str(models / "yolox_nano.onnx"), "layout": "yolox"}},
-        "recognition": {"processes": 1, "threads": 1, "face": {
-            "every_n_frames": 1000,
-            "detector": {"type": "onnx", "path": str(models / "scrfd_500m.onnx")},
-            "embedder": {"type": "onnx", "path": str(models / "mobilefacenet_128d.onnx")}}},
-        "storage": {"snapshots": False},
-    }
+    return pipeline_tree(
+        assets, video,
+        detection={"processes": processes, "threads": threads, "motion": {"enabled": False}},
+        recognition={"processes": 1, "threads": 1, "face": {**pipeline_tree(assets)["recognition"]["face"], "every_n_frames": 1000}},
+    )
 
 
 def run_once(cfg: dict) -> float:
     """Run the pipeline on ``cfg``; returns detection frames/s over the active period."""
-    with tempfile.TemporaryDirectory(prefix="fpb-", dir="/tmp") as d:
-        path = Path(d) / "cfg.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        env = dict(os.environ, FACEPRO_DATA_DIR=d)
-        res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path)], env=env,
-                             capture_output=True, text=True, timeout=1200)
-        if res.returncode != 0:
-            raise SystemExit(f"pipeline failed ({res.returncode}): {res.stderr[-2000:]}")
-        summary = json.loads((Path(d) / "last_run.json").read_text())
-    frames = summary["stages"]["detection"]["frames_out"]
-    return frames / summary["active_s"]
+    return active_fps(run_pipeline(cfg))
 
 
 def main() -> int:
@@ -65,9 +47,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    if not args.assets:
-        raise SystemExit("set FACEPRO_ASSETS or pass --assets (the folder holding models/ and data/)")
-    assets = Path(args.assets).resolve()
+    assets = assets_dir(args.assets)
     cores = os.cpu_count() or 1
     fps: dict[int, list[float]] = {1: [], 2: []}
     for _ in range(args.repeats):
