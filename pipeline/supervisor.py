@@ -351,6 +351,9 @@ class Supervisor:
                 if not c.stopping:
                     c.stopping = True
                     c.popen.send_signal(signal.SIGTERM)
+                    if self.failure:  # a stage is gone for good: nobody will drain, stop hard (second signal)
+                        time.sleep(0.05)
+                        c.popen.send_signal(signal.SIGTERM)
             if kids:
                 if time.monotonic() - self.phase_started > STOP_TIMEOUT_S:
                     log.error("%s did not stop within %.0f s; killing it", stage, STOP_TIMEOUT_S)

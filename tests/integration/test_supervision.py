@@ -95,3 +95,19 @@ def test_scale_rejects_bad_requests(clip: Path, models: Path, short_data_dir: Pa
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=120)
     assert proc.returncode == 0
+
+
+def test_a_stage_that_keeps_failing_stops_the_pipeline_with_its_error(clip: Path, models: Path, short_data_dir: Path) -> None:
+    broken = short_data_dir / "broken.onnx"
+    broken.write_bytes(b"not an onnx model" * 100)
+    tree = pipeline_config(models, {"campus": clip})
+    tree["recognition"]["face"]["embedder"]["path"] = str(broken)
+    cfg = save_config(tree, short_data_dir / "cfg.yaml")
+    proc = start_run(cfg)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert "stage recognition failed" in last and "broken.onnx" in last, last
+    summary = json.loads((short_data_dir / "last_run.json").read_text())
+    assert summary["stages"]["recognition"]["restarts"] == 6
+    assert list_segments(summary["run_id"]) == []
