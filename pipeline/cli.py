@@ -193,6 +193,22 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_identities(args: argparse.Namespace) -> int:
+    from storage.queries import delete_identity, list_identities
+
+    engine = _engine(_config(args))
+    if args.action == "list":
+        for name, n in list_identities(engine):
+            print(f"{name:<32} {n} embedding(s)")
+        return 0
+    if not args.name:
+        raise CliError("identities delete needs a NAME")
+    if not delete_identity(engine, args.name):
+        raise CliError(f"no identity named {args.name!r}; see facepro identities list")
+    print(f"deleted {args.name} and its embeddings (the enrolled image files themselves are yours and stay)")
+    return 0
+
+
 def cmd_identify(args: argparse.Namespace) -> int:
     from stages.gallery import Gallery, identify
     from storage.queries import load_gallery
@@ -316,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     en = add("enroll", cmd_enroll, "add an identity (or more images of it) to the gallery")
     en.add_argument("name")
     en.add_argument("images", nargs="+")
+    ids = add("identities", cmd_identities, "enrolled identities: list | delete NAME")
+    ids.add_argument("action", choices=["list", "delete"])
+    ids.add_argument("name", nargs="?")
     idf = add("identify", cmd_identify, "name every face in an image")
     idf.add_argument("image")
     idf.add_argument("--json", action="store_true")

@@ -66,3 +66,14 @@ def test_enroll_rejects_an_image_without_face(cfg: str, tmp_path: Path, capsys: 
 def test_events_on_an_empty_database_prints_nothing(cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["events", "--config", cfg, "--json"]) == 0
     assert capsys.readouterr().out == ""
+
+
+def test_identities_list_and_delete(cfg: str, faces: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["enroll", "--config", cfg, "Joe Biden", str(faces / "biden/biden.jpg"), str(faces / "biden/biden2.jpg")]) == 0
+    assert main(["identities", "list", "--config", cfg]) == 0
+    assert "Joe Biden" in capsys.readouterr().out
+    assert main(["identities", "delete", "--config", cfg, "Joe Biden"]) == 0
+    capsys.readouterr()
+    assert [f["identity"] for f in _identify(cfg, faces / "biden/biden2.jpg", capsys)] == [None]  # no longer known
+    assert main(["identities", "delete", "--config", cfg, "Joe Biden"]) == 2
+    assert "no identity named" in capsys.readouterr().err
