@@ -72,8 +72,8 @@ def test_identities_list_and_delete(cfg: str, faces: Path, capsys: pytest.Captur
     assert main(["enroll", "--config", cfg, "Joe Biden", str(faces / "biden/biden.jpg"), str(faces / "biden/biden2.jpg")]) == 0
     assert main(["identities", "list", "--config", cfg]) == 0
     assert "Joe Biden" in capsys.readouterr().out
-    assert main(["identities", "delete", "--config", cfg, "Joe Biden"]) == 0
+    assert main(["identities", "delete", "Joe Biden", "--config", cfg]) == 0
     capsys.readouterr()
     assert [f["identity"] for f in _identify(cfg, faces / "biden/biden2.jpg", capsys)] == [None]  # no longer known
-    assert main(["identities", "delete", "--config", cfg, "Joe Biden"]) == 2
+    assert main(["identities", "delete", "Joe Biden", "--config", cfg]) == 2
     assert "no identity named" in capsys.readouterr().err
