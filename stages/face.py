@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import FaceConfig, OnnxFaceDetectorConfig, OnnxFaceEmbedderConfig
-from stages.runtime import ModelError, SessionOptions, expect_input, open_session
+from stages.runtime import ModelError, SessionOptions, expect_input, open_session, expect_embedding_output
 
 #: Side of the aligned face crop in pixels (ArcFace convention).
 ALIGNED_SIZE = 112
@@ -265,14 +265,9 @@ class FaceEmbedder:
                 f"{what} model {cfg.path}: input {inp.name} has shape {shape}, expected [B, 3, 112, 112] "
                 "(an aligned face crop); is this the right file? Any ArcFace-style 112x112 model works by config alone"
             )
-        outs = self.session.get_outputs()
-        if len(outs) != 1 or len(outs[0].shape) != 2:
-            raise ModelError(
-                f"{what} model {cfg.path}: outputs {[(o.name, list(o.shape)) for o in outs]}, expected one [B, d] embedding output"
-            )
+        d = expect_embedding_output(self.session, what, cfg.path)
         self._arcface = ArcFaceONNX(model_file=str(cfg.path), session=self.session)
         self._batched = not (isinstance(shape[0], int) and shape[0] == 1)
-        d = outs[0].shape[1]
         self._dim = int(d) if isinstance(d, int) else int(self._run(np.zeros((1, 112, 112, 3), np.uint8)).shape[1])
 
     @property

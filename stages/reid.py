@@ -52,7 +52,7 @@ import cv2
 import numpy as np
 
 from pipeline.config import OnnxReidConfig  # noqa: F401  (re-exported: the Re-ID settings)
-from stages.runtime import ModelError, SessionOptions, open_session
+from stages.runtime import ModelError, SessionOptions, expect_embedding_output, open_session
 
 #: OSNet input size ``(height, width)`` in pixels (torchreid's default person crop).
 INPUT_HW: tuple[int, int] = (256, 128)
@@ -129,18 +129,13 @@ class ReidEmbedder:
                 f"{_WHAT} model {self.path}: input {inp.name} has shape {shape}, expected [B, 3, {INPUT_HW[0]}, {INPUT_HW[1]}] "
                 "(a 256x128 person crop, as OSNet/torchreid); is this the right file?"
             )
-        outs = self.session.get_outputs()
-        if len(outs) != 1 or len(outs[0].shape) != 2:
-            raise ModelError(
-                f"{_WHAT} model {self.path}: outputs {[(o.name, list(o.shape)) for o in outs]}, expected one [B, d] embedding output"
-            )
+        d = expect_embedding_output(self.session, _WHAT, self.path)
         self._input_name = inp.name
         self._fixed_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
         if self._fixed_batch not in (None, 1):
             raise ModelError(
                 f"{_WHAT} model {self.path}: fixed batch size {self._fixed_batch}; export it with a dynamic batch (or batch 1)"
             )
-        d = outs[0].shape[1]
         self._dim = int(d) if isinstance(d, int) else int(self._run(np.zeros((1, 3, *INPUT_HW), np.float32)).shape[1])
 
     @property

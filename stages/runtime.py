@@ -107,3 +107,15 @@ def expect_input(session: Any, what: str, path: Path | str, rank: int, channels:
     if len(shape) != rank or (rank == 4 and shape[1] != channels):
         raise ModelError(f"{what} model {path}: input {inp.name} has shape {list(shape)}, expected [N, {channels}, H, W]; is this the right file?")
     return shape
+
+
+def expect_embedding_output(session: Any, what: str, path: Path | str) -> Any:
+    """Check the model has exactly one ``[B, d]`` output (an embedder); return ``d`` (int or a symbolic name).
+
+    Raises:
+        ModelError: another output layout (wrong file for this role).
+    """
+    outs = session.get_outputs()
+    if len(outs) != 1 or len(outs[0].shape) != 2:
+        raise ModelError(f"{what} model {path}: outputs {[(o.name, list(o.shape)) for o in outs]}, expected one [B, d] embedding output")
+    return outs[0].shape[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -90,3 +91,14 @@ def wait_status(proc: subprocess.Popen, timeout_s: float = 60.0, until=lambda do
 def save_config(tree: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(tree))
     return path
+
+
+def finish_run(proc: subprocess.Popen, data_dir: Path, timeout_s: float = 300) -> dict:
+    """Wait for a run started by :func:`start_run`, assert it exited 0, return its summary (``last_run.json``)."""
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    return json.loads((data_dir / "last_run.json").read_text())
