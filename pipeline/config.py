@@ -230,7 +230,7 @@ def expand_vars(value: object, where: str = "") -> object:
         def sub(m: re.Match[str]) -> str:
             name = m.group(1)
             if name not in os.environ:
-                hint = " (the folder holding models/ and data/, e.g. ../shared)" if name == "FACEPRO_ASSETS" else ""
+                hint = " (the folder holding models/ and data/, e.g. the assets folder beside your checkout)" if name == "FACEPRO_ASSETS" else ""
                 raise ConfigError(f"{where}: environment variable {name} is not set; export {name}{hint}")
             return os.environ[name]
         return _VAR.sub(sub, value)
