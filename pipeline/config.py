@@ -157,11 +157,25 @@ class OnnxReidConfig(_Strict):
     keep_tracks: int = Field(256, ge=1, le=100_000, description="ended tracks remembered for linking")
 
 
+class GaitConfig(_Strict):
+    """Gait Energy Image (Han & Bhanu 2006) per person track: names a track neither face nor Re-ID could.
+
+    Classical and weak (see ``stages/gait.py`` for measured numbers): keep the
+    threshold high and calibrate it on the site's own footage.
+    """
+
+    min_frames: int = Field(20, ge=2, le=10_000, description="silhouettes per GEI (>= one gait cycle, ~1 s)")
+    width_px: int = Field(640, ge=64, le=4096, description="frames wider than this are downscaled for background subtraction")
+    link_threshold: float = Field(0.97, ge=-1.0, le=1.0, description="cosine similarity of GEI embeddings needed to link")
+    keep_tracks: int = Field(256, ge=1, le=100_000, description="ended named tracks remembered for linking")
+
+
 class RecognitionConfig(_Strict):
     processes: int = Field(1, ge=1, le=64)
     threads: int | None = Field(None, ge=1, le=256, description="ONNX Runtime threads per recognition process; default from the CPU budget")
     face: FaceConfig
     reid: OnnxReidConfig | None = None
+    gait: GaitConfig | None = None
     max_lag_ms: float = Field(2000, gt=0, le=600_000, description="skip face work on frames older than this (live mode)")
 
 

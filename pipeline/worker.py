@@ -117,8 +117,13 @@ def _recognition(cfg: AppConfig, t: Transport, index: int, counters: StageCounte
         from stages.reid import ReidEmbedder
 
         reid = ReidLinker(ReidEmbedder(cfg.recognition.reid.path, opts), cfg.recognition.reid)
+    gait = None
+    if cfg.recognition.gait is not None:
+        from stages.recognition import GaitLinker
+
+        gait = GaitLinker(cfg.recognition.gait)
     stage = RecognitionStage(cfg.tracking, cfg.recognition.face, class_names, analyzer, gallery, snap, live,
-                             cfg.recognition.max_lag_ms, reid)
+                             cfg.recognition.max_lag_ms, reid, gait)
     inbox = t.receiver(f"detections-{index}", bind=True, hwm=cfg.ring.slots)
     out = ReliableSender(t.sender("storage", hwm=10_000, linger_ms=10_000), t.subscriber("storage-acks"),
                          producer=f"recognition-{index}-{os.getpid()}", resend_after_s=cfg.storage.resend_after_s)

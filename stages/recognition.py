@@ -14,6 +14,10 @@ OSNet every few frames (:class:`ReidLinker`); a track that has no face
 identity is linked to an earlier, named track of any camera of this process
 whose mean Re-ID embedding is similar enough, and inherits its identity with
 method ``reid``. Every ended person track's mean Re-ID embedding is stored.
+With ``recognition.gait``, every frame also feeds a per-camera background
+model; person silhouettes build a Gait Energy Image per track
+(:class:`GaitLinker`), which names a track neither face nor Re-ID named
+(method ``gait``) and is stored when the track ends.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ import numpy as np
 
 from collections import OrderedDict
 
-from pipeline.config import FaceConfig, OnnxReidConfig, TrackingConfig
+from pipeline.config import FaceConfig, GaitConfig, OnnxReidConfig, TrackingConfig
 from pipeline.messages import Detections, EmbeddingRecord, TrackUpdate
 from stages.face import Face, FaceAnalyzer
+from stages.gait import CameraSilhouettes, TrackGait, gei_embedding
 from stages.gallery import Gallery
 from stages.quality import assess
 from stages.reid import ReidEmbedder, TrackReid, link_tracks
@@ -135,6 +140,61 @@ class ReidLinker:
                                vector=mean.astype(np.float32), frame_index=-1)
 
 
+class GaitLinker:
+    """Gait per person track: silhouettes every frame, GEI, linking unnamed tracks to earlier named ones.
+
+    Needs every frame of its cameras in order (the background model).
+    """
+
+    MODEL = "gei-64x44"
+
+    def __init__(self, cfg: GaitConfig) -> None:
+        self.cfg = cfg
+        self.silhouettes: dict[str, CameraSilhouettes] = {}
+        self.tracks: dict[str, TrackGait] = {}
+        self.earlier: OrderedDict[int, tuple[np.ndarray, Named]] = OrderedDict()
+        self._next = 0
+
+    def observe(self, camera: str, persons: list[ActiveTrack], frame: np.ndarray) -> list[int]:
+        """Update the camera's background; add each person's silhouette; returns tracks whose GEI just became ready."""
+        sil = self.silhouettes.setdefault(camera, CameraSilhouettes(self.cfg.width_px))
+        sil.update(frame)
+        gait = self.tracks.setdefault(camera, TrackGait(self.cfg.min_frames))
+        ready = []
+        for t in persons:
+            if gait.add(t.track_id, sil.silhouette(t.xyxy)) and gait.count(t.track_id) % self.cfg.min_frames == 0:
+                ready.append(t.track_id)
+        return ready
+
+    def link(self, camera: str, track_id: int) -> Named | None:
+        gei = self.tracks[camera].gei(track_id)
+        if gei is None or not self.earlier:
+            return None
+        earlier = {k: mean for k, (mean, _) in self.earlier.items()}
+        found = link_tracks({track_id: gei_embedding(gei)}, earlier, self.cfg.link_threshold, exclusive=False)
+        if track_id not in found:
+            return None
+        named = self.earlier[found[track_id].earlier_id][1]
+        return Named(named.identity, "gait", float(found[track_id].similarity))
+
+    def end(self, camera: str, track_id: int, event_id: str, named: Named | None) -> EmbeddingRecord | None:
+        gait = self.tracks.get(camera)
+        gei = gait.pop(track_id) if gait is not None else None
+        if gei is None:
+            return None
+        emb = gei_embedding(gei)
+        if named is not None and named.identity is not None:
+            self.earlier[self._next] = (emb, named)
+            self._next += 1
+            while len(self.earlier) > self.cfg.keep_tracks:
+                self.earlier.popitem(last=False)
+        return EmbeddingRecord(event_id=event_id, kind="gait", model=self.MODEL, vector=emb, frame_index=-1)
+
+    @property
+    def rejected(self) -> int:
+        return sum(g.rejected for g in self.tracks.values())
+
+
 def _largest(faces: list[Face]) -> Face | None:
     return max(faces, key=lambda f: f.width, default=None)
 
@@ -153,6 +213,7 @@ class RecognitionStage:
             skip face work (counted as ``behind``).
         max_lag_ms: see ``live_cameras``.
         reid: person Re-ID linker, or None.
+        gait: gait linker, or None (it needs every frame, so frames are copied on every frame then).
 
     Attributes:
         drops: cumulative ``{"behind": n}``.
@@ -161,7 +222,7 @@ class RecognitionStage:
     def __init__(self, tracking: TrackingConfig, face: FaceConfig, class_names: tuple[str, ...],
                  analyzer: FaceAnalyzer | None, gallery: Gallery, snapshot: SnapshotSink | None = None,
                  live_cameras: frozenset[str] = frozenset(), max_lag_ms: float = 2000.0,
-                 reid: ReidLinker | None = None) -> None:
+                 reid: ReidLinker | None = None, gait: GaitLinker | None = None) -> None:
         self.tracking = tracking
         self.face = face
         self.class_names = class_names
@@ -176,6 +237,7 @@ class RecognitionStage:
         self.named: dict[tuple[str, int], Named] = {}
         self.counts: Counter = Counter()  # face_rejected_<reason>, faces_used
         self.reid = reid
+        self.gait = gait
         self.drops = {"behind": 0}
 
     def _tracks(self, camera: str) -> CameraTracks:
@@ -184,7 +246,11 @@ class RecognitionStage:
         return self.cameras[camera]
 
     def _due(self, det: Detections) -> bool:
-        if not det.valid or len(det) == 0:
+        if not det.valid:
+            return False
+        if self.gait is not None:
+            return True  # the background model needs every frame
+        if len(det) == 0:
             return False
         idx = det.frame.frame_index
         return idx % self.face.every_n_frames == 0 or (self.reid is not None and self.reid.due(idx))
@@ -214,8 +280,11 @@ class RecognitionStage:
                 faces = self._faces(frame, active)
                 for track in active:
                     out.extend(self._observe(tracks, track, frame, idx, faces))
-            if self.reid is not None and self.reid.due(idx):
-                self._reid(tracks, [t for t in active if t.label == "person"], frame, idx)
+            persons = [t for t in active if t.label == "person"]
+            if self.reid is not None and self.reid.due(idx) and persons:
+                self._reid(tracks, persons, frame, idx)
+            if self.gait is not None:
+                self._gait(tracks, persons, frame)
         out.extend(self._forget_ended(out))
         return out
 
@@ -224,6 +293,15 @@ class RecognitionStage:
         if self.named.get(key) != named:
             self.named[key] = named
             tracks.set_identity(track_id, named.identity, named.method, named.score)
+
+    def _gait(self, tracks: CameraTracks, persons: list[ActiveTrack], frame: np.ndarray) -> None:
+        for track_id in self.gait.observe(tracks.camera, persons, frame):
+            if self.named.get((tracks.camera, track_id)) is not None:
+                continue  # face or Re-ID already named it
+            linked = self.gait.link(tracks.camera, track_id)
+            if linked is not None:
+                self._name(tracks, track_id, linked)
+        self.counts["gait_silhouettes_rejected"] = self.gait.rejected
 
     def _reid(self, tracks: CameraTracks, persons: list[ActiveTrack], frame: np.ndarray, idx: int) -> None:
         for track_id in self.reid.sample(tracks.camera, persons, frame, idx):
@@ -294,8 +372,10 @@ class RecognitionStage:
                 self.votes.pop((msg.camera, msg.track_id), None)
                 self.snapped.discard(msg.event_id)
                 named = self.named.pop((msg.camera, msg.track_id), None)
-                if self.reid is not None and msg.label == "person":
-                    rec = self.reid.end(msg.camera, msg.track_id, msg.event_id, named)
+                if msg.label != "person":
+                    continue
+                for linker in (self.reid, self.gait):
+                    rec = linker.end(msg.camera, msg.track_id, msg.event_id, named) if linker is not None else None
                     if rec is not None:
                         extra.append(rec)
         return extra
