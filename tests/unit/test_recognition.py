@@ -94,3 +94,33 @@ def test_reid_needs_min_samples(person_crops: dict, models: Path) -> None:
     linker.end("cam", 1, f"{1:032x}", Named("Alice", "face", 0.8))
     _feed(linker, 2, woman, 1000)
     assert linker.link("cam", 2) is None  # too few samples to decide
+
+
+def _detections(camera: str, index: int, captured_at_ns: int):
+    from pipeline.messages import Detections, FrameRef
+
+    ref = FrameRef(camera=camera, ring="r", slot=0, seq=index + 1, frame_index=index, captured_at_ns=captured_at_ns,
+                   height=100, width=100)
+    return Detections(frame=ref, xyxy=np.array([[10, 10, 50, 90]], np.float32), confidence=np.array([0.9], np.float32),
+                      class_id=np.zeros(1, np.int32))
+
+
+@pytest.mark.parametrize(
+    "camera, age_ms, wants, behind",
+    [("live", 5000, False, 1), ("live", 10, True, 0), ("file", 5000, True, 0)],
+)
+def test_live_frames_too_far_behind_skip_face_work_and_are_counted(camera: str, age_ms: int, wants: bool, behind: int) -> None:
+    import time
+
+    from pipeline.config import FaceConfig, OnnxFaceDetectorConfig, OnnxFaceEmbedderConfig, TrackingConfig
+    from stages.gallery import Gallery
+    from stages.recognition import RecognitionStage
+
+    face = FaceConfig(detector=OnnxFaceDetectorConfig(path="s.onnx"), embedder=OnnxFaceEmbedderConfig(path="e.onnx"), every_n_frames=1)
+    stage = RecognitionStage(TrackingConfig(), face, ("person",), analyzer=None, gallery=Gallery([], np.zeros((0, 4), np.float32)),
+                             live_cameras=frozenset({"live"}), max_lag_ms=1000)
+    det = _detections(camera, 0, time.time_ns() - age_ms * 1_000_000)
+    assert stage.wants_frame(det) is wants
+    assert stage.drops["behind"] == behind
+    stage.process(None, det)  # the tracker still gets the detections (metadata), only pixel work is skipped
+    assert stage.cameras[camera] is not None
