@@ -179,7 +179,8 @@ class Supervisor:
         self.metrics_port: int | None = None
         self.first_frame_at: float | None = None  # monotonic time the first frame was captured
         self.sources_done_at: float | None = None  # monotonic time every file source had ended
-        self.pending: list[tuple[float, str, int]] = []  # (due, stage, index) restarts waiting for their backoff
+        self.pending: list[tuple[float, str, int]] = []
+        self.repartition: tuple[int, int] | None = None  # (phase, target recognition processes) while rescaling  # (due, stage, index) restarts waiting for their backoff
 
     # ----------------------------------------------------------------- start
     def _claim_run(self) -> None:
@@ -450,9 +451,23 @@ class Supervisor:
             self.control.reply(Ack(ok=False, message=f"unsupported request {type(req).__name__}"))
 
     def scale(self, stage: str, processes: int) -> Ack:
-        """Grow or shrink the detection stage to ``processes`` processes."""
+        """Grow or shrink the detection or recognition stage to ``processes`` processes.
+
+        Detection processes are added or removed directly (credit-based input:
+        a removed process finishes exactly the frames it received). Recognition
+        owns each camera's tracker, so a new process count repartitions the
+        cameras: detection drains and stops, then recognition finishes its
+        frames and closes its tracks, then both restart with the new camera
+        map (:meth:`_advance_repartition`). Capture and storage keep running.
+        """
+        if self.shutdown_phase is not None or self.repartition is not None:
+            return Ack(ok=False, message="the pipeline is busy (shutting down or already rescaling); try again")
+        if stage == "recognition":
+            old = self.counts["recognition"]
+            self.repartition = (0, processes)
+            return Ack(ok=True, message=f"recognition: {old} -> {processes} processes (cameras repartitioned; detection and recognition restart)")
         if stage != "detection":
-            return Ack(ok=False, message=f"scaling {stage} at run time is not supported; set {stage}.processes in the config")
+            return Ack(ok=False, message=f"scaling {stage} at run time is not supported ({stage} runs one process per camera or one in all)")
         kids = [c for c in self._stage_children(stage) if not c.stopping]
         for i in range(len(kids), processes):
             self._spawn(stage, i)
@@ -461,6 +476,27 @@ class Supervisor:
             c.popen.send_signal(signal.SIGTERM)
         self.counts[stage] = processes
         return Ack(ok=True, message=f"{stage}: {len(kids)} -> {processes} processes")
+
+    def _advance_repartition(self) -> None:
+        """One step of a recognition rescale: stop detection, then recognition, then start both anew."""
+        phase, target = self.repartition  # type: ignore[misc]
+        stage = ("detection", "recognition")[phase] if phase < 2 else None
+        if stage is not None:
+            kids = self._stage_children(stage)
+            for c in kids:
+                if not c.stopping:
+                    c.stopping = True
+                    c.popen.send_signal(signal.SIGTERM)
+            if not kids:
+                self.repartition = (phase + 1, target)
+            return
+        self.counts["recognition"] = target
+        for i in range(target):
+            self._spawn("recognition", i)
+        for i in range(self.counts["detection"]):
+            self._spawn("detection", i)
+        self.repartition = None
+        log.info("recognition rescaled to %d process(es)", target)
 
     # ----------------------------------------------------------------- loop
     def run(self) -> int:
@@ -475,6 +511,8 @@ class Supervisor:
                 self._serve_control()
                 self._check_children()
                 self._start_pending()
+                if self.repartition is not None and self.shutdown_phase is None:
+                    self._advance_repartition()
                 if self.shutdown_phase is None and not self.pending and self._files_done():
                     log.info("all file sources finished; draining")
                     self.sources_done_at = time.monotonic()

@@ -74,7 +74,7 @@ def test_scaling_detection_up_and_down_processes_every_frame_exactly_once(clip: 
     assert "lost" not in stages["recognition"]["dropped"]
 
 
-@pytest.mark.parametrize("spec, error", [("recognition=2", "not supported"), ("detection", "expected STAGE=N")])
+@pytest.mark.parametrize("spec, error", [("capture=2", "not supported"), ("detection", "expected STAGE=N")])
 def test_scale_rejects_bad_requests(clip: Path, models: Path, short_data_dir: Path, spec: str, error: str) -> None:
     from tests.integration.conftest import facepro
 
@@ -105,3 +105,26 @@ def test_a_stage_that_keeps_failing_stops_the_pipeline_with_its_error(clip: Path
     summary = json.loads((short_data_dir / "last_run.json").read_text())
     assert summary["stages"]["recognition"]["restarts"] == 6
     assert list_segments(summary["run_id"]) == []
+
+
+def test_scaling_recognition_repartitions_cameras_and_loses_no_frame(clip: Path, models: Path, short_data_dir: Path) -> None:
+    from tests.integration.conftest import facepro
+
+    tree = pipeline_config(models, {"east": clip, "west": clip})
+    for cam in tree["cameras"]:
+        cam["max_fps"] = 20  # paced, so the run outlasts the rescale
+    cfg = save_config(tree, short_data_dir / "cfg.yaml")
+    proc = start_run(cfg)
+    try:
+        wait_status(proc, until=lambda d: _stage(d, "recognition")["rate_fps"] > 0)
+        res = facepro("scale", "--config", str(cfg), "recognition=2")
+        assert res.returncode == 0 and "1 -> 2" in res.stdout, res.stdout + res.stderr
+        wait_status(proc, until=lambda d: _stage(d, "recognition")["processes"] == 2 and _stage(d, "recognition")["rate_fps"] > 0)
+    finally:
+        summary = finish_run(proc, short_data_dir)
+    stages = summary["stages"]
+    assert len(stages["recognition"]["peak_rss_mb"]) == 3  # the first process, then two after the rescale
+    assert stages["recognition"]["restarts"] == 0
+    assert stages["capture"]["frames_out"] == 2 * FRAMES
+    assert stages["recognition"]["frames_out"] == 2 * FRAMES  # every frame of both cameras exactly once
+    assert "lost" not in stages["recognition"]["dropped"]
