@@ -526,6 +526,8 @@ class Supervisor:
                     self._log_progress()
                     next_log = time.monotonic() + 5.0
             self._collect_stats()
+            if self.signals >= 2:
+                return 130  # forced: in-flight frames were abandoned
             return 1 if self.failure else 0
         finally:
             self._cleanup()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 import urllib.request
 from pathlib import Path
 
@@ -99,3 +100,20 @@ def test_killed_run_leaves_nothing_after_next_start(clip: Path, models: Path, sh
         out, _ = proc2.communicate(timeout=120)
     assert proc2.returncode == 0, out[-3000:]
     assert list_segments(old_run) == []
+
+
+def test_second_signal_forces_exit_and_still_cleans_up(clip: Path, models: Path, short_data_dir: Path) -> None:
+    tree = pipeline_config(models, {"campus": clip})
+    tree["cameras"][0]["max_fps"] = 10  # a 20 s run: the signals arrive well before the end
+    cfg = save_config(tree, short_data_dir / "cfg.yaml")
+    proc = start_run(cfg)
+    status = wait_status(proc, until=lambda d: d["stages"][2]["rate_fps"] > 0)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert time.monotonic() - t0 < 15  # no drain of the remaining ~150 frames
+    assert list_segments(status["run_id"]) == []
+    assert not (short_data_dir / "run" / "current.json").exists()
