@@ -277,6 +277,20 @@ class Supervisor:
                         if msg.last_error:
                             self.books[c.stage].last_error = msg.last_error
 
+    def _collect_final_stats(self, child: Child, quiet_s: float = 0.05) -> None:
+        """Read heartbeats still queued before ``child``'s exit is booked.
+
+        A child flushes its final heartbeat before exiting (stats socket linger), so
+        once the stats socket has been quiet for ``quiet_s`` its final counts are in.
+        """
+        last = child.stats
+        while True:
+            time.sleep(quiet_s)
+            self._collect_stats()
+            if child.stats is last:
+                return
+            last = child.stats
+
     def _retire(self, child: Child) -> None:
         book = self.books[child.stage]
         if child.stats is not None:
@@ -323,6 +337,7 @@ class Supervisor:
                     log.error("%s-%d sent no heartbeat for %.0f s; killing it", child.stage, child.index, now - child.last_beat)
                     child.popen.kill()
                 continue
+            self._collect_final_stats(child)
             self._retire(child)
             if code == 0 and (child.stage == "capture" or child.stopping):
                 continue  # a file source ended, or a requested stop

@@ -172,7 +172,7 @@ def main(argv: list[str]) -> int:
     run_id = run_info["run_id"]
     t = Transport(Path(run_info["socket_dir"]))
     counters = StageCounters(stage, index)
-    hb = Heartbeat(counters, t.sender("stats", hwm=100), cfg.runtime.stats_interval_s)
+    hb = Heartbeat(counters, t.sender("stats", hwm=100, linger_ms=2000), cfg.runtime.stats_interval_s)  # the final counts must arrive
     try:
         if stage == "capture":
             _capture(cfg, t, run_id, index, counters, hb, stop)
