@@ -13,8 +13,9 @@ stride in bytes, data offset. Slot header (int64 words):
 - ``captured_at_ns`` and ``frame_index`` of the frame in the slot.
 
 Seqlock protocol. The single writer (the camera's capture process) marks the
-slot busy (``seq = -s``), copies the pixels, writes the timestamp, then
-publishes ``seq = s``. A message over ZeroMQ names ``(ring, slot, seq)``. A
+slot busy (``seq = -s``), fills the pixels (capture decodes straight into the
+slot, :meth:`RingWriter.begin_write`; :meth:`RingWriter.write` copies a frame
+in), writes the timestamp, then publishes ``seq = s``. A message over ZeroMQ names ``(ring, slot, seq)``. A
 reader checks ``seq == s`` before copying and again after: if the slot was
 rewritten in between (a late reader in live mode), the copy is discarded and
 counted as an ``overwritten`` drop. No torn or stale frame is ever handed to
@@ -190,6 +191,7 @@ class RingWriter(_Ring):
         self.release_timeout_s = release_timeout_s
         self.next_seq = 1
         self.reclaimed = 0
+        self._busy = False  # between begin_write and publish/abort
 
     @classmethod
     def create(cls, name: str, layout: RingLayout, *, wait_for_release: bool, release_timeout_s: float = 10.0) -> RingWriter:
@@ -256,6 +258,58 @@ class RingWriter(_Ring):
             pause = min(pause * 1.5, 0.002)
         return True
 
+    def begin_write(self) -> np.ndarray:
+        """Mark the next slot busy and return it as a writable ``(H, W, C) uint8`` view.
+
+        For producers that create the frame in place (capture decodes straight
+        into the slot with ``cv2.VideoCapture.read(image=view)``, so the frame
+        is never copied). Follow with :meth:`publish` once the pixels are
+        complete, or :meth:`abort` if no frame came. While the slot is busy a
+        reader holding an older frame of that slot sees the overwrite. In file
+        mode call :meth:`wait_slot` first.
+
+        Raises:
+            RingError: a write is already in progress.
+        """
+        if self._busy:
+            raise RingError(f"ring {self.name}: begin_write while slot {(self.next_seq - 1) % self.layout.slots} is busy")
+        seq = self.next_seq
+        slot = (seq - 1) % self.layout.slots
+        self._headers[slot, _SEQ] = -seq  # busy
+        self._busy = True
+        return self._frames[slot]
+
+    def publish(self, frame_index: int, captured_at_ns: int) -> tuple[int, int]:
+        """Publish the slot opened by :meth:`begin_write`.
+
+        Args:
+            frame_index: 0-based index of the frame in its source.
+            captured_at_ns: ``time.time_ns()`` when the frame was read.
+
+        Returns:
+            ``(slot, seq)`` to name in the :class:`~pipeline.messages.FrameRef`.
+
+        Raises:
+            RingError: no write in progress.
+        """
+        if not self._busy:
+            raise RingError(f"ring {self.name}: publish without begin_write")
+        seq = self.next_seq
+        slot = (seq - 1) % self.layout.slots
+        hdr = self._headers[slot]
+        hdr[_CAPTURED] = captured_at_ns
+        hdr[_INDEX] = frame_index
+        hdr[_SEQ] = seq  # publish: the last store, after the pixels
+        self.next_seq = seq + 1
+        self._busy = False
+        return slot, seq
+
+    def abort(self) -> None:
+        """Give up the write opened by :meth:`begin_write`: the slot becomes empty (its old frame is gone)."""
+        if self._busy:
+            self._headers[(self.next_seq - 1) % self.layout.slots, _SEQ] = 0
+            self._busy = False
+
     def write(self, frame: np.ndarray, frame_index: int, captured_at_ns: int) -> tuple[int, int]:
         """Copy ``frame`` ((H, W, C) uint8, the ring's shape) into the next slot and publish it.
 
@@ -271,16 +325,8 @@ class RingWriter(_Ring):
         lay = self.layout
         if frame.shape != (lay.height, lay.width, lay.channels) or frame.dtype != np.uint8:
             raise ValueError(f"frame {frame.shape} {frame.dtype} does not fit ring {self.name} of {(lay.height, lay.width, lay.channels)} uint8")
-        seq = self.next_seq
-        slot = (seq - 1) % lay.slots
-        hdr = self._headers[slot]
-        hdr[_SEQ] = -seq  # busy
-        np.copyto(self._frames[slot], frame)
-        hdr[_CAPTURED] = captured_at_ns
-        hdr[_INDEX] = frame_index
-        hdr[_SEQ] = seq  # publish
-        self.next_seq = seq + 1
-        return slot, seq
+        np.copyto(self.begin_write(), frame)
+        return self.publish(frame_index, captured_at_ns)
 
     def all_released(self) -> bool:
         """True when no published frame is still owned by a reader."""

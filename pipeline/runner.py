@@ -346,7 +346,13 @@ class FrameSource(Protocol):
 
     is_file: bool
 
-    def read(self) -> np.ndarray | None: ...
+    def read(self, out: np.ndarray | None = None) -> np.ndarray | None:
+        """Next ``(H, W, 3) uint8`` BGR frame or None (end of file, read failure).
+
+        With ``out`` (a ring slot), decode straight into it and return ``out``
+        itself when the frame has its shape; otherwise return a new array
+        (``out``'s content is then undefined)."""
+        ...
 
     def open(self) -> None: ...
 
@@ -410,12 +416,18 @@ class CaptureLoop:
         return self.writer
 
     def _publish(self, frame: np.ndarray) -> bool:
+        """Copy ``frame`` into the camera's ring (a new ring if its size changed) and announce it."""
         ring = self._ring_for(frame)
         if not ring.wait_slot(self.stop, idle=self.sender.service):
             return False
-        slot, seq = ring.write(frame, self.frame_index, time.time_ns())
+        return self._announce(ring, ring.write(frame, self.frame_index, time.time_ns()))
+
+    def _announce(self, ring: RingWriter, slot_seq: tuple[int, int]) -> bool:
+        """Send the FrameRef of a just-published slot; False when stopped while waiting (file mode)."""
+        slot, seq = slot_seq
+        lay = ring.layout
         ref = FrameRef(camera=self.s.camera, ring=ring.name, slot=slot, seq=seq, frame_index=self.frame_index,
-                       captured_at_ns=time.time_ns(), height=frame.shape[0], width=frame.shape[1])
+                       captured_at_ns=time.time_ns(), height=lay.height, width=lay.width)
         self.counters.frames_in += 1
         if self.s.wait_for_release:
             if not self.sender.send_until(ref, self.stop):
@@ -429,6 +441,28 @@ class CaptureLoop:
         self.frame_index += 1
         return True
 
+    def _read_in_place(self) -> tuple[str, np.ndarray | None]:
+        """Decode the next frame straight into the ring's next slot (no copy).
+
+        Returns:
+            ``("published", None)`` when the frame landed in the slot and was
+            announced; ``("stopped", None)`` when stopped while waiting;
+            ``("frame", frame)`` otherwise: the slot was given back and
+            ``frame`` is a frame of another size for the copying path, or None
+            at the end of a file / on a read failure.
+        """
+        ring = self.writer
+        assert ring is not None
+        if not ring.wait_slot(self.stop, idle=self.sender.service):
+            return "stopped", None
+        view = ring.begin_write()
+        frame = self.source.read(out=view)
+        if frame is view:
+            announced = self._announce(ring, ring.publish(self.frame_index, time.time_ns()))
+            return ("published" if announced else "stopped"), None
+        ring.abort()
+        return "frame", frame
+
     def _reconnect(self) -> None:
         time.sleep(self.s.reconnect_s)
         try:
@@ -440,14 +474,17 @@ class CaptureLoop:
         period = 1.0 / self.s.max_fps if self.s.max_fps else 0.0
         next_t = time.monotonic()
         while not self.stop.is_set():
-            frame = self.source.read()
-            if frame is None:
-                if self.source.is_file:
-                    break
-                self._reconnect()
-                continue
-            if not self._publish(frame):
+            outcome, frame = ("frame", self.source.read()) if self.writer is None else self._read_in_place()
+            if outcome == "stopped":
                 break
+            if outcome == "frame":
+                if frame is None:
+                    if self.source.is_file:
+                        break
+                    self._reconnect()
+                    continue
+                if not self._publish(frame):
+                    break
             self.heartbeat.beat()
             if period:
                 next_t += period

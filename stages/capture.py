@@ -58,13 +58,22 @@ class VideoSource:
         self._cap = cap
         self.fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
 
-    def read(self) -> np.ndarray | None:
-        """Next frame, or None at end of file / on a read failure of a live source."""
+    def read(self, out: np.ndarray | None = None) -> np.ndarray | None:
+        """Next frame, ``(H, W, 3) uint8`` BGR, or None at end of file / on a read failure of a live source.
+
+        Args:
+            out: optional ``(H, W, 3) uint8`` buffer (a ring slot). OpenCV
+                decodes straight into it when the frame has that shape, and
+                ``out`` itself is returned (no copy); otherwise a new array is
+                returned and ``out`` is left as OpenCV left it.
+        """
         if self._cap is None:
             return None
-        ok, frame = self._cap.read()
+        ok, frame = self._cap.read() if out is None else self._cap.read(image=out)
         if not ok or frame is None:
             return None
+        if frame is out:
+            return out
         if frame.ndim == 2:
             frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
         return np.ascontiguousarray(frame)

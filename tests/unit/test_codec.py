@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 
 import numpy as np
 import pytest
@@ -66,6 +67,11 @@ def test_arrays_travel_as_raw_buffers_not_in_the_header() -> None:
     assert sum(len(bytes(f)) for f in frames[1:]) == 1000 * (16 + 4 + 4)
 
 
+def _frame_ref(*fields: int) -> bytes:
+    """FrameRef's fixed layout: slot, seq, frame_index, captured_at_ns, height, width, len(camera), len(ring)."""
+    return bytes((VERSION, 1)) + struct.pack("<qqqqiiHH", *fields)
+
+
 def _header(type_id: int, body: object) -> bytes:
     return bytes((VERSION, type_id)) + json.dumps(body).encode()
 
@@ -77,11 +83,13 @@ def _header(type_id: int, body: object) -> bytes:
         ([b"\x01"], "too short"),
         ([bytes((99, 1)) + b"{}"], "version 99"),
         ([bytes((VERSION, 200)) + b"{}"], "unknown message type"),
-        ([bytes((VERSION, 1)) + b"{not json"], "FrameRef"),
-        ([_header(1, {"$m": 2})], "does not match"),
-        ([_header(1, {"$m": 1, "camera": "c"})], "FrameRef"),  # missing fields
-        ([_header(1, {"$m": 1, "camera": "c", "ring": "r", "slot": -1, "seq": 1, "frame_index": 0,
-                      "captured_at_ns": 0, "height": 1, "width": 1})], "out of range"),
+        ([bytes((VERSION, 1)) + b"{not json"], "FrameRef: 9 bytes"),  # FrameRef: fixed layout, too short
+        ([_frame_ref(1, 2, 0, 0, 1, 1, 1, 5) + b"cring"], "FrameRef: .* match name lengths"),
+        ([_frame_ref(1, 2, 0, 0, 1, 1, 1, 1) + b"\xffr"], "FrameRef: .*utf-8"),
+        ([_frame_ref(-1, 1, 0, 0, 1, 1, 1, 1) + b"cr"], "out of range"),
+        ([_header(3, {"$m": 2})], "does not match"),
+        ([_header(3, {"$m": 3, "camera": "c"})], "TrackUpdate"),  # missing fields
+        ([bytes((VERSION, 3)) + b"{not json"], "TrackUpdate"),
         ([_header(4, {"$m": 4, "event_id": "e", "kind": "face", "model": "m",
                       "vector": {"$a": 0, "dtype": "<f4", "shape": [4]}}), b"\x00" * 15], "does not match shape"),
         ([_header(4, {"$m": 4, "event_id": "e", "kind": "face", "model": "m",

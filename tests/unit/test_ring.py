@@ -163,3 +163,49 @@ def test_orphaned_slots_are_reclaimed_within_one_timeout(name: str) -> None:
         assert time.monotonic() - t0 < 0.5  # one timeout for the burst, not three
     finally:
         w.close()
+
+
+def test_begin_write_fills_the_slot_in_place_and_publish_announces_it(name: str) -> None:
+    w = r.RingWriter.create(name, r.RingLayout(slots=2, height=6, width=8), wait_for_release=False)
+    rd = r.RingReader.attach(name)
+    try:
+        view = w.begin_write()
+        assert view.shape == (6, 8, 3) and view.flags.writeable
+        view[:] = 7  # a decoder writing its output straight into the slot
+        assert rd.read(0, 1) is None  # busy until published
+        assert w.publish(frame_index=0, captured_at_ns=5) == (0, 1)
+        assert np.array_equal(rd.read(0, 1), np.full((6, 8, 3), 7, np.uint8))
+    finally:
+        rd.close()
+        w.close()
+
+
+def test_abort_empties_the_slot_and_keeps_the_sequence(name: str) -> None:
+    w = r.RingWriter.create(name, r.RingLayout(slots=2, height=6, width=8), wait_for_release=True)
+    rd = r.RingReader.attach(name)
+    try:
+        w.begin_write()[:] = 1
+        w.abort()  # no frame came (end of file)
+        assert rd.read(0, 1) is None and rd.occupancy() == 0 and w.all_released()
+        assert w.wait_slot() and w.write(_frame(1), 0, 0) == (0, 1)  # the same seq is used next
+        assert np.array_equal(rd.read(0, 1), _frame(1))
+    finally:
+        rd.close()
+        w.close()
+
+
+@pytest.mark.parametrize(
+    "calls, error",
+    [
+        (("begin_write", "begin_write"), "busy"),
+        (("publish",), "without begin_write"),
+    ],
+)
+def test_write_protocol_misuse_is_refused(name: str, calls: tuple[str, ...], error: str) -> None:
+    w = r.RingWriter.create(name, r.RingLayout(slots=2, height=6, width=8), wait_for_release=False)
+    try:
+        with pytest.raises(r.RingError, match=error):
+            for call in calls:
+                getattr(w, call)(*((0, 0) if call == "publish" else ()))
+    finally:
+        w.close()

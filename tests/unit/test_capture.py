@@ -1,0 +1,140 @@
+"""Capture: decoding straight into ring slots, new rings on a size change, the real video source."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline import ring as r
+from pipeline.config import CameraConfig
+from pipeline.messages import FrameRef
+from pipeline.metrics import Heartbeat, StageCounters
+from pipeline.runner import CaptureLoop, CaptureSettings, StopFlag
+from stages.capture import VideoSource
+
+
+class _ListSource:
+    """Frames from a list; behaves like ``cv2.VideoCapture.read(image=out)``: fills ``out`` when the shape fits."""
+
+    is_file = True
+
+    def __init__(self, frames: list[np.ndarray]) -> None:
+        self.frames = list(frames)
+        self.in_place = 0
+
+    def read(self, out: np.ndarray | None = None) -> np.ndarray | None:
+        if not self.frames:
+            return None
+        frame = self.frames.pop(0)
+        if out is not None and out.shape == frame.shape:
+            out[:] = frame
+            self.in_place += 1
+            return out
+        return frame.copy()
+
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _ConsumingSender:
+    """Stands in for the Dispatcher: each FrameRef is read back from its ring (byte copy) and released."""
+
+    def __init__(self) -> None:
+        self.refs: list[FrameRef] = []
+        self.frames: list[np.ndarray] = []
+        self.readers: dict[str, r.RingReader] = {}
+
+    def send_until(self, ref: FrameRef, stop: object) -> bool:
+        reader = self.readers.get(ref.ring) or self.readers.setdefault(ref.ring, r.RingReader.attach(ref.ring))
+        frame = reader.read(ref.slot, ref.seq)
+        assert frame is not None, f"frame {ref.frame_index} not readable from {ref.ring}"
+        reader.release(ref.slot, ref.seq)
+        self.refs.append(ref)
+        self.frames.append(frame)
+        return True
+
+    def send(self, msg: object, timeout_ms: int | None = None) -> bool:
+        return True  # heartbeats
+
+    def service(self, timeout_ms: int = 0) -> None:
+        pass
+
+    def close(self) -> None:
+        for reader in self.readers.values():
+            reader.close()
+
+
+def _run(frames: list[np.ndarray]) -> tuple[_ListSource, _ConsumingSender, StageCounters, str]:
+    run_id = uuid.uuid4().hex[:8]
+    source, sender = _ListSource(frames), _ConsumingSender()
+    counters = StageCounters("capture", 0)
+    settings = CaptureSettings(run_id=run_id, camera="cam0", slots=4, release_timeout_s=5.0, wait_for_release=True)
+    loop = CaptureLoop(source, settings, sender, counters, Heartbeat(counters, sender, 60.0), StopFlag())  # type: ignore[arg-type]
+    try:
+        loop.run()
+    finally:
+        sender.close()
+    return source, sender, counters, run_id
+
+
+def _pattern(i: int, h: int, w: int) -> np.ndarray:
+    return np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_frames_after_the_first_are_decoded_into_the_slot_and_arrive_byte_exact() -> None:
+    frames = [_pattern(i, 12, 16) for i in range(10)]
+    source, sender, counters, run_id = _run(frames)
+    assert [ref.frame_index for ref in sender.refs] == list(range(10))
+    assert all(np.array_equal(got, want) for got, want in zip(sender.frames, frames))
+    assert source.in_place == 9  # the first frame creates the ring (its size is unknown before)
+    assert counters.frames_out == 10 and counters.sent == 10
+    assert r.list_segments(run_id) == []  # unlinked at the end
+
+
+def test_a_size_change_gets_a_new_ring_and_no_frame_is_lost() -> None:
+    frames = [_pattern(i, 12, 16) for i in range(3)] + [_pattern(i, 20, 24) for i in range(3, 6)] + [_pattern(6, 12, 16)]
+    source, sender, _, run_id = _run(frames)
+    assert all(np.array_equal(got, want) for got, want in zip(sender.frames, frames)) and len(sender.frames) == 7
+    rings = [ref.ring for ref in sender.refs]
+    assert len(set(rings)) == 3 and rings[0] != rings[6]  # back to the old size: a new ring, never the stale one
+    assert [(ref.height, ref.width) for ref in sender.refs] == [(12, 16)] * 3 + [(20, 24)] * 3 + [(12, 16)]
+    assert source.in_place == 4  # 2 + 2 + 0: each size's first frame is copied into its new ring
+    assert r.list_segments(run_id) == []
+
+
+def test_video_source_decodes_into_the_given_slot(videos: Path) -> None:
+    cam = CameraConfig(name="cam0", source=str(videos / "vtest.avi"))
+    plain, direct = VideoSource(cam), VideoSource(cam)
+    try:
+        first = plain.read()
+        assert first is not None and first.shape == (360, 480, 3)
+        slot = np.zeros_like(first)
+        got = direct.read(out=slot)
+        assert got is slot and np.array_equal(slot, first)  # same pixels, no new array
+        wrong = np.zeros((10, 10, 3), np.uint8)
+        other = direct.read(out=wrong)
+        assert other is not None and other is not wrong and other.shape == (360, 480, 3)
+        assert np.array_equal(other, plain.read())
+    finally:
+        plain.close()
+        direct.close()
+
+
+def test_video_source_ends_with_none_for_an_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "one.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (32, 24))
+    writer.write(np.zeros((24, 32, 3), np.uint8))
+    writer.release()
+    src = VideoSource(CameraConfig(name="cam0", source=str(path)))
+    try:
+        assert src.read() is not None
+        assert src.read(out=np.zeros((24, 32, 3), np.uint8)) is None
+    finally:
+        src.close()
