@@ -50,6 +50,7 @@ from sqlalchemy import (
     String,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -157,8 +158,10 @@ class Event(Base):
         CheckConstraint("last_frame >= first_frame", name="frame_order"),
         # list_events(camera=...) newest first
         Index("ix_events_camera_id_started_at", "camera_id", "started_at"),
-        # list_events(identity=...) newest first
-        Index("ix_events_identity_id_started_at", "identity_id", "started_at"),
+        # list_events(identity=...) newest first, and ON DELETE SET NULL from identities; partial
+        # (revision 0004): events nobody was recognised in, most of them, skip this index entry
+        Index("ix_events_identity_id_started_at", "identity_id", "started_at",
+              sqlite_where=text("identity_id IS NOT NULL"), postgresql_where=text("identity_id IS NOT NULL")),
         # list_events() newest first
         Index("ix_events_started_at", "started_at"),
     )
@@ -187,7 +190,8 @@ class _EventVector:
     """Columns shared by the per-event vector tables: one embedding computed for an event's track."""
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    event_id: Mapped[str] = mapped_column(ForeignKey("events.id", ondelete="CASCADE"), index=True)
+    # no index of its own (revision 0004): the unique (event_id, model, frame_index) serves event_id lookups
+    event_id: Mapped[str] = mapped_column(ForeignKey("events.id", ondelete="CASCADE"))
     model: Mapped[str] = mapped_column(String(MODEL_LEN))
     dim: Mapped[int] = mapped_column(Integer)
     vector: Mapped[bytes] = mapped_column(LargeBinary)

@@ -294,39 +294,40 @@ def _identity_ids(conn: Connection, names: set[str]) -> dict[str, int]:
     return ids
 
 
+#: Column order of :func:`_event_values`.
+_EVENT_KEYS: tuple[str, ...] = (
+    "id", "camera_id", "track_id", "label", "started_at", "ended_at", "first_frame", "last_frame", "best_score",
+    "x1", "y1", "x2", "y2", "identity_id", "method", "identity_score", "snapshot_path", "ended",
+)
+
+
+def _event_values(u: TrackUpdate, cameras: dict[str, int], identities: dict[str, int],
+                  when: Callable[[int], Any]) -> tuple[Any, ...]:
+    """One ``events`` row in :data:`_EVENT_KEYS` order; ``when`` turns nanoseconds into the stored time value."""
+    x1, y1, x2, y2 = u.xyxy.tolist()
+    return (
+        u.event_id, cameras[u.camera], int(u.track_id), u.label, when(u.first_seen_ns), when(u.last_seen_ns),
+        int(u.first_frame), int(u.last_frame), float(u.best_score), x1, y1, x2, y2,
+        identities.get(u.identity) if u.identity is not None else None,
+        u.method, float(u.identity_score), u.snapshot_path, bool(u.ended),
+    )
+
+
 def _event_row(u: TrackUpdate, cameras: dict[str, int], identities: dict[str, int]) -> dict[str, Any]:
-    x1, y1, x2, y2 = (float(v) for v in u.xyxy)
-    return {
-        "id": u.event_id,
-        "camera_id": cameras[u.camera],
-        "track_id": int(u.track_id),
-        "label": u.label,
-        "started_at": ns_to_datetime(u.first_seen_ns),
-        "ended_at": ns_to_datetime(u.last_seen_ns),
-        "first_frame": int(u.first_frame),
-        "last_frame": int(u.last_frame),
-        "best_score": float(u.best_score),
-        "x1": x1, "y1": y1, "x2": x2, "y2": y2,
-        "identity_id": identities.get(u.identity) if u.identity is not None else None,
-        "method": u.method,
-        "identity_score": float(u.identity_score),
-        "snapshot_path": u.snapshot_path,
-        "ended": bool(u.ended),
-    }
+    """One ``events`` row as a mapping (SQLAlchemy Core parameters, aware UTC datetimes)."""
+    return dict(zip(_EVENT_KEYS, _event_values(u, cameras, identities, ns_to_datetime)))
 
 
-def _upsert_events(conn: Connection, events: list[TrackUpdate], cameras: dict[str, int], identities: dict[str, int]) -> None:
-    if not events:
-        return
-    insert = dialect_insert(conn)
-    stmt = insert(Event)
+def _upsert_events_stmt(conn: Connection) -> Executable:
+    """INSERT ... ON CONFLICT (id) DO UPDATE keeping the newest state, earliest start and best score."""
+    stmt = dialect_insert(conn)(Event)
     new = stmt.excluded
     least, greatest = (func.min, func.max) if conn.dialect.name == "sqlite" else (func.least, func.greatest)
     keep_state = {c: getattr(new, c) for c in (
         "camera_id", "track_id", "label", "ended_at", "last_frame", "x1", "y1", "x2", "y2",
         "identity_id", "method", "identity_score", "snapshot_path", "ended",
     )}
-    stmt = stmt.on_conflict_do_update(
+    return stmt.on_conflict_do_update(
         index_elements=[Event.id],
         set_={
             **keep_state,
@@ -336,7 +337,17 @@ def _upsert_events(conn: Connection, events: list[TrackUpdate], cameras: dict[st
         },
         where=new.last_frame >= Event.last_frame,  # an older update never overwrites a newer row
     )
-    _execute_many(conn, "upsert events", stmt, [_event_row(u, cameras, identities) for u in events])
+
+
+def _upsert_events(conn: Connection, events: list[TrackUpdate], cameras: dict[str, int], identities: dict[str, int]) -> None:
+    if not events:
+        return
+    if conn.dialect.name == "sqlite":
+        when = SqliteTimes().text
+        _execute_many_sqlite(conn, "upsert events", lambda: _upsert_events_stmt(conn), _EVENT_KEYS,
+                             [_event_values(u, cameras, identities, when) for u in events])
+    else:
+        conn.execute(_upsert_events_stmt(conn), [_event_row(u, cameras, identities) for u in events])
 
 
 def _existing_event_embeddings(
@@ -348,29 +359,32 @@ def _existing_event_embeddings(
     return [(r, b) for r, b in records if r.event_id in known]
 
 
+#: Column order of embedding rows (``kind`` only in ``track_embeddings``).
+_VECTOR_KEYS: tuple[str, ...] = ("event_id", "model", "dim", "vector", "frame_index", "quality", "created_at")
+
+
 def _insert_embeddings(conn: Connection, records: list[tuple[EmbeddingRecord, bytes]]) -> None:
     if not records:
         return
+    sqlite = conn.dialect.name == "sqlite"
     now = utcnow()
-    by_table: dict[str, list[dict[str, Any]]] = {}
+    stamp = sqlite_time(now) if sqlite else now
+    by_table: dict[str, list[tuple[Any, ...]]] = {}
     for r, blob in records:
-        row = {
-            "event_id": r.event_id,
-            "model": r.model,
-            "dim": int(r.vector.shape[0]),
-            "vector": blob,
-            "frame_index": int(r.frame_index),
-            "quality": float(r.quality),
-            "created_at": now,
-        }
-        if r.kind == "face":
-            row["kind"] = "face"
-        by_table.setdefault(EMBEDDING_TABLES[r.kind], []).append(row)
-    insert = dialect_insert(conn)
+        row = (r.event_id, r.model, len(blob) // 4, blob, int(r.frame_index), float(r.quality), stamp)
+        by_table.setdefault(EMBEDDING_TABLES[r.kind], []).append(row + ("face",) if r.kind == "face" else row)
     for table, rows in by_table.items():
-        # Idempotent: delivery to storage is at-least-once, the natural key drops repeats.
-        stmt = insert(Base.metadata.tables[table]).on_conflict_do_nothing(index_elements=["event_id", "model", "frame_index"])
-        _execute_many(conn, f"insert {table}", stmt, rows)
+        keys = _VECTOR_KEYS + ("kind",) if table == EMBEDDING_TABLES["face"] else _VECTOR_KEYS
+        if sqlite:
+            _execute_many_sqlite(conn, f"insert {table}", lambda t=table: _insert_vectors_stmt(conn, t), keys, rows)
+        else:
+            conn.execute(_insert_vectors_stmt(conn, table), [dict(zip(keys, row)) for row in rows])
+
+
+def _insert_vectors_stmt(conn: Connection, table: str) -> Executable:
+    # Idempotent: delivery to storage is at-least-once, the natural key drops repeats.
+    insert = dialect_insert(conn)
+    return insert(Base.metadata.tables[table]).on_conflict_do_nothing(index_elements=["event_id", "model", "frame_index"])
 
 
 def _file_size(path: str) -> int | None:
@@ -390,17 +404,25 @@ def _snapshot_rows(events: list[TrackUpdate]) -> list[dict[str, Any]]:
     ]
 
 
+_SNAPSHOT_KEYS: tuple[str, ...] = ("event_id", "path", "created_at", "bytes")
+
+
 def _insert_snapshots(conn: Connection, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
-    insert = dialect_insert(conn)
-    _execute_many(conn, "insert snapshots", insert(Snapshot).on_conflict_do_nothing(index_elements=["event_id", "path"]), rows)
+
+    def stmt() -> Executable:
+        return dialect_insert(conn)(Snapshot).on_conflict_do_nothing(index_elements=["event_id", "path"])
+
+    if conn.dialect.name != "sqlite":
+        conn.execute(stmt(), rows)
+        return
+    values = [(r["event_id"], r["path"], sqlite_time(r["created_at"]), r["bytes"]) for r in rows]
+    _execute_many_sqlite(conn, "insert snapshots", stmt, _SNAPSHOT_KEYS, values)
 
 
-#: Columns holding :class:`storage.models.UTCDateTime` values in the writer's rows.
-_TIME_KEYS = frozenset({"started_at", "ended_at", "created_at"})
-#: ``(statement name, column keys) -> (SQL text, positional key order)`` compiled for SQLite.
-_SQLITE_SQL: dict[tuple[str, tuple[str, ...]], tuple[str, tuple[str, ...]]] = {}
+#: ``(statement name, column keys) -> (SQL text, positions of its parameters in the row tuple)``.
+_SQLITE_SQL: dict[tuple[str, tuple[str, ...]], tuple[str, tuple[int, ...] | None]] = {}
 
 
 def sqlite_time(dt: datetime) -> str:
@@ -414,34 +436,42 @@ def sqlite_time(dt: datetime) -> str:
     return dt.isoformat(sep=" ", timespec="microseconds")[:26]  # drop "+00:00"
 
 
-def _execute_many(conn: Connection, name: str, stmt: Executable, rows: list[dict[str, Any]]) -> None:
-    """``conn.execute(stmt, rows)``; on SQLite through the driver with a statement compiled once per column set."""
+class SqliteTimes:
+    """``time.time_ns()`` nanoseconds -> :func:`sqlite_time` text, truncated to microseconds.
+
+    The date-and-seconds part is cached per second (the events of a batch
+    share a few seconds), so most conversions are one string format.
+    """
+
+    def __init__(self) -> None:
+        self._seconds: dict[int, str] = {}
+
+    def text(self, ns: int) -> str:
+        sec, us = divmod(ns // 1000, 1_000_000)
+        head = self._seconds.get(sec)
+        if head is None:
+            head = self._seconds[sec] = sqlite_time(_EPOCH + timedelta(seconds=sec))[:19]
+        return f"{head}.{us:06d}"
+
+
+def _execute_many_sqlite(conn: Connection, name: str, build: Callable[[], Executable], keys: tuple[str, ...],
+                         rows: list[tuple[Any, ...]]) -> None:
+    """Run the statement ``build()`` makes for ``rows`` (tuples in ``keys`` order, values in their stored form)
+    through the driver's ``executemany``.
+
+    The statement is built and compiled once per ``(name, keys)`` and process;
+    SQLAlchemy's per-row bind processing is skipped, so times must already be
+    :func:`sqlite_time` text.
+    """
     if not rows:
         return
-    if conn.dialect.name != "sqlite":
-        conn.execute(stmt, rows)
-        return
-    keys = tuple(rows[0])
     cached = _SQLITE_SQL.get((name, keys))
     if cached is None:
-        compiled = stmt.compile(dialect=conn.dialect, column_keys=list(keys))
-        cached = _SQLITE_SQL[(name, keys)] = (str(compiled), tuple(compiled.positiontup or ()))
-    sql, order = cached
-    conn.exec_driver_sql(sql, _sqlite_params(rows, order))
-
-
-def _sqlite_params(rows: list[dict[str, Any]], order: tuple[str, ...]) -> list[tuple[Any, ...]]:
-    """Rows as positional tuples in ``order``, with times as :func:`sqlite_time` text."""
-    pick = itemgetter(*order)
-    times = [i for i, k in enumerate(order) if k in _TIME_KEYS]
-    if not times:
-        return [tuple(pick(row)) if len(order) > 1 else (pick(row),) for row in rows]
-    texts: dict[datetime, str] = {}  # created_at is shared by a whole batch
-    params = []
-    for row in rows:
-        values = list(pick(row)) if len(order) > 1 else [pick(row)]
-        for i in times:
-            t = values[i]
-            values[i] = texts.get(t) or texts.setdefault(t, sqlite_time(t))
-        params.append(tuple(values))
-    return params
+        compiled = build().compile(dialect=conn.dialect, column_keys=list(keys))
+        positions = tuple(keys.index(k) for k in (compiled.positiontup or ()))
+        cached = _SQLITE_SQL[(name, keys)] = (str(compiled), None if positions == tuple(range(len(keys))) else positions)
+    sql, positions = cached
+    if positions is not None:
+        pick = itemgetter(*positions)
+        rows = [pick(row) if len(positions) > 1 else (pick(row),) for row in rows]
+    conn.exec_driver_sql(sql, rows)

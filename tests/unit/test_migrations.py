@@ -36,9 +36,9 @@ from tests.unit.test_storage import pg_url  # noqa: F401  (fixture: a fresh Post
 EXPECTED_INDEXES = {
     "events": {"ix_events_camera_id_started_at", "ix_events_identity_id_started_at", "ix_events_started_at"},
     "face_embeddings": {"ix_face_embeddings_identity_id", "ix_face_embeddings_model_identity_id"},
-    "track_embeddings": {"ix_track_embeddings_event_id"},
-    "reid_embeddings": {"ix_reid_embeddings_event_id"},
-    "gait_embeddings": {"ix_gait_embeddings_event_id"},
+    "track_embeddings": set(),  # event_id lookups use the unique (event_id, model, frame_index) since 0004
+    "reid_embeddings": set(),
+    "gait_embeddings": set(),
 }
 
 
@@ -78,9 +78,9 @@ def _alembic(url: str, fn, *args) -> None:
 
 
 def test_head_and_history():
-    assert head_revision() == "0003"
+    assert head_revision() == "0004"
     revs = history()
-    assert [(r.revision, r.down_revision, r.is_head) for r in revs] == [("0001", None, False), ("0002", "0001", False), ("0003", "0002", True)]
+    assert [(r.revision, r.down_revision, r.is_head) for r in revs] == [("0001", None, False), ("0002", "0001", False), ("0003", "0002", False), ("0004", "0003", True)]
     assert all(isinstance(r, RevisionInfo) and r.message for r in revs)
 
 
@@ -107,6 +107,39 @@ def test_upgrade_fresh_file_creates_every_table_and_named_index(url, db_path):
         engine.dispose()
 
 
+def _plan(conn: sqlite3.Connection, sql: str, *params: object) -> str:
+    return " | ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+
+
+def test_0004_leaves_one_index_per_real_query_and_downgrade_restores_them(url, db_path):
+    upgrade(url)
+    conn = sqlite3.connect(db_path)
+    try:
+        sql = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"))
+        assert sql["ix_events_identity_id_started_at"].endswith("WHERE identity_id IS NOT NULL")
+        # the partial index still serves "events of identity X" and vector lookups use the unique key
+        assert "ix_events_identity_id_started_at" in _plan(
+            conn, "SELECT id FROM events WHERE identity_id = ? ORDER BY started_at DESC", 3)
+        plan = _plan(conn, "SELECT vector FROM reid_embeddings WHERE event_id = ?", "e")
+        assert "SEARCH reid_embeddings USING INDEX sqlite_autoindex_reid_embeddings" in plan and "(event_id=?)" in plan
+    finally:
+        conn.close()
+    assert downgrade(url, "0003", backup=False) == "0003"
+    engine = open_engine(url)
+    try:
+        insp = inspect(engine)
+        for table in ("track_embeddings", "reid_embeddings", "gait_embeddings"):
+            assert {ix["name"] for ix in insp.get_indexes(table)} == {f"ix_{table}_event_id"}
+    finally:
+        engine.dispose()
+    conn = sqlite3.connect(db_path)
+    try:
+        (ddl,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'ix_events_identity_id_started_at'").fetchone()
+        assert "WHERE" not in ddl
+    finally:
+        conn.close()
+
+
 def test_upgrade_at_head_is_a_no_op(url, db_path):
     upgrade(url)
     before = _sha(db_path)
@@ -131,7 +164,7 @@ def test_downgrade_helper_backs_up_and_goes_to_base(url, db_path):
     assert downgrade(url, "0001") == "0001"
     assert current_revision(url) == "0001"
     assert _tables(url) == {"cameras", "identities", "face_embeddings", "events", "track_embeddings", "alembic_version"}
-    assert [b.name.split("-")[1] for b in _backups(db_path)] == ["0003"]
+    assert [b.name.split("-")[1] for b in _backups(db_path)] == ["0004"]
     assert downgrade(url, "0001") == "0001"  # already there: nothing to do, no backup
     assert downgrade(url, "base", backup=False) is None
     assert _tables(url) == {"alembic_version"}
@@ -236,7 +269,7 @@ def _round_trip_keeps_rows(url: str) -> None:
     finally:
         engine.dispose()
 
-    assert upgrade(url, backup=False) == "0003"
+    assert upgrade(url, backup=False) == head_revision()
     engine = open_engine(url)
     try:
         with engine.connect() as conn:
@@ -260,7 +293,7 @@ def _round_trip_keeps_rows(url: str) -> None:
     finally:
         engine.dispose()
     assert downgrade(url, "base", backup=False) is None
-    assert upgrade(url, backup=False) == "0003"
+    assert upgrade(url, backup=False) == head_revision()
 
 
 def test_rows_survive_0001_to_0002_and_back(url):
@@ -398,8 +431,8 @@ SECOND_REVISION = '''
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004"
-down_revision = "0003"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
@@ -418,25 +451,25 @@ def downgrade():
 
 @pytest.fixture()
 def two_revisions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of the migration scripts with a test revision 0004 on top, used by storage.db."""
+    """A copy of the migration scripts with a test revision 0005 on top, used by storage.db."""
     scripts = tmp_path / "alembic"
     shutil.copytree(storage.db.script_location(), scripts, ignore=shutil.ignore_patterns("__pycache__"))
-    (scripts / "versions" / "0004_test.py").write_text(SECOND_REVISION)
+    (scripts / "versions" / "0005_test.py").write_text(SECOND_REVISION)
     monkeypatch.setattr(storage.db, "script_location", lambda: scripts)
     return scripts
 
 
 def test_upgrade_behind_head_backs_up_and_keeps_child_rows(url, db_path, two_revisions):
-    _alembic(url, command.upgrade, "0003")
+    _alembic(url, command.upgrade, "0004")
     engine = open_engine(url)
     vectors = np.arange(8, dtype=np.float32).reshape(2, 4)
     enroll(engine, "alice", vectors, "m", ["a.jpg", "b.jpg"], [None, None])
     engine.dispose()
 
-    assert head_revision() == "0004"
-    assert upgrade(url) == "0004"
+    assert head_revision() == "0005"
+    assert upgrade(url) == "0005"
 
-    assert current_revision(url) == "0004"
+    assert current_revision(url) == "0005"
     engine = open_engine(url)
     try:
         assert list_identities(engine) == [("alice", 2)]  # the rebuild did not cascade
@@ -444,18 +477,18 @@ def test_upgrade_behind_head_backs_up_and_keeps_child_rows(url, db_path, two_rev
     finally:
         engine.dispose()
     (backup,) = _backups(db_path)
-    assert backup.name.startswith("facepro.db.bak-0003-")
+    assert backup.name.startswith("facepro.db.bak-0004-")
     old = sqlite3.connect(backup)
     try:
-        assert old.execute("SELECT version_num FROM alembic_version").fetchall() == [("0003",)]
+        assert old.execute("SELECT version_num FROM alembic_version").fetchall() == [("0004",)]
         assert old.execute("SELECT count(*) FROM face_embeddings").fetchone() == (2,)
     finally:
         old.close()
 
 
 def test_upgrade_without_backup_writes_none(url, db_path, two_revisions):
-    _alembic(url, command.upgrade, "0003")
-    assert upgrade(url, backup=False) == "0004"
+    _alembic(url, command.upgrade, "0004")
+    assert upgrade(url, backup=False) == "0005"
     assert _backups(db_path) == []
     engine = open_engine(url)
     try:

@@ -21,7 +21,7 @@ from pipeline.messages import EmbeddingRecord, TrackUpdate
 from storage.db import PAGE_SIZE, StorageError, alembic_config, current_revision, describe, head_revision, open_engine, upgrade
 from storage.models import bytes_to_vector, vector_to_bytes
 from storage.queries import EventRow, count_rows, delete_identity, enroll, list_events, list_identities, load_gallery
-from storage.writer import EventWriter, ns_to_datetime, sqlite_time
+from storage.writer import EventWriter, SqliteTimes, ns_to_datetime, sqlite_time
 
 T0 = 1_700_000_000_123_456_789  # ns since the epoch
 SEC = 1_000_000_000
@@ -150,6 +150,22 @@ def test_sqlite_time_is_what_sqlalchemy_stores(engine, dt):
         stored = conn.exec_driver_sql("SELECT created_at FROM cameras").scalar()
         assert conn.execute(select(Camera.created_at)).scalar() == dt
     assert sqlite_time(dt) == stored == "2024-01-02 03:04:05." + f"{dt.microsecond:06d}"
+
+
+@pytest.mark.parametrize(
+    "ns, text",
+    [
+        (0, "1970-01-01 00:00:00.000000"),
+        (1_999, "1970-01-01 00:00:00.000001"),  # truncated to microseconds, like ns_to_datetime
+        (1_704_164_645_000_006_999, "2024-01-02 03:04:05.000006"),
+        (1_704_164_645_999_999_999, "2024-01-02 03:04:05.999999"),
+        (1_704_164_646_000_000_000, "2024-01-02 03:04:06.000000"),  # next second: not the cached head
+        (951_782_400_000_000_000, "2000-02-29 00:00:00.000000"),
+    ],
+)
+def test_writer_time_text_matches_the_datetime_path(ns, text):
+    times = SqliteTimes()
+    assert times.text(ns - 1_000_000_000) and times.text(ns) == text == sqlite_time(ns_to_datetime(ns))
 
 
 def test_bytes_to_vector_checks_the_size():
