@@ -495,13 +495,25 @@ def measure(plan: Plan) -> dict:
         shutil.rmtree(plan.workdir, ignore_errors=True)
 
 
-def measure_median(plan: Plan, repeat: int) -> dict:
-    """:func:`measure` ``repeat`` times; the run with the median fps, plus every run's fps in ``fps_runs``."""
-    runs = [measure(plan) for _ in range(repeat)]
+def _median(values: list) -> float | None:
+    ok = sorted(v for v in values if v is not None)
+    return ok[(len(ok) - 1) // 2] if ok else None
+
+
+def summarize(runs: list[dict]) -> dict:
+    """One method x resolution from its repeated runs: the run with the median fps, with its latencies
+    replaced by the median over the runs (a noisy neighbour's spike in one run does not decide a p99), and
+    every run's values in ``fps_runs``, ``p99_runs``, ``lockstep_p99_runs``."""
     ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["fps"])
     if not ok:
         return runs[-1]
-    return {**ok[(len(ok) - 1) // 2], "fps_runs": [r.get("fps") for r in runs]}
+    out = dict(ok[(len(ok) - 1) // 2])
+    for key in ("p50_ms", "p99_ms", "lockstep_p50_ms", "lockstep_p99_ms"):
+        out[key] = _median([r[key] for r in ok])
+    out["fps_runs"] = [r.get("fps") for r in runs]
+    out["p99_runs"] = [r.get("p99_ms") for r in runs]
+    out["lockstep_p99_runs"] = [r.get("lockstep_p99_ms") for r in runs]
+    return out
 
 
 def codec_cost_us(repeats: int = 2000) -> dict:
@@ -567,7 +579,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--slots", type=int, default=8, help="ring slots / queue size / ZeroMQ HWM")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     ap.add_argument("--resolutions", default=",".join(RESOLUTIONS), help="comma-separated subset of " + ",".join(RESOLUTIONS))
-    ap.add_argument("--repeat", type=int, default=1, help="runs per method and resolution; the median-fps run is kept")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds over all methods; per method the median-fps run is kept, latencies are medians over the rounds")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return ap.parse_args(argv)
 
@@ -577,14 +590,15 @@ def main(argv: list[str] | None = None) -> int:
     run_id = "bench" + uuid.uuid4().hex[:6]
     host = {"cpus": os.cpu_count(), "loadavg_1m_before": round(os.getloadavg()[0], 2)}
     root = Path(tempfile.mkdtemp(prefix="fpb", dir="/tmp"))
-    results = []
+    plans = [Plan(method, res, *RESOLUTIONS[res], args.frames, args.seconds, args.lockstep, args.slots,
+                  str(root / f"{method}{res}"), run_id)
+             for res in args.resolutions.split(",") for method in args.methods.split(",")]
+    runs: dict[Plan, list[dict]] = {plan: [] for plan in plans}
     try:
-        for res in args.resolutions.split(","):
-            h, w = RESOLUTIONS[res]
-            for method in args.methods.split(","):
-                plan = Plan(method, res, h, w, args.frames, args.seconds, args.lockstep, args.slots,
-                            str(root / f"{method}{res}"), run_id)
-                results.append(measure_median(plan, args.repeat))
+        for _ in range(args.repeat):  # rounds over every method, so a slow spell of the host hits all of them
+            for plan in plans:
+                runs[plan].append(measure(plan))
+        results = [summarize(runs[plan]) for plan in plans]
     finally:
         unlink_segments(list_segments(run_id))
         shutil.rmtree(root, ignore_errors=True)
