@@ -36,7 +36,11 @@ Modes. In **file** mode the writer waits until the slot it is about to reuse
 has been released (so every frame of a file is processed; a slot not released
 within ``release_timeout_s``, e.g. because its owner was killed, is reclaimed
 and counted). In **live** mode the writer never waits: the oldest slot is
-reused and late readers see the overwrite.
+reused and late readers see the overwrite. Because capture decodes straight
+into the slot, the slot is busy for the whole decode (for a network camera,
+also while it waits for the camera's next frame), so in live mode a reader
+holding the oldest frame loses it up to one frame period earlier than with a
+copy: the usable depth is ``slots - 1`` frames.
 
 Lifecycle. Segment names are ``facepro_<run_id>_<camera>_<pid>_<k>``: the run id
 lets a new run remove what a killed run left behind (only its own
