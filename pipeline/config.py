@@ -183,6 +183,7 @@ class StorageConfig(_Strict):
     url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data dir>/facepro.db")
     batch_rows: int = Field(500, ge=1, le=100_000)
     batch_ms: int = Field(200, ge=1, le=60_000)
+    cache_mb: int = Field(32, ge=1, le=4096, description="SQLite page cache of the storage process's connection, MiB")
     snapshots: bool = True
     retention_days: float | None = Field(None, gt=0, le=36500, description="delete events (and snapshots) older than this")
     max_total_mb: float | None = Field(None, gt=0, le=10_000_000, description="keep database + snapshots under this size")

@@ -146,7 +146,7 @@ def _storage(cfg: AppConfig, t: Transport, counters: StageCounters, hb: Heartbea
     from storage.stage import StorageStage
     from storage.writer import EventWriter
 
-    engine = open_engine(database_url(cfg))
+    engine = open_engine(database_url(cfg), cache_mb=cfg.storage.cache_mb)
     writer = EventWriter(engine, cfg.storage.batch_rows, cfg.storage.batch_ms)
     st = cfg.storage
     retention = None

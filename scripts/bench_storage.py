@@ -48,6 +48,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.config import StorageConfig  # noqa: E402
 from pipeline.messages import EmbeddingRecord, TrackUpdate  # noqa: E402
 from benchlib import active_fps, assets_dir, pipeline_tree, run_pipeline  # noqa: E402
 from storage.db import open_engine, upgrade  # noqa: E402
@@ -117,7 +118,7 @@ def run_sqlite_ceiling(db_file: Path, rows: list[tuple[TrackUpdate, EmbeddingRec
                                for _, e in rows])
     conn = sqlite3.connect(db_file, isolation_level=None)
     try:
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON"):
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", f"cache_size={-1024 * CACHE_MB}"):
             conn.execute(f"PRAGMA {pragma}")
         conn.executemany("INSERT INTO cameras (id, name, created_at) VALUES (?, ?, ?)",
                          [(1 + i, f"cam{i}", now) for i in range(4)])
@@ -154,6 +155,10 @@ def pipeline_measurements(args: argparse.Namespace) -> dict[str, float]:
             "slow_storage_fps_ratio": round(slow / normal, 3), "slow_commit_ms": args.slow_commit_ms}
 
 
+#: The storage process's page cache (``storage.cache_mb``), used by every mode.
+CACHE_MB = StorageConfig().cache_mb
+
+
 def _fresh_db(folder: Path, name: str) -> str:
     url = f"sqlite:///{folder / name}"
     upgrade(url)
@@ -163,12 +168,12 @@ def _fresh_db(folder: Path, name: str) -> str:
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="facepro-bench-", dir=args.dir) as tmp:
         folder = Path(tmp)
-        engine = open_engine(_fresh_db(folder, "per_row.db"))
+        engine = open_engine(_fresh_db(folder, "per_row.db"), cache_mb=CACHE_MB)
         try:
             per_row = run_per_row(EventWriter(engine, batch_rows=1, batch_ms=1), make_rows(args.per_row_rows, args.dim, seed=1))
         finally:
             engine.dispose()
-        engine = open_engine(_fresh_db(folder, "batched.db"))
+        engine = open_engine(_fresh_db(folder, "batched.db"), cache_mb=CACHE_MB)
         try:
             writer = EventWriter(engine, batch_rows=args.batch_rows, batch_ms=args.batch_ms)
             batched = run_batched(writer, make_rows(args.batched_rows, args.dim, seed=2))

@@ -42,6 +42,7 @@ def test_minimal_config_gets_defaults() -> None:
         ("detection.detector.layout", "ssd", r"detection\.detector\.layout"),
         ("detection.detector.type", "tensorrt", r"detection\.detector\.type"),
         ("ring.slots", 2, r"ring\.slots"),
+        ("storage.cache_mb", 0, r"storage\.cache_mb: Input should be greater than or equal to 1"),
         ("recognition.face.match_threshold", 1.5, r"recognition\.face\.match_threshold"),
         ("recognition.face.detector.input_size", 100, r"multiple of 32"),
         ("cameras.0.name", "bad name!", r"cameras\.0\.name"),

@@ -83,6 +83,21 @@ def test_sqlite_engine_settings(engine):
         assert conn.exec_driver_sql("PRAGMA auto_vacuum").scalar() == 2  # INCREMENTAL
 
 
+@pytest.mark.parametrize("cache_mb, cache_size", [(None, -2000), (1, -1024), (32, -32768)])  # negative: KiB
+def test_sqlite_page_cache_is_set_per_connection(tmp_path, cache_mb, cache_size):
+    eng = open_engine(f"sqlite:///{tmp_path / 'c.db'}", cache_mb=cache_mb)
+    try:
+        with eng.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == cache_size
+    finally:
+        eng.dispose()
+
+
+def test_sqlite_page_cache_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="cache_mb: expected >= 1, got 0"):
+        open_engine(f"sqlite:///{tmp_path / 'c.db'}", cache_mb=0)
+
+
 def test_open_engine_creates_the_parent_folder(tmp_path):
     path = tmp_path / "a" / "b" / "facepro.db"
     eng = open_engine(f"sqlite:///{path}")
