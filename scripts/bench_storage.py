@@ -40,7 +40,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import StorageConfig  # noqa: E402
-from pipeline.messages import EmbeddingRecord, TrackUpdate  # noqa: E402
+from pipeline.messages import EmbeddingRecord, TrackUpdate, new_event_id  # noqa: E402
 from benchlib import active_fps, assets_dir, pipeline_tree, run_pipeline  # noqa: E402
 from storage.db import open_engine, upgrade  # noqa: E402
 from storage.writer import EventWriter  # noqa: E402
@@ -60,14 +59,15 @@ TARGET_BATCHED_ROWS_S = 30_000
 
 
 def make_rows(n: int, dim: int, seed: int = 0) -> list[tuple[TrackUpdate, EmbeddingRecord]]:
-    """``n`` (update, embedding) pairs of distinct events; vectors are unit-norm float32 of ``dim``."""
+    """``n`` (update, embedding) pairs of distinct events, ids from :func:`~pipeline.messages.new_event_id`
+    like the pipeline's; vectors are unit-norm float32 of ``dim``."""
     rng = np.random.default_rng(seed)
     pool = rng.standard_normal((min(n, 1024), dim)).astype(np.float32)
     pool /= np.linalg.norm(pool, axis=1, keepdims=True)
     box = np.array([10, 20, 110, 320], np.float32)
     rows = []
     for i in range(n):
-        eid = uuid.UUID(int=rng.integers(0, 2**63) << 64 | i).hex
+        eid = new_event_id()  # as tracking makes them: time-ordered UUIDv7, one per event in start order
         t = T0_NS + i * 40_000_000
         u = TrackUpdate(eid, f"cam{i % 4}", i, "person", t, t + 1_000_000_000, i, i + 25, 0.8, box)
         rows.append((u, EmbeddingRecord(eid, "face", "arcface_512d", pool[i % len(pool)], frame_index=i, quality=0.9)))
@@ -100,7 +100,7 @@ def run_sqlite_ceiling(db_file: Path, rows: list[tuple[TrackUpdate, EmbeddingRec
     """Plain ``sqlite3`` executemany of the writer's own SQL and bound values; returns event rows/s.
 
     Run after :func:`run_batched`, whose compiled statements (the SQL EventWriter
-    sends) are reused, so both modes execute identical SQL.
+    sends for new events) are reused, so both modes execute the same SQL.
     """
     import sqlite3
 
@@ -111,11 +111,12 @@ def run_sqlite_ceiling(db_file: Path, rows: list[tuple[TrackUpdate, EmbeddingRec
         return sql, values if positions is None else [tuple(v[i] for i in positions) for v in values]
 
     times, now = w.SqliteTimes().text, w.sqlite_time(w.utcnow())
-    upsert, events = ordered(("upsert events", w._EVENT_KEYS),
-                             [w._event_values(u, {u.camera: 1 + int(u.camera[3:])}, {}, times) for u, _ in rows])
-    insert, vectors = ordered(("insert track_embeddings", w._VECTOR_KEYS + ("kind",)),
-                              [(e.event_id, e.model, e.vector.shape[0], e.vector.tobytes(), e.frame_index, e.quality, now, "face")
-                               for _, e in rows])
+    insert_events, events = ordered(("insert events", w._EVENT_KEYS),
+                                    [w._event_values(u, {u.camera: 1 + int(u.camera[3:])}, {}, times) for u, _ in rows])
+    insert_vectors, vectors = ordered(("insert track_embeddings", w._VECTOR_KEYS + ("kind",)),
+                                      [(e.event_id, e.model, e.vector.shape[0], e.vector.tobytes(), e.frame_index, e.quality,
+                                        now, "face") for _, e in rows])
+    ids = [u.event_id for u, _ in rows]
     conn = sqlite3.connect(db_file, isolation_level=None)
     try:
         for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", f"cache_size={-1024 * CACHE_MB}"):
@@ -124,9 +125,12 @@ def run_sqlite_ceiling(db_file: Path, rows: list[tuple[TrackUpdate, EmbeddingRec
                          [(1 + i, f"cam{i}", now) for i in range(4)])
         start = time.perf_counter()
         for i in range(0, len(events), events_per_txn):
+            batch = ids[i:i + events_per_txn]
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(upsert, events[i:i + events_per_txn])
-            conn.executemany(insert, vectors[i:i + events_per_txn])
+            # the writer's steps: which events are stored (none here), insert the new ones, then the vectors
+            conn.execute(f"SELECT id FROM events WHERE id IN ({', '.join('?' * len(batch))})", batch).fetchall()
+            conn.executemany(insert_events, events[i:i + events_per_txn])
+            conn.executemany(insert_vectors, vectors[i:i + events_per_txn])
             conn.execute("COMMIT")
         return len(events) / (time.perf_counter() - start)
     finally:

@@ -12,7 +12,7 @@ tracker) are replaced by one per-camera ``track_id`` sequence starting at 1.
 
 Each confirmed track (ByteTrack gives it a tracker id after
 ``minimum_consecutive_frames`` consecutive detections) is an *event* with a
-fresh ``uuid4().hex`` ``event_id``; :class:`CameraTracks` reports its life as
+fresh time-ordered ``event_id`` (:func:`pipeline.messages.new_event_id`); :class:`CameraTracks` reports its life as
 :class:`pipeline.messages.TrackUpdate` messages: on start, every
 ``update_every_frames`` frames while it is seen, when recognition sets its
 identity or snapshot, and once with ``ended=True`` when ByteTrack drops it
@@ -32,7 +32,6 @@ Kalman step per frame) with ``lost_track_buffer_frames`` used as is. A gap in
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -40,7 +39,7 @@ import supervision as sv
 from trackers import ByteTrackTracker
 
 from pipeline.config import TrackingConfig
-from pipeline.messages import ID_METHODS, Detections, TrackUpdate
+from pipeline.messages import ID_METHODS, Detections, TrackUpdate, new_event_id
 
 #: ByteTrack scales its lost-track buffer by ``frame_rate / 30``; 30 keeps it in frames.
 _BYTETRACK_REFERENCE_FPS = 30.0
@@ -260,7 +259,7 @@ class CameraTracks:
         self._next_track_id += 1
         self._by_tracker[(class_id, tracker_id)] = track_id
         message = TrackUpdate(
-            event_id=uuid.uuid4().hex,
+            event_id=new_event_id(),
             camera=self.camera,
             track_id=track_id,
             label=self._names[class_id],

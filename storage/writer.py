@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator
 
-from sqlalchemy import Connection, Engine, Executable, func, select
+from sqlalchemy import Connection, Engine, Executable, bindparam, func, insert, select, update
 
 from pipeline.messages import EmbeddingRecord, TrackUpdate
 from storage.db import StorageError, dialect_insert, is_transient, storage_errors
@@ -78,7 +78,7 @@ def _check_len(what: str, value: str | None, limit: int) -> None:
 
 def _check_event_id(what: str, event_id: str) -> None:
     if not _HEX32.match(event_id):
-        raise ValueError(f"{what}.event_id: expected 32 lowercase hex characters (uuid4().hex), got {event_id!r}")
+        raise ValueError(f"{what}.event_id: expected 32 lowercase hex characters (a UUID's hex, see new_event_id), got {event_id!r}")
 
 
 def _merge(old: TrackUpdate, new: TrackUpdate) -> TrackUpdate:
@@ -301,6 +301,9 @@ _EVENT_KEYS: tuple[str, ...] = (
 )
 
 
+_NEW_EVENT_KEYS: tuple[str, ...] = tuple(f"new_{k}" for k in _EVENT_KEYS)
+
+
 def _event_values(u: TrackUpdate, cameras: dict[str, int], identities: dict[str, int],
                   when: Callable[[int], Any]) -> tuple[Any, ...]:
     """One ``events`` row in :data:`_EVENT_KEYS` order; ``when`` turns nanoseconds into the stored time value."""
@@ -339,15 +342,59 @@ def _upsert_events_stmt(conn: Connection) -> Executable:
     )
 
 
+def _update_events_stmt() -> Executable:
+    """UPDATE of stored events with the same rules as :func:`_upsert_events_stmt`'s DO UPDATE.
+
+    Bind names are ``new_<column>`` (:data:`_EVENT_KEYS`), ``new_id`` selects the row.
+    """
+    new = {k: bindparam(f"new_{k}") for k in _EVENT_KEYS}
+    keep_state = {c: new[c] for c in (
+        "camera_id", "track_id", "label", "ended_at", "last_frame", "x1", "y1", "x2", "y2",
+        "identity_id", "method", "identity_score", "snapshot_path", "ended",
+    )}
+    return (
+        update(Event)
+        .where(Event.id == new["id"], new["last_frame"] >= Event.last_frame)  # never overwrite a newer row
+        .values(
+            **keep_state,
+            started_at=func.min(Event.started_at, new["started_at"]),
+            first_frame=func.min(Event.first_frame, new["first_frame"]),
+            best_score=func.max(Event.best_score, new["best_score"]),
+        )
+    )
+
+
+def _stored_event_ids(conn: Connection, ids: set[str]) -> set[str]:
+    """Which of ``ids`` already have an ``events`` row."""
+    found: set[str] = set()
+    for part in _chunks(ids):
+        found.update(conn.execute(select(Event.id).where(Event.id.in_(part))).scalars())
+    return found
+
+
 def _upsert_events(conn: Connection, events: list[TrackUpdate], cameras: dict[str, int], identities: dict[str, int]) -> None:
+    """Insert new events and apply updates to stored ones (one transaction, the caller's).
+
+    PostgreSQL runs one ``INSERT ... ON CONFLICT DO UPDATE``. SQLite looks up
+    which events are stored, then runs a plain INSERT for the new ones and an
+    UPDATE with the same rules for the others: an upsert whose DO UPDATE
+    assigns indexed columns makes SQLite's *every* insert ~1.4x slower, even
+    when nothing conflicts (scripts/bench_storage.py). The write lock is held
+    from the lookup on (``BEGIN IMMEDIATE``, the only writer), so nothing can
+    change in between.
+    """
     if not events:
         return
-    if conn.dialect.name == "sqlite":
-        when = SqliteTimes().text
-        _execute_many_sqlite(conn, "upsert events", lambda: _upsert_events_stmt(conn), _EVENT_KEYS,
-                             [_event_values(u, cameras, identities, when) for u in events])
-    else:
+    if conn.dialect.name != "sqlite":
         conn.execute(_upsert_events_stmt(conn), [_event_row(u, cameras, identities) for u in events])
+        return
+    when = SqliteTimes().text
+    stored = _stored_event_ids(conn, {u.event_id for u in events})
+    rows = [_event_values(u, cameras, identities, when) for u in events]
+    fresh = [row for row, u in zip(rows, events) if u.event_id not in stored]
+    known = [row for row, u in zip(rows, events) if u.event_id in stored]
+    _execute_many_sqlite(conn, "insert events", lambda: insert(Event), _EVENT_KEYS, fresh)
+    _execute_many_sqlite(conn, "update events", _update_events_stmt, _NEW_EVENT_KEYS, known)
 
 
 def _existing_event_embeddings(

@@ -306,6 +306,21 @@ def test_later_batch_updates_the_row_and_an_older_one_is_ignored(engine):
     assert row.started_at == ns_to_datetime(T0 + 3 * SEC // 10)
 
 
+def test_a_stored_event_is_named_and_its_start_moves_earlier_in_a_later_batch(engine):
+    enroll(engine, "alice", np.eye(1, 4, dtype=np.float32), "m")
+    named, other = _eid(), _eid()
+    w = EventWriter(engine, 100, 100)
+    w.add_update(update(named, first=5, last=10, best_score=0.4))
+    w.flush()
+    w.add_update(update(named, first=3, last=12, identity="alice", method="face", identity_score=0.8))  # stored row
+    w.add_update(update(other, first=1, last=2))  # and a new one in the same batch
+    assert w.flush() == 2
+    (row,) = list_events(engine, identity="alice")  # through the partial identity index
+    assert (row.event_id, row.first_frame, row.last_frame, row.method, row.best_score) == (named, 3, 12, "face", 0.8)
+    assert row.started_at == ns_to_datetime(T0 + 3 * SEC // 10)
+    assert {r.event_id for r in list_events(engine)} == {named, other}
+
+
 def test_embeddings_are_raw_float32_after_their_event(engine, db_path):
     eid = _eid()
     rec = embedding(eid, dim=128, seed=1)
