@@ -420,14 +420,15 @@ class CaptureLoop:
         ring = self._ring_for(frame)
         if not ring.wait_slot(self.stop, idle=self.sender.service):
             return False
-        return self._announce(ring, ring.write(frame, self.frame_index, time.time_ns()))
+        now_ns = time.time_ns()
+        return self._announce(ring, ring.write(frame, self.frame_index, now_ns), now_ns)
 
-    def _announce(self, ring: RingWriter, slot_seq: tuple[int, int]) -> bool:
+    def _announce(self, ring: RingWriter, slot_seq: tuple[int, int], captured_at_ns: int) -> bool:
         """Send the FrameRef of a just-published slot; False when stopped while waiting (file mode)."""
         slot, seq = slot_seq
         lay = ring.layout
         ref = FrameRef(camera=self.s.camera, ring=ring.name, slot=slot, seq=seq, frame_index=self.frame_index,
-                       captured_at_ns=time.time_ns(), height=lay.height, width=lay.width)
+                       captured_at_ns=captured_at_ns, height=lay.height, width=lay.width)
         self.counters.frames_in += 1
         if self.s.wait_for_release:
             if not self.sender.send_until(ref, self.stop):
@@ -458,7 +459,8 @@ class CaptureLoop:
         view = ring.begin_write()
         frame = self.source.read(out=view)
         if frame is view:
-            announced = self._announce(ring, ring.publish(self.frame_index, time.time_ns()))
+            now_ns = time.time_ns()
+            announced = self._announce(ring, ring.publish(self.frame_index, now_ns), now_ns)
             return ("published" if announced else "stopped"), None
         ring.abort()
         return "frame", frame

@@ -378,8 +378,10 @@ def _upsert_events(conn: Connection, events: list[TrackUpdate], cameras: dict[st
     PostgreSQL runs one ``INSERT ... ON CONFLICT DO UPDATE``. SQLite looks up
     which events are stored, then runs a plain INSERT for the new ones and an
     UPDATE with the same rules for the others: an upsert whose DO UPDATE
-    assigns indexed columns makes SQLite's *every* insert ~1.4x slower, even
-    when nothing conflicts (scripts/bench_storage.py). The write lock is held
+    assigns indexed columns makes SQLite's *every* insert slower, even when
+    nothing conflicts (plain sqlite3, 60k new events with their embeddings on
+    this machine: 26k events/s with that upsert, 37k with the plain INSERT;
+    scripts/bench_storage.py's ``sqlite_ceiling`` runs the latter). The write lock is held
     from the lookup on (``BEGIN IMMEDIATE``, the only writer), so nothing can
     change in between.
     """
