@@ -172,9 +172,11 @@ class EventWriter:
 
     def due(self) -> bool:
         """True when a flush should run: ``pending >= batch_rows`` or the oldest pending row is ``batch_ms`` old."""
-        if self.pending == 0:
+        pending = self._pending  # called after every received item: kept to a few operations
+        n = len(pending.events) + len(pending.embeddings)
+        if n == 0:
             return False
-        return self.pending >= self.batch_rows or self.oldest_wait_ms() >= self.batch_ms
+        return n >= self.batch_rows or (self._clock() - pending.since) * 1000.0 >= self.batch_ms  # type: ignore[operator]
 
     def _mark(self) -> None:
         if self._pending.since is None:
