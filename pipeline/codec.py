@@ -54,6 +54,7 @@ TYPES: dict[int, type] = {
 }
 _IDS: dict[type, int] = {t: i for i, t in TYPES.items()}
 _FRAME_REF = struct.Struct("<qqqqiiHH")
+_FRAME_REF_ID = _IDS[m.FrameRef]
 _ALLOWED_DTYPES = frozenset(np.dtype(t).str for t in (np.float32, np.float64, np.int32, np.int64, np.uint8, np.bool_))
 
 
@@ -87,7 +88,7 @@ def encode(msg: object) -> list[Any]:
     type_id = _IDS.get(type(msg))
     if type_id is None:
         raise TypeError(f"not a registered message type: {type(msg).__name__}")
-    if type_id == 1:
+    if type_id == _FRAME_REF_ID:
         return [_encode_frame_ref(msg)]  # type: ignore[arg-type]
     buffers: list[Any] = []
     tree = _pack(msg, buffers)
@@ -99,7 +100,7 @@ def _encode_frame_ref(ref: m.FrameRef) -> bytes:
     camera, ring = ref.camera.encode(), ref.ring.encode()
     fixed = _FRAME_REF.pack(ref.slot, ref.seq, ref.frame_index, ref.captured_at_ns, ref.height, ref.width,
                             len(camera), len(ring))
-    return bytes((VERSION, 1)) + fixed + camera + ring
+    return bytes((VERSION, _FRAME_REF_ID)) + fixed + camera + ring
 
 
 def _decode_frame_ref(header: bytes) -> m.FrameRef:
@@ -166,7 +167,7 @@ def decode(frames: list[Any]) -> object:
     cls = TYPES.get(header[1])
     if cls is None:
         raise MalformedMessage(f"unknown message type id {header[1]}")
-    if header[1] == 1:
+    if header[1] == _FRAME_REF_ID:
         return _decode_frame_ref(header)
     try:
         tree = json.loads(header[2:])
