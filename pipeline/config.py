@@ -166,7 +166,7 @@ class GaitConfig(_Strict):
 
     min_frames: int = Field(20, ge=2, le=10_000, description="silhouettes per GEI (>= one gait cycle, ~1 s)")
     width_px: int = Field(640, ge=64, le=4096, description="frames wider than this are downscaled for background subtraction")
-    link_threshold: float = Field(0.97, ge=-1.0, le=1.0, description="cosine similarity of GEI embeddings needed to link")
+    link_threshold: float = Field(0.986, ge=-1.0, le=1.0, description="cosine similarity of GEI embeddings needed to link (calibrate with scripts/eval_gait.py)")
     keep_tracks: int = Field(256, ge=1, le=100_000, description="ended named tracks remembered for linking")
 
 
