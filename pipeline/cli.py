@@ -55,6 +55,8 @@ def _check_assets(cfg: AppConfig) -> None:
     check_model_file(cfg.recognition.face.embedder.path, "face embedder")
     if cfg.recognition.reid is not None:
         check_model_file(cfg.recognition.reid.path, "Re-ID embedder")
+    if cfg.recognition.gait is not None and cfg.recognition.gait.embedder is not None:
+        check_model_file(cfg.recognition.gait.embedder.path, "gait embedder")
     for cam in cfg.cameras:
         if cam.resolved_mode() == "file":
             open_source(cam).close()

@@ -157,12 +157,24 @@ class OnnxReidConfig(_Strict):
     keep_tracks: int = Field(256, ge=1, le=100_000, description="ended tracks remembered for linking")
 
 
+class OnnxGaitEmbedderConfig(_Strict):
+    """A GEI-input gait model on ONNX Runtime (e.g. GEINet, Shiraga et al. 2016): one ``[B, 1, H, W]`` input,
+    one ``[B, d]`` output. The track's GEI is resized to ``H x W``; its values stay in [0, 1]."""
+
+    type: Literal["onnx"] = "onnx"
+    path: Path
+
+
 class GaitConfig(_Strict):
     """Gait Energy Image (Han & Bhanu 2006) per person track: names a track neither face nor Re-ID could.
 
     Classical and weak (see ``stages/gait.py`` for measured numbers): keep the
-    threshold high and calibrate it on the site's own footage.
+    threshold high and calibrate it on the site's own footage
+    (``scripts/eval_gait.py``, ``--model`` for an ONNX embedder). Without
+    ``embedder`` the GEI itself, downsampled, is the embedding.
     """
+
+    embedder: OnnxGaitEmbedderConfig | None = Field(None, description="ONNX gait model on GEIs; None: the classical GEI embedding")
 
     min_frames: int = Field(20, ge=2, le=10_000, description="silhouettes per GEI (>= one gait cycle, ~1 s)")
     width_px: int = Field(640, ge=64, le=4096, description="frames wider than this are downscaled for background subtraction")

@@ -119,9 +119,10 @@ def _recognition(cfg: AppConfig, t: Transport, index: int, counters: StageCounte
         reid = ReidLinker(ReidEmbedder(cfg.recognition.reid.path, opts), cfg.recognition.reid)
     gait = None
     if cfg.recognition.gait is not None:
+        from stages.gait import gait_embedder
         from stages.recognition import GaitLinker
 
-        gait = GaitLinker(cfg.recognition.gait)
+        gait = GaitLinker(cfg.recognition.gait, gait_embedder(cfg.recognition.gait, opts))
     stage = RecognitionStage(cfg.tracking, cfg.recognition.face, class_names, analyzer, gallery, snap, live,
                              cfg.recognition.max_lag_ms, reid, gait)
     inbox = t.receiver(f"detections-{index}", bind=True, hwm=cfg.ring.slots)

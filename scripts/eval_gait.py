@@ -7,8 +7,9 @@ ByteTrack (:class:`stages.tracking.CameraTracks`) → every frame feeds a MOG2
 background model (:class:`stages.gait.CameraSilhouettes`, frames downscaled
 to ``--width-px``), each active person track's silhouette is size-normalised
 (:func:`stages.gait.normalise_silhouette`) → GEI (Han & Bhanu 2006, the mean
-of a track's silhouettes) → :func:`stages.gait.gei_embedding`, compared by
-cosine similarity.
+of a track's silhouettes) → :func:`stages.gait.gei_embedding` (or, with
+``--model``, a GEI-input ONNX gait model, :class:`stages.gait.OnnxGaitEmbedder`),
+compared by cosine similarity.
 
 **Calibration** (label-free, on ``--calibration-video``, default ``vtest.avi``:
 a campus path with several people in view at once). Tracks with at least
@@ -62,7 +63,7 @@ from eval_reid import FPS_NS, ONE_BY_ONE, known_person, link_online, parse_range
 from pipeline.config import GaitConfig, OnnxDetectorConfig, TrackingConfig
 from pipeline.messages import Detections, FrameRef
 from stages.detector import ObjectDetector
-from stages.gait import CameraSilhouettes, gei_embedding, normalise_silhouette
+from stages.gait import CameraSilhouettes, GaitEmbedder, GeiEmbedder, OnnxGaitEmbedder, normalise_silhouette
 from stages.runtime import ModelError, SessionOptions
 from stages.tracking import CameraTracks
 
@@ -91,14 +92,14 @@ class GaitTrack:
     def last_frame(self) -> int:
         return self.frames[-1]
 
-    def embedding(self, part: slice = slice(None)) -> np.ndarray:
-        """``(704,) float32`` unit GEI embedding of the silhouettes in ``part``."""
-        return gei_embedding(np.mean(self.silhouettes[part], axis=0))
+    def embedding(self, embedder: GaitEmbedder, part: slice = slice(None)) -> np.ndarray:
+        """``(d,) float32`` unit embedding of the GEI of the silhouettes in ``part``."""
+        return embedder.embed(np.mean(self.silhouettes[part], axis=0))
 
-    def halves(self) -> tuple[np.ndarray, np.ndarray]:
-        """GEI embeddings of the first and the second half of the silhouettes."""
+    def halves(self, embedder: GaitEmbedder) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings of the GEIs of the first and the second half of the silhouettes."""
         mid = len(self.silhouettes) // 2
-        return self.embedding(slice(0, mid)), self.embedding(slice(mid, None))
+        return self.embedding(embedder, slice(0, mid)), self.embedding(embedder, slice(mid, None))
 
 
 def run_video(path: Path, detector: ObjectDetector, width_px: int) -> tuple[dict[int, GaitTrack], int, float]:
@@ -153,11 +154,11 @@ def usable(tracks: dict[int, GaitTrack], min_silhouettes: int) -> list[GaitTrack
     return sorted((t for t in tracks.values() if len(t.silhouettes) >= min_silhouettes), key=lambda t: t.first_frame)
 
 
-def calibration(tracks: list[GaitTrack]) -> dict:
+def calibration(tracks: list[GaitTrack], embedder: GaitEmbedder) -> dict:
     """Genuine (half vs half), impostor (co-visible tracks) scores and half-track rank-1 over ``tracks``."""
-    halves = [t.halves() for t in tracks]
+    halves = [t.halves(embedder) for t in tracks]
     genuine = np.array([float(a @ b) for a, b in halves])
-    whole = [t.embedding() for t in tracks]
+    whole = [t.embedding(embedder) for t in tracks]
     frame_sets = [set(t.frames) for t in tracks]
     impostor = np.array([float(whole[i] @ whole[j]) for i in range(len(tracks)) for j in range(i + 1, len(tracks))
                          if frame_sets[i] & frame_sets[j]])
@@ -170,10 +171,11 @@ def calibration(tracks: list[GaitTrack]) -> dict:
 def evaluate(args: argparse.Namespace) -> dict:
     """Run calibration and test; returns the JSON-able report."""
     assets = assets_dir(args.assets)
-    detector = ObjectDetector(OnnxDetectorConfig(path=model_path(assets, args.detector), layout="yolox"),
-                              SessionOptions(threads=args.threads))
-    report: dict = {"detector": Path(args.detector).name, "width_px": args.width_px, "min_frames": args.min_frames,
-                    "threshold": args.threshold, "target_far": args.far}
+    opts = SessionOptions(threads=args.threads)
+    detector = ObjectDetector(OnnxDetectorConfig(path=model_path(assets, args.detector), layout="yolox"), opts)
+    embedder: GaitEmbedder = OnnxGaitEmbedder(model_path(assets, args.model), opts) if args.model else GeiEmbedder()
+    report: dict = {"detector": Path(args.detector).name, "gait_model": embedder.model_name, "width_px": args.width_px,
+                    "min_frames": args.min_frames, "threshold": args.threshold, "target_far": args.far}
 
     cal_path = video_path(assets, args.calibration_video)
     tracks, frames, secs = run_video(cal_path, detector, args.width_px)
@@ -181,7 +183,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if len(used) < 2:
         raise UsageError(f"calibration video {cal_path.name}: {len(used)} person tracks with >= {2 * args.min_frames} "
                          "silhouettes; use a longer video with several people, or a smaller --min-frames")
-    cal = calibration(used)
+    cal = calibration(used, embedder)
     report["calibration"] = {
         "video": cal_path.name, "frames": frames, "seconds": secs, "person_tracks": len(tracks), "tracks_used": len(used),
         "silhouettes": sum(len(t.silhouettes) for t in tracks.values()),
@@ -201,7 +203,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     ranges = parse_ranges(args.ranges, path)
     tracks, frames, secs = run_video(path, detector, args.width_px)
     used = usable(tracks, args.min_frames)
-    units = [(t.track_id, t.first_frame, t.last_frame, t.embedding()) for t in used]
+    units = [(t.track_id, t.first_frame, t.last_frame, t.embedding(embedder)) for t in used]
     person, links = link_online(units, args.threshold)
     truth = {t.track_id: (known_person(t, ranges) if ranges else None) for t in used}  # type: ignore[arg-type]
     wrong = [{"track": u, "earlier": e, "similarity": s, "persons": [truth[u], truth[e]]} for u, (e, s) in links.items()
@@ -226,7 +228,8 @@ def _f(v: float | None, fmt: str = ".3f") -> str:
 
 def print_report(r: dict) -> None:
     c = r["calibration"]
-    print(f"gait: GEI of MOG2 silhouettes (frames downscaled to {r['width_px']} px wide), detector {r['detector']}")
+    print(f"gait: {r['gait_model']} embeddings of GEIs of MOG2 silhouettes (frames downscaled to {r['width_px']} px wide), "
+          f"detector {r['detector']}")
     print(f"\ncalibration on {c['video']}: {c['frames']} frames in {c['seconds']:.0f} s, {c['person_tracks']} person tracks, "
           f"{c['tracks_used']} with >= {2 * r['min_frames']} silhouettes; silhouettes used {c['silhouettes']}, "
           f"rejected (empty or too small) {c['silhouettes_rejected']}")
@@ -269,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="silhouettes per GEI (default: recognition.gait.min_frames, %(default)s)")
     p.add_argument("--width-px", type=int, default=default.width_px,
                    help="background-subtraction width (default: recognition.gait.width_px, %(default)s)")
+    p.add_argument("--model", help="GEI-input ONNX gait model (file in <assets>/models or a path); default: the classical GEI embedding")
     p.add_argument("--detector", default="yolox_nano.onnx", help="YOLOX person detector (default %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")

@@ -41,16 +41,23 @@ seen from the side by the same camera reasonably; it is weak for people seen
 from behind or from the front (little limb motion visible), for small people
 (the silhouette is a few dozen pixels tall) and across cameras. It is the last
 resort after face and Re-ID, and its threshold must be calibrated per site.
-An ONNX gait model (e.g. GaitSet/GaitGL on GEIs or silhouette sequences)
-would plug in as another embedder with a typed ``type: "onnx"`` config.
+A GEI-input ONNX gait model (e.g. GEINet, Shiraga et al. 2016, ICB) plugs in
+by config (``recognition.gait.embedder``, :class:`OnnxGaitEmbedder`); no such
+model ships with the assets, so its accuracy here is unmeasured and its
+threshold must be calibrated with ``scripts/eval_gait.py --model``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import cv2
 import numpy as np
+
+from pipeline.config import GaitConfig
+from stages.runtime import ModelError, SessionOptions, expect_embedding_output, open_session
 
 GEI_HEIGHT = 64
 GEI_WIDTH = 44
@@ -184,3 +191,100 @@ def gei_embedding(gei: np.ndarray) -> np.ndarray:
     small = small - small.mean()
     norm = float(np.linalg.norm(small))
     return (small / norm if norm > 0 else small).astype(np.float32)
+
+
+class GaitEmbedder(Protocol):
+    """Turns a GEI into an embedding compared by cosine similarity."""
+
+    @property
+    def model_name(self) -> str:
+        """Stored with the embedding; embeddings of different models are not comparable."""
+        ...
+
+    def embed(self, gei: np.ndarray) -> np.ndarray:
+        """``(GEI_HEIGHT, GEI_WIDTH) float32`` GEI in [0, 1] -> ``(d,) float32`` unit embedding."""
+        ...
+
+
+class GeiEmbedder:
+    """The classical embedding: the GEI itself, through :func:`gei_embedding` (``d = 704``)."""
+
+    model_name = f"gei-{GEI_HEIGHT}x{GEI_WIDTH}"
+
+    def embed(self, gei: np.ndarray) -> np.ndarray:
+        return gei_embedding(gei)
+
+
+_WHAT = "gait embedder"
+
+
+class OnnxGaitEmbedder:
+    """A GEI-input gait model on ONNX Runtime (e.g. GEINet, Shiraga et al. 2016, ICB).
+
+    Args:
+        path: ONNX model with one input ``[B, 1, H, W]`` float32 (``H``, ``W``
+            fixed; the batch may be dynamic or 1) and one ``[B, d]`` output.
+            The GEI is resized to ``H x W`` (bilinear; GEINet's 128 x 88 has the
+            GEI's 64:44 aspect ratio) with values in [0, 1], as the model was
+            trained on.
+        opts: ONNX Runtime threads and providers.
+
+    Raises:
+        ModelError: the file is missing, empty or not loadable, or its input
+            or output is not of that layout (the message names the file).
+    """
+
+    def __init__(self, path: Path | str, opts: SessionOptions = SessionOptions()) -> None:
+        self.path = Path(path)
+        self.session = open_session("onnx", self.path, _WHAT, opts)
+        inputs = self.session.get_inputs()
+        shape = list(inputs[0].shape)
+        hw = shape[2:]
+        fixed_batch = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None  # None: dynamic
+        if (len(inputs) != 1 or len(shape) != 4 or shape[1] != 1 or fixed_batch not in (None, 1)
+                or not all(isinstance(v, int) and v > 0 for v in hw)):
+            raise ModelError(f"{_WHAT} model {self.path}: inputs {[(i.name, list(i.shape)) for i in inputs]}, "
+                             "expected one [B, 1, H, W] GEI input with fixed H and W; is this the right file?")
+        expect_embedding_output(self.session, _WHAT, self.path)
+        self._input_name = inputs[0].name
+        self.input_hw: tuple[int, int] = (int(hw[0]), int(hw[1]))
+
+    @property
+    def model_name(self) -> str:
+        """File stem of the model."""
+        return self.path.stem
+
+    def preprocess(self, gei: np.ndarray) -> np.ndarray:
+        """``(GEI_HEIGHT, GEI_WIDTH)`` GEI -> ``(1, 1, H, W) float32`` model input, values in [0, 1].
+
+        Raises:
+            ValueError: ``gei`` is not ``(GEI_HEIGHT, GEI_WIDTH)``.
+        """
+        if gei.shape != (GEI_HEIGHT, GEI_WIDTH):
+            raise ValueError(f"OnnxGaitEmbedder: expected a ({GEI_HEIGHT}, {GEI_WIDTH}) GEI, got {gei.shape}")
+        h, w = self.input_hw
+        resized = cv2.resize(gei.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+        return np.clip(resized, 0.0, 1.0)[None, None]
+
+    def embed(self, gei: np.ndarray) -> np.ndarray:
+        """``(d,) float32`` L2-normalised model output for one GEI.
+
+        Raises:
+            ValueError: bad GEI shape; ModelError: the model's output is not finite.
+        """
+        out = np.asarray(self.session.run(None, {self._input_name: self.preprocess(gei)})[0], np.float32).reshape(-1)
+        norm = float(np.linalg.norm(out))
+        if not np.isfinite(norm):
+            raise ModelError(f"{_WHAT} model {self.path}: non-finite output")
+        return out / norm if norm > 0 else out
+
+
+def gait_embedder(cfg: GaitConfig, opts: SessionOptions = SessionOptions()) -> GaitEmbedder:
+    """The embedder ``cfg`` names: :class:`OnnxGaitEmbedder` with ``cfg.embedder``, else :class:`GeiEmbedder`.
+
+    Raises:
+        ModelError: the ONNX model is missing or of the wrong layout.
+    """
+    if cfg.embedder is None:
+        return GeiEmbedder()
+    return OnnxGaitEmbedder(cfg.embedder.path, opts)

@@ -34,7 +34,7 @@ from collections import OrderedDict
 from pipeline.config import FaceConfig, GaitConfig, OnnxReidConfig, TrackingConfig
 from pipeline.messages import Detections, EmbeddingRecord, TrackUpdate
 from stages.face import Face, FaceAnalyzer
-from stages.gait import CameraSilhouettes, TrackGait, gei_embedding
+from stages.gait import CameraSilhouettes, GaitEmbedder, GeiEmbedder, TrackGait
 from stages.gallery import Gallery
 from stages.quality import assess
 from stages.reid import ReidEmbedder, TrackReid, link_tracks
@@ -144,12 +144,16 @@ class GaitLinker:
     """Gait per person track: silhouettes every frame, GEI, linking unnamed tracks to earlier named ones.
 
     Needs every frame of its cameras in order (the background model).
+
+    Args:
+        cfg: thresholds and sizes.
+        embedder: GEI -> embedding (:func:`stages.gait.gait_embedder`); the
+            classical :class:`~stages.gait.GeiEmbedder` by default.
     """
 
-    MODEL = "gei-64x44"
-
-    def __init__(self, cfg: GaitConfig) -> None:
+    def __init__(self, cfg: GaitConfig, embedder: GaitEmbedder | None = None) -> None:
         self.cfg = cfg
+        self.embedder: GaitEmbedder = embedder if embedder is not None else GeiEmbedder()
         self.silhouettes: dict[str, CameraSilhouettes] = {}
         self.tracks: dict[str, TrackGait] = {}
         self.earlier: OrderedDict[int, tuple[np.ndarray, Named]] = OrderedDict()
@@ -171,7 +175,7 @@ class GaitLinker:
         if gei is None or not self.earlier:
             return None
         earlier = {k: mean for k, (mean, _) in self.earlier.items()}
-        found = link_tracks({track_id: gei_embedding(gei)}, earlier, self.cfg.link_threshold, exclusive=False)
+        found = link_tracks({track_id: self.embedder.embed(gei)}, earlier, self.cfg.link_threshold, exclusive=False)
         if track_id not in found:
             return None
         named = self.earlier[found[track_id].earlier_id][1]
@@ -182,13 +186,13 @@ class GaitLinker:
         gei = gait.pop(track_id) if gait is not None else None
         if gei is None:
             return None
-        emb = gei_embedding(gei)
+        emb = self.embedder.embed(gei)
         if named is not None and named.identity is not None:
             self.earlier[self._next] = (emb, named)
             self._next += 1
             while len(self.earlier) > self.cfg.keep_tracks:
                 self.earlier.popitem(last=False)
-        return EmbeddingRecord(event_id=event_id, kind="gait", model=self.MODEL, vector=emb, frame_index=-1)
+        return EmbeddingRecord(event_id=event_id, kind="gait", model=self.embedder.model_name, vector=emb, frame_index=-1)
 
     @property
     def rejected(self) -> int:

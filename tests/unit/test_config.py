@@ -29,6 +29,10 @@ def _with(path: str, value: object) -> dict:
 def test_minimal_config_gets_defaults() -> None:
     cfg = parse_config(BASE)
     assert cfg.detection.processes == 1 and cfg.recognition.processes == 1
+    assert cfg.recognition.gait is None
+    assert parse_config(_with("recognition.gait", {})).recognition.gait.embedder is None  # the classical GEI embedding
+    gait = parse_config(_with("recognition.gait", {"embedder": {"path": "g.onnx"}})).recognition.gait
+    assert gait.embedder.type == "onnx" and gait.embedder.path == Path("g.onnx")
     assert cfg.detection.detector.classes == ("person",)
     assert cfg.cameras[0].resolved_mode() == "file"
 
@@ -45,6 +49,9 @@ def test_minimal_config_gets_defaults() -> None:
         ("storage.cache_mb", 0, r"storage\.cache_mb: Input should be greater than or equal to 1"),
         ("recognition.face.match_threshold", 1.5, r"recognition\.face\.match_threshold"),
         ("recognition.face.detector.input_size", 100, r"multiple of 32"),
+        ("recognition.gait", {"embedder": {"type": "torch", "path": "g.pt"}}, r"recognition\.gait\.embedder\.type"),
+        ("recognition.gait", {"embedder": {}}, r"recognition\.gait\.embedder\.path: Field required"),
+        ("recognition.gait", {"embeder": {"path": "g.onnx"}}, r"recognition\.gait\.embeder: Extra inputs"),
         ("cameras.0.name", "bad name!", r"cameras\.0\.name"),
         ("cameras", [], r"cameras"),
         ("cameras", [{"name": "a", "source": "x"}, {"name": "a", "source": "y"}], r"repeated: a"),
