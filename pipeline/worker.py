@@ -20,8 +20,10 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import cv2
 
@@ -40,6 +42,64 @@ def recognition_index(cfg: AppConfig, camera: str, n_recognition: int) -> int:
     """The recognition process that owns ``camera``."""
     names = [c.name for c in cfg.cameras]
     return (names.index(camera) if camera in names else 0) % n_recognition
+
+
+class SharedNamedTracks:
+    """Re-ID and gait linking across recognition processes: feeds this process's linkers the named tracks the
+    other processes stored.
+
+    Each camera's tracks live in one recognition process, so a person named on a camera of another process
+    is only known here through the database: every ``interval_s`` the track-level embeddings stored since the
+    last poll (or since start: earlier runs are not used, clothes change) whose event has an identity are read
+    (:func:`storage.queries.named_track_vectors`, a WAL reader that never blocks the writer) and handed to
+    the linker's ``remember``. This process's own cameras are skipped (their tracks are already known). A
+    failed read is logged and retried at the next poll; it only delays links.
+
+    Args:
+        engine: database engine (read only here).
+        own_cameras: cameras of this process.
+        linkers: ``(kind, model name, linker)`` with ``kind`` ``"reid"`` or ``"gait"``; the linker has
+            ``remember(vector, named)``.
+        interval_s: seconds between polls.
+        clock: monotonic seconds (tests inject a fake one).
+
+    Attributes:
+        received: named tracks handed to the linkers so far.
+    """
+
+    def __init__(self, engine: Any, own_cameras: Sequence[str], linkers: Sequence[tuple[str, str, Any]],
+                 interval_s: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+        from storage.queries import last_vector_id
+
+        self.engine = engine
+        self.own_cameras = tuple(own_cameras)
+        self.linkers = tuple(linkers)
+        self.interval_s = interval_s
+        self._clock = clock
+        self._due = clock() + interval_s
+        self._after = {kind: last_vector_id(engine, kind) for kind, _, _ in self.linkers}
+        self.received = 0
+
+    def __call__(self) -> None:
+        from stages.recognition import Named
+        from storage.db import StorageError
+        from storage.queries import named_track_vectors
+
+        now = self._clock()
+        if now < self._due:
+            return
+        self._due = now + self.interval_s
+        for kind, model, linker in self.linkers:
+            try:
+                got = named_track_vectors(self.engine, kind, model, self._after[kind], self.own_cameras)
+            except StorageError as err:
+                log.warning("reading named %s tracks of other recognition processes failed (retried in %.0f s): %s",
+                            kind, self.interval_s, err)
+                continue
+            for i, vector in enumerate(got.vectors):
+                linker.remember(vector, Named(got.identities[i], got.methods[i], got.scores[i]))
+            self._after[kind] = got.last_id
+            self.received += len(got.identities)
 
 
 def _session_options(cfg: AppConfig, stage: str):
@@ -93,7 +153,8 @@ def _snapshot_sink(root: Path):
     return save
 
 
-def _recognition(cfg: AppConfig, t: Transport, index: int, counters: StageCounters, hb: Heartbeat, stop: StopFlag) -> None:
+def _recognition(cfg: AppConfig, t: Transport, index: int, n_rec: int, counters: StageCounters, hb: Heartbeat,
+                 stop: StopFlag) -> None:
     from stages.detector import ObjectDetector
     from stages.face import FaceAnalyzer
     from stages.gallery import Gallery
@@ -104,7 +165,8 @@ def _recognition(cfg: AppConfig, t: Transport, index: int, counters: StageCounte
     opts = _session_options(cfg, "recognition")
     class_names = ObjectDetector(cfg.detection.detector, opts).class_names
     analyzer = FaceAnalyzer(cfg.recognition.face, opts)
-    rows = load_gallery(open_engine(database_url(cfg)), analyzer.model_name)
+    engine = open_engine(database_url(cfg))
+    rows = load_gallery(engine, analyzer.model_name)
     if rows.skipped:
         log.warning("identities enrolled only with another face model are ignored: %s; re-enroll them", ", ".join(sorted(rows.skipped)))
     gallery = Gallery(list(rows.names), rows.vectors, threshold=cfg.recognition.face.match_threshold,
@@ -137,8 +199,19 @@ def _recognition(cfg: AppConfig, t: Transport, index: int, counters: StageCounte
         out.service()
         counters.extra.update(storage_unacked=len(out.unacked), storage_resent=out.resent, storage_dropped=out.dropped)
 
+    services: list[Callable[[], None]] = [gauges]
+    linkers = [(kind, linker.embedder.model_name, linker) for kind, linker in (("reid", reid), ("gait", gait)) if linker is not None]
+    if n_rec > 1 and linkers:  # other processes' named tracks, for Re-ID / gait links across them
+        own = [c.name for c in cfg.cameras if recognition_index(cfg, c.name, n_rec) == index]
+        shared = SharedNamedTracks(engine, own, linkers)
+
+        def share() -> None:
+            shared()
+            counters.extra["shared_named_tracks"] = shared.received
+
+        services.append(share)
     io = RunnerIO(inbox=inbox, route=lambda msg: out, heartbeat=hb, release=True, blocking_send=True,
-                  services=(gauges,), on_exit=wait_for_storage)
+                  services=tuple(services), on_exit=wait_for_storage)
     Runner(stage, io, counters, stop, reorderer=Reorderer(cfg.tracking.reorder_timeout_s)).run()
 
 
@@ -180,7 +253,7 @@ def main(argv: list[str]) -> int:
         elif stage == "detection":
             _detection(cfg, t, n_rec, counters, hb, stop)
         elif stage == "recognition":
-            _recognition(cfg, t, index, counters, hb, stop)
+            _recognition(cfg, t, index, n_rec, counters, hb, stop)
         elif stage == "storage":
             _storage(cfg, t, counters, hb, stop)
         else:

@@ -81,6 +81,34 @@ class Named:
     score: float
 
 
+class EarlierTracks:
+    """Ended named tracks remembered for linking: ``(d,) float32`` unit embedding and who it was.
+
+    Args:
+        keep: at most this many; the oldest is forgotten first.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self._items: OrderedDict[int, tuple[np.ndarray, Named]] = OrderedDict()
+        self._next = 0
+
+    def add(self, vector: np.ndarray, named: Named) -> None:
+        self._items[self._next] = (vector, named)
+        self._next += 1
+        while len(self._items) > self.keep:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def vectors(self) -> dict[int, np.ndarray]:
+        return {k: v for k, (v, _) in self._items.items()}
+
+    def named(self, key: int) -> Named:
+        return self._items[key][1]
+
+
 class ReidLinker:
     """Person Re-ID per track: sampling, linking to earlier named tracks, the stored mean.
 
@@ -93,9 +121,12 @@ class ReidLinker:
         self.embedder = embedder
         self.cfg = cfg
         self.tracks: dict[str, TrackReid] = {}
-        self.earlier: OrderedDict[int, tuple[np.ndarray, Named]] = OrderedDict()  # ended named tracks
-        self._next = 0
+        self.earlier = EarlierTracks(cfg.keep_tracks)
         self.links = 0
+
+    def remember(self, vector: np.ndarray, named: Named) -> None:
+        """Remember a named track ended elsewhere (another recognition process) for linking; ``(d,) float32`` mean."""
+        self.earlier.add(vector, named)
 
     def due(self, frame_index: int) -> bool:
         return frame_index % self.cfg.every_n_frames == 0
@@ -117,12 +148,11 @@ class ReidLinker:
         reid = self.tracks.get(camera)
         if reid is None or reid.count(track_id) < self.cfg.min_samples or not self.earlier:
             return None
-        earlier = {k: mean for k, (mean, _) in self.earlier.items()}
-        found = link_tracks({track_id: reid.mean(track_id)}, earlier, self.cfg.link_threshold, exclusive=False)
+        found = link_tracks({track_id: reid.mean(track_id)}, self.earlier.vectors(), self.cfg.link_threshold, exclusive=False)
         if track_id not in found:
             return None
         self.links += 1
-        named = self.earlier[found[track_id].earlier_id][1]
+        named = self.earlier.named(found[track_id].earlier_id)
         return Named(named.identity, "reid", float(found[track_id].similarity))
 
     def end(self, camera: str, track_id: int, event_id: str, named: Named | None) -> EmbeddingRecord | None:
@@ -132,10 +162,7 @@ class ReidLinker:
         if mean is None:
             return None
         if named is not None and named.identity is not None:
-            self.earlier[self._next] = (mean, named)
-            self._next += 1
-            while len(self.earlier) > self.cfg.keep_tracks:
-                self.earlier.popitem(last=False)
+            self.earlier.add(mean, named)
         return EmbeddingRecord(event_id=event_id, kind="reid", model=self.embedder.model_name,
                                vector=mean.astype(np.float32), frame_index=-1)
 
@@ -156,8 +183,11 @@ class GaitLinker:
         self.embedder: GaitEmbedder = embedder if embedder is not None else GeiEmbedder()
         self.silhouettes: dict[str, CameraSilhouettes] = {}
         self.tracks: dict[str, TrackGait] = {}
-        self.earlier: OrderedDict[int, tuple[np.ndarray, Named]] = OrderedDict()
-        self._next = 0
+        self.earlier = EarlierTracks(cfg.keep_tracks)
+
+    def remember(self, vector: np.ndarray, named: Named) -> None:
+        """Remember a named track ended elsewhere (another recognition process) for linking; ``(d,) float32`` GEI embedding."""
+        self.earlier.add(vector, named)
 
     def observe(self, camera: str, persons: list[ActiveTrack], frame: np.ndarray) -> list[int]:
         """Update the camera's background; add each person's silhouette; returns tracks whose GEI just became ready."""
@@ -174,11 +204,10 @@ class GaitLinker:
         gei = self.tracks[camera].gei(track_id)
         if gei is None or not self.earlier:
             return None
-        earlier = {k: mean for k, (mean, _) in self.earlier.items()}
-        found = link_tracks({track_id: self.embedder.embed(gei)}, earlier, self.cfg.link_threshold, exclusive=False)
+        found = link_tracks({track_id: self.embedder.embed(gei)}, self.earlier.vectors(), self.cfg.link_threshold, exclusive=False)
         if track_id not in found:
             return None
-        named = self.earlier[found[track_id].earlier_id][1]
+        named = self.earlier.named(found[track_id].earlier_id)
         return Named(named.identity, "gait", float(found[track_id].similarity))
 
     def end(self, camera: str, track_id: int, event_id: str, named: Named | None) -> EmbeddingRecord | None:
@@ -188,10 +217,7 @@ class GaitLinker:
             return None
         emb = self.embedder.embed(gei)
         if named is not None and named.identity is not None:
-            self.earlier[self._next] = (emb, named)
-            self._next += 1
-            while len(self.earlier) > self.cfg.keep_tracks:
-                self.earlier.popitem(last=False)
+            self.earlier.add(emb, named)
         return EmbeddingRecord(event_id=event_id, kind="gait", model=self.embedder.model_name, vector=emb, frame_index=-1)
 
     @property

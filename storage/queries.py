@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from storage.db import StorageError, dialect_insert, storage_errors
 from storage.models import (
+    EMBEDDING_TABLES,
     MODEL_LEN,
     NAME_LEN,
     PATH_LEN,
@@ -302,3 +303,77 @@ def count_rows(engine: Engine) -> dict[str, int]:
     ``face_embeddings``, ``events``, ``track_embeddings``, ``reid_embeddings``, ``gait_embeddings``, ``snapshots``)."""
     with storage_errors(engine.url, "counting rows"), engine.connect() as conn:
         return {t: int(conn.execute(select(func.count()).select_from(Base.metadata.tables[t])).scalar_one()) for t in TABLES}
+
+
+@dataclass(frozen=True)
+class NamedTrackVectors:
+    """Track-level embeddings of named events, for Re-ID / gait linking across recognition processes.
+
+    Attributes:
+        last_id: the largest embedding row id read (pass it back as ``after_id``); unchanged when nothing is new.
+        cameras: ``n`` camera names.
+        identities: ``n`` identity names.
+        methods: ``n`` identity methods (``"face"``, ``"reid"``, ``"gait"``).
+        scores: ``n`` identity scores (cosine similarity).
+        vectors: ``(n, d) float32`` embeddings, in row order.
+    """
+
+    last_id: int
+    cameras: tuple[str, ...]
+    identities: tuple[str, ...]
+    methods: tuple[str, ...]
+    scores: tuple[float, ...]
+    vectors: np.ndarray
+
+
+def last_vector_id(engine: Engine, kind: str) -> int:
+    """The largest row id of the ``kind`` embedding table (0 when empty): where :func:`named_track_vectors` starts."""
+    table = Base.metadata.tables[EMBEDDING_TABLES[kind]]
+    with storage_errors(engine.url, f"reading {table.name}"), engine.connect() as conn:
+        return int(conn.execute(select(func.coalesce(func.max(table.c.id), 0))).scalar_one())
+
+
+def named_track_vectors(engine: Engine, kind: str, model: str, after_id: int, exclude_cameras: Sequence[str] = (),
+                        limit: int = 1000) -> NamedTrackVectors:
+    """Track-level (``frame_index = -1``) embeddings of ``kind`` and ``model`` stored after row ``after_id``
+    whose event has an identity, oldest first.
+
+    Args:
+        kind: ``"reid"`` or ``"gait"`` (a key of :data:`storage.models.EMBEDDING_TABLES`).
+        model: embedding model name; other models are not comparable and are skipped.
+        after_id: only rows with a larger id (from :func:`last_vector_id` or a previous ``last_id``).
+        exclude_cameras: events of these cameras are skipped (the caller already knows them).
+        limit: at most this many rows (1..100000).
+
+    Raises:
+        ValueError: unknown ``kind`` or ``limit`` out of range.
+        StorageError: stored vectors whose dimension disagrees with their bytes.
+    """
+    if kind not in EMBEDDING_TABLES:
+        raise ValueError(f"kind: expected one of {sorted(EMBEDDING_TABLES)}, got {kind!r}")
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit: expected 1 to {MAX_LIMIT}, got {limit}")
+    t = Base.metadata.tables[EMBEDDING_TABLES[kind]]
+    with storage_errors(engine.url, f"reading named {kind} embeddings"), engine.connect() as conn:
+        # the upper bound first: rows skipped by the filters below still move the cursor on, and a row
+        # committed after it is read next time
+        upper = int(conn.execute(select(func.coalesce(func.max(t.c.id), after_id)).where(t.c.id > after_id)).scalar_one())
+        stmt = (
+            select(t.c.id, Camera.name, Identity.name, Event.method, Event.identity_score, t.c.dim, t.c.vector)
+            .join(Event, Event.id == t.c.event_id)
+            .join(Camera, Camera.id == Event.camera_id)
+            .join(Identity, Identity.id == Event.identity_id)
+            .where(t.c.id > after_id, t.c.id <= upper, t.c.model == model, t.c.frame_index == -1)
+            .order_by(t.c.id)
+            .limit(limit)
+        )
+        if exclude_cameras:
+            stmt = stmt.where(Camera.name.not_in(list(exclude_cameras)))
+        rows = conn.execute(stmt).all()
+    last = rows[-1][0] if len(rows) == limit else upper  # a full page: more may follow right after its last row
+    try:
+        vectors = np.stack([bytes_to_vector(v, d) for *_, d, v in rows]) if rows else np.zeros((0, 0), np.float32)
+    except ValueError as err:
+        raise StorageError(f"{t.name}: a stored vector is damaged ({err})") from None
+    return NamedTrackVectors(int(last), tuple(r[1] for r in rows), tuple(r[2] for r in rows),
+                             tuple(r[3] or kind for r in rows), tuple(float(r[4]) for r in rows), vectors)

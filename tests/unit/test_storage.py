@@ -20,7 +20,17 @@ from sqlalchemy.exc import OperationalError
 from pipeline.messages import EmbeddingRecord, TrackUpdate
 from storage.db import PAGE_SIZE, StorageError, alembic_config, current_revision, describe, head_revision, open_engine, upgrade
 from storage.models import bytes_to_vector, vector_to_bytes
-from storage.queries import EventRow, count_rows, delete_identity, enroll, list_events, list_identities, load_gallery
+from storage.queries import (
+    EventRow,
+    count_rows,
+    delete_identity,
+    enroll,
+    last_vector_id,
+    list_events,
+    list_identities,
+    load_gallery,
+    named_track_vectors,
+)
 from storage.writer import EventWriter, SqliteTimes, ns_to_datetime, sqlite_time
 
 T0 = 1_700_000_000_123_456_789  # ns since the epoch
@@ -663,3 +673,63 @@ def test_postgres_upgrade_writer_and_queries_round_trip(pg_url):
         }
     finally:
         engine.dispose()
+
+
+# ------------------------------------------------ named tracks for cross-process linking
+
+
+def _track_vector(event_id: str, kind: str, model: str = "osnet", seed: int = 0, frame_index: int = -1) -> EmbeddingRecord:
+    v = np.random.default_rng(seed).standard_normal(16).astype(np.float32)
+    return EmbeddingRecord(event_id, kind, model, v / np.linalg.norm(v), frame_index=frame_index)
+
+
+def test_named_track_vectors_reads_new_named_track_level_rows_of_other_cameras(engine):
+    enroll(engine, "alice", np.eye(1, 4, dtype=np.float32), "m")
+    enroll(engine, "bob", np.eye(1, 4, dtype=np.float32), "m")
+    assert last_vector_id(engine, "reid") == 0
+    own, other, unnamed, per_frame, other_model, gait = (_eid() for _ in range(6))
+    w = EventWriter(engine, 100, 100)
+    w.add_update(update(own, camera="cam0", identity="alice", method="face", identity_score=0.7))
+    w.add_update(update(other, camera="cam1", identity="bob", method="face", identity_score=0.6))
+    w.add_update(update(unnamed, camera="cam1"))
+    w.add_update(update(per_frame, camera="cam1", identity="bob", method="face"))
+    w.add_update(update(other_model, camera="cam1", identity="bob", method="face"))
+    w.add_update(update(gait, camera="cam1", identity="bob", method="reid", identity_score=0.95))
+    for eid, rec in [(own, _track_vector(own, "reid", seed=1)), (other, _track_vector(other, "reid", seed=2)),
+                     (unnamed, _track_vector(unnamed, "reid", seed=3)), (per_frame, _track_vector(per_frame, "reid", seed=4, frame_index=5)),
+                     (other_model, _track_vector(other_model, "reid", model="osnet_other", seed=5)),
+                     (gait, _track_vector(gait, "gait", model="gei-64x44", seed=6))]:
+        w.add_embedding(rec)
+    w.flush()
+    got = named_track_vectors(engine, "reid", "osnet", 0, exclude_cameras=["cam0"])
+    assert (got.cameras, got.identities, got.methods, got.scores) == (("cam1",), ("bob",), ("face",), (0.6,))
+    assert np.array_equal(got.vectors, _track_vector(other, "reid", seed=2).vector[None])
+    assert got.last_id == last_vector_id(engine, "reid") == 5  # skipped rows move the cursor on too
+    again = named_track_vectors(engine, "reid", "osnet", got.last_id)
+    assert again.identities == () and again.vectors.shape[0] == 0 and again.last_id == got.last_id
+    both = named_track_vectors(engine, "reid", "osnet", 0)
+    assert both.identities == ("alice", "bob")
+    g = named_track_vectors(engine, "gait", "gei-64x44", 0, exclude_cameras=["cam0"])
+    assert (g.identities, g.methods) == (("bob",), ("reid",))
+
+
+def test_named_track_vectors_pages_by_limit_without_losing_rows(engine):
+    enroll(engine, "alice", np.eye(1, 4, dtype=np.float32), "m")
+    ids = [_eid() for _ in range(5)]
+    w = EventWriter(engine, 100, 100)
+    for i, eid in enumerate(ids):
+        w.add_update(update(eid, camera="cam1", identity="alice", method="face"))
+        w.add_embedding(_track_vector(eid, "reid", seed=i))
+    w.flush()
+    seen, after = [], 0
+    for _ in range(4):
+        page = named_track_vectors(engine, "reid", "osnet", after, limit=2)
+        seen += [v.tobytes() for v in page.vectors]
+        after = page.last_id
+    assert seen == [_track_vector(eid, "reid", seed=i).vector.tobytes() for i, eid in enumerate(ids)]
+
+
+@pytest.mark.parametrize("kind, limit, error", [("face_gallery", 10, "kind: expected one of"), ("reid", 0, "limit: expected 1 to")])
+def test_named_track_vectors_refuses_bad_arguments(engine, kind, limit, error):
+    with pytest.raises(ValueError, match=error):
+        named_track_vectors(engine, kind, "osnet", 0, limit=limit)
