@@ -345,6 +345,10 @@ def named_track_vectors(engine: Engine, kind: str, model: str, after_id: int, ex
         exclude_cameras: events of these cameras are skipped (the caller already knows them).
         limit: at most this many rows (1..100000).
 
+    Row ids grow with each commit of the one storage process, so polling by id misses nothing on SQLite. On a
+    PostgreSQL server written by several edge boxes, a row whose id was taken before another box's commit but
+    committed after this read is missed (a lost link hint, never a wrong one).
+
     Raises:
         ValueError: unknown ``kind`` or ``limit`` out of range.
         StorageError: stored vectors whose dimension disagrees with their bytes.
