@@ -55,11 +55,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from eval_faces import UsageError, assets_dir, describe, model_path, threshold_for_far
-from eval_reid import FPS_NS, ONE_BY_ONE, known_person, link_online, parse_ranges, video_path
+from eval_reid import (FPS_NS, ONE_BY_ONE, fmt_score, jsonable, known_person, link_online, open_video, parse_ranges,
+                       video_path)
 from pipeline.config import GaitConfig, OnnxDetectorConfig, TrackingConfig
 from pipeline.messages import Detections, FrameRef
 from stages.detector import ObjectDetector
@@ -111,11 +111,7 @@ def run_video(path: Path, detector: ObjectDetector, width_px: int) -> tuple[dict
     Raises:
         UsageError: the video is missing or cannot be decoded.
     """
-    if not path.is_file():
-        raise UsageError(f"video {path} does not exist")
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        raise UsageError(f"cannot open video {path}")
+    cap = open_video(path)
     tracker = CameraTracks("eval", TrackingConfig(), detector.class_names)
     background = CameraSilhouettes(width_px)
     tracks: dict[int, GaitTrack] = {}
@@ -222,10 +218,6 @@ def evaluate(args: argparse.Namespace) -> dict:
     return report
 
 
-def _f(v: float | None, fmt: str = ".3f") -> str:
-    return "-" if v is None or v != v else format(v, fmt)
-
-
 def print_report(r: dict) -> None:
     c = r["calibration"]
     print(f"gait: {r['gait_model']} embeddings of GEIs of MOG2 silhouettes (frames downscaled to {r['width_px']} px wide), "
@@ -238,7 +230,7 @@ def print_report(r: dict) -> None:
                        ("different_tracks_halves", "different tracks: second vs first halves"),
                        ("impostor_co_visible", "impostor: co-visible tracks (whole GEIs)")):
         s = c[key]
-        print(f"{label:<44}{s['n']:>6}{_f(s['min']):>8}{_f(s['mean']):>8}{_f(s['max']):>8}")
+        print(f"{label:<44}{s['n']:>6}{fmt_score(s['min']):>8}{fmt_score(s['mean']):>8}{fmt_score(s['max']):>8}")
     print(f"rank-1 of second halves among first halves: {c['rank1']}/{c['tracks_used']} (chance 1/{c['tracks_used']})")
     if "calibrated_threshold" in c:
         a = c["at_configured"]
@@ -251,7 +243,7 @@ def print_report(r: dict) -> None:
     for row in t["tracks"]:
         kp = "-" if row["known_person"] is None else f"P{row['known_person']}"
         print(f"{row['track']:>5}{row['first_frame']:>6}-{row['last_frame']:<5}{row['silhouettes']:>12}{row['rejected']:>9}{kp:>7}"
-              f"{str(row['linked_to'] or '-'):>10}{_f(row['similarity']):>11}")
+              f"{str(row['linked_to'] or '-'):>10}{fmt_score(row['similarity']):>11}")
     print(f"links {t['links']}: right {t['right_links']}, wrong {len(t['wrong_links'])}; "
           f"{t['tracks_used']} tracks -> {t['distinct_persons']} person ids")
     for w in t["wrong_links"]:
@@ -279,14 +271,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _jsonable(obj: object) -> object:
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.min_frames < 2 or args.width_px < 64:
@@ -298,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval_gait: error: {err}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(report, indent=2, default=_jsonable))
+        print(json.dumps(report, indent=2, default=jsonable))
     else:
         print_report(report)
     return 1 if report["test"]["wrong_links"] else 0

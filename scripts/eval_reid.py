@@ -109,6 +109,20 @@ class TrackRecord:
         return (m / max(float(np.linalg.norm(m)), 1e-12)).astype(np.float32)
 
 
+def open_video(path: Path) -> cv2.VideoCapture:
+    """An opened capture of ``path``.
+
+    Raises:
+        UsageError: the file is missing or OpenCV cannot open it.
+    """
+    if not path.is_file():
+        raise UsageError(f"video {path} does not exist")
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise UsageError(f"cannot open video {path}")
+    return cap
+
+
 def run_video(
     path: Path, detector: ObjectDetector, embedder: ReidEmbedder, args: argparse.Namespace
 ) -> tuple[dict[int, TrackRecord], int, float]:
@@ -123,11 +137,7 @@ def run_video(
     Raises:
         UsageError: the video is missing or cannot be decoded.
     """
-    if not path.is_file():
-        raise UsageError(f"video {path} does not exist")
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        raise UsageError(f"cannot open video {path}")
+    cap = open_video(path)
     tracker = CameraTracks("eval", TrackingConfig(), detector.class_names)
     reid = TrackReid(every_n_frames=args.sample_every, max_samples=100_000)
     records: dict[int, TrackRecord] = {}
@@ -368,7 +378,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     return report
 
 
-def _f(v: float | None, fmt: str = ".3f") -> str:
+def fmt_score(v: float | None, fmt: str = ".3f") -> str:
+    """``v`` formatted with ``fmt``, or ``-`` for None/NaN."""
     return "-" if v is None or v != v else format(v, fmt)
 
 
@@ -382,7 +393,7 @@ def print_report(r: dict) -> None:
         for key, label in (("genuine_first_vs_last_third", "genuine: first vs last third of a track"),
                            ("impostor_co_visible", "impostor: co-visible tracks")):
             s = c[key]
-            print(f"{label:<40}{s['n']:>6}{_f(s['min']):>8}{_f(s['mean']):>8}{_f(s['max']):>8}")
+            print(f"{label:<40}{s['n']:>6}{fmt_score(s['min']):>8}{fmt_score(s['mean']):>8}{fmt_score(s['max']):>8}")
         rule = "midpoint of the gap" if c["rule"] == "midpoint" else "just above the impostor 1-FAR quantile (scores overlap)"
         print(f"threshold {c['threshold']:.3f} for target FAR {r['target_far']:g} ({rule}); "
               f"on the calibration set TAR {c['tar']:.3f}, FAR {c['far']:.3f} (smallest measurable FAR {c['min_measurable_far']:.4f})")
@@ -397,9 +408,9 @@ def print_report(r: dict) -> None:
     for row in t["tracks"]:
         kp = "-" if row["known_person"] is None else f"P{row['known_person']}"
         st = row["same_track"]
-        best = f"{row['most_similar_track']}:{_f(row['most_similar'], '.2f')}" if row["most_similar_track"] is not None else "-"
+        best = f"{row['most_similar_track']}:{fmt_score(row['most_similar'], '.2f')}" if row["most_similar_track"] is not None else "-"
         print(f"{row['track']:>5}{row['first_frame']:>6}-{row['last_frame']:<5}{row['samples']:>8}{kp:>7}"
-              f"{_f(st['mean']):>13}/{_f(st['min']):<7}{best:>14}{str(row['linked_to'] or '-'):>10}{row['person_id']:>10}")
+              f"{fmt_score(st['mean']):>13}/{fmt_score(st['min']):<7}{best:>14}{str(row['linked_to'] or '-'):>10}{row['person_id']:>10}")
     for s in t["short_tracks"]:
         print(f"  (track {s['track']}, frames {s['first_frame']}-{s['last_frame']}: {s['samples']} samples, not used)")
     print(f"\n{'similarity (cosine)':<44}{'n':>6}{'min':>8}{'mean':>8}{'max':>8}")
@@ -408,7 +419,7 @@ def print_report(r: dict) -> None:
         rows.append(("different known people: track means", t["different_person_means"]))
         rows.append(("same track: first vs last third means", t["fragments"]["same_person_fragment_similarity"]))
     for label, s in rows:
-        print(f"{label:<44}{s['n']:>6}{_f(s['min']):>8}{_f(s['mean']):>8}{_f(s['max']):>8}")
+        print(f"{label:<44}{s['n']:>6}{fmt_score(s['min']):>8}{fmt_score(s['mean']):>8}{fmt_score(s['max']):>8}")
     print(f"\nlinking at threshold {r['threshold']:.3f}: {t['tracks_used']} tracks -> {t['distinct_persons']} person ids")
     if "check" in t:
         ch, fr = t["check"], t["fragments"]
@@ -419,7 +430,7 @@ def print_report(r: dict) -> None:
         print(f"  fragments (first/last third of each track): {fr['last_third_linked_to_own_first']}/{fr['tracks_split']} last thirds "
               f"linked to their own first third, wrong links {len(fr['wrong_links'])}")
         lo, hi = r["oracle_threshold_interval"]
-        print(f"  (by ground truth, thresholds in ({_f(lo)}, {_f(hi)}] keep different people apart and link every fragment)")
+        print(f"  (by ground truth, thresholds in ({fmt_score(lo)}, {fmt_score(hi)}] keep different people apart and link every fragment)")
         ok = ch["ok"] and fr["ok"]
         print(f"\nsix people stay distinct, no link across people: {'PASS' if ok else 'FAIL'}")
 
@@ -444,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _jsonable(obj: object) -> object:
+def jsonable(obj: object) -> object:
+    """``json.dumps(default=...)`` for numpy arrays and scalars."""
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     if isinstance(obj, np.generic):
@@ -463,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval_reid: error: {err}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(report, indent=2, default=_jsonable))
+        print(json.dumps(report, indent=2, default=jsonable))
     else:
         print_report(report)
     check = report["test"].get("check")
