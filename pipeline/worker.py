@@ -102,6 +102,23 @@ class SharedNamedTracks:
             self.received += len(got.identities)
 
 
+def _sharing(cfg: AppConfig, engine: Any, index: int, n_rec: int, linkers: list[tuple[str, Any]],
+             counters: StageCounters) -> tuple[Callable[[], None], ...]:
+    """The runner service that feeds recognition process ``index`` the other processes' named tracks
+    (:class:`SharedNamedTracks`); none with one process or without Re-ID and gait linkers."""
+    active = [(kind, linker.embedder.model_name, linker) for kind, linker in linkers if linker is not None]
+    if n_rec < 2 or not active:
+        return ()
+    own = [c.name for c in cfg.cameras if recognition_index(cfg, c.name, n_rec) == index]
+    shared = SharedNamedTracks(engine, own, active)
+
+    def share() -> None:
+        shared()
+        counters.extra["shared_named_tracks"] = shared.received
+
+    return (share,)
+
+
 def _session_options(cfg: AppConfig, stage: str):
     from stages.runtime import SessionOptions
 
@@ -199,19 +216,9 @@ def _recognition(cfg: AppConfig, t: Transport, index: int, n_rec: int, counters:
         out.service()
         counters.extra.update(storage_unacked=len(out.unacked), storage_resent=out.resent, storage_dropped=out.dropped)
 
-    services: list[Callable[[], None]] = [gauges]
-    linkers = [(kind, linker.embedder.model_name, linker) for kind, linker in (("reid", reid), ("gait", gait)) if linker is not None]
-    if n_rec > 1 and linkers:  # other processes' named tracks, for Re-ID / gait links across them
-        own = [c.name for c in cfg.cameras if recognition_index(cfg, c.name, n_rec) == index]
-        shared = SharedNamedTracks(engine, own, linkers)
-
-        def share() -> None:
-            shared()
-            counters.extra["shared_named_tracks"] = shared.received
-
-        services.append(share)
     io = RunnerIO(inbox=inbox, route=lambda msg: out, heartbeat=hb, release=True, blocking_send=True,
-                  services=tuple(services), on_exit=wait_for_storage)
+                  services=(gauges, *_sharing(cfg, engine, index, n_rec, [("reid", reid), ("gait", gait)], counters)),
+                  on_exit=wait_for_storage)
     Runner(stage, io, counters, stop, reorderer=Reorderer(cfg.tracking.reorder_timeout_s)).run()
 
 

@@ -49,6 +49,7 @@ import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import cv2
@@ -360,17 +361,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def jsonable(obj: object) -> object:
+    """``json.dumps(default=...)`` for numpy arrays and scalars.
+
+    Raises:
+        TypeError: any other type.
+    """
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def run_report(prog: str, evaluate: Callable[[argparse.Namespace], dict], print_report: Callable[[dict], None],
+               args: argparse.Namespace) -> dict | None:
+    """Run an evaluation and print its report (JSON with ``args.json``, else tables).
+
+    Returns:
+        The report, or None after printing ``<prog>: error: ...`` for a usage,
+        model or value error (the caller exits with 2).
+    """
     try:
         report = evaluate(args)
     except (UsageError, ModelError, ValueError) as err:
-        print(f"eval_faces: error: {err}", file=sys.stderr)
-        return 2
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return None
     if args.json:
-        print(json.dumps(report, indent=2, default=float))
+        print(json.dumps(report, indent=2, default=jsonable))
     else:
         print_report(report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    report = run_report("eval_faces", evaluate, print_report, build_parser().parse_args(argv))
+    if report is None:
+        return 2
     return 0 if report["t1_all_unknown"] is not False else 1
 
 

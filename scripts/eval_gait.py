@@ -49,7 +49,6 @@ error. About a minute on 2 CPU cores (every frame of both videos).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -57,14 +56,14 @@ from pathlib import Path
 
 import numpy as np
 
-from eval_faces import UsageError, assets_dir, describe, model_path, threshold_for_far
-from eval_reid import (FPS_NS, ONE_BY_ONE, fmt_score, jsonable, known_person, link_online, open_video, parse_ranges,
+from eval_faces import UsageError, assets_dir, describe, model_path, run_report, threshold_for_far
+from eval_reid import (FPS_NS, ONE_BY_ONE, fmt_score, known_person, link_online, open_video, parse_ranges,
                        video_path)
 from pipeline.config import GaitConfig, OnnxDetectorConfig, TrackingConfig
 from pipeline.messages import Detections, FrameRef
 from stages.detector import ObjectDetector
 from stages.gait import CameraSilhouettes, GaitEmbedder, GeiEmbedder, OnnxGaitEmbedder, normalise_silhouette
-from stages.runtime import ModelError, SessionOptions
+from stages.runtime import SessionOptions
 from stages.tracking import CameraTracks
 
 
@@ -276,15 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.min_frames < 2 or args.width_px < 64:
         print("eval_gait: error: --min-frames must be >= 2 and --width-px >= 64", file=sys.stderr)
         return 2
-    try:
-        report = evaluate(args)
-    except (UsageError, ModelError, ValueError) as err:
-        print(f"eval_gait: error: {err}", file=sys.stderr)
+    report = run_report("eval_gait", evaluate, print_report, args)
+    if report is None:
         return 2
-    if args.json:
-        print(json.dumps(report, indent=2, default=jsonable))
-    else:
-        print_report(report)
     return 1 if report["test"]["wrong_links"] else 0
 
 

@@ -53,7 +53,6 @@ fails, 2 on a usage or model error. Runs in about 1.5 minutes on 2 CPU cores
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -62,12 +61,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from eval_faces import UsageError, assets_dir, describe, model_path, threshold_for_far
+from eval_faces import UsageError, assets_dir, describe, model_path, run_report, threshold_for_far
 from pipeline.config import OnnxDetectorConfig, TrackingConfig
 from pipeline.messages import Detections, FrameRef
 from stages.detector import ObjectDetector
 from stages.reid import ReidEmbedder, TrackReid, link_tracks, similarity_matrix
-from stages.runtime import ModelError, SessionOptions
+from stages.runtime import SessionOptions
 from stages.tracking import CameraTracks
 
 #: The six people of one-by-one-person-detection.mp4, video frames (asset README; approximate).
@@ -455,29 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def jsonable(obj: object) -> object:
-    """``json.dumps(default=...)`` for numpy arrays and scalars."""
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.stride < 1 or args.sample_every < 1 or args.min_samples < 1:
         print("eval_reid: error: --stride, --sample-every and --min-samples must be >= 1", file=sys.stderr)
         return 2
-    try:
-        report = evaluate(args)
-    except (UsageError, ModelError, ValueError) as err:
-        print(f"eval_reid: error: {err}", file=sys.stderr)
+    report = run_report("eval_reid", evaluate, print_report, args)
+    if report is None:
         return 2
-    if args.json:
-        print(json.dumps(report, indent=2, default=jsonable))
-    else:
-        print_report(report)
     check = report["test"].get("check")
     return 0 if check is None or (check["ok"] and report["test"]["fragments"]["ok"]) else 1
 

@@ -30,16 +30,6 @@ from tests.unit.test_storage import _eid, embedding, update
 
 
 @pytest.fixture()
-def db_path(data_dir: Path) -> Path:
-    return data_dir / "facepro.db"
-
-
-@pytest.fixture()
-def url(db_path: Path) -> str:
-    return f"sqlite:///{db_path}"
-
-
-@pytest.fixture()
 def images(tmp_path: Path) -> list[Path]:
     folder = tmp_path / "enroll"
     folder.mkdir()

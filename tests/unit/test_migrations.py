@@ -42,16 +42,6 @@ EXPECTED_INDEXES = {
 }
 
 
-@pytest.fixture()
-def db_path(data_dir: Path) -> Path:
-    return data_dir / "facepro.db"
-
-
-@pytest.fixture()
-def url(db_path: Path) -> str:
-    return f"sqlite:///{db_path}"
-
-
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

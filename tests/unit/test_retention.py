@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -24,24 +23,10 @@ SNAP_BYTES = 20_000
 
 
 @pytest.fixture()
-def db_path(data_dir: Path) -> Path:
-    return data_dir / "facepro.db"
-
-
-@pytest.fixture()
 def snap_root(data_dir: Path) -> Path:
     root = data_dir / "snapshots"
     root.mkdir()
     return root
-
-
-@pytest.fixture()
-def engine(db_path: Path) -> Iterator[Engine]:
-    url = f"sqlite:///{db_path}"
-    upgrade(url)
-    eng = open_engine(url)
-    yield eng
-    eng.dispose()
 
 
 def _vector(seed: int, dim: int = 512) -> np.ndarray:

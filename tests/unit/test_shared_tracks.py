@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Iterator
-
 import numpy as np
 import pytest
 from sqlalchemy import Engine
@@ -15,7 +12,7 @@ from pipeline.worker import SharedNamedTracks
 from stages.gait import CameraSilhouettes
 from stages.recognition import GaitLinker, Named
 from stages.tracking import ActiveTrack
-from storage.db import open_engine, upgrade
+from storage.db import open_engine
 from storage.queries import enroll
 from storage.writer import EventWriter
 
@@ -42,14 +39,13 @@ class _FixedSilhouettes(CameraSilhouettes):
         return m
 
 
+
+
 @pytest.fixture()
-def engine(data_dir: Path) -> Iterator[Engine]:
-    url = f"sqlite:///{data_dir / 'facepro.db'}"
-    upgrade(url)
-    eng = open_engine(url)
-    enroll(eng, "alice", np.eye(1, 4, dtype=np.float32), "m")
-    yield eng
-    eng.dispose()
+def engine(engine: Engine) -> Engine:
+    """The shared database fixture with "alice" enrolled."""
+    enroll(engine, "alice", np.eye(1, 4, dtype=np.float32), "m")
+    return engine
 
 
 def _walk(linker: GaitLinker, camera: str, track_id: int, frames: int = 3) -> None:

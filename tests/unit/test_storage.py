@@ -7,13 +7,12 @@ import os
 import sqlite3
 import uuid
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pytest
 from alembic import command
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
@@ -64,20 +63,6 @@ def update(event_id: str, *, camera: str = "cam0", first: int = 0, last: int = 1
 def embedding(event_id: str, dim: int = 8, seed: int = 0, kind: str = "face") -> EmbeddingRecord:
     v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
     return EmbeddingRecord(event_id, kind, "mobilefacenet_128d", v / np.linalg.norm(v), frame_index=3, quality=0.9)
-
-
-@pytest.fixture()
-def db_path(data_dir: Path) -> Path:
-    return data_dir / "facepro.db"
-
-
-@pytest.fixture()
-def engine(db_path: Path) -> Iterator[Engine]:
-    url = f"sqlite:///{db_path}"
-    upgrade(url)
-    eng = open_engine(url)
-    yield eng
-    eng.dispose()
 
 
 # ------------------------------------------------------------------ engine
