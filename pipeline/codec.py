@@ -12,9 +12,9 @@ Wire format (one ZeroMQ multipart message):
 
 :class:`~pipeline.messages.FrameRef`, sent once per frame, has a fixed layout
 instead of JSON (about 10x cheaper to encode and decode): after the two bytes,
-``struct`` ``<qqqqiiHH`` = slot, seq, frame_index, captured_at_ns, height,
-width, then the byte lengths of the UTF-8 camera and ring names, followed by
-the two names.
+``struct`` ``<qqqqiiHHB`` = slot, seq, frame_index, captured_at_ns, height,
+width, the byte lengths of the UTF-8 camera and ring names, a flags byte
+(bit 0: ``replay``), followed by the two names. (Version 1 had no flags byte.)
 
 Nothing is pickled: decoding only builds the registered dataclasses from
 JSON scalars and ``numpy.frombuffer``. A message that does not decode raises
@@ -33,7 +33,7 @@ import numpy as np
 
 from pipeline import messages as m
 
-VERSION = 1
+VERSION = 2
 
 #: Type ids on the wire. Append only; never renumber.
 TYPES: dict[int, type] = {
@@ -53,7 +53,7 @@ TYPES: dict[int, type] = {
     14: m.StorageAck,
 }
 _IDS: dict[type, int] = {t: i for i, t in TYPES.items()}
-_FRAME_REF = struct.Struct("<qqqqiiHH")
+_FRAME_REF = struct.Struct("<qqqqiiHHB")
 _FRAME_REF_ID = _IDS[m.FrameRef]
 _ALLOWED_DTYPES = frozenset(np.dtype(t).str for t in (np.float32, np.float64, np.int32, np.int64, np.uint8, np.bool_))
 
@@ -99,7 +99,7 @@ def encode(msg: object) -> list[Any]:
 def _encode_frame_ref(ref: m.FrameRef) -> bytes:
     camera, ring = ref.camera.encode(), ref.ring.encode()
     fixed = _FRAME_REF.pack(ref.slot, ref.seq, ref.frame_index, ref.captured_at_ns, ref.height, ref.width,
-                            len(camera), len(ring))
+                            len(camera), len(ring), 1 if ref.replay else 0)
     return bytes((VERSION, _FRAME_REF_ID)) + fixed + camera + ring
 
 
@@ -107,13 +107,14 @@ def _decode_frame_ref(header: bytes) -> m.FrameRef:
     body = header[2:]
     if len(body) < _FRAME_REF.size:
         raise MalformedMessage(f"FrameRef: {len(body)} bytes, expected at least {_FRAME_REF.size}")
-    slot, seq, index, captured, height, width, n_cam, n_ring = _FRAME_REF.unpack_from(body)
+    slot, seq, index, captured, height, width, n_cam, n_ring, flags = _FRAME_REF.unpack_from(body)
     if len(body) != _FRAME_REF.size + n_cam + n_ring:
         raise MalformedMessage(f"FrameRef: {len(body)} bytes do not match name lengths {n_cam} + {n_ring}")
     names = body[_FRAME_REF.size:]
     try:
         return m.FrameRef(camera=names[:n_cam].decode(), ring=names[n_cam:].decode(), slot=slot, seq=seq,
-                          frame_index=index, captured_at_ns=captured, height=height, width=width)
+                          frame_index=index, captured_at_ns=captured, height=height, width=width,
+                          replay=bool(flags & 1))
     except ValueError as err:  # UnicodeDecodeError included
         raise MalformedMessage(f"FrameRef: {err}") from None
 

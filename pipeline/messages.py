@@ -33,6 +33,7 @@ DROP_REASONS: tuple[str, ...] = (
     "malformed",  # a message that failed to decode
     "lost",  # a frame that never arrived (e.g. its worker was killed)
     "behind",  # recognition skipped the frame because it was too far behind
+    "duplicate",  # a replayed frame that had already taken effect (file mode): skipped, not lost
 )
 
 #: Labels for :attr:`TrackUpdate.method`.
@@ -69,6 +70,8 @@ class FrameRef:
         frame_index: 0-based index of the frame in its source.
         captured_at_ns: ``time.time_ns()`` when the frame was read.
         height, width: frame size in pixels (the frame is ``(height, width, 3)`` uint8 BGR).
+        replay: True when capture sends the frame again because the process
+            that held it died (file mode; see :mod:`pipeline.ring`).
     """
 
     camera: str
@@ -79,6 +82,7 @@ class FrameRef:
     captured_at_ns: int
     height: int
     width: int
+    replay: bool = False
 
     def __post_init__(self) -> None:
         if self.slot < 0 or self.seq < 1 or self.frame_index < 0:

@@ -5,12 +5,20 @@ Layout of one ring segment (``multiprocessing.shared_memory``)::
     [ring header: 64 B][slot headers: slots x 64 B][slot 0 pixels][slot 1 pixels]...
 
 Ring header (int64 words): magic, slots, height, width, channels, slot
-stride in bytes, data offset. Slot header (int64 words):
+stride in bytes, data offset, and the pid of the recognition process that
+currently owns the camera (written by that process, read by capture). Slot
+header (int64 words):
 
 - ``seq``: ``0`` empty, ``-s`` while the writer copies frame ``s`` into the slot
   (busy), ``s`` once frame ``s`` is published;
 - ``released``: the last ``seq`` its current owner released;
-- ``captured_at_ns`` and ``frame_index`` of the frame in the slot.
+- ``captured_at_ns`` and ``frame_index`` of the frame in the slot;
+- ``dispatched``: pid of the detection process the frame was sent to (``0``:
+  not sent yet), written by capture;
+- ``forwarded``: ``seq`` once a detection process passed the frame's
+  detections on (detection counts a frame only the first time);
+- ``accepted``: pid of the recognition process that received it (``0``: not
+  yet), written by that process.
 
 Seqlock protocol. The single writer (the camera's capture process) marks the
 slot busy (``seq = -s``), fills the pixels (capture decodes straight into the
@@ -33,9 +41,17 @@ writes ``released``, so no atomic operations are needed. Because detection
 never releases, the frame recognition reads is the very frame detection saw.
 
 Modes. In **file** mode the writer waits until the slot it is about to reuse
-has been released (so every frame of a file is processed; a slot not released
-within ``release_timeout_s``, e.g. because its owner was killed, is reclaimed
-and counted). In **live** mode the writer never waits: the oldest slot is
+has been released, so every frame of a file is processed; it never takes a
+slot back by itself (a warning is logged every ``release_timeout_s``). A
+frame whose owner was killed is *replayed* instead (:meth:`RingWriter.replays`):
+its FrameRef is sent again, marked ``replay``, when the detection process it
+was dispatched to is gone and no recognition process has accepted it yet, or
+when the recognition process that owns the camera (ring header) is gone and
+the frame was accepted by it or by nobody yet. Recognition drops the frames
+it has already handled (by ``frame_index``), so each frame takes effect
+exactly once. A restarted capture process adopts its predecessor's ring
+(:meth:`RingWriter.adopt`): frames in flight stay valid, the ring is never
+held twice in ``/dev/shm``, and it resumes after the last published frame. In **live** mode the writer never waits: the oldest slot is
 reused and late readers see the overwrite. Because capture decodes straight
 into the slot, the slot is busy for the whole decode (for a network camera,
 also while it waits for the camera's next frame), so in live mode a reader
@@ -75,7 +91,44 @@ _SLOT_HEADER_WORDS = 8
 _SLOT_HEADER_BYTES = _SLOT_HEADER_WORDS * 8
 _ALIGN = 4096
 # slot header word indices
-_SEQ, _RELEASED, _CAPTURED, _INDEX = 0, 1, 2, 3
+_SEQ, _RELEASED, _CAPTURED, _INDEX, _DISPATCHED, _FORWARDED, _ACCEPTED = 0, 1, 2, 3, 4, 5, 6
+# ring header word index: pid of the recognition process owning the camera
+_HEAD_RECOGNIZER = 7
+
+
+def pid_alive(pid: int) -> bool:
+    """True while process ``pid`` exists and is not a zombie (a killed child not yet reaped counts as gone)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs (macOS): os.kill is all we know
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+@dataclass(frozen=True)
+class PendingFrame:
+    """A published frame its owner has not released yet (see :meth:`RingWriter.pending`).
+
+    Attributes:
+        slot, seq, frame_index, captured_at_ns: as in :class:`~pipeline.messages.FrameRef`.
+        dispatched: pid of the detection process it was sent to (0: never sent).
+        accepted: pid of the recognition process that received it (0: none yet).
+    """
+
+    slot: int
+    seq: int
+    frame_index: int
+    captured_at_ns: int
+    dispatched: int
+    accepted: int
 
 
 class RingError(RuntimeError):
@@ -194,7 +247,7 @@ class RingWriter(_Ring):
         self.wait_for_release = wait_for_release
         self.release_timeout_s = release_timeout_s
         self.next_seq = 1
-        self.reclaimed = 0
+        self.last_frame_index = -1  # frame_index of the newest published frame (see adopt)
         self._busy = False  # between begin_write and publish/abort
 
     @classmethod
@@ -226,16 +279,43 @@ class RingWriter(_Ring):
         head[:] = (_MAGIC, layout.slots, layout.height, layout.width, layout.channels, layout.slot_stride, layout.data_offset, 0)
         return cls(shm, layout, wait_for_release, release_timeout_s)
 
+    @classmethod
+    def adopt(cls, name: str, *, wait_for_release: bool, release_timeout_s: float = 10.0) -> RingWriter:
+        """Take over the ring of a capture process that died (same camera, same run).
+
+        Frames its predecessor published stay where they are (downstream may
+        hold them); a slot it was writing is emptied; writing continues with
+        the next ``seq``. :attr:`last_frame_index` tells where the source resumes.
+
+        Raises:
+            RingError: no such segment, or not a FacePro ring.
+        """
+        reader = RingReader.attach(name)
+        writer = cls(reader.shm, reader.layout, wait_for_release, release_timeout_s)
+        seq = writer._headers[:, _SEQ]
+        seq[seq < 0] = 0  # a frame the dead writer had not finished: never published
+        if seq.max() > 0:
+            newest = int(np.argmax(seq))
+            writer.next_seq = int(seq[newest]) + 1
+            writer.last_frame_index = int(writer._headers[newest, _INDEX])
+        return writer
+
     def _slot_free(self, slot: int) -> bool:
         seq = self._headers[slot, _SEQ]
         return seq == 0 or self._headers[slot, _RELEASED] == seq
 
     def wait_slot(self, stop: object = None, idle: object = None) -> bool:
-        """File mode: block until the next slot is released (or reclaimed ``release_timeout_s`` after it was published).
+        """File mode: block until the next slot is released.
+
+        A slot is never taken back while waiting: a frame whose owner died is
+        replayed by the capture loop (:meth:`replays`, run from ``idle``) and
+        released by its new owner. Every ``release_timeout_s`` of waiting a
+        warning names the slot and its frame.
 
         Args:
             stop: optional object with ``is_set()``; returning True aborts the wait.
-            idle: optional callable run while waiting (e.g. answering flow-control messages).
+            idle: optional callable run while waiting (answer flow-control
+                messages, beat, replay the frames of dead owners).
 
         Returns:
             False if ``stop`` aborted the wait, True when the slot may be written.
@@ -243,19 +323,15 @@ class RingWriter(_Ring):
         slot = (self.next_seq - 1) % self.layout.slots
         if not self.wait_for_release or self._slot_free(slot):
             return True
-        # The timeout counts from when the frame was published, so a burst of orphaned
-        # slots (their owner was killed) is reclaimed within one timeout, not one each.
-        published_ns = int(self._headers[slot, _CAPTURED])
-        deadline = time.monotonic() + self.release_timeout_s - max(0.0, (time.time_ns() - published_ns) / 1e9)
+        warn_at = time.monotonic() + self.release_timeout_s
         pause = 0.00002  # poll fast at first (a slot is usually released within a frame time), then back off
         while not self._slot_free(slot):
             if stop is not None and stop.is_set():  # type: ignore[attr-defined]
                 return False
-            if time.monotonic() > deadline:
-                self.reclaimed += 1
-                log.warning("ring %s: slot %d (frame seq %d) not released within %.1f s; reclaimed",
-                            self.name, slot, int(self._headers[slot, _SEQ]), self.release_timeout_s)
-                return True
+            if time.monotonic() > warn_at:
+                log.warning("ring %s: waiting %.0f s for frame %d (slot %d) to be released downstream", self.name,
+                            self.release_timeout_s, int(self._headers[slot, _INDEX]), slot)
+                warn_at += self.release_timeout_s
             if idle is not None:
                 idle()  # type: ignore[operator]
             time.sleep(pause)
@@ -303,8 +379,10 @@ class RingWriter(_Ring):
         hdr = self._headers[slot]
         hdr[_CAPTURED] = captured_at_ns
         hdr[_INDEX] = frame_index
+        hdr[_DISPATCHED] = hdr[_FORWARDED] = hdr[_ACCEPTED] = 0
         hdr[_SEQ] = seq  # publish: the last store, after the pixels
         self.next_seq = seq + 1
+        self.last_frame_index = frame_index
         self._busy = False
         return slot, seq
 
@@ -335,6 +413,55 @@ class RingWriter(_Ring):
     def all_released(self) -> bool:
         """True when no published frame is still owned by a reader."""
         return self.occupancy() == 0
+
+    def pending(self) -> list[PendingFrame]:
+        """Published frames not released yet, oldest first."""
+        h = self._headers
+        rows = np.flatnonzero((h[:, _SEQ] > 0) & (h[:, _RELEASED] != h[:, _SEQ]))
+        frames = [PendingFrame(int(i), int(h[i, _SEQ]), int(h[i, _INDEX]), int(h[i, _CAPTURED]),
+                               int(h[i, _DISPATCHED]), int(h[i, _ACCEPTED])) for i in rows]
+        return sorted(frames, key=lambda f: f.seq)
+
+    def mark_dispatched(self, slot: int, seq: int, pid: int) -> None:
+        """Record the detection process frame ``seq`` was sent to (capture, after the send); a new
+        dispatch also forgets a recognition process that accepted an earlier copy."""
+        if self._headers[slot, _SEQ] == seq:
+            self._headers[slot, _ACCEPTED] = 0
+            self._headers[slot, _DISPATCHED] = pid
+
+    def recognizer_pid(self) -> int:
+        """Pid the recognition process owning this camera wrote into the ring header (0: none yet)."""
+        return int(np.ndarray((8,), dtype=np.int64, buffer=self.shm.buf)[_HEAD_RECOGNIZER])
+
+    def replays(self, dead_recognizers: frozenset[int], alive: object = pid_alive) -> list[PendingFrame]:
+        """Pending frames whose owner is gone, to be sent again (file mode; see the module docstring).
+
+        Args:
+            dead_recognizers: pids of recognition processes known to have died
+                whose frames were not replayed yet.
+            alive: ``pid -> bool`` (injected in tests).
+
+        Returns:
+            Frames dispatched to a detection process that is gone and accepted by
+            no recognition process, plus frames accepted by a dead recognition
+            process or by none while the camera's recognition process is gone.
+        """
+        out = []
+        cache: dict[int, bool] = {}
+        for f in self.pending():
+            if f.dispatched == 0:
+                continue  # not sent yet (the capture is about to send it)
+            if f.accepted == 0 and f.dispatched not in cache:
+                cache[f.dispatched] = alive(f.dispatched)  # type: ignore[operator]
+            lost_in_detection = f.accepted == 0 and not cache.get(f.dispatched, True)
+            lost_in_recognition = bool(dead_recognizers) and (f.accepted == 0 or f.accepted in dead_recognizers)
+            if lost_in_detection or lost_in_recognition:
+                out.append(f)
+        return out
+
+    def undispatched(self) -> list[PendingFrame]:
+        """Pending frames never sent (a predecessor died between publishing and sending)."""
+        return [f for f in self.pending() if f.dispatched == 0]
 
     def close(self, unlink: bool = True) -> None:
         """Detach and (by default) unlink the segment; readers already attached keep their mapping."""
@@ -417,23 +544,50 @@ class RingReader(_Ring):
         if self._headers[slot, _SEQ] == seq:
             self._headers[slot, _RELEASED] = seq
 
+    def mark_forwarded(self, slot: int, seq: int) -> bool:
+        """Detection: the detections of frame ``seq`` were sent on. True the first time for this frame
+        (a replayed frame that an earlier detection process already forwarded gives False)."""
+        hdr = self._headers[slot]
+        if hdr[_SEQ] != seq:
+            return False
+        first = hdr[_FORWARDED] != seq
+        hdr[_FORWARDED] = seq
+        return bool(first)
+
+    def mark_accepted(self, slot: int, seq: int, pid: int) -> None:
+        """Recognition: process ``pid`` received frame ``seq`` and now owns it."""
+        if self._headers[slot, _SEQ] == seq:
+            self._headers[slot, _ACCEPTED] = pid
+
+    def claim_recognizer(self, pid: int) -> None:
+        """Recognition: process ``pid`` owns this camera from now on (ring header)."""
+        np.ndarray((8,), dtype=np.int64, buffer=self.shm.buf)[_HEAD_RECOGNIZER] = pid
+
     def close(self) -> None:
         self._drop_views()
         self.shm.close()
 
 
 class RingCache:
-    """Readers by segment name, attached on first use, oldest detached past ``max_rings``."""
+    """Readers by segment name, attached on first use, oldest detached past ``max_rings``.
 
-    def __init__(self, max_rings: int = 16) -> None:
+    Args:
+        max_rings: rings kept attached at once.
+        on_attach: called with each newly attached reader (recognition claims the camera).
+    """
+
+    def __init__(self, max_rings: int = 16, on_attach: object = None) -> None:
         self._rings: dict[str, RingReader] = {}
         self.max_rings = max_rings
+        self.on_attach = on_attach
 
     def get(self, name: str) -> RingReader:
         ring = self._rings.get(name)
         if ring is None:
             ring = RingReader.attach(name)
             self._rings[name] = ring
+            if self.on_attach is not None:
+                self.on_attach(ring)  # type: ignore[operator]
             if len(self._rings) > self.max_rings:
                 oldest = next(iter(self._rings))
                 self._rings.pop(oldest).close()

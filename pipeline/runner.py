@@ -21,12 +21,13 @@ import numpy as np
 
 from pipeline.messages import DROP_REASONS, Detections, FrameRef
 from pipeline.metrics import Heartbeat, StageCounters
-from pipeline.ring import RingCache, RingError, RingLayout, RingWriter, ring_name
+from pipeline.ring import RingCache, RingError
 from pipeline.transport import CreditInbox, Dispatcher, Receiver, Sender
 
 
 _MALFORMED = DROP_REASONS.index("malformed")
 _LOST = DROP_REASONS.index("lost")
+_DUPLICATE = DROP_REASONS.index("duplicate")
 
 
 class Stage(Protocol):
@@ -92,20 +93,38 @@ class Reorderer:
 
     Messages of one camera may arrive out of order when several detection
     processes work on its frames. Items are released in ``frame_index``
-    order; a missing index is waited for at most ``timeout_s`` (its worker
-    may have been killed), then skipped and counted as ``lost``. The first
-    item of a new ring (a new capture process or resolution) starts a new
-    sequence.
+    order. The first item of a new ring (a new resolution) starts a new sequence.
+
+    Live mode (``strict=False``): a missing index is waited for at most
+    ``timeout_s`` (its worker may have been killed), then skipped and counted
+    as ``lost``; a camera's sequence starts at the first index seen.
+
+    File mode (``strict=True``): every frame arrives, if need be again (a frame
+    whose owner died is replayed, see :mod:`pipeline.ring`), so a gap is waited
+    for as long as it takes and a camera's sequence starts at frame 0 (or where
+    :meth:`resume` says). An item whose index was already released, or that is
+    already held, is a duplicate: counted in ``duplicates``; the first kind is
+    handed back in ``late`` (its slot may still need releasing), the second is dropped.
     """
 
-    def __init__(self, timeout_s: float, key: Callable[[object], FrameRef | None] = frame_ref) -> None:
+    def __init__(self, timeout_s: float, key: Callable[[object], FrameRef | None] = frame_ref,
+                 strict: bool = False) -> None:
         self.timeout_s = timeout_s
+        self.strict = strict
         self._key = key
         self._next: dict[str, int] = {}
         self._ring: dict[str, str] = {}
         self._held: dict[str, dict[int, _Held]] = {}
         self.lost = 0
+        self.duplicates = 0
         self.late: list[object] = []  # items older than the expected index (delivered for release only)
+
+    def resume(self, camera: str, ring: str, next_index: int) -> None:
+        """Continue ``camera``'s sequence at ``next_index`` of ``ring`` (a restarted process that already
+        handled the frames before it)."""
+        self._ring[camera] = ring
+        self._next[camera] = next_index
+        self._held[camera] = {}
 
     def push(self, item: object) -> list[object]:
         """Add ``item``; return the items now ready, in order."""
@@ -115,10 +134,14 @@ class Reorderer:
         cam = ref.camera
         if self._ring.get(cam) != ref.ring:
             self._ring[cam] = ref.ring
-            self._next[cam] = ref.frame_index
+            self._next[cam] = 0 if self.strict and cam not in self._next else ref.frame_index
             self._held[cam] = {}
         if ref.frame_index < self._next[cam]:
+            self.duplicates += self.strict
             self.late.append(item)
+            return []
+        if ref.frame_index in self._held[cam]:
+            self.duplicates += 1
             return []
         self._held[cam][ref.frame_index] = _Held(item, time.monotonic())
         return self._drain(cam)
@@ -132,8 +155,10 @@ class Reorderer:
         return out
 
     def expire(self) -> list[object]:
-        """Skip gaps that have waited longer than ``timeout_s``; return items released by that."""
+        """Skip gaps that have waited longer than ``timeout_s`` (never in strict mode); return items released by that."""
         out: list[object] = []
+        if self.strict:
+            return out
         now = time.monotonic()
         for cam, held in self._held.items():
             if held and now - min(h.since for h in held.values()) > self.timeout_s:
@@ -171,7 +196,14 @@ class RunnerIO:
             stage's :class:`CreditInbox`, which withdraws its credits when stopping).
         route: maps an output message to the sender it goes to (None: drop it).
         heartbeat: stats sender.
-        release: True if this process is the last owner of the frames it receives.
+        release: True if this process is the last owner of the frames it receives
+            (recognition): it marks each received frame *accepted* in its ring,
+            claims the camera in the ring header, and releases a frame only
+            after its results were sent and ``after_frame`` ran.
+        forwarder: True for a process that passes frames on without owning them
+            (detection): it marks each frame *forwarded* once its results were
+            sent and counts it in ``frames_out`` only the first time (a replayed
+            frame another process already forwarded counts as ``replayed_frames``).
         zero_copy: hand the stage a read-only view of the ring slot instead of a
             copy, and re-check the slot afterwards; if it was overwritten meanwhile
             the result is discarded and the stage called again with ``frame=None``.
@@ -180,6 +212,8 @@ class RunnerIO:
         services: called on every loop turn (e.g. reading storage acknowledgements).
         on_exit: called after the stage's final messages were sent (e.g. wait for
             storage to acknowledge them).
+        after_frame: called with each handled in-order item after its results
+            were sent and before its slot is released (recognition's journal).
         blocking_send: True in file mode (wait for downstream), False in live mode
             (a full queue drops the message and counts ``queue_full``).
     """
@@ -192,6 +226,8 @@ class RunnerIO:
     zero_copy: bool = False
     services: tuple[Callable[[], None], ...] = ()
     on_exit: Callable[[], None] | None = None
+    forwarder: bool = False
+    after_frame: Callable[[object], None] | None = None
 
 
 class Runner:
@@ -205,7 +241,10 @@ class Runner:
         self.stop = stop
         self.reorderer = reorderer
         self.drain_idle_s = drain_idle_s
-        self.rings = RingCache()
+        self.pid = os.getpid()
+        claim = (lambda ring: ring.claim_recognizer(self.pid)) if io.release else None
+        self.rings = RingCache(on_attach=claim)
+        self.duplicates = 0  # replayed frames that had already taken effect (file mode)
         self._buffers: dict[tuple[int, ...], np.ndarray] = {}
 
     def _read_frame(self, ref: FrameRef) -> np.ndarray | None:
@@ -251,12 +290,20 @@ class Runner:
             return None, None
         return ring.view(ref.slot, ref.seq), ring
 
-    def _process(self, ref: FrameRef | None, item: object) -> Sequence[object]:
-        """Run the stage on a private copy (or a re-checked zero-copy view) of the frame."""
+    def _process(self, ref: FrameRef | None, item: object) -> Sequence[object] | None:
+        """Run the stage on a private copy (or a re-checked zero-copy view) of the frame.
+
+        Returns None for a frame whose slot was rewritten in file mode: there a
+        slot is only rewritten after its frame was released, so this was a
+        replayed copy of a frame that had already taken effect (a duplicate).
+        """
         if ref is None or not self.stage.wants_frame(item):
             return self.stage.process(None, item)
+        file_mode = self.io.blocking_send
         if not self.io.zero_copy:
             frame = self._read_frame(ref)
+            if frame is None and file_mode:
+                return None
             if frame is None:
                 self.counters.drop("overwritten")
             return self.stage.process(frame, item)
@@ -266,29 +313,58 @@ class Runner:
             del view
             if ring.published(ref.slot, ref.seq):  # type: ignore[union-attr]
                 return outputs
+        if file_mode:
+            return None
         self.counters.drop("overwritten")  # rewritten before or while the stage used it: result discarded
         return self.stage.process(None, item)
 
     def handle(self, item: object) -> None:
-        """Process one in-order item: frame copy or checked view, stage, release, send."""
+        """Process one in-order item: frame copy or checked view, stage, send, journal, release."""
         ref = frame_ref(item)
         t0 = time.perf_counter()
-        try:
-            outputs = self._process(ref, item)
-        finally:
-            self._release(ref)
+        outputs = self._process(ref, item)
         self.counters.observe_ms((time.perf_counter() - t0) * 1000.0)
-        self.counters.frames_out += 1
+        if outputs is None:
+            self.duplicates += 1
+            return
         self._send(outputs)
+        if self.io.after_frame is not None:
+            self.io.after_frame(item)
+        self._release(ref)
+        self._count_out(ref)
+
+    def _count_out(self, ref: FrameRef | None) -> None:
+        if not self.io.forwarder or ref is None:
+            self.counters.frames_out += 1
+            return
+        try:
+            first = self.rings.get(ref.ring).mark_forwarded(ref.slot, ref.seq)
+        except RingError:
+            first = not ref.replay
+        if first:
+            self.counters.frames_out += 1
+        else:
+            self.counters.extra["replayed_frames"] = self.counters.extra.get("replayed_frames", 0) + 1
+
+    def _accept(self, msg: object) -> None:
+        """Owner: mark the frame of a received message as accepted by this process (see :mod:`pipeline.ring`)."""
+        ref = frame_ref(msg)
+        if ref is None:
+            return
+        try:
+            self.rings.get(ref.ring).mark_accepted(ref.slot, ref.seq, self.pid)
+        except RingError:
+            pass
 
     def _ready(self, msg: object | None) -> list[object]:
         if self.reorderer is None:
             return [msg] if msg is not None else []
         ready = self.reorderer.push(msg) if msg is not None else []
         ready += self.reorderer.expire()
-        for late in self.reorderer.late:  # too late to be used in order: release and count
+        for late in self.reorderer.late:  # too late to be used in order (strict: already handled): release
             self._release(frame_ref(late))
-            self.reorderer.lost += 1
+            if not self.reorderer.strict:
+                self.reorderer.lost += 1
         self.reorderer.late.clear()
         return ready
 
@@ -300,6 +376,8 @@ class Runner:
             if msg is not None:
                 self.counters.frames_in += 1
                 idle_since = now
+                if self.io.release:
+                    self._accept(msg)
             for item in self._ready(msg):
                 self.handle(item)
             self._send(self.stage.tick(time.time_ns()))
@@ -320,6 +398,7 @@ class Runner:
             c.drops[DROP_REASONS.index(reason)] = n
         c.drops[_MALFORMED] = self.io.inbox.malformed + stage_drops.get("malformed", 0)
         c.backlog = int(getattr(self.stage, "backlog", 0))
+        c.drops[_DUPLICATE] = self.duplicates + (self.reorderer.duplicates if self.reorderer is not None else 0)
         if self.reorderer is not None:
             c.drops[_LOST] = self.reorderer.lost
             c.backlog += self.reorderer.backlog
@@ -341,169 +420,5 @@ class Runner:
         self.rings.close()
 
 
-class FrameSource(Protocol):
-    """What :class:`CaptureLoop` needs from a video source (see ``stages.capture.VideoSource``)."""
-
-    is_file: bool
-
-    def read(self, out: np.ndarray | None = None) -> np.ndarray | None:
-        """Next ``(H, W, 3) uint8`` BGR frame or None (end of file, read failure).
-
-        With ``out`` (a ring slot), decode straight into it and return ``out``
-        itself when the frame has its shape; otherwise return a new array
-        (``out``'s content is then undefined)."""
-        ...
-
-    def open(self) -> None: ...
-
-    def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class CaptureSettings:
-    """Capture loop parameters.
-
-    Attributes:
-        run_id: run id for ring names.
-        camera: camera name.
-        slots: ring slots.
-        release_timeout_s: file mode: reclaim an unreleased slot after this long.
-        wait_for_release: file mode (every frame processed) vs live mode (never wait).
-        max_fps: pace reads to at most this rate (None: as fast as the source gives).
-        reconnect_s: live mode: wait before reopening a failed source.
-    """
-
-    run_id: str
-    camera: str
-    slots: int
-    release_timeout_s: float
-    wait_for_release: bool
-    max_fps: float | None = None
-    reconnect_s: float = 2.0
-
-
-class CaptureLoop:
-    """Reads a source, writes each frame into the camera's ring and announces it with a FrameRef.
-
-    A new ring is created when the frame size changes (never a stale ring of
-    another size). At end of file it waits until every frame has been released
-    downstream, so the pipeline can drain, then unlinks its ring.
-    """
-
-    def __init__(self, source: FrameSource, settings: CaptureSettings, sender: Dispatcher,
-                 counters: StageCounters, heartbeat: Heartbeat, stop: StopFlag) -> None:
-        self.source = source
-        self.s = settings
-        self.sender = sender
-        self.counters = counters
-        self.heartbeat = heartbeat
-        self.stop = stop
-        self.writer: RingWriter | None = None
-        self.generation = 0
-        self.frame_index = 0
-
-    def _ring_for(self, frame: np.ndarray) -> RingWriter:
-        w = self.writer
-        if w is not None and (w.layout.height, w.layout.width) == frame.shape[:2]:
-            return w
-        if w is not None:
-            w.close()  # readers already attached keep their mapping until they detach
-        layout = RingLayout(slots=self.s.slots, height=frame.shape[0], width=frame.shape[1], channels=frame.shape[2])
-        name = ring_name(self.s.run_id, self.s.camera, os.getpid(), self.generation)
-        self.generation += 1
-        self.writer = RingWriter.create(name, layout, wait_for_release=self.s.wait_for_release,
-                                        release_timeout_s=self.s.release_timeout_s)
-        return self.writer
-
-    def _publish(self, frame: np.ndarray) -> bool:
-        """Copy ``frame`` into the camera's ring (a new ring if its size changed) and announce it."""
-        ring = self._ring_for(frame)
-        if not ring.wait_slot(self.stop, idle=self.sender.service):
-            return False
-        now_ns = time.time_ns()
-        return self._announce(ring, ring.write(frame, self.frame_index, now_ns), now_ns)
-
-    def _announce(self, ring: RingWriter, slot_seq: tuple[int, int], captured_at_ns: int) -> bool:
-        """Send the FrameRef of a just-published slot; False when stopped while waiting (file mode)."""
-        slot, seq = slot_seq
-        lay = ring.layout
-        ref = FrameRef(camera=self.s.camera, ring=ring.name, slot=slot, seq=seq, frame_index=self.frame_index,
-                       captured_at_ns=captured_at_ns, height=lay.height, width=lay.width)
-        self.counters.frames_in += 1
-        if self.s.wait_for_release:
-            if not self.sender.send_until(ref, self.stop):
-                return False
-            self.counters.sent += 1
-        elif self.sender.send(ref, timeout_ms=0):
-            self.counters.sent += 1
-        else:
-            self.counters.drop("queue_full")
-        self.counters.frames_out += 1
-        self.frame_index += 1
-        return True
-
-    def _read_in_place(self) -> tuple[str, np.ndarray | None]:
-        """Decode the next frame straight into the ring's next slot (no copy).
-
-        Returns:
-            ``("published", None)`` when the frame landed in the slot and was
-            announced; ``("stopped", None)`` when stopped while waiting;
-            ``("frame", frame)`` otherwise: the slot was given back and
-            ``frame`` is a frame of another size for the copying path, or None
-            at the end of a file / on a read failure.
-        """
-        ring = self.writer
-        assert ring is not None
-        if not ring.wait_slot(self.stop, idle=self.sender.service):
-            return "stopped", None
-        view = ring.begin_write()
-        frame = self.source.read(out=view)
-        if frame is view:
-            now_ns = time.time_ns()
-            announced = self._announce(ring, ring.publish(self.frame_index, now_ns), now_ns)
-            return ("published" if announced else "stopped"), None
-        ring.abort()
-        return "frame", frame
-
-    def _reconnect(self) -> None:
-        time.sleep(self.s.reconnect_s)
-        try:
-            self.source.open()
-        except Exception as err:  # SourceError; keep trying while live
-            self.counters.last_error = str(err)
-
-    def run(self) -> None:
-        period = 1.0 / self.s.max_fps if self.s.max_fps else 0.0
-        next_t = time.monotonic()
-        while not self.stop.is_set():
-            outcome, frame = ("frame", self.source.read()) if self.writer is None else self._read_in_place()
-            if outcome == "stopped":
-                break
-            if outcome == "frame":
-                if frame is None:
-                    if self.source.is_file:
-                        break
-                    self._reconnect()
-                    continue
-                if not self._publish(frame):
-                    break
-            self.heartbeat.beat()
-            if period:
-                next_t += period
-                time.sleep(max(0.0, next_t - time.monotonic()))
-        self._drain()
-
-    def _drain(self) -> None:
-        """Wait (file mode) until downstream released every frame, then unlink the ring."""
-        w = self.writer
-        deadline = time.monotonic() + self.s.release_timeout_s
-        while w is not None and self.s.wait_for_release and not w.all_released():
-            if self.stop.is_set() or time.monotonic() > deadline:
-                break
-            self.heartbeat.beat()
-            self.sender.service(10)
-        self.counters.drops[_LOST] += 0 if w is None else w.reclaimed
-        self.heartbeat.beat(force=True)
-        self.source.close()
-        if w is not None:
-            w.close()
+# The capture loop lives in pipeline.capture; re-exported for existing imports.
+from pipeline.capture import CaptureLoop, CaptureSettings, FrameSource  # noqa: E402,F401

@@ -116,13 +116,17 @@ class Transport:
         return Dispatcher(sock)
 
     def credit_inbox(self, names: list[str], window: int) -> CreditInbox:
-        """DEALER sockets connected to each dispatcher ``names`` (detection side), granting ``window`` credits each."""
-        socks = []
+        """DEALER sockets connected to each dispatcher ``names`` (detection side), granting ``window`` credits
+        each time a dispatcher connects. The sockets' routing id is this process's pid, so capture knows which
+        process holds each frame."""
+        socks, monitors = [], []
         for name in names:
             sock = self._socket(zmq.DEALER, 1000, 0)
+            sock.setsockopt(zmq.IDENTITY, str(os.getpid()).encode())
+            monitors.append(sock.get_monitor_socket(zmq.EVENT_CONNECTED))
             self._attach(sock, name, False)
             socks.append(sock)
-        return CreditInbox(socks, window)
+        return CreditInbox(socks, window, monitors=monitors)
 
     def publisher(self, name: str, linger_ms: int = 1000) -> Sender:
         """A PUB socket bound at ``name`` (storage's acknowledgements)."""
@@ -145,6 +149,11 @@ class Transport:
 
     def close(self) -> None:
         for sock in self._sockets:
+            if sock.type == zmq.DEALER:
+                try:
+                    sock.disable_monitor()
+                except zmq.ZMQError:
+                    pass
             sock.close()
         self._sockets.clear()
         self.ctx.term()
@@ -263,6 +272,7 @@ class Dispatcher:
         self.credits: deque[bytes] = deque()
         self.full = 0
         self.malformed = 0
+        self.last_peer = b""  # routing id (the worker's pid) the last message went to
 
     def service(self, timeout_ms: int = 0) -> None:
         """Handle credit messages that have arrived (waiting up to ``timeout_ms`` for the first)."""
@@ -303,7 +313,9 @@ class Dispatcher:
         while True:
             self.service(0)
             while self.credits:
-                if self._send_to(self.credits.popleft(), msg):
+                peer = self.credits.popleft()
+                if self._send_to(peer, msg):
+                    self.last_peer = peer
                     return True
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0:
@@ -322,32 +334,57 @@ class Dispatcher:
 class CreditInbox:
     """Detection side: DEALER sockets to each camera's :class:`Dispatcher`, granting credits.
 
-    Every received frame is replaced by a new credit at once, so each camera
-    keeps at most ``window`` frames in flight to this process. :meth:`stop_receiving`
-    revokes the unused credits; :meth:`drained` is True once every camera has
-    answered (all frames it sent here have then arrived) or ``revoke_timeout_s``
-    passed (the capture has already exited).
+    ``window`` credits are granted whenever a dispatcher connects (at start, and
+    again when a restarted capture process binds its endpoint anew: the credits
+    of the dead one died with it); every received frame is replaced by a new
+    credit at once, so each camera keeps about ``window`` frames in flight to
+    this process. :meth:`stop_receiving` revokes the unused credits; :meth:`drained`
+    is True once every camera has answered (all frames it sent here have then
+    arrived) or ``revoke_timeout_s`` passed (the capture has already exited).
+
+    Args:
+        socks: connected DEALER sockets, one per camera.
+        window: credits per camera.
+        revoke_timeout_s: see :meth:`drained`.
+        monitors: ``EVENT_CONNECTED`` monitor sockets of ``socks`` (same order);
+            without them the window is granted once, at construction.
     """
 
-    def __init__(self, socks: list[zmq.Socket], window: int, revoke_timeout_s: float = 3.0) -> None:
+    def __init__(self, socks: list[zmq.Socket], window: int, revoke_timeout_s: float = 3.0,
+                 monitors: list[zmq.Socket] | None = None) -> None:
         self.socks = socks
         self.poller = zmq.Poller()
         for sock in socks:
             self.poller.register(sock, zmq.POLLIN)
-            sock.send_multipart(encode(Credit(frames=window)))
+            if monitors is None:
+                sock.send_multipart(encode(Credit(frames=window)))
+        self._monitors = {m: sock for m, sock in zip(monitors or [], socks)}
+        for mon in self._monitors:
+            self.poller.register(mon, zmq.POLLIN)
         self.window = window
         self.revoke_timeout_s = revoke_timeout_s
         self.malformed = 0
         self.last_malformed = ""
         self.stopping_since: float | None = None
         self.acked: set[int] = set()
+        self.connects = 0
         self._ready: deque[tuple[zmq.Socket, list]] = deque()
+
+    def _connected(self, monitor: zmq.Socket) -> None:
+        """A dispatcher (re)connected: grant it the window, unless stopping."""
+        monitor.recv_multipart()  # the event itself: (event id, value), endpoint
+        self.connects += 1
+        if self.stopping_since is None:
+            self._monitors[monitor].send_multipart(encode(Credit(frames=self.window)))
 
     def recv(self, timeout_ms: int) -> object | None:
         """Next frame message from any camera, or None after ``timeout_ms``."""
         if not self._ready:
             for sock, _ in self.poller.poll(timeout_ms):
-                self._ready.append((sock, sock.recv_multipart(copy=False)))
+                if sock in self._monitors:
+                    self._connected(sock)
+                else:
+                    self._ready.append((sock, sock.recv_multipart(copy=False)))
         while self._ready:
             sock, frames = self._ready.popleft()
             try:

@@ -78,6 +78,15 @@ class VideoSource:
             frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
         return np.ascontiguousarray(frame)
 
+    def skip(self, frames: int) -> int:
+        """Decode and discard the next ``frames`` frames (``grab`` without conversion); returns how many
+        there were. Used to resume a file after the last frame a killed capture published: decoding
+        is exact where seeking by frame number is not for most codecs."""
+        done = 0
+        while done < frames and self._cap is not None and self._cap.grab():
+            done += 1
+        return done
+
     def close(self) -> None:
         if self._cap is not None:
             self._cap.release()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 
@@ -34,6 +35,11 @@ class _ListSource:
             self.in_place += 1
             return out
         return frame.copy()
+
+    def skip(self, frames: int) -> int:
+        done = min(frames, len(self.frames))
+        del self.frames[:done]
+        return done
 
     def open(self) -> None:
         pass
@@ -94,7 +100,8 @@ def test_frames_after_the_first_are_decoded_into_the_slot_and_arrive_byte_exact(
     assert all(np.array_equal(got, want) for got, want in zip(sender.frames, frames))
     assert source.in_place == 9  # the first frame creates the ring (its size is unknown before)
     assert counters.frames_out == 10 and counters.sent == 10
-    assert r.list_segments(run_id) == []  # unlinked at the end
+    assert r.list_segments(run_id) == [sender.refs[-1].ring]  # file mode: kept for a successor until the run ends
+    r.unlink_segments(r.list_segments(run_id))
 
 
 def test_a_size_change_gets_a_new_ring_and_no_frame_is_lost() -> None:
@@ -105,7 +112,53 @@ def test_a_size_change_gets_a_new_ring_and_no_frame_is_lost() -> None:
     assert len(set(rings)) == 3 and rings[0] != rings[6]  # back to the old size: a new ring, never the stale one
     assert [(ref.height, ref.width) for ref in sender.refs] == [(12, 16)] * 3 + [(20, 24)] * 3 + [(12, 16)]
     assert source.in_place == 4  # 2 + 2 + 0: each size's first frame is copied into its new ring
-    assert r.list_segments(run_id) == []
+    assert r.list_segments(run_id) == [rings[6]]  # replaced rings are unlinked at once
+    r.unlink_segments(r.list_segments(run_id))
+
+
+class _HoldingSender(_ConsumingSender):
+    """Like a detection process that is alive but never finishes: frames are sent, never released; stops the
+    loop after ``limit`` frames."""
+
+    def __init__(self, stop: StopFlag, limit: int) -> None:
+        super().__init__()
+        self.stop, self.limit = stop, limit
+        self.last_peer = str(os.getpid()).encode()
+
+    def send_until(self, ref: FrameRef, stop: object) -> bool:
+        self.refs.append(ref)
+        if len(self.refs) >= self.limit:
+            self.stop.set()
+        return True
+
+
+def test_a_restarted_capture_adopts_the_ring_resends_what_was_never_sent_and_resumes() -> None:
+    frames = [_pattern(i, 12, 16) for i in range(10)]
+    run_id = uuid.uuid4().hex[:8]
+    settings = CaptureSettings(run_id=run_id, camera="cam0", slots=4, release_timeout_s=5.0, wait_for_release=True)
+    stop = StopFlag()
+    first = _HoldingSender(stop, limit=4)
+    counters1 = StageCounters("capture", 0)
+    CaptureLoop(_ListSource(frames), settings, first, counters1, Heartbeat(counters1, first, 60.0), stop).run()  # type: ignore[arg-type]
+    (ring,) = r.list_segments(run_id)
+    reader = r.RingReader.attach(ring)
+    try:
+        for ref in first.refs[:3]:
+            reader.release(ref.slot, ref.seq)  # downstream finished frames 0-2
+        reader._headers[first.refs[3].slot, 4] = 0  # the predecessor died after publishing frame 3, before sending it
+        second, counters2 = _ConsumingSender(), StageCounters("capture", 0)
+        source = _ListSource(frames)
+        loop = CaptureLoop(source, settings, second, counters2, Heartbeat(counters2, second, 60.0), StopFlag())  # type: ignore[arg-type]
+        loop.run()
+        second.close()
+    finally:
+        reader.close()
+        r.unlink_segments(r.list_segments(run_id))
+    assert loop.resumed_from == 4 and r.list_segments(run_id) == []
+    assert [(ref.frame_index, ref.replay) for ref in second.refs] == [(3, True)] + [(i, False) for i in range(4, 10)]
+    assert all(np.array_equal(got, frames[ref.frame_index]) for got, ref in zip(second.frames, second.refs))
+    assert {ref.ring for ref in second.refs} == {ring}  # the same segment: never two rings for one camera
+    assert counters1.frames_out + counters2.frames_out == 10 and counters2.extra["replayed"] == 1
 
 
 def test_video_source_decodes_into_the_given_slot(videos: Path) -> None:

@@ -68,8 +68,8 @@ def test_arrays_travel_as_raw_buffers_not_in_the_header() -> None:
 
 
 def _frame_ref(*fields: int) -> bytes:
-    """FrameRef's fixed layout: slot, seq, frame_index, captured_at_ns, height, width, len(camera), len(ring)."""
-    return bytes((VERSION, 1)) + struct.pack("<qqqqiiHH", *fields)
+    """FrameRef's fixed layout: slot, seq, frame_index, captured_at_ns, height, width, len(camera), len(ring), flags."""
+    return bytes((VERSION, 1)) + struct.pack("<qqqqiiHHB", *fields, 0)
 
 
 def _header(type_id: int, body: object) -> bytes:

@@ -68,21 +68,107 @@ class _Never:
         return False
 
 
-def test_file_mode_waits_for_release_then_reclaims(name: str) -> None:
-    w = r.RingWriter.create(name, r.RingLayout(slots=2, height=6, width=8), wait_for_release=True, release_timeout_s=0.05)
+class _StopAfter:
+    """``is_set()`` turns True after ``n`` calls (a wait that would otherwise last for ever)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def is_set(self) -> bool:
+        self.n -= 1
+        return self.n < 0
+
+
+def test_file_mode_waits_for_release_and_never_takes_a_slot_back(name: str) -> None:
+    w = r.RingWriter.create(name, r.RingLayout(slots=2, height=6, width=8), wait_for_release=True, release_timeout_s=0.01)
     rd = r.RingReader.attach(name)
+    idle_calls = []
     try:
         a = w.write(_frame(1), 0, 0)
         w.write(_frame(2), 1, 0)
         assert not w._slot_free(0)
         rd.release(*a)
-        assert w.wait_slot(_Never()) and w.reclaimed == 0
+        assert w.wait_slot(_Never())
         w.write(_frame(3), 2, 0)
-        assert w.wait_slot(_Never())  # seq 2 never released: reclaimed after the timeout
-        assert w.reclaimed == 1
+        # seq 2 is never released: the writer keeps waiting (running idle) until stopped
+        assert not w.wait_slot(_StopAfter(200), idle=lambda: idle_calls.append(1))
+        assert idle_calls and rd.read(1, 2) is not None
     finally:
         rd.close()
         w.close()
+
+
+def test_adopt_resumes_after_the_last_published_frame_and_keeps_frames_in_flight(name: str) -> None:
+    w = r.RingWriter.create(name, r.RingLayout(slots=4, height=6, width=8), wait_for_release=True)
+    rd = r.RingReader.attach(name)
+    try:
+        for i in range(3):
+            w.write(_frame(i + 1), 10 + i, 0)
+        w.begin_write()  # the writer dies while decoding frame seq 4
+        new = r.RingWriter.adopt(name, wait_for_release=True)
+        assert new.next_seq == 4 and new.last_frame_index == 12
+        assert [f.frame_index for f in new.pending()] == [10, 11, 12]
+        assert rd.read(0, 1) is not None  # a frame downstream holds is still readable
+        assert new.wait_slot(_Never())  # the half-written slot is free again
+        assert new.write(_frame(9), 13, 0) == (3, 4)
+    finally:
+        rd.close()
+        w.close()
+
+
+@pytest.mark.parametrize("dispatched_alive, accepted, dead_recognizers, replayed", [
+    (True, 0, frozenset(), False),          # in a live detection process
+    (False, 0, frozenset(), True),          # its detection process died before anyone accepted it
+    (False, 77, frozenset(), False),        # recognition 77 (alive) already owns it
+    (True, 77, frozenset({77}), True),      # accepted by a recognition process that died
+    (True, 0, frozenset({77}), True),       # on its way to the dead recognition process
+    (True, 78, frozenset({77}), False),     # accepted by the successor
+])
+def test_replays_pick_frames_whose_owner_is_gone(name: str, dispatched_alive: bool, accepted: int,
+                                                 dead_recognizers: frozenset, replayed: bool) -> None:
+    w = r.RingWriter.create(name, r.RingLayout(slots=2, height=6, width=8), wait_for_release=True)
+    rd = r.RingReader.attach(name)
+    try:
+        slot, seq = w.write(_frame(1), 0, 0)
+        assert w.undispatched() and w.replays(dead_recognizers) == []
+        w.mark_dispatched(slot, seq, 4242)
+        if accepted:
+            rd.mark_accepted(slot, seq, accepted)
+        got = w.replays(dead_recognizers, alive=lambda pid: dispatched_alive)
+        assert [f.seq for f in got] == ([seq] if replayed else [])
+        rd.release(slot, seq)
+        assert w.replays(dead_recognizers, alive=lambda pid: False) == []  # released: nothing to replay
+    finally:
+        rd.close()
+        w.close()
+
+
+def test_forwarded_is_true_once_per_frame_and_recognizer_pid_is_shared(name: str) -> None:
+    w = r.RingWriter.create(name, r.RingLayout(slots=2, height=6, width=8), wait_for_release=True)
+    rd = r.RingReader.attach(name)
+    try:
+        slot, seq = w.write(_frame(1), 0, 0)
+        assert rd.mark_forwarded(slot, seq) and not rd.mark_forwarded(slot, seq)
+        assert w.recognizer_pid() == 0
+        rd.claim_recognizer(31337)
+        assert w.recognizer_pid() == 31337
+        slot2, seq2 = w.write(_frame(2), 1, 0)
+        assert rd.mark_forwarded(slot2, seq2)
+    finally:
+        rd.close()
+        w.close()
+
+
+def test_pid_alive() -> None:
+    import os
+    import subprocess
+    import sys
+
+    assert r.pid_alive(os.getpid()) and not r.pid_alive(0)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    while child.poll() is None:  # poll() reaps it
+        pass
+    assert not r.pid_alive(child.pid)
 
 
 def test_wrong_frame_shape_is_rejected(name: str) -> None:
@@ -144,23 +230,6 @@ def test_missing_fallocate_does_not_lose_the_segment(name: str, monkeypatch: pyt
         assert name in r.list_segments()
         rd = r.RingReader.attach(name)
         rd.close()
-    finally:
-        w.close()
-
-
-def test_orphaned_slots_are_reclaimed_within_one_timeout(name: str) -> None:
-    import time
-
-    w = r.RingWriter.create(name, r.RingLayout(slots=3, height=6, width=8), wait_for_release=True, release_timeout_s=0.2)
-    try:
-        for s in range(1, 4):
-            w.write(_frame(s), s - 1, time.time_ns())  # three frames whose owner dies: never released
-        t0 = time.monotonic()
-        for s in range(4, 7):
-            assert w.wait_slot(_Never())
-            w.write(_frame(s), s - 1, time.time_ns())
-        assert w.reclaimed == 3
-        assert time.monotonic() - t0 < 0.5  # one timeout for the burst, not three
     finally:
         w.close()
 
