@@ -78,6 +78,8 @@ class CaptureSettings:
         wait_for_release: file mode (every frame processed) vs live mode (never wait).
         max_fps: pace reads to at most this rate (None: as fast as the source gives).
         reconnect_s: live mode: wait before reopening a failed source.
+        owner_pid: pid written into ring names (the supervisor's: a ring lives as long as its run, across
+            capture restarts; another run's clean-up removes it only once that pid is gone). 0: this process.
     """
 
     run_id: str
@@ -87,6 +89,7 @@ class CaptureSettings:
     wait_for_release: bool
     max_fps: float | None = None
     reconnect_s: float = 2.0
+    owner_pid: int = 0
 
 
 def camera_rings(run_id: str, camera: str) -> list[str]:
@@ -139,7 +142,7 @@ class CaptureLoop:
         if w is not None:
             w.close()  # readers already attached keep their mapping until they detach
         layout = RingLayout(slots=self.s.slots, height=frame.shape[0], width=frame.shape[1], channels=frame.shape[2])
-        name = ring_name(self.s.run_id, self.s.camera, os.getpid(), self.generation)
+        name = ring_name(self.s.run_id, self.s.camera, self.s.owner_pid or os.getpid(), self.generation)
         self.generation += 1
         self.writer = RingWriter.create(name, layout, wait_for_release=self.s.wait_for_release,
                                         release_timeout_s=self.s.release_timeout_s)
@@ -197,7 +200,7 @@ class CaptureLoop:
         lay = ring.layout
         ref = FrameRef(camera=self.s.camera, ring=ring.name, slot=f.slot, seq=f.seq, frame_index=f.frame_index,
                        captured_at_ns=f.captured_at_ns, height=lay.height, width=lay.width, replay=True)
-        if self.sender.send_until(ref, self.stop):
+        if self.sender.send_until(ref, self.stop, idle=self.heartbeat.beat):
             ring.mark_dispatched(f.slot, f.seq, _peer_pid(self.sender))
             self.counters.sent += 1
             self.counters.extra["replayed"] = self.counters.extra.get("replayed", 0) + 1
@@ -218,7 +221,7 @@ class CaptureLoop:
                        captured_at_ns=captured_at_ns, height=lay.height, width=lay.width)
         self.counters.frames_in += 1
         if self.s.wait_for_release:
-            if not self.sender.send_until(ref, self.stop):
+            if not self.sender.send_until(ref, self.stop, idle=self.heartbeat.beat):
                 return False
             ring.mark_dispatched(slot, seq, _peer_pid(self.sender))
             self.counters.sent += 1

@@ -19,6 +19,7 @@ Raises:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import uuid6
@@ -138,6 +139,24 @@ def new_event_id() -> str:
     several processes or boxes do not collide.
     """
     return uuid6.uuid7().hex
+
+
+def event_id_for(run_id: str, camera: str, track_id: int, first_frame: int, first_seen_ns: int) -> str:
+    """The event id of a track, derived from where it started: a UUIDv7 layout (RFC 9562) as 32 hex characters.
+
+    The 48-bit time field is ``first_seen_ns`` in milliseconds (so ids stay
+    time-ordered, see :func:`new_event_id`); the 74 other bits come from
+    SHA-256 of ``run_id``, ``camera``, ``track_id`` and ``first_frame``. A
+    recognition process that rebuilds a camera's tracks from its journal
+    (:mod:`pipeline.journal`) therefore gives a resumed track the very id its
+    killed predecessor gave it, and storage keeps one event.
+    """
+    ms = (int(first_seen_ns) // 1_000_000) & ((1 << 48) - 1)
+    digest = hashlib.sha256(f"{run_id}\0{camera}\0{int(track_id)}\0{int(first_frame)}".encode()).digest()
+    rand = int.from_bytes(digest[:10], "big")
+    rand_a, rand_b = (rand >> 62) & 0xFFF, rand & ((1 << 62) - 1)
+    value = (ms << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b
+    return f"{value:032x}"
 
 
 @dataclass(frozen=True)

@@ -58,11 +58,14 @@ also while it waits for the camera's next frame), so in live mode a reader
 holding the oldest frame loses it up to one frame period earlier than with a
 copy: the usable depth is ``slots - 1`` frames.
 
-Lifecycle. Segment names are ``facepro_<run_id>_<camera>_<pid>_<k>``: the run id
-lets a new run remove what a killed run left behind (only its own
-``facepro_`` prefix); ``k`` grows when a camera's resolution changes, so a
-reader never reattaches to a stale ring of another size. The creating process
-unlinks its rings; the supervisor unlinks whatever is left at exit. Python's
+Lifecycle. Segment names are ``facepro_<run_id>_<camera>_<pid>_<k>`` with the
+supervisor's pid: the run id lets a new run remove what a killed run left
+behind (only its own ``facepro_`` prefix), and a run of another data dir
+removes it only once that pid is gone; ``k`` grows when a camera's resolution
+changes, so a reader never reattaches to a stale ring of another size. In file
+mode a ring lives as long as its run (a restarted capture adopts it); the
+supervisor unlinks whatever is left at exit. A live-mode capture unlinks its
+ring when it stops. Python's
 resource tracker is kept out of it (it would unlink segments when the first
 *attaching* process exits). Space is reserved with ``posix_fallocate`` at
 creation, so a full ``/dev/shm`` is a clear error at start, never a SIGBUS

@@ -275,6 +275,7 @@ class Runner:
                 # Never abandon a message in file mode; give up only when stopping hard.
                 sent = sender.send(out, timeout_ms=200)
                 while not sent and not self.stop.hard():
+                    self.io.heartbeat.beat()  # waiting for a slow stage downstream is not being dead
                     sent = sender.send(out, timeout_ms=200)
             else:
                 sent = sender.send(out, timeout_ms=0)

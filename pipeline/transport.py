@@ -323,11 +323,14 @@ class Dispatcher:
                 return False
             self.service(min(remaining_ms, 100))
 
-    def send_until(self, msg: object, stop: object, slice_ms: int = 100) -> bool:
-        """Send, waiting for a credit, until sent or ``stop.is_set()``."""
+    def send_until(self, msg: object, stop: object, slice_ms: int = 100, idle: object = None) -> bool:
+        """Send, waiting for a credit, until sent or ``stop.is_set()``; ``idle()`` runs between waits
+        (the capture's heartbeat: waiting for a busy detection process is not being dead)."""
         while not stop.is_set():  # type: ignore[attr-defined]
             if self.send(msg, timeout_ms=slice_ms):
                 return True
+            if idle is not None:
+                idle()  # type: ignore[operator]
         return False
 
 
@@ -427,10 +430,14 @@ class ReliableSender:
     every kept item in order (storage may have been restarted and lost its
     uncommitted batch). At most ``max_unacked`` items are kept; beyond that the
     oldest are dropped and counted in ``dropped`` (reported, never silent).
+    With an ``outbox`` (:class:`pipeline.journal.Outbox`), every kept item and
+    every acknowledgement is also written to disk, so a successor of a killed
+    process re-sends what was never acknowledged (:meth:`resend_inherited`).
     """
 
     def __init__(self, sender: Sender, acks: Receiver, producer: str, resend_after_s: float = 5.0,
-                 max_unacked: int = 200_000) -> None:
+                 max_unacked: int = 200_000, outbox: object = None) -> None:
+        self.outbox = outbox  # pipeline.journal.Outbox: kept items survive this process (file mode)
         self.sender = sender
         self.acks = acks
         self.producer = producer
@@ -451,6 +458,8 @@ class ReliableSender:
         if not self.unacked:
             self._progress_at = time.monotonic()
         self.unacked[item.seq] = item
+        if self.outbox is not None:
+            self.outbox.sent(item)  # type: ignore[attr-defined]
         if len(self.unacked) > self.max_unacked:
             self.unacked.pop(next(iter(self.unacked)))
             self.dropped += 1
@@ -466,11 +475,26 @@ class ReliableSender:
                     self.unacked.pop(seq, None)
                 if len(self.unacked) < before:
                     self._progress_at = time.monotonic()
+                    if self.outbox is not None:
+                        self.outbox.acked(self.producer, ack.seqs, len(self.unacked))  # type: ignore[attr-defined]
+                        self.outbox.compact(list(self.unacked.values()))  # type: ignore[attr-defined]
         if self.unacked and time.monotonic() - self._progress_at > self.resend_after_s:
             for item in list(self.unacked.values()):
                 self.sender.send(item, timeout_ms=100)
             self.resent += len(self.unacked)
             self._progress_at = time.monotonic()
+
+    def resend_inherited(self) -> int:
+        """Send again, as this producer's items, what a dead predecessor's outbox holds unacknowledged;
+        returns how many."""
+        if self.outbox is None:
+            return 0
+        inherited = list(self.outbox.inherited)  # type: ignore[attr-defined]
+        for item in inherited:
+            self.send(item.payload)
+        self.outbox.rewrite(list(self.unacked.values()))  # type: ignore[attr-defined]
+        self.resent += len(inherited)
+        return len(inherited)
 
     def wait_all_acked(self, timeout_s: float, stop_hard: object = None) -> bool:
         """Block (servicing) until nothing is kept, ``timeout_s`` passes, or ``stop_hard()`` is True."""

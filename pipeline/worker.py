@@ -22,12 +22,16 @@ import os
 import sys
 import time
 import traceback
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import cv2
 
 from pipeline.config import AppConfig, data_dir, database_url, thread_budget
+from pipeline.journal import FrameJournal, Outbox
+from pipeline.messages import event_id_for
 from pipeline.metrics import Heartbeat, StageCounters
 from pipeline.runner import CaptureLoop, CaptureSettings, Reorderer, Runner, RunnerIO, StopFlag
 from pipeline.transport import ReliableSender, Transport
@@ -134,7 +138,7 @@ def _capture(cfg: AppConfig, t: Transport, run_id: str, index: int, counters: St
     settings = CaptureSettings(run_id=run_id, camera=cam.name, slots=cfg.ring.slots,
                                release_timeout_s=cfg.ring.release_timeout_s,
                                wait_for_release=cam.resolved_mode() == "file", max_fps=cam.max_fps,
-                               reconnect_s=cam.reconnect_s)
+                               reconnect_s=cam.reconnect_s, owner_pid=os.getppid())
     CaptureLoop(source, settings, sender, counters, hb, stop).run()
 
 
@@ -150,7 +154,8 @@ def _detection(cfg: AppConfig, t: Transport, n_rec: int, counters: StageCounters
     inbox = t.credit_inbox([f"frames-{cam.name}" for cam in cfg.cameras], window=CREDIT_WINDOW)
     outs = [t.sender(f"detections-{i}", hwm=cfg.ring.slots, linger_ms=2000) for i in range(n_rec)]
     route = lambda msg: outs[recognition_index(cfg, msg.frame.camera, n_rec)]  # noqa: E731
-    io = RunnerIO(inbox=inbox, route=route, heartbeat=hb, release=False, blocking_send=_file_mode(cfg), zero_copy=True)
+    io = RunnerIO(inbox=inbox, route=route, heartbeat=hb, release=False, blocking_send=_file_mode(cfg), zero_copy=True,
+                  forwarder=True)
     Runner(stage, io, counters, stop).run()
 
 
@@ -170,8 +175,16 @@ def _snapshot_sink(root: Path):
     return save
 
 
+@dataclass(frozen=True)
+class RunPaths:
+    """The run a worker belongs to: its id and runtime directory (journals, outboxes)."""
+
+    run_id: str
+    runtime_dir: Path
+
+
 def _recognition(cfg: AppConfig, t: Transport, index: int, n_rec: int, counters: StageCounters, hb: Heartbeat,
-                 stop: StopFlag) -> None:
+                 stop: StopFlag, run: RunPaths) -> None:
     from stages.detector import ObjectDetector
     from stages.face import FaceAnalyzer
     from stages.gallery import Gallery
@@ -202,13 +215,22 @@ def _recognition(cfg: AppConfig, t: Transport, index: int, n_rec: int, counters:
         from stages.recognition import GaitLinker
 
         gait = GaitLinker(cfg.recognition.gait, gait_embedder(cfg.recognition.gait, opts))
+    file_mode = _file_mode(cfg)
     stage = RecognitionStage(cfg.tracking, cfg.recognition.face, class_names, analyzer, gallery, snap, live,
-                             cfg.recognition.max_lag_ms, reid, gait)
+                             cfg.recognition.max_lag_ms, reid, gait, event_ids=partial(event_id_for, run.run_id),
+                             journaling=file_mode)
+    reorderer = Reorderer(cfg.tracking.reorder_timeout_s, strict=file_mode)
+    journals = _resume(cfg, run, index, n_rec, stage, reorderer, counters) if file_mode else {}
     inbox = t.receiver(f"detections-{index}", bind=True, hwm=cfg.ring.slots)
+    outbox = Outbox(run.runtime_dir / f"outbox-recognition-{index}") if file_mode else None
     out = ReliableSender(t.sender("storage", hwm=10_000, linger_ms=10_000), t.subscriber("storage-acks"),
-                         producer=f"recognition-{index}-{os.getpid()}", resend_after_s=cfg.storage.resend_after_s)
+                         producer=f"recognition-{index}-{os.getpid()}", resend_after_s=cfg.storage.resend_after_s,
+                         outbox=outbox)
+    counters.extra["outbox_inherited"] = out.resend_inherited()
 
     def wait_for_storage() -> None:
+        for journal in journals.values():
+            journal.finish()  # every track was closed by the stage's finish()
         if not out.wait_all_acked(cfg.storage.exit_wait_s, stop_hard=stop.hard):
             counters.last_error = f"{len(out.unacked)} item(s) not acknowledged by storage at exit"
 
@@ -216,10 +238,31 @@ def _recognition(cfg: AppConfig, t: Transport, index: int, n_rec: int, counters:
         out.service()
         counters.extra.update(storage_unacked=len(out.unacked), storage_resent=out.resent, storage_dropped=out.dropped)
 
+    def journal(det: object) -> None:
+        journals[det.frame.camera].append(det, stage.checkpoint(det))  # type: ignore[attr-defined]
+
     io = RunnerIO(inbox=inbox, route=lambda msg: out, heartbeat=hb, release=True, blocking_send=True,
                   services=(gauges, *_sharing(cfg, engine, index, n_rec, [("reid", reid), ("gait", gait)], counters)),
-                  on_exit=wait_for_storage)
-    Runner(stage, io, counters, stop, reorderer=Reorderer(cfg.tracking.reorder_timeout_s)).run()
+                  on_exit=wait_for_storage, after_frame=journal if file_mode else None)
+    Runner(stage, io, counters, stop, reorderer=reorderer).run()
+
+
+def _resume(cfg: AppConfig, run: RunPaths, index: int, n_rec: int, stage: Any, reorderer: Reorderer,
+            counters: StageCounters) -> dict[str, FrameJournal]:
+    """File mode: open the journals of this process's cameras and rebuild their tracks from them (a
+    predecessor was killed, or the cameras were repartitioned); their sequences continue after the
+    journaled frames."""
+    journals = {}
+    for cam in cfg.cameras:
+        if recognition_index(cfg, cam.name, n_rec) != index:
+            continue
+        journal = journals[cam.name] = FrameJournal(run.runtime_dir / "journal", cam.name)
+        resume = journal.replay(stage)
+        if resume is not None:
+            reorderer.resume(cam.name, *resume)
+            counters.extra[f"resumed_at_frame_{cam.name}"] = resume[1]
+            log.info("camera %s: tracks rebuilt from the journal, resuming at frame %d", cam.name, resume[1])
+    return journals
 
 
 def _storage(cfg: AppConfig, t: Transport, counters: StageCounters, hb: Heartbeat, stop: StopFlag) -> None:
@@ -260,7 +303,7 @@ def main(argv: list[str]) -> int:
         elif stage == "detection":
             _detection(cfg, t, n_rec, counters, hb, stop)
         elif stage == "recognition":
-            _recognition(cfg, t, index, n_rec, counters, hb, stop)
+            _recognition(cfg, t, index, n_rec, counters, hb, stop, RunPaths(run_id, runtime_dir))
         elif stage == "storage":
             _storage(cfg, t, counters, hb, stop)
         else:

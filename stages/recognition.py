@@ -22,6 +22,7 @@ model; person silhouettes build a Gait Energy Image per track
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -131,8 +132,11 @@ class ReidLinker:
     def due(self, frame_index: int) -> bool:
         return frame_index % self.cfg.every_n_frames == 0
 
-    def sample(self, camera: str, persons: list[ActiveTrack], frame: np.ndarray, frame_index: int) -> list[int]:
-        """Embed the due person boxes of a frame; returns the track ids that got a sample."""
+    def sample(self, camera: str, persons: list[ActiveTrack], frame: np.ndarray, frame_index: int,
+               log: list | None = None) -> list[int]:
+        """Embed the due person boxes of a frame; returns the track ids that got a sample.
+
+        ``log`` (optional) receives ``(track_id, frame_index, (d,) float32 embedding)`` per sample, to journal them."""
         reid = self.tracks.setdefault(camera, TrackReid(self.cfg.every_n_frames, self.cfg.max_samples))
         due = [t for t in persons if reid.due(t.track_id, frame_index)
                and t.xyxy[3] - t.xyxy[1] >= self.cfg.min_box_height_px]
@@ -141,7 +145,14 @@ class ReidLinker:
         emb = self.embedder.embed(frame, np.stack([t.xyxy for t in due]).astype(np.float32))
         for t, e in zip(due, emb):
             reid.add(t.track_id, e, frame_index)
+            if log is not None:
+                log.append((t.track_id, frame_index, e))
         return [t.track_id for t in due]
+
+    def restore_sample(self, camera: str, track_id: int, frame_index: int, vector: np.ndarray) -> None:
+        """Re-add a journaled sample (a restarted process rebuilding its tracks)."""
+        reid = self.tracks.setdefault(camera, TrackReid(self.cfg.every_n_frames, self.cfg.max_samples))
+        reid.add(track_id, vector, frame_index)
 
     def link(self, camera: str, track_id: int) -> Named | None:
         """The identity of the most similar earlier named track above the threshold, if any."""
@@ -244,15 +255,29 @@ class RecognitionStage:
         max_lag_ms: see ``live_cameras``.
         reid: person Re-ID linker, or None.
         gait: gait linker, or None (it needs every frame, so frames are copied on every frame then).
+        event_ids: ``(camera, track_id, first_frame, first_seen_ns) -> event id`` for
+            :class:`~stages.tracking.CameraTracks` (None: random time-ordered ids).
+        journaling: record what each frame changes for :meth:`checkpoint`
+            (file mode: a restarted process rebuilds its tracks with :meth:`restore`).
 
     Attributes:
         drops: cumulative ``{"behind": n}``.
+
+    Resuming (:class:`pipeline.journal.Resumable`): :meth:`checkpoint` returns,
+    after each frame, the face votes, identity decisions, snapshot paths and
+    Re-ID samples that frame added; :meth:`restore` feeds a journaled frame's
+    detections to the tracker (no pixels) and re-applies those changes, so the
+    tracks, their ids, event ids, votes, names and Re-ID means are what they
+    were. Gait is not journaled (its silhouettes need the pixels): a resumed
+    track's Gait Energy Image holds only the frames seen after the restart,
+    and the camera's background model learns again.
     """
 
     def __init__(self, tracking: TrackingConfig, face: FaceConfig, class_names: tuple[str, ...],
                  analyzer: FaceAnalyzer | None, gallery: Gallery, snapshot: SnapshotSink | None = None,
                  live_cameras: frozenset[str] = frozenset(), max_lag_ms: float = 2000.0,
-                 reid: ReidLinker | None = None, gait: GaitLinker | None = None) -> None:
+                 reid: ReidLinker | None = None, gait: GaitLinker | None = None,
+                 event_ids: Callable[[str, int, int, int], str] | None = None, journaling: bool = False) -> None:
         self.tracking = tracking
         self.face = face
         self.class_names = class_names
@@ -269,11 +294,52 @@ class RecognitionStage:
         self.reid = reid
         self.gait = gait
         self.drops = {"behind": 0}
+        self.event_ids = event_ids
+        self.journaling = journaling
+        self._changes: list[list] = []  # this frame's journaled changes (see checkpoint)
+        self._samples: list[tuple[int, int, np.ndarray]] = []  # this frame's Re-ID samples
 
     def _tracks(self, camera: str) -> CameraTracks:
         if camera not in self.cameras:
-            self.cameras[camera] = CameraTracks(camera, self.tracking, self.class_names)
+            self.cameras[camera] = CameraTracks(camera, self.tracking, self.class_names, event_ids=self.event_ids)
         return self.cameras[camera]
+
+    def _record(self, *change: object) -> None:
+        if self.journaling:
+            self._changes.append(list(change))
+
+    # ------------------------------------------------------------- resuming
+    def checkpoint(self, det: Detections) -> list[bytes]:
+        """The changes handling ``det`` made (JSON list, then one float32 buffer per Re-ID sample); then forgotten."""
+        changes, samples = self._changes, self._samples
+        self._changes, self._samples = [], []
+        changes += [["reid", track_id, frame_index, i] for i, (track_id, frame_index, _) in enumerate(samples)]
+        return [json.dumps(changes).encode(), *(np.ascontiguousarray(v, np.float32).tobytes() for _, _, v in samples)]
+
+    def restore(self, det: Detections, parts: list[bytes]) -> None:
+        """Re-apply a journaled frame (see the class docstring); the messages it would send are not sent again."""
+        tracks = self._tracks(det.frame.camera)
+        out: list[object] = list(tracks.update(det))
+        for change in json.loads(parts[0]):
+            self._apply(tracks, change, parts[1:])
+        self._forget_ended(out)
+
+    def _apply(self, tracks: CameraTracks, change: list, vectors: list[bytes]) -> None:
+        op, track_id = change[0], int(change[1])
+        key = (tracks.camera, track_id)
+        if op == "snap":
+            self.snapped.add(change[2])
+            if change[3]:
+                tracks.set_snapshot(track_id, change[3])
+        elif op == "vote":
+            votes = self.votes.setdefault(key, TrackVotes())
+            votes.add(change[2], float(change[3]))
+            votes.current = votes.decision()[0]
+        elif op == "name":
+            self.named[key] = Named(change[2], change[3], float(change[4]))
+            tracks.set_identity(track_id, change[2], change[3], float(change[4]))
+        elif op == "reid" and self.reid is not None:
+            self.reid.restore_sample(tracks.camera, track_id, int(change[2]), np.frombuffer(vectors[int(change[3])], np.float32))
 
     def _due(self, det: Detections) -> bool:
         if not det.valid:
@@ -323,6 +389,7 @@ class RecognitionStage:
         if self.named.get(key) != named:
             self.named[key] = named
             tracks.set_identity(track_id, named.identity, named.method, named.score)
+            self._record("name", track_id, named.identity, named.method, named.score)
 
     def _gait(self, tracks: CameraTracks, persons: list[ActiveTrack], frame: np.ndarray) -> None:
         for track_id in self.gait.observe(tracks.camera, persons, frame):
@@ -334,7 +401,7 @@ class RecognitionStage:
         self.counts["gait_silhouettes_rejected"] = self.gait.rejected
 
     def _reid(self, tracks: CameraTracks, persons: list[ActiveTrack], frame: np.ndarray, idx: int) -> None:
-        for track_id in self.reid.sample(tracks.camera, persons, frame, idx):
+        for track_id in self.reid.sample(tracks.camera, persons, frame, idx, self._samples if self.journaling else None):
             current = self.named.get((tracks.camera, track_id))
             if current is not None and current.method == "face":
                 continue  # a face decision is never overridden by Re-ID
@@ -375,6 +442,7 @@ class RecognitionStage:
         if self.snapshot is not None and track.event_id not in self.snapped:
             path = self.snapshot(track.event_id, tracks.camera, _crop(frame, track.xyxy))
             self.snapped.add(track.event_id)
+            self._record("snap", track.track_id, track.event_id, path or "")
             if path:
                 tracks.set_snapshot(track.track_id, path)
         if self.analyzer is None or track.label != "person":
@@ -385,6 +453,7 @@ class RecognitionStage:
         match = self.gallery.match(face.embedding[None, :])[0]
         votes = self.votes.setdefault((tracks.camera, track.track_id), TrackVotes())
         votes.add(match.identity, match.similarity)
+        self._record("vote", track.track_id, match.identity, float(match.similarity))
         identity, score = votes.decision()
         if identity != votes.current:  # re-send only when the decision changes
             votes.current = identity

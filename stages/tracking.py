@@ -12,7 +12,9 @@ tracker) are replaced by one per-camera ``track_id`` sequence starting at 1.
 
 Each confirmed track (ByteTrack gives it a tracker id after
 ``minimum_consecutive_frames`` consecutive detections) is an *event* with a
-fresh time-ordered ``event_id`` (:func:`pipeline.messages.new_event_id`); :class:`CameraTracks` reports its life as
+time-ordered ``event_id`` (by default a fresh :func:`pipeline.messages.new_event_id`; the pipeline derives
+it from the track's start, :func:`pipeline.messages.event_id_for`, so a rebuilt tracker names a resumed track
+the same); :class:`CameraTracks` reports its life as
 :class:`pipeline.messages.TrackUpdate` messages: on start, every
 ``update_every_frames`` frames while it is seen, when recognition sets its
 identity or snapshot, and once with ``ended=True`` when ByteTrack drops it
@@ -33,6 +35,7 @@ Kalman step per frame) with ``lost_track_buffer_frames`` used as is. A gap in
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import supervision as sv
@@ -95,17 +98,21 @@ class CameraTracks:
         update_every_frames: emit an update for a continuing track at most
             every this many frames (start, end and identity/snapshot changes
             are always emitted).
+        event_ids: ``(camera, track_id, first_frame, first_seen_ns) -> event id``;
+            None gives every event a fresh :func:`~pipeline.messages.new_event_id`.
 
     Raises:
         ValueError: ``class_names`` is empty or ``update_every_frames < 1``.
     """
 
-    def __init__(self, camera: str, cfg: TrackingConfig, class_names: tuple[str, ...], update_every_frames: int = 10) -> None:
+    def __init__(self, camera: str, cfg: TrackingConfig, class_names: tuple[str, ...], update_every_frames: int = 10,
+                 event_ids: Callable[[str, int, int, int], str] | None = None) -> None:
         if not class_names:
             raise ValueError("CameraTracks class_names: empty; pass the detector's class_names")
         if update_every_frames < 1:
             raise ValueError(f"CameraTracks update_every_frames: must be >= 1, got {update_every_frames}")
         self.camera = camera
+        self._event_ids = event_ids or (lambda *_: new_event_id())
         self._cfg = cfg
         self._names = tuple(class_names)
         self._every = update_every_frames
@@ -259,7 +266,7 @@ class CameraTracks:
         self._next_track_id += 1
         self._by_tracker[(class_id, tracker_id)] = track_id
         message = TrackUpdate(
-            event_id=new_event_id(),
+            event_id=self._event_ids(self.camera, track_id, first, self._captured_ns[first]),
             camera=self.camera,
             track_id=track_id,
             label=self._names[class_id],

@@ -5,7 +5,8 @@
 transaction per :meth:`EventWriter.flush`:
 
 - events are upserted by ``event_id``; re-sending an update is a no-op, and an
-  update older than the stored row (smaller ``last_frame``) is ignored. An
+  update older than the stored row (smaller ``last_frame``) is ignored, and an
+  ended event stays ended (a re-sent update of the same frame cannot reopen it). An
   applied update keeps the earliest ``started_at``/``first_frame`` and the
   highest ``best_score`` of the row and the update;
 - several updates of one event in a batch collapse into one row: the state
@@ -42,7 +43,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator
 
-from sqlalchemy import Connection, Engine, Executable, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Engine, Executable, bindparam, func, insert, or_, select, update
 
 from pipeline.messages import EmbeddingRecord, TrackUpdate
 from storage.db import StorageError, dialect_insert, is_transient, storage_errors
@@ -86,6 +87,7 @@ def _merge(old: TrackUpdate, new: TrackUpdate) -> TrackUpdate:
     latest = new if new.last_frame >= old.last_frame else old
     return replace(
         latest,
+        ended=old.ended or new.ended,
         first_seen_ns=min(old.first_seen_ns, new.first_seen_ns),
         first_frame=min(old.first_frame, new.first_frame),
         best_score=max(old.best_score, new.best_score),
@@ -330,12 +332,13 @@ def _upsert_events_stmt(conn: Connection) -> Executable:
     least, greatest = (func.min, func.max) if conn.dialect.name == "sqlite" else (func.least, func.greatest)
     keep_state = {c: getattr(new, c) for c in (
         "camera_id", "track_id", "label", "ended_at", "last_frame", "x1", "y1", "x2", "y2",
-        "identity_id", "method", "identity_score", "snapshot_path", "ended",
+        "identity_id", "method", "identity_score", "snapshot_path",
     )}
     return stmt.on_conflict_do_update(
         index_elements=[Event.id],
         set_={
             **keep_state,
+            "ended": or_(Event.ended, new.ended),  # an ended event never reopens (a re-sent older update)
             "started_at": least(Event.started_at, new.started_at),
             "first_frame": least(Event.first_frame, new.first_frame),
             "best_score": greatest(Event.best_score, new.best_score),
@@ -352,13 +355,14 @@ def _update_events_stmt() -> Executable:
     new = {k: bindparam(f"new_{k}") for k in _EVENT_KEYS}
     keep_state = {c: new[c] for c in (
         "camera_id", "track_id", "label", "ended_at", "last_frame", "x1", "y1", "x2", "y2",
-        "identity_id", "method", "identity_score", "snapshot_path", "ended",
+        "identity_id", "method", "identity_score", "snapshot_path",
     )}
     return (
         update(Event)
         .where(Event.id == new["id"], new["last_frame"] >= Event.last_frame)  # never overwrite a newer row
         .values(
             **keep_state,
+            ended=or_(Event.ended, new["ended"]),
             started_at=func.min(Event.started_at, new["started_at"]),
             first_frame=func.min(Event.first_frame, new["first_frame"]),
             best_score=func.max(Event.best_score, new["best_score"]),

@@ -56,7 +56,7 @@ class _ConsumingSender:
         self.frames: list[np.ndarray] = []
         self.readers: dict[str, r.RingReader] = {}
 
-    def send_until(self, ref: FrameRef, stop: object) -> bool:
+    def send_until(self, ref: FrameRef, stop: object, idle: object = None) -> bool:
         reader = self.readers.get(ref.ring) or self.readers.setdefault(ref.ring, r.RingReader.attach(ref.ring))
         frame = reader.read(ref.slot, ref.seq)
         assert frame is not None, f"frame {ref.frame_index} not readable from {ref.ring}"
@@ -125,7 +125,7 @@ class _HoldingSender(_ConsumingSender):
         self.stop, self.limit = stop, limit
         self.last_peer = str(os.getpid()).encode()
 
-    def send_until(self, ref: FrameRef, stop: object) -> bool:
+    def send_until(self, ref: FrameRef, stop: object, idle: object = None) -> bool:
         self.refs.append(ref)
         if len(self.refs) >= self.limit:
             self.stop.set()
