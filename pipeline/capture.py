@@ -42,6 +42,8 @@ from pipeline.transport import Dispatcher
 
 #: Seconds between two looks for frames whose owner died (file mode).
 WATCH_INTERVAL_S = 0.05
+#: Longest wait between two attempts to reopen a failed live source, seconds.
+MAX_RECONNECT_S = 30.0
 
 
 class FrameSource(Protocol):
@@ -133,6 +135,7 @@ class CaptureLoop:
         self._watch_due = 0.0
         self._recognizer = 0  # recognition pid last seen in the ring header
         self._replayed_for: set[int] = set()  # recognition pids whose frames were replayed
+        self._failures = 0  # live mode: failed reads in a row (reconnect backoff)
 
     # ----------------------------------------------------------------- rings
     def _ring_for(self, frame: np.ndarray) -> RingWriter:
@@ -259,7 +262,15 @@ class CaptureLoop:
 
     # ----------------------------------------------------------------- loop
     def _reconnect(self) -> None:
-        time.sleep(self.s.reconnect_s)
+        """Live mode: reopen a failed source after ``reconnect_s``, doubling the wait after every failed
+        attempt up to ``MAX_RECONNECT_S`` (reset by the next frame); heartbeats go on meanwhile."""
+        wait = min(MAX_RECONNECT_S, self.s.reconnect_s * 2 ** self._failures)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and not self.stop.is_set():  # type: ignore[attr-defined]
+            self.heartbeat.beat()
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        self._failures += 1
+        self.counters.extra["reconnects"] = self.counters.extra.get("reconnects", 0) + 1
         try:
             self.source.open()
         except Exception as err:  # SourceError; keep trying while live
@@ -282,6 +293,7 @@ class CaptureLoop:
                     continue
                 if not self._publish(frame):
                     break
+            self._failures = 0
             self.heartbeat.beat()
             self._watch()
             if period:

@@ -190,3 +190,39 @@ def test_video_source_ends_with_none_for_an_empty_file(tmp_path: Path) -> None:
         assert src.read(out=np.zeros((24, 32, 3), np.uint8)) is None
     finally:
         src.close()
+
+
+class _FlakyLiveSource(_ListSource):
+    """A live camera that drops: reads fail (None) until it has been reopened ``fail_opens`` times."""
+
+    is_file = False
+
+    def __init__(self, frames: list[np.ndarray], fail_opens: int) -> None:
+        super().__init__(frames)
+        self.fail_opens, self.opens = fail_opens, 0
+
+    def read(self, out: np.ndarray | None = None) -> np.ndarray | None:
+        return None if self.opens < self.fail_opens else super().read(out)
+
+    def open(self) -> None:
+        self.opens += 1
+
+
+def test_a_live_source_that_drops_is_reopened_with_growing_waits(monkeypatch) -> None:
+    import pipeline.capture as capture_mod
+
+    waits: list[float] = []
+    clock = [0.0]
+    monkeypatch.setattr(capture_mod.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(capture_mod.time, "sleep", lambda s: (waits.append(s), clock.__setitem__(0, clock[0] + s)))
+    source = _FlakyLiveSource([_pattern(0, 12, 16)], fail_opens=4)
+    stop = StopFlag()
+    sender = _ConsumingSender()
+    sender.send = lambda msg, timeout_ms=None: (stop.set(), True)[1]  # type: ignore[method-assign]
+    counters = StageCounters("capture", 0)
+    settings = CaptureSettings(run_id=uuid.uuid4().hex[:8], camera="cam0", slots=4, release_timeout_s=5.0,
+                               wait_for_release=False, reconnect_s=1.0)
+    CaptureLoop(source, settings, sender, counters, Heartbeat(counters, _ConsumingSender(), 60.0), stop).run()  # type: ignore[arg-type]
+    assert source.opens == 4 and counters.extra["reconnects"] == 4
+    assert round(sum(waits)) == 1 + 2 + 4 + 8  # backoff doubles after every failed attempt
+    assert counters.frames_out == 1
