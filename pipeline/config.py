@@ -58,7 +58,7 @@ class RingConfig(_Strict):
     """Shared-memory ring per camera: ``slots`` frames of the camera's size."""
 
     slots: int = Field(24, ge=4, le=512)
-    release_timeout_s: float = Field(10.0, gt=0, le=600, description="file mode: reclaim a slot nobody released after this long")
+    release_timeout_s: float = Field(10.0, gt=0, le=600, description="file mode: warn, this often, about a frame not released downstream (a slot is never taken back: a dead owner's frames are replayed)")
 
 
 class OnnxDetectorConfig(_Strict):
