@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import zmq
 
+from pipeline.codec import VERSION
 from pipeline.messages import Ack, StatusRequest, TrackUpdate
 from pipeline.transport import Transport, TransportError, make_runtime_dir, request
 
@@ -40,7 +41,7 @@ def test_malformed_message_is_counted_and_the_receiver_keeps_going(runtime: Path
         tx = t.sender("inbox")
         raw = t.ctx.socket(zmq.PUSH)
         raw.connect(t.endpoint("inbox"))
-        raw.send_multipart([b"\x01\x03{garbage"])
+        raw.send_multipart([bytes((VERSION, 3)) + b"{garbage"])
         assert tx.send(_update(1), timeout_ms=1000)
         got = [rx.recv(timeout_ms=2000), rx.recv(timeout_ms=2000)]
         raw.close(linger=0)
