@@ -175,6 +175,22 @@ def _snapshot_sink(root: Path):
     return save
 
 
+def _linkers(cfg: AppConfig, opts: Any) -> tuple[Any, Any]:
+    """The Re-ID and gait linkers the config asks for (None where it does not)."""
+    reid = gait = None
+    if cfg.recognition.reid is not None:
+        from stages.recognition import ReidLinker
+        from stages.reid import ReidEmbedder
+
+        reid = ReidLinker(ReidEmbedder(cfg.recognition.reid.path, opts), cfg.recognition.reid)
+    if cfg.recognition.gait is not None:
+        from stages.gait import gait_embedder
+        from stages.recognition import GaitLinker
+
+        gait = GaitLinker(cfg.recognition.gait, gait_embedder(cfg.recognition.gait, opts))
+    return reid, gait
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """The run a worker belongs to: its id and runtime directory (journals, outboxes)."""
@@ -203,18 +219,7 @@ def _recognition(cfg: AppConfig, t: Transport, index: int, n_rec: int, counters:
                       model_name=analyzer.model_name)
     live = frozenset(c.name for c in cfg.cameras if c.resolved_mode() == "live")
     snap = _snapshot_sink(data_dir() / "snapshots") if cfg.storage.snapshots else None
-    reid = None
-    if cfg.recognition.reid is not None:
-        from stages.recognition import ReidLinker
-        from stages.reid import ReidEmbedder
-
-        reid = ReidLinker(ReidEmbedder(cfg.recognition.reid.path, opts), cfg.recognition.reid)
-    gait = None
-    if cfg.recognition.gait is not None:
-        from stages.gait import gait_embedder
-        from stages.recognition import GaitLinker
-
-        gait = GaitLinker(cfg.recognition.gait, gait_embedder(cfg.recognition.gait, opts))
+    reid, gait = _linkers(cfg, opts)
     file_mode = _file_mode(cfg)
     stage = RecognitionStage(cfg.tracking, cfg.recognition.face, class_names, analyzer, gallery, snap, live,
                              cfg.recognition.max_lag_ms, reid, gait, event_ids=partial(event_id_for, run.run_id),
