@@ -211,10 +211,13 @@ def run_env(data_dir: Path) -> dict[str, str]:
 
 
 def start_run(config: Path, data_dir: Path) -> subprocess.Popen:
-    """Start ``facepro run CONFIG`` with ``data_dir`` as its data dir, in its own session (process group)."""
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=run_env(data_dir), start_new_session=True)
+    """Start ``facepro run CONFIG`` with ``data_dir`` as its data dir, in its own session (process group).
+
+    Its stdout and stderr go to ``run.log`` in ``data_dir`` (a pipe nobody reads could block the run).
+    """
+    with open(data_dir / "run.log", "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config)], cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT, env=run_env(data_dir), start_new_session=True)
 
 
 def database_url(tree: dict, data_dir: Path) -> str:
@@ -306,12 +309,13 @@ def finish_run(proc: subprocess.Popen, data_dir: Path, tree: dict, timeout_s: fl
     Orphans are looked for ``grace_s`` s after the supervisor exited; they are reported, then killed.
     """
     try:
-        out, _ = proc.communicate(timeout=timeout_s)
-        code: int | None = proc.returncode
+        code: int | None = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        proc.wait()
         code = None
+    log = data_dir / "run.log"
+    out = log.read_text(errors="replace") if log.exists() else ""
     summary_path = data_dir / "last_run.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     time.sleep(grace_s)
@@ -320,7 +324,7 @@ def finish_run(proc: subprocess.Popen, data_dir: Path, tree: dict, timeout_s: fl
         signal_pid(int(line.split(":", 1)[0]), signal.SIGKILL)
     db = database_url(tree, data_dir)
     events = read_events(db) if not db.startswith("sqlite") or (data_dir / "facepro.db").exists() else []
-    return RunResult(code, summary, events, leaked_segments(summary.get("run_id") or run_id), orphans, output=(out or "")[-4000:])
+    return RunResult(code, summary, events, leaked_segments(summary.get("run_id") or run_id), orphans, output=out[-4000:])
 
 
 # ------------------------------------------------------------------ comparison
