@@ -118,6 +118,7 @@ class Monkey:
         doc = wait_for(proc, data_dir, lambda d: all(stage_pids(d, s) for s in STAGES)
                        and stage_doc(d, "recognition")["rate_fps"] > 0, timeout_s=180)
         if doc is None:
+            self.log.append(f"no hit: the run ended (exit {proc.poll()}) before every stage was processing frames")
             return self.counts
         self.run_id = doc.get("run_id")
         t0, last = time.monotonic(), {}

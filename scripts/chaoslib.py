@@ -306,7 +306,8 @@ def finish_run(proc: subprocess.Popen, data_dir: Path, tree: dict, timeout_s: fl
 
     A run still going at the deadline gets SIGKILL (its process group) and ``exit_code`` None.
     ``run_id`` (from a status document) names the run's segments when it wrote no summary.
-    Orphans are looked for ``grace_s`` s after the supervisor exited; they are reported, then killed.
+    Orphans are looked for ``grace_s`` s after the supervisor exited; they are reported, then killed, and
+    leaked segments are reported, then removed.
     """
     try:
         code: int | None = proc.wait(timeout=timeout_s)
@@ -322,9 +323,17 @@ def finish_run(proc: subprocess.Popen, data_dir: Path, tree: dict, timeout_s: fl
     orphans = find_orphans(data_dir)
     for line in orphans:
         signal_pid(int(line.split(":", 1)[0]), signal.SIGKILL)
+    leaked = leaked_segments(summary.get("run_id") or run_id)
+    _unlink_segments(leaked)  # reported; not left on the machine
     db = database_url(tree, data_dir)
     events = read_events(db) if not db.startswith("sqlite") or (data_dir / "facepro.db").exists() else []
-    return RunResult(code, summary, events, leaked_segments(summary.get("run_id") or run_id), orphans, output=out[-4000:])
+    return RunResult(code, summary, events, leaked, orphans, output=out[-4000:])
+
+
+def _unlink_segments(names: list[str]) -> None:
+    from pipeline.ring import unlink_segments
+
+    unlink_segments(names)
 
 
 # ------------------------------------------------------------------ comparison
@@ -405,7 +414,9 @@ def problems(report: dict, frame_tolerance: int | None = None) -> list[str]:
         if report["orphans"][run]:
             out.append(f"{run} run left {len(report['orphans'][run])} orphan workers: {report['orphans'][run]}")
     for run in ("clean", "chaos"):
-        if report["exit_code"][run] != 0:
+        if report["exit_code"][run] is None:
+            out.append(f"{run} run did not finish before its deadline (hung; SIGKILLed)")
+        elif report["exit_code"][run] != 0:
             out.append(f"{run} run exit code {report['exit_code'][run]} (failure: {report['failure'][run]})")
     return out
 
