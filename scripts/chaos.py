@@ -24,6 +24,9 @@ frames, loss drops, events clean vs chaos, duplicated, never closed and
 unmatched events, leaked shared-memory segments, orphan worker processes and
 both exit codes. ``--json`` prints the same as one JSON document.
 
+A run still going at its deadline (``--timeout-s``) is hung: it is killed, reported as such, and what it
+stored is compared all the same (its summary is missing, so its frame columns read 0).
+
 Exit code 0 when every loss column is 0 (and the event counts are equal, and the
 chaos run exited 0), else 1; 2 for a usage error.
 
@@ -168,7 +171,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gap-s", type=float, default=4.0, help="mean time between hits, s (default: %(default)s)")
     p.add_argument("--stage-gap-s", type=float, default=13.0, help="least time between hits of one stage, s (default: %(default)s)")
     p.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml", help="base config (default: configs/demo.yaml)")
-    p.add_argument("--timeout-s", type=float, default=1800.0, help="give up on a run after this long, s (default: %(default)s)")
+    p.add_argument("--timeout-s", type=float, help="a run still going after this long is hung: killed and reported, s "
+                   "(default: 120 + frames / 5 for the clean run, 120 + 3 x frames / fps for the chaos run)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     args = p.parse_args(argv)
     if not args.video.is_file():
@@ -193,10 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     say(f"chaos: {args.video.name}, {frames} frames; seed {seed}; chaos pace {fps} fps; {args.kills} kills + 1 stop of {stop_s} s "
         f"(heartbeat timeout {args.heartbeat_s} s)")
     started = time.monotonic()
-    clean = clean_run(file_tree(args.config, args.video), args.timeout_s)  # the base config's heartbeat timeout
+    clean = clean_run(file_tree(args.config, args.video), args.timeout_s or 120 + frames / 5)  # the base heartbeat timeout
     say(f"chaos: clean run done in {time.monotonic() - started:.0f} s (exit {clean.exit_code}, {len(clean.events)} events)")
     monkey = Monkey(random.Random(seed), args.kills, stop_s, args.gap_s, args.stage_gap_s)
-    chaos = chaos_run(file_tree(args.config, args.video, max_fps=fps, heartbeat_s=args.heartbeat_s), monkey, args.timeout_s)
+    chaos = chaos_run(file_tree(args.config, args.video, max_fps=fps, heartbeat_s=args.heartbeat_s), monkey,
+                      args.timeout_s or 120 + 3 * frames / fps)
     report = compare_runs(clean, chaos)
     report.update(video=str(args.video), frames=frames, seed=seed, fps=fps, kills_requested=args.kills, stop_s=stop_s,
                   heartbeat_s=args.heartbeat_s, hits=monkey.log, chaos_output_tail=chaos.output[-2000:])
