@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from scripts.chaoslib import (EventSpan, RunResult, compare_runs, duplicated, format_table, frame_iou,
@@ -78,6 +79,7 @@ def test_every_loss_is_reported_with_its_size() -> None:
     assert "chaos run exit code 1 (failure: None)" in lines
     assert report["lost_frames"] == 13 and report["stages"]["recognition"]["kills"] == 2
     assert not report["ok"] and "FAIL" in format_table(report)
+    assert json.loads(json.dumps(report)) == report  # --json prints it as it is
 
 
 def test_frame_tolerance_bounds_the_start_and_end_offsets() -> None:
