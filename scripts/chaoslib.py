@@ -370,6 +370,7 @@ def compare_runs(clean: RunResult, chaos: RunResult) -> dict:
     for stage, row in stages.items():
         row["kills"] = chaos.kills.get(stage, 0)
         row["stops"] = chaos.kills.get(f"stop:{stage}", 0)
+        row["unprovoked_restarts"] = max(0, row["restarts_chaos"] - row["kills"] - row["stops"])  # e.g. heartbeat kills
     report = {
         "run_id": {"clean": clean.summary.get("run_id"), "chaos": chaos.summary.get("run_id")},
         "stages": stages,
@@ -426,11 +427,12 @@ def problems(report: dict, frame_tolerance: int | None = None) -> list[str]:
 
 def format_table(report: dict) -> str:
     """The report as a text table: one row per stage, then the event, segment, orphan and exit-code lines."""
-    head = f"{'stage':<12}{'kills':>6}{'stops':>6}{'clean out':>10}{'chaos out':>10}{'lost':>6}{'extra':>6}{'restarts':>9}  loss drops / drops clean -> chaos"
+    head = (f"{'stage':<12}{'kills':>6}{'stops':>6}{'clean out':>10}{'chaos out':>10}{'lost':>6}{'extra':>6}{'restarts':>9}"
+            f"{'unprovoked':>11}  loss drops / drops clean -> chaos")
     lines = [f"clean run {report['run_id']['clean']} vs chaos run {report['run_id']['chaos']}", head]
     for stage, r in report["stages"].items():
         lines.append(f"{stage:<12}{r['kills']:>6}{r['stops']:>6}{r['frames_clean']:>10}{r['frames_chaos']:>10}{r['lost']:>6}"
-                     f"{r['extra']:>6}{r['restarts_chaos']:>9}  {r['loss_drops'] or '-'} / {r['dropped_clean'] or '-'} -> {r['dropped_chaos'] or '-'}")
+                     f"{r['extra']:>6}{r['restarts_chaos']:>9}{r['unprovoked_restarts']:>11}  {r['loss_drops'] or '-'} / {r['dropped_clean'] or '-'} -> {r['dropped_chaos'] or '-'}")
     lines += [
         f"frames lost {report['lost_frames']}, extra {report['extra_frames']} (worst stage), loss drops {report['loss_drops']}",
         f"events clean {report['events_clean']}, chaos {report['events_chaos']}; duplicated {report['duplicated']}; "
