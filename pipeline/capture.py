@@ -10,7 +10,8 @@ Crash recovery in **file** mode (the protocol is described in :mod:`pipeline.rin
 
 - A capture process started for a camera whose ring already exists in this
   run (its predecessor was killed) *adopts* that ring instead of creating a
-  second one, re-sends the frames its predecessor published but never sent,
+  second one, re-sends the frames its predecessor may never have delivered
+  (:meth:`~pipeline.ring.RingWriter.unconfirmed`),
   and resumes the source right after the last published frame (the frames
   before it are decoded and discarded, which is exact where seeking is not).
 - While running (also while waiting for a free slot or for the last
@@ -169,7 +170,7 @@ class CaptureLoop:
         self.frame_index = self.writer.last_frame_index + 1
         self.resumed_from = self.frame_index
         self._recognizer = self.writer.recognizer_pid()
-        for f in self.writer.undispatched():
+        for f in self.writer.unconfirmed():
             self._resend(self.writer, f)
         skipped = self.source.skip(self.frame_index)
         self.counters.extra["resumed_at_frame"] = self.frame_index

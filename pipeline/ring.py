@@ -124,6 +124,7 @@ class PendingFrame:
         slot, seq, frame_index, captured_at_ns: as in :class:`~pipeline.messages.FrameRef`.
         dispatched: pid of the detection process it was sent to (0: never sent).
         accepted: pid of the recognition process that received it (0: none yet).
+        forwarded: a detection process passed its detections on.
     """
 
     slot: int
@@ -132,6 +133,7 @@ class PendingFrame:
     captured_at_ns: int
     dispatched: int
     accepted: int
+    forwarded: bool = False
 
 
 class RingError(RuntimeError):
@@ -422,7 +424,8 @@ class RingWriter(_Ring):
         h = self._headers
         rows = np.flatnonzero((h[:, _SEQ] > 0) & (h[:, _RELEASED] != h[:, _SEQ]))
         frames = [PendingFrame(int(i), int(h[i, _SEQ]), int(h[i, _INDEX]), int(h[i, _CAPTURED]),
-                               int(h[i, _DISPATCHED]), int(h[i, _ACCEPTED])) for i in rows]
+                               int(h[i, _DISPATCHED]), int(h[i, _ACCEPTED]), bool(h[i, _FORWARDED] == h[i, _SEQ]))
+                  for i in rows]
         return sorted(frames, key=lambda f: f.seq)
 
     def mark_dispatched(self, slot: int, seq: int, pid: int) -> None:
@@ -462,9 +465,12 @@ class RingWriter(_Ring):
                 out.append(f)
         return out
 
-    def undispatched(self) -> list[PendingFrame]:
-        """Pending frames never sent (a predecessor died between publishing and sending)."""
-        return [f for f in self.pending() if f.dispatched == 0]
+    def unconfirmed(self) -> list[PendingFrame]:
+        """For an adopted ring: pending frames its dead writer may never have delivered (not sent, or sent
+        but neither forwarded by detection nor accepted by recognition: the message may have died in the
+        writer's own socket queue). Sending them again may duplicate a frame detection already holds;
+        recognition drops the copy."""
+        return [f for f in self.pending() if f.dispatched == 0 or (f.accepted == 0 and not f.forwarded)]
 
     def close(self, unlink: bool = True) -> None:
         """Detach and (by default) unlink the segment; readers already attached keep their mapping."""

@@ -143,8 +143,9 @@ def test_a_restarted_capture_adopts_the_ring_resends_what_was_never_sent_and_res
     (ring,) = r.list_segments(run_id)
     reader = r.RingReader.attach(ring)
     try:
-        for ref in first.refs[:3]:
-            reader.release(ref.slot, ref.seq)  # downstream finished frames 0-2
+        for ref in first.refs[:2]:
+            reader.release(ref.slot, ref.seq)  # downstream finished frames 0-1
+        # frame 2 went to a live detection process that has not passed it on: perhaps it never arrived
         reader._headers[first.refs[3].slot, 4] = 0  # the predecessor died after publishing frame 3, before sending it
         second, counters2 = _ConsumingSender(), StageCounters("capture", 0)
         source = _ListSource(frames)
@@ -155,10 +156,10 @@ def test_a_restarted_capture_adopts_the_ring_resends_what_was_never_sent_and_res
         reader.close()
         r.unlink_segments(r.list_segments(run_id))
     assert loop.resumed_from == 4 and r.list_segments(run_id) == []
-    assert [(ref.frame_index, ref.replay) for ref in second.refs] == [(3, True)] + [(i, False) for i in range(4, 10)]
+    assert [(ref.frame_index, ref.replay) for ref in second.refs] == [(2, True), (3, True)] + [(i, False) for i in range(4, 10)]
     assert all(np.array_equal(got, frames[ref.frame_index]) for got, ref in zip(second.frames, second.refs))
     assert {ref.ring for ref in second.refs} == {ring}  # the same segment: never two rings for one camera
-    assert counters1.frames_out + counters2.frames_out == 10 and counters2.extra["replayed"] == 1
+    assert counters1.frames_out + counters2.frames_out == 10 and counters2.extra["replayed"] == 2
 
 
 def test_video_source_decodes_into_the_given_slot(videos: Path) -> None:

@@ -130,7 +130,7 @@ def test_replays_pick_frames_whose_owner_is_gone(name: str, dispatched_alive: bo
     rd = r.RingReader.attach(name)
     try:
         slot, seq = w.write(_frame(1), 0, 0)
-        assert w.undispatched() and w.replays(dead_recognizers) == []
+        assert w.unconfirmed() and w.replays(dead_recognizers) == []
         w.mark_dispatched(slot, seq, 4242)
         if accepted:
             rd.mark_accepted(slot, seq, accepted)
