@@ -10,12 +10,16 @@ editable install). A non-editable install must therefore ship the scripts
 as ``storage/alembic``; otherwise :func:`upgrade` raises :class:`StorageError`
 naming both places it looked.
 
-SQLite engines get, on every connection: ``page_size`` = :data:`PAGE_SIZE`
-and ``auto_vacuum=INCREMENTAL`` (both only take effect on a database without
-tables, i.e. a new file; older files keep their page size and are converted
-to incremental vacuum by :func:`upgrade` / :func:`enable_incremental_vacuum`),
-``journal_mode=WAL`` (readers never block the writer), ``synchronous=NORMAL``,
-``busy_timeout`` and ``foreign_keys=ON``. Transactions are begun explicitly (``BEGIN``, or
+SQLite engines set, on every connection, only connection state that needs no
+lock: ``synchronous=NORMAL``, ``busy_timeout`` and ``foreign_keys=ON`` (and
+``cache_size``). A database not yet in WAL mode (a new file) also gets
+``page_size`` = :data:`PAGE_SIZE`, ``auto_vacuum=INCREMENTAL`` (both only
+take effect on a database without tables; older files keep their page size
+and are converted to incremental vacuum by :func:`upgrade` /
+:func:`enable_incremental_vacuum`) and ``journal_mode=WAL``; a database
+already in WAL mode is left as it is, so readers (``facepro events``, the
+gallery load) work while another process holds the write lock, and readers
+never block the writer. Transactions are begun explicitly (``BEGIN``, or
 ``BEGIN IMMEDIATE`` with the ``sqlite_begin="IMMEDIATE"`` execution option)
 instead of by the driver, so DDL and savepoints are transactional.
 """
@@ -129,22 +133,30 @@ def _sqlite_engine(u: URL, busy_timeout_ms: int, foreign_keys: bool, cache_mb: i
         except OSError as err:
             raise StorageError(f"cannot create the database folder {path.parent}: {err.strerror}; check FACEPRO_DATA_DIR / storage.url") from None
     engine = create_engine(u)
-    pragmas = (
+    per_connection = (  # connection state only: never needs a lock
         f"PRAGMA busy_timeout={int(busy_timeout_ms)}",  # first: switching to WAL may wait for a lock
-        f"PRAGMA page_size={PAGE_SIZE}",  # before WAL, like auto_vacuum: only a new file takes it
-        "PRAGMA auto_vacuum=INCREMENTAL",  # before WAL: a new file records it when its first table is created
-        "PRAGMA journal_mode=WAL",
         "PRAGMA synchronous=NORMAL",
         f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}",
         *((f"PRAGMA cache_size={-1024 * int(cache_mb)}",) if cache_mb is not None else ()),  # negative: KiB
+    )
+    new_file = (  # stored in the file: set once, by the first connection to a new (or non-WAL) database
+        f"PRAGMA page_size={PAGE_SIZE}",  # before WAL, like auto_vacuum: only a new file takes it
+        "PRAGMA auto_vacuum=INCREMENTAL",  # before WAL: a new file records it when its first table is created
+        "PRAGMA journal_mode=WAL",
     )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see _on_begin)
         cur = dbapi_conn.cursor()
-        for pragma in pragmas:
+        for pragma in per_connection:
             cur.execute(pragma)
+        # Reading the journal mode needs no write lock; a database already in WAL mode is configured, so a
+        # reader never asks for the lock another process may hold for a long write (issue: readers failing
+        # with "database is locked" while a backup tool or a second writer held it).
+        if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+            for pragma in new_file:
+                cur.execute(pragma)
         cur.close()
 
     @event.listens_for(engine, "begin")

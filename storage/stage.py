@@ -5,7 +5,10 @@
 :class:`~storage.writer.EventWriter`; ``tick`` commits a batch when it is due
 (``storage.batch_rows`` rows or ``storage.batch_ms`` old); ``finish`` commits
 the rest. A failed commit keeps the batch and is retried at the next tick;
-the error is reported through ``last_error`` (shown by ``facepro status``).
+the error is reported through ``last_error`` (shown by ``facepro status``); a
+database locked by another process (a backup tool, a second writer) is
+counted in ``lock_waits`` and the wait so far in ``lock_wait_ms``, and the
+batch is committed once the lock is free.
 Items arrive as :class:`~pipeline.messages.StorageItem` envelopes; after each
 successful commit the stage returns one :class:`~pipeline.messages.StorageAck`
 per producer (everything received so far was in the committed batch), which
@@ -43,7 +46,8 @@ class StorageStage:
         self.last_error = ""
         self.written = 0
         self.drops = {"malformed": 0}
-        self.counts = {"retention_runs": 0}
+        self.counts = {"retention_runs": 0, "lock_waits": 0, "lock_wait_ms": 0}
+        self._locked_since: float | None = None
         self._received: dict[str, list[int]] = {}  # producer -> seqs in the pending batch
         self.commit_delay_s = commit_delay_s
 
@@ -78,10 +82,24 @@ class StorageStage:
             self.last_error = ""
         except StorageError as err:
             self.last_error = str(err)
+            self._note_lock(err)
             return []
+        self._locked_since = None
+        self.counts["lock_wait_ms"] = 0
         acks = [StorageAck(producer=p, seqs=np.array(seqs, np.int64)) for p, seqs in self._received.items() if seqs]
         self._received = {}
         return acks
+
+    def _note_lock(self, err: StorageError) -> None:
+        """Count a flush that found the database locked by another process; ``lock_wait_ms`` says for how
+        long the batch has been waiting (0 once a commit succeeds), shown by ``facepro status``."""
+        if "locked" not in str(err) and "busy" not in str(err):
+            return
+        now = time.monotonic()
+        if self._locked_since is None:
+            self._locked_since = now
+        self.counts["lock_waits"] += 1
+        self.counts["lock_wait_ms"] = int((now - self._locked_since) * 1000)
 
     def tick(self, now_ns: int) -> list[object]:
         acks = self._flush() if self.writer.due() else []

@@ -567,6 +567,69 @@ def test_locked_database_raises_storage_error_and_keeps_pending_rows(db_path):
     engine.dispose()
 
 
+def test_readers_work_while_another_process_holds_the_write_lock(db_path):
+    from storage.queries import list_events, load_gallery
+
+    url = f"sqlite:///{db_path}"
+    upgrade(url)
+    setup = open_engine(url)
+    w = EventWriter(setup, 100, 100)
+    w.add_update(update(_eid()))
+    w.flush()
+    setup.dispose()
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")  # a backup tool or a second writer
+        reader = open_engine(url, busy_timeout_ms=50)  # a fresh engine: its first connection is opened now
+        assert len(list_events(reader)) == 1  # facepro events
+        assert list(load_gallery(reader, "m").names) == []  # recognition's gallery load at start
+        assert count_rows(reader)["events"] == 1
+        reader.dispose()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def test_storage_stage_waits_for_a_lock_shows_it_and_commits_everything_after():
+    from pipeline.messages import StorageItem
+    from storage.stage import StorageStage
+
+    class _Locked:
+        """An EventWriter whose database is locked for the first ``n`` flushes."""
+
+        def __init__(self, n: int) -> None:
+            self.n, self.pending, self.rows = n, 0, []
+
+        def add_update(self, u: TrackUpdate) -> None:
+            self.rows.append(u)
+            self.pending += 1
+
+        def add_embedding(self, r: EmbeddingRecord) -> None:  # pragma: no cover - not sent here
+            raise AssertionError
+
+        def due(self) -> bool:
+            return self.pending > 0
+
+        def flush(self) -> int:
+            if self.n > 0:
+                self.n -= 1
+                raise StorageError("writing events: database facepro.db is locked by another process")
+            done, self.pending = self.pending, 0
+            return done
+
+    writer = _Locked(3)
+    stage = StorageStage(writer)  # type: ignore[arg-type]
+    stage.process(None, StorageItem(producer="p", seq=1, update=update(_eid())))
+    acks = []
+    for _ in range(3):
+        acks += stage.tick(0)
+        assert acks == [] and "locked" in stage.last_error
+    assert stage.counts["lock_waits"] == 3 and stage.counts["lock_wait_ms"] >= 0
+    acks += stage.tick(0)
+    assert [a.seqs.tolist() for a in acks] == [[1]] and stage.last_error == ""
+    assert stage.counts["lock_wait_ms"] == 0 and stage.written == 1
+
+
 def test_discard_drops_pending_rows(engine):
     w = EventWriter(engine, 100, 100)
     w.add_update(update(_eid()))
