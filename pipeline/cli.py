@@ -19,6 +19,7 @@ from typing import Callable
 
 import cv2
 
+from pipeline.transport import PRIVATE_UMASK
 from pipeline.config import AppConfig, ConfigError, data_dir, database_url, load_config, with_sources
 from pipeline.messages import DROP_REASONS, StatusReply, StatusRequest, ScaleRequest, Ack
 from pipeline.transport import TransportError, request
@@ -367,6 +368,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.umask(PRIVATE_UMASK)  # the database, snapshots (faces), backups and sockets: owner-only
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)

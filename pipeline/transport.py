@@ -45,17 +45,41 @@ class TransportError(RuntimeError):
     """A socket that cannot be bound/connected, or a peer that does not answer."""
 
 
+#: umask of every FacePro process: files 0600, folders 0700 (face embeddings, snapshots and backups are private).
+PRIVATE_UMASK = 0o077
+
+
 def make_runtime_dir(path: Path) -> Path:
     """Create ``path`` with mode 0700 (sockets are private to the user).
 
+    A parent folder outside the data dir (the ``/tmp/facepro-<uid>`` fallback)
+    that already exists must belong to this user and be writable by nobody
+    else, or another local user could have planted it to read the sockets.
+
     Raises:
-        TransportError: the socket paths inside it would be too long for ``ipc://``.
+        TransportError: the socket paths inside it would be too long for
+            ``ipc://``, or a pre-existing parent is someone else's or open to others.
     """
     if not fits_ipc(path):
         raise TransportError(f"runtime directory {path} is too long for ipc:// sockets (limit ~{MAX_IPC_PATH} bytes); use a shorter FACEPRO_DATA_DIR")
-    path.mkdir(parents=True, exist_ok=True)
+    if path.parent.name.startswith("facepro-") and path.parent.exists():
+        check_private_dir(path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.mkdir(exist_ok=True, mode=0o700)
     os.chmod(path, 0o700)
     return path
+
+
+def check_private_dir(path: Path) -> None:
+    """Refuse a folder owned by another user, or writable by group or others.
+
+    Raises:
+        TransportError: naming the folder, its owner/mode and what to do.
+    """
+    st = path.lstat()
+    if path.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise TransportError(f"runtime directory {path} is not private (owner uid {st.st_uid}, mode {st.st_mode & 0o777:o}); "
+                             f"remove it or set FACEPRO_DATA_DIR to a shorter private path")
 
 
 def fits_ipc(path: Path) -> bool:

@@ -34,7 +34,7 @@ from pipeline.journal import FrameJournal, Outbox
 from pipeline.messages import event_id_for
 from pipeline.metrics import Heartbeat, StageCounters
 from pipeline.runner import CaptureLoop, CaptureSettings, Reorderer, Runner, RunnerIO, StopFlag
-from pipeline.transport import ReliableSender, Transport
+from pipeline.transport import PRIVATE_UMASK, ReliableSender, Transport
 
 log = logging.getLogger("facepro.worker")
 
@@ -292,6 +292,7 @@ def _storage(cfg: AppConfig, t: Transport, counters: StageCounters, hb: Heartbea
 
 
 def main(argv: list[str]) -> int:
+    os.umask(PRIVATE_UMASK)  # snapshots, journals, outboxes: owner-only
     runtime_dir, stage, index, n_rec = Path(argv[0]), argv[1], int(argv[2]), int(argv[3])
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {stage}-{index} %(levelname)s %(message)s")
     cv2.setNumThreads(1)
