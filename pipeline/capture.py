@@ -28,6 +28,7 @@ In **live** mode none of this applies: a dead owner's frames are overwritten
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -40,6 +41,8 @@ from pipeline.messages import FrameRef
 from pipeline.metrics import Heartbeat, StageCounters
 from pipeline.ring import PREFIX, PendingFrame, RingError, RingLayout, RingWriter, list_segments, pid_alive, ring_name
 from pipeline.transport import Dispatcher
+
+log = logging.getLogger("facepro.capture")
 
 #: Seconds between two looks for frames whose owner died (file mode).
 WATCH_INTERVAL_S = 0.05
@@ -289,6 +292,7 @@ class CaptureLoop:
             if outcome == "frame":
                 if frame is None:
                     if self.source.is_file:
+                        self._check_complete()
                         break
                     self._reconnect()
                     continue
@@ -301,6 +305,16 @@ class CaptureLoop:
                 next_t += period
                 time.sleep(max(0.0, next_t - time.monotonic()))
         self._drain()
+
+    def _check_complete(self) -> None:
+        """End of a file: a container that announced more frames than decoded is reported (``ended_early``)."""
+        expected = int(getattr(self.source, "frame_count", 0) or 0)
+        if expected and self.frame_index < expected:
+            self.counters.extra["ended_early"] = 1
+            self.counters.extra["container_frames"] = expected
+            self.counters.last_error = (f"camera {self.s.camera}: decoding stopped at frame {self.frame_index} of the "
+                                        f"{expected} the file announces (truncated or damaged file); the rest is not processed")
+            log.warning("%s", self.counters.last_error)
 
     def _drain(self) -> None:
         """File mode: wait (replaying) until downstream released every frame, or until stopped."""

@@ -25,6 +25,7 @@ class VideoSource:
         camera: the camera's config.
         is_file: True for a local file (ends at end of file).
         fps: frame rate the source reports (0 when unknown).
+        frame_count: frames the container says it holds (0 when unknown, e.g. a stream).
     """
 
     def __init__(self, camera: CameraConfig) -> None:
@@ -32,6 +33,7 @@ class VideoSource:
         self.is_file = camera.resolved_mode() == "file"
         self._cap: cv2.VideoCapture | None = None
         self.fps = 0.0
+        self.frame_count = 0
         self.open()
 
     def _target(self) -> str | int:
@@ -57,6 +59,7 @@ class VideoSource:
             raise SourceError(f"{where} {what}; check the URI, credentials and that the camera is on")
         self._cap = cap
         self.fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        self.frame_count = max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)) if self.is_file else 0
 
     def read(self, out: np.ndarray | None = None) -> np.ndarray | None:
         """Next frame, ``(H, W, 3) uint8`` BGR, or None at end of file / on a read failure of a live source.

@@ -227,3 +227,28 @@ def test_a_live_source_that_drops_is_reopened_with_growing_waits(monkeypatch) ->
     assert source.opens == 4 and counters.extra["reconnects"] == 4
     assert round(sum(waits)) == 1 + 2 + 4 + 8  # backoff doubles after every failed attempt
     assert counters.frames_out == 1
+
+
+def test_a_truncated_file_is_reported_with_the_frame_where_decoding_stopped(videos: Path, tmp_path: Path) -> None:
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes((videos / "vtest.avi").read_bytes()[:100_000])  # the first 100 KB of a 795-frame file
+    source = VideoSource(CameraConfig(name="cam0", source=str(cut)))
+    assert source.frame_count == 795
+    sender, counters = _ConsumingSender(), StageCounters("capture", 0)
+    settings = CaptureSettings(run_id=uuid.uuid4().hex[:8], camera="cam0", slots=4, release_timeout_s=5.0, wait_for_release=True)
+    CaptureLoop(source, settings, sender, counters, Heartbeat(counters, sender, 60.0), StopFlag()).run()  # type: ignore[arg-type]
+    sender.close()
+    r.unlink_segments(r.list_segments(settings.run_id))
+    decoded = counters.frames_out
+    assert 0 < decoded < 795 and counters.extra["ended_early"] == 1 and counters.extra["container_frames"] == 795
+    assert f"stopped at frame {decoded} of the 795" in counters.last_error
+
+
+def test_a_complete_file_is_not_reported(videos: Path) -> None:
+    source = VideoSource(CameraConfig(name="cam0", source=str(videos / "vtest.avi")))
+    sender, counters = _ConsumingSender(), StageCounters("capture", 0)
+    settings = CaptureSettings(run_id=uuid.uuid4().hex[:8], camera="cam0", slots=4, release_timeout_s=5.0, wait_for_release=True)
+    CaptureLoop(source, settings, sender, counters, Heartbeat(counters, sender, 60.0), StopFlag()).run()  # type: ignore[arg-type]
+    sender.close()
+    r.unlink_segments(r.list_segments(settings.run_id))
+    assert counters.frames_out == 795 and "ended_early" not in counters.extra and counters.last_error == ""
