@@ -294,11 +294,14 @@ class CaptureLoop:
                     if self.source.is_file:
                         self._check_complete()
                         break
+                    self.counters.extra["offline"] = 1  # shown by status until the camera delivers again
                     self._reconnect()
                     continue
                 if not self._publish(frame):
                     break
-            self._failures = 0
+            if self._failures:
+                self._failures = 0
+                self.counters.extra["offline"] = 0
             self.heartbeat.beat()
             self._watch()
             if period:

@@ -134,6 +134,9 @@ def _capture(cfg: AppConfig, t: Transport, run_id: str, index: int, counters: St
 
     cam = cfg.cameras[index]
     source = open_source(cam)
+    if source.last_error:  # a live camera that is down: offline, retried with backoff by the loop
+        counters.last_error = source.last_error
+        counters.extra["offline"] = 1
     sender = t.dispatcher(f"frames-{cam.name}")
     settings = CaptureSettings(run_id=run_id, camera=cam.name, slots=cfg.ring.slots,
                                release_timeout_s=cfg.ring.release_timeout_s,

@@ -28,13 +28,24 @@ class VideoSource:
         frame_count: frames the container says it holds (0 when unknown, e.g. a stream).
     """
 
-    def __init__(self, camera: CameraConfig) -> None:
+    def __init__(self, camera: CameraConfig, open_now: bool = True) -> None:
         self.camera = camera
         self.is_file = camera.resolved_mode() == "file"
         self._cap: cv2.VideoCapture | None = None
         self.fps = 0.0
         self.frame_count = 0
-        self.open()
+        self.last_error = ""
+        if open_now:
+            self.open()
+
+    def try_open(self) -> VideoSource:
+        """:meth:`open`, keeping the error in ``last_error`` instead of raising (a live camera that is down)."""
+        try:
+            self.open()
+            self.last_error = ""
+        except SourceError as err:
+            self.last_error = str(err)
+        return self
 
     def _target(self) -> str | int:
         src = self.camera.source
@@ -99,10 +110,16 @@ class VideoSource:
 def open_source(camera: CameraConfig) -> VideoSource:
     """Open ``camera``'s source and check the first frame can be decoded.
 
+    A live source that does not answer is not an error: it is returned closed
+    (``read`` gives None), and the capture loop keeps reopening it with
+    backoff while the camera shows as offline; the other cameras go on.
+
     Raises:
-        SourceError: see :meth:`VideoSource.open`; also a file whose first
-            frame cannot be decoded (broken or empty video).
+        SourceError: see :meth:`VideoSource.open` (file sources only); also a
+            file whose first frame cannot be decoded (broken or empty video).
     """
+    if camera.resolved_mode() != "file":
+        return VideoSource(camera, open_now=False).try_open()
     src = VideoSource(camera)
     if src.is_file:
         probe = VideoSource(camera)
