@@ -47,20 +47,97 @@ def _engine(cfg: AppConfig):
 
 
 def _check_assets(cfg: AppConfig) -> None:
-    """Fail before any process starts when a model file or a file source is missing."""
-    from stages.capture import open_source
-    from stages.runtime import check_model_file
+    """Fail before any process starts when a model is missing or wrong, or a file source is missing.
 
-    check_model_file(cfg.detection.detector.path, "object detector")
-    check_model_file(cfg.recognition.face.detector.path, "face detector")
-    check_model_file(cfg.recognition.face.embedder.path, "face embedder")
-    if cfg.recognition.reid is not None:
-        check_model_file(cfg.recognition.reid.path, "Re-ID embedder")
-    if cfg.recognition.gait is not None and cfg.recognition.gait.embedder is not None:
-        check_model_file(cfg.recognition.gait.embedder.path, "gait embedder")
+    Every configured model is opened with ONNX Runtime and its inputs and
+    outputs checked by the class that will use it (the same checks the stage
+    processes make), so a wrong file is one line naming its config key instead
+    of a stage that fails at start until the restart budget is spent.
+
+    Raises:
+        ModelError: ``<config key>: <what is wrong>``.
+        SourceError: a file source that does not exist or does not decode.
+    """
+    from stages.capture import open_source
+    from stages.runtime import ModelError
+
+    for key, check in _model_checks(cfg):
+        try:
+            check()
+        except ModelError as err:
+            raise ModelError(f"{key}: {err}") from None
+    sizes = []
     for cam in cfg.cameras:
         if cam.resolved_mode() == "file":
-            open_source(cam).close()
+            src = open_source(cam)
+            first = src.read()
+            src.close()
+            if first is not None:
+                sizes.append((cam.name, first.shape[0], first.shape[1]))
+    check_shm(cfg.ring.slots, sizes)
+    check_data_dir(data_dir())
+
+
+def check_shm(slots: int, sizes: list[tuple[str, int, int]], shm_dir: Path | None = None) -> None:
+    """Refuse to start when ``/dev/shm`` cannot hold the rings of the file cameras.
+
+    Args:
+        slots: ``ring.slots``.
+        sizes: ``(camera, height, width)`` of each camera whose frame size is known (file sources).
+        shm_dir: folder to look at (``/dev/shm``; tests pass another).
+
+    Raises:
+        ShmSpaceError: with both sizes and the fix (``ring.slots``, Docker ``--shm-size``). A restarted
+            capture adopts its predecessor's ring, so no room for a second copy is needed.
+    """
+    from pipeline.ring import SHM_DIR, RingLayout, check_free_space
+
+    need = sum(RingLayout(slots=slots, height=h, width=w).total_bytes for _, h, w in sizes)
+    if need:
+        names = ", ".join(f"{cam} {w}x{h}" for cam, h, w in sizes)
+        check_free_space(need, f"the rings of {len(sizes)} camera(s) ({names}; ring.slots {slots})", shm_dir or SHM_DIR)
+
+
+def check_data_dir(path: Path) -> None:
+    """Refuse a data dir that cannot be created or written (read-only file system, a file in the way, permissions).
+
+    Raises:
+        CliError: one line naming the folder, the reason and what to do.
+    """
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise CliError(f"data dir {path} is not writable ({err.strerror or err}); "
+                       "set FACEPRO_DATA_DIR to a folder you can write, or fix its permissions") from None
+
+
+def _model_checks(cfg: AppConfig) -> list[tuple[str, Callable[[], object]]]:
+    """``(config key, loader)`` for every configured model; each loader opens and checks its model."""
+    from stages.detector import ObjectDetector
+    from stages.face import FaceAnalyzer
+    from stages.runtime import SessionOptions, check_model_file
+
+    opts = SessionOptions(threads=1)
+    rec = cfg.recognition
+    checks: list[tuple[str, Callable[[], object]]] = [
+        ("detection.detector.path", lambda: ObjectDetector(cfg.detection.detector, opts)),
+        ("recognition.face", lambda: (check_model_file(rec.face.detector.path, "face detector"),
+                                      check_model_file(rec.face.embedder.path, "face embedder"),
+                                      FaceAnalyzer(rec.face, opts))),
+    ]
+    if rec.reid is not None:
+        from stages.reid import ReidEmbedder
+
+        checks.append(("recognition.reid.path", lambda: ReidEmbedder(rec.reid.path, opts)))  # type: ignore[union-attr]
+    if rec.gait is not None and rec.gait.embedder is not None:
+        from stages.gait import gait_embedder
+
+        checks.append(("recognition.gait.embedder.path", lambda: gait_embedder(rec.gait, opts)))  # type: ignore[arg-type]
+    return checks
 
 
 # ------------------------------------------------------------------ commands
