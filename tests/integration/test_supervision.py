@@ -36,11 +36,14 @@ def test_killed_detection_process_is_restarted_and_run_completes(clip: Path, mod
         doc = wait_status(proc, until=lambda d: _stage(d, "detection")["restarts"] >= 1 and _stage(d, "detection")["processes"] == 1)
         assert victim not in _stage(doc, "detection")["pids"]
     finally:
-        summary = finish_run(proc, short_data_dir)
+        summary = finish_run(proc, short_data_dir, codes=(0, 3))
     stages = summary["stages"]
     assert stages["capture"]["frames_out"] == FRAMES
-    assert stages["detection"]["restarts"] == 1
+    assert stages["detection"]["restarts"] == 1 and summary["restarts"]["detection"] == 1
     lost = stages["recognition"]["dropped"].get("lost", 0)
+    # The exit code tells the truth: 3 exactly when frames were lost, and the summary names the losses.
+    assert proc.returncode == (3 if summary["losses"] else 0), summary
+    assert summary["complete"] is (not summary["losses"])
     # Frames the killed process held are counted as lost, never silently missing.
     assert stages["recognition"]["frames_out"] + lost >= FRAMES - 2 * 16
     assert stages["recognition"]["frames_out"] > FRAMES // 2
