@@ -219,7 +219,8 @@ def parse_counts(text: str) -> dict[str, int]:
         name, sep, n = part.partition("=")
         if not sep or not n.isdigit():
             raise ValueError(f"counts: expected STAGE=N[,STAGE=N...], got {text!r}")
-        spec(name)
+        if name not in STAGE_NAMES:
+            raise ValueError(f"counts: unknown stage {name!r} in {text!r}")
         out[name] = int(n)
     missing = [n for n in STAGE_NAMES if n not in out]
     if missing:
