@@ -176,6 +176,74 @@ class Launcher:
         return self.blocks.pop(pid, None)
 
 
+class Rescaler:
+    """``facepro scale``: changes a stage's process count by its row's :class:`~pipeline.topology.Rescale`.
+
+    ``DIRECT`` (detection): processes are added or removed at once (credit-based
+    input: a removed process finishes exactly the frames it received).
+    ``REPARTITION`` (recognition owns each camera's tracker): the upstream stage
+    drains and stops, then the stage finishes its frames and closes its tracks,
+    then both restart with the new count (:class:`RescaleState`, :meth:`advance`).
+    ``counts`` (the live counts, shared with the launcher) change before the new
+    processes are spawned, so they are sized for the new count.
+    """
+
+    def __init__(self, table: ProcessTable, counts: dict[str, int]) -> None:
+        self.table = table
+        self.counts = counts
+        self.state = RescaleState.IDLE
+        self.target: tuple[str, int] | None = None
+
+    def scale(self, stage: str, processes: int) -> Ack:
+        if self.state is not RescaleState.IDLE:
+            return Ack(ok=False, message="the pipeline is busy (shutting down or already rescaling); try again")
+        try:
+            row = topology.spec(stage)
+        except KeyError as err:
+            return Ack(ok=False, message=str(err.args[0]))
+        old = self.counts[stage]
+        if row.rescale is Rescale.REPARTITION:
+            self.state, self.target = RescaleState.DRAINING_UPSTREAM, (stage, processes)
+            return Ack(ok=True, message=f"{stage}: {old} -> {processes} processes (cameras repartitioned; "
+                                        f"{topology.upstream(stage)} and {stage} restart)")
+        if row.rescale is not Rescale.DIRECT:
+            return Ack(ok=False, message=f"scaling {stage} at run time is not supported "
+                                         f"({stage} runs {row.count.value.replace('_', ' ')} process(es))")
+        kids = [p for p in self.table.of(stage) if not p.stopping]
+        self.counts[stage] = processes
+        for i in range(len(kids), processes):
+            self.table.spawn(stage, i)
+        for p in kids[processes:]:
+            self.table.stop(p)
+        return Ack(ok=True, message=f"{stage}: {len(kids)} -> {processes} processes")
+
+    def _stop_all(self, stage: str | None) -> bool:
+        """Ask every process of ``stage`` to stop; True once none is left."""
+        kids = self.table.of(stage) if stage else []
+        for p in kids:
+            if not p.stopping:
+                self.table.stop(p)
+        return not kids
+
+    def advance(self) -> None:
+        """One step of a repartitioning rescale."""
+        if self.state is RescaleState.IDLE:
+            return
+        stage, target = self.target  # type: ignore[misc]
+        up = topology.upstream(stage)
+        if self.state is RescaleState.DRAINING_UPSTREAM and self._stop_all(up):
+            self.state = RescaleState.DRAINING_STAGE
+        if self.state is RescaleState.DRAINING_STAGE and self._stop_all(stage):
+            self.state = RescaleState.RESTARTING
+        if self.state is RescaleState.RESTARTING:
+            self.counts[stage] = target
+            for name in (stage, up):  # downstream first
+                for i in range(self.counts[name] if name else 0):
+                    self.table.spawn(name, i)  # type: ignore[arg-type]
+            self.state, self.target = RescaleState.IDLE, None
+            log.info("%s rescaled to %d process(es)", stage, target)
+
+
 class Supervisor:
     """Runs one pipeline until its file sources end or it is signalled.
 
@@ -208,8 +276,7 @@ class Supervisor:
         self.signals = 0
         self.shutdown = ShutdownState.RUNNING
         self.stage_since = 0.0
-        self.rescale = RescaleState.IDLE
-        self.rescale_to: tuple[str, int] | None = None
+        self.rescaler = Rescaler(self.table, self.counts)
         self.transport: Transport | None = None
         self.metrics_port: int | None = None
         self.first_frame_at: float | None = None  # first frame captured (monotonic)
@@ -354,61 +421,10 @@ class Supervisor:
             self.control.reply(Ack(ok=False, message=f"unsupported request {type(req).__name__}"))
 
     def scale(self, stage: str, processes: int) -> Ack:
-        """Change the process count of a scalable stage (its row's :class:`~pipeline.topology.Rescale`).
-
-        ``DIRECT`` (detection): processes are added or removed at once (credit-based
-        input: a removed process finishes exactly the frames it received).
-        ``REPARTITION`` (recognition owns each camera's tracker): the upstream stage
-        drains and stops, then the stage finishes its frames and closes its tracks,
-        then both restart with the new count (:meth:`_advance_rescale`).
-        """
-        if self.shutdown is not ShutdownState.RUNNING or self.rescale is not RescaleState.IDLE:
+        """Change the process count of a scalable stage (:meth:`Rescaler.scale`); refused while shutting down."""
+        if self.shutdown is not ShutdownState.RUNNING:
             return Ack(ok=False, message="the pipeline is busy (shutting down or already rescaling); try again")
-        try:
-            row = topology.spec(stage)
-        except KeyError as err:
-            return Ack(ok=False, message=str(err.args[0]))
-        old = self.counts[stage]
-        if row.rescale is Rescale.REPARTITION:
-            self.rescale, self.rescale_to = RescaleState.DRAINING_UPSTREAM, (stage, processes)
-            return Ack(ok=True, message=f"{stage}: {old} -> {processes} processes (cameras repartitioned; "
-                                        f"{topology.upstream(stage)} and {stage} restart)")
-        if row.rescale is not Rescale.DIRECT:
-            return Ack(ok=False, message=f"scaling {stage} at run time is not supported "
-                                         f"({stage} runs {row.count.value.replace('_', ' ')} process(es))")
-        kids = [p for p in self.table.of(stage) if not p.stopping]
-        self.counts[stage] = processes  # before spawning: new processes are sized for the new count
-        for i in range(len(kids), processes):
-            self.table.spawn(stage, i)
-        for p in kids[processes:]:
-            self.table.stop(p)
-        return Ack(ok=True, message=f"{stage}: {len(kids)} -> {processes} processes")
-
-    def _stop_all(self, stage: str | None) -> bool:
-        """Ask every process of ``stage`` to stop; True once none is left."""
-        kids = self.table.of(stage) if stage else []
-        for p in kids:
-            if not p.stopping:
-                self.table.stop(p)
-        return not kids
-
-    def _advance_rescale(self) -> None:
-        """One step of a repartitioning rescale (:class:`RescaleState`)."""
-        if self.rescale is RescaleState.IDLE or self.shutdown is not ShutdownState.RUNNING:
-            return
-        stage, target = self.rescale_to  # type: ignore[misc]
-        up = topology.upstream(stage)
-        if self.rescale is RescaleState.DRAINING_UPSTREAM and self._stop_all(up):
-            self.rescale = RescaleState.DRAINING_STAGE
-        if self.rescale is RescaleState.DRAINING_STAGE and self._stop_all(stage):
-            self.rescale = RescaleState.RESTARTING
-        if self.rescale is RescaleState.RESTARTING:
-            self.counts[stage] = target
-            for name in (stage, up):  # downstream first
-                for i in range(self.counts[name] if name else 0):
-                    self.table.spawn(name, i)  # type: ignore[arg-type]
-            self.rescale, self.rescale_to = RescaleState.IDLE, None
-            log.info("%s rescaled to %d process(es)", stage, target)
+        return self.rescaler.scale(stage, processes)
 
     # ------------------------------------------------------------- shutdown
     def _begin_shutdown(self) -> None:
@@ -466,7 +482,8 @@ class Supervisor:
         if self.failure:
             self._begin_shutdown()
         self.table.start_due()
-        self._advance_rescale()
+        if self.shutdown is ShutdownState.RUNNING:
+            self.rescaler.advance()
         if self.shutdown is ShutdownState.RUNNING and self._files_done():
             log.info("all file sources finished; draining")
             self.sources_done_at = self.clock()
