@@ -73,19 +73,11 @@ def stop_leftovers(children: list[dict], timeout_s: float = 3.0) -> int:
             if proc.cmdline() == list(child["cmdline"]) and proc.status() != psutil.STATUS_ZOMBIE:
                 proc.kill()
                 victims.append(proc)
+                log.warning("stopping pid %d left running by a dead run: %s", proc.pid, " ".join(child["cmdline"]))
         except (psutil.Error, KeyError, TypeError, ValueError):
             continue
     psutil.wait_procs(victims, timeout=timeout_s)
-    for proc in victims:
-        log.warning("stopped pid %d left running by a dead run: %s", proc.pid, " ".join(child_cmd(proc)))
     return len(victims)
-
-
-def child_cmd(proc: psutil.Process) -> list[str]:
-    try:
-        return proc.cmdline()
-    except psutil.Error:
-        return ["?"]
 
 
 def _owner_dead(segment: str) -> bool:

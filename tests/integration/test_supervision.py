@@ -131,3 +131,78 @@ def test_scaling_recognition_repartitions_cameras_and_loses_no_frame(clip: Path,
     assert stages["capture"]["frames_out"] == 2 * FRAMES
     assert stages["recognition"]["frames_out"] == 2 * FRAMES  # every frame of both cameras exactly once
     assert "lost" not in stages["recognition"]["dropped"]
+
+
+def _children_of_current_run(data_dir: Path) -> tuple[str, list[dict]]:
+    info = json.loads((data_dir / "run" / "current.json").read_text())
+    run = json.loads((Path(info["runtime_dir"]) / "run.json").read_text())
+    return run["run_id"], run["children"]
+
+
+def test_no_stage_process_outlives_a_killed_supervisor(clip: Path, models: Path, short_data_dir: Path) -> None:
+    import time
+
+    from pipeline.runs import cleanup_stale_runs, pid_alive
+
+    tree = pipeline_config(models, {"campus": clip})
+    tree["cameras"][0]["max_fps"] = 10  # a 30 s run: the kill arrives while every stage runs
+    cfg = save_config(tree, short_data_dir / "cfg.yaml")
+    proc = start_run(cfg)
+    try:
+        wait_status(proc, until=lambda d: all(s["processes"] >= 1 for s in d["stages"]) and _stage(d, "recognition")["rate_fps"] > 0)
+        run_id, children = _children_of_current_run(short_data_dir)
+        assert sorted(c["stage"] for c in children) == ["capture", "detection", "recognition", "storage"]
+        assert all("pipeline.worker" in c["cmdline"] for c in children)
+        os.kill(proc.pid, signal.SIGKILL)  # the supervisor only: its children get no signal from us
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and any(pid_alive(c["pid"]) for c in children):
+            time.sleep(0.1)
+        assert [c for c in children if pid_alive(c["pid"])] == []
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert list_segments(run_id), "SIGKILL leaves the rings and counter blocks behind"
+    cleanup_stale_runs(short_data_dir)  # what the next run does first
+    assert list_segments(run_id) == []
+
+
+def test_a_new_run_stops_a_dead_runs_leftover_stage_process_and_removes_its_segments(short_data_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    import psutil
+
+    from pipeline.counters import CounterBlock, block_name
+    from pipeline.runs import cleanup_stale_runs, runs_dir
+
+    stale = f"d{os.getpid() % 10**7:07d}"  # unique per test process
+    run_dir = runs_dir(short_data_dir) / stale
+    run_dir.mkdir(parents=True)
+    # The leftover: a process whose recorded pid and command line match (as if PDEATHSIG had failed); the decoy's pid
+    # is recorded too, but with another command line (a recycled pid): it must be left alone.
+    sleeper = "import time; time.sleep(120)"
+    leftover = subprocess.Popen([sys.executable, "-c", sleeper, "pipeline.worker", str(run_dir), "detection", "0"])
+    decoy = subprocess.Popen([sys.executable, "-c", sleeper, "decoy"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # the dead run's supervisor
+    try:
+        children = [{"stage": "detection", "index": 0, "pid": leftover.pid, "cmdline": psutil.Process(leftover.pid).cmdline()},
+                    {"stage": "capture", "index": 0, "pid": decoy.pid, "cmdline": [sys.executable, "-m", "pipeline.worker", "x"]}]
+        (run_dir / "run.json").write_text(json.dumps({"run_id": stale, "pid": gone.pid, "runtime_dir": str(run_dir),
+                                                      "socket_dir": str(run_dir), "children": children}))
+        ring = Path("/dev/shm") / f"facepro_{stale}_campus_{leftover.pid}_0"
+        ring.write_bytes(b"\0" * 4096)
+        CounterBlock.create(block_name(stale, "detection", 0, 1), owner_pid=gone.pid).close()
+        assert len(list_segments(stale)) == 2
+        removed = cleanup_stale_runs(short_data_dir)
+        leftover.wait(timeout=5)  # killed (and already reaped by the cleanup's wait, so no exit status here)
+        assert decoy.poll() is None, "a process whose command line does not match must not be touched"
+        assert removed == 2 and list_segments(stale) == [] and not run_dir.exists()
+    finally:
+        for p in (leftover, decoy):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
