@@ -206,3 +206,21 @@ def test_a_new_run_stops_a_dead_runs_leftover_stage_process_and_removes_its_segm
             if p.poll() is None:
                 p.kill()
             p.wait()
+
+
+def test_a_stopped_process_stops_beating_and_is_killed_and_restarted(clip: Path, models: Path, short_data_dir: Path) -> None:
+    tree = pipeline_config(models, {"campus": clip}, ring__release_timeout_s=2.0, tracking__reorder_timeout_s=1.0)
+    tree["runtime"]["heartbeat_timeout_s"] = 3.0  # model loading (~2 s) keeps beating: the beat is a thread
+    tree["cameras"][0]["max_fps"] = 25
+    cfg = save_config(tree, short_data_dir / "cfg.yaml")
+    proc = start_run(cfg)
+    try:
+        doc = wait_status(proc, until=lambda d: _stage(d, "detection")["rate_fps"] > 0)
+        victim = _stage(doc, "detection")["pids"][0]
+        assert _stage(doc, "recognition")["restarts"] == 0  # nobody busy loading a model was killed
+        os.kill(victim, signal.SIGSTOP)
+        doc = wait_status(proc, until=lambda d: _stage(d, "detection")["restarts"] >= 1 and _stage(d, "detection")["processes"] == 1)
+        assert victim not in _stage(doc, "detection")["pids"] and "no heartbeat" in _stage(doc, "detection")["last_error"]
+    finally:
+        summary = finish_run(proc, short_data_dir, codes=(0, 3))
+    assert summary["restarts"]["detection"] == 1 and summary["stages"]["capture"]["frames_out"] == FRAMES
