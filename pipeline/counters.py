@@ -12,13 +12,14 @@ Name: ``facepro_<run_id>_ctr_<stage>_<index>_<n>`` (``n`` counts the blocks of
 the run), so the stale-run cleanup by the ``facepro_<run_id>_`` prefix covers
 it.
 
-Layout (:data:`BLOCK_BYTES` = 2048 bytes, native little-endian)::
+Layout (:data:`BLOCK_BYTES` = 4096 bytes, one page, native little-endian)::
 
     int64 words 0..15   header and scalar counters (indices below)
     int64 words 16..31  drops per reason, DROP_REASONS order (MAX_DROPS slots)
     int64 words 32..63  named extra counters (MAX_EXTRA slots), values
-    bytes 512..1535     extra counter names, MAX_EXTRA x NAME_BYTES, UTF-8, NUL padded
-    bytes 1536..2047    last error, UTF-8, NUL padded (longer text is cut)
+    bytes 512..2559     extra counter names, MAX_EXTRA x NAME_BYTES (64), UTF-8, NUL padded
+    bytes 2560..3583    last error, UTF-8, NUL padded (longer text is cut at 1023 bytes)
+    bytes 3584..4095    reserved (zero)
 
 Header words: ``MAGIC`` ("FPCTR001"), ``VERSION``, ``OWNER_PID`` (the
 supervisor), ``PID`` (the child, 0 until it attached), ``HEARTBEAT_NS``
@@ -51,11 +52,11 @@ from pipeline.messages import DROP_REASONS
 SHM_DIR = Path("/dev/shm")
 MAGIC = 0x46504354_52303031  # "FPCTR001"
 VERSION = 1
-BLOCK_BYTES = 2048
+BLOCK_BYTES = 4096
 MAX_DROPS = 16
 MAX_EXTRA = 32
-NAME_BYTES = 32
-ERROR_BYTES = 512
+NAME_BYTES = 64
+ERROR_BYTES = 1024
 
 # int64 word indices
 (W_MAGIC, W_VERSION, W_OWNER_PID, W_PID, W_HEARTBEAT_NS, W_FRAMES_IN, W_FRAMES_OUT, W_SENT, W_BACKLOG,
@@ -65,7 +66,7 @@ DROPS_AT = 16
 EXTRA_AT = DROPS_AT + MAX_DROPS
 NAMES_AT = (EXTRA_AT + MAX_EXTRA) * 8  # byte offset
 ERROR_AT = NAMES_AT + MAX_EXTRA * NAME_BYTES
-assert ERROR_AT + ERROR_BYTES == BLOCK_BYTES and len(DROP_REASONS) <= MAX_DROPS
+assert ERROR_AT + ERROR_BYTES + 512 == BLOCK_BYTES and len(DROP_REASONS) <= MAX_DROPS
 
 
 class CounterBlockError(RuntimeError):

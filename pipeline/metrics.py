@@ -63,8 +63,8 @@ class StageCounters:
         drops: ``(len(DROP_REASONS),) int64`` drops per reason (a view on the block).
         backlog: items held inside the process (set by the stage).
         oldest_wait_ms: age of the oldest held item, ms (set by the stage).
-        last_error: last error text (UTF-8, cut at 511 bytes).
-        extra: stage-specific cumulative counters, name → int (up to 32 names).
+        last_error: last error text (UTF-8, cut at 1023 bytes).
+        extra: stage-specific cumulative counters, name → int (up to 32 names of up to 64 UTF-8 bytes).
     """
 
     frames_in = _int_word(cb.W_FRAMES_IN, "items received")

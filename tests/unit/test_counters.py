@@ -23,8 +23,8 @@ def name():
 
 
 def test_layout_is_fixed_and_documented() -> None:
-    assert cb.BLOCK_BYTES == 2048 and cb.DROPS_AT == 16 and cb.EXTRA_AT == 32
-    assert cb.NAMES_AT == 512 and cb.ERROR_AT == 1536 and cb.MAX_EXTRA == 32 and cb.NAME_BYTES == 32
+    assert cb.BLOCK_BYTES == 4096 and cb.DROPS_AT == 16 and cb.EXTRA_AT == 32
+    assert cb.NAMES_AT == 512 and cb.ERROR_AT == 2560 and cb.MAX_EXTRA == 32 and cb.NAME_BYTES == 64
     assert len(DROP_REASONS) <= cb.MAX_DROPS
     assert block_name("ab12cd34", "capture", 2, 7) == "facepro_ab12cd34_ctr_capture_2_7"
 
@@ -42,7 +42,7 @@ def test_writer_increments_are_visible_to_a_reader_at_once(name: str) -> None:
     counters.drops[DROP_REASONS.index("overwritten")] += 1
     counters.extra["face_rejected_blurry"] = 7
     counters.extra.update(storage_unacked=3)
-    counters.last_error = "ModelError: é" * 100  # cut at 511 bytes on a character boundary
+    counters.last_error = "ModelError: é" * 100  # cut at 1023 bytes on a character boundary
     for ms in (10.0, 20.0, 30.0):
         counters.observe_ms(ms)
     counters.publish()
@@ -52,7 +52,7 @@ def test_writer_increments_are_visible_to_a_reader_at_once(name: str) -> None:
     assert snap.drops[DROP_REASONS.index("lost")] == 4 and snap.drops[DROP_REASONS.index("overwritten")] == 1
     assert snap.extra == {"face_rejected_blurry": 7, "storage_unacked": 3}
     assert snap.oldest_wait_ms == 12.5 and snap.latency_p50_ms == 20.0 and snap.max_rss_mb > 0
-    assert snap.last_error.startswith("ModelError: é") and len(snap.last_error.encode()) <= 511
+    assert snap.last_error.startswith("ModelError: é") and len(snap.last_error.encode()) <= 1023
     assert snap.heartbeat_ns > 0
     assert counters.extra["face_rejected_blurry"] == 7 and dict(counters.extra) == snap.extra
     created.close()
@@ -77,7 +77,7 @@ def test_extra_names_are_limited(name: str) -> None:
     with pytest.raises(CounterBlockError, match="full"):
         c.extra["one_too_many"] = 1
     with pytest.raises(CounterBlockError, match="UTF-8 bytes"):
-        CounterBlock.private().slot("n" * 33)
+        CounterBlock.private().slot("n" * 65)
     assert len(c.extra) == cb.MAX_EXTRA and block.read().extra["count_31"] == 31
     block.close()
 
