@@ -181,13 +181,15 @@ def incomplete(views: Mapping[str, StageView], first_stage: str = "capture") -> 
 
 
 def run_summary(run_id: str, wall_s: float, views: Mapping[str, StageView], active_s: float | None = None,
-                failure: str | None = None, exit_code: int | None = None, file_mode: bool = False) -> dict:
+                failure: str | None = None, exit_code: int | None = None, file_mode: bool = False,
+                interrupted: bool = False) -> dict:
     """The run summary (``last_run.json``): per-stage totals, rates over ``wall_s``, drops, restarts, peak RSS.
 
     Keys: ``run_id``, ``wall_s``, ``active_s`` (when given), ``stages`` → per stage ``frames_in``,
     ``frames_out``, ``sent``, ``rate_fps``, ``dropped`` (non-zero reasons), ``restarts``,
     ``peak_rss_mb``, ``counts``; then ``restarts`` (stage → n), ``losses`` (:func:`losses`),
     ``complete`` (file mode: :func:`incomplete` is empty; None otherwise), ``incomplete``,
+    ``interrupted`` (stopped by a signal before the sources ended: frames not yet read were not lost),
     ``exit_code`` and ``failure`` when given.
     """
     out: dict = {"run_id": run_id, "wall_s": round(wall_s, 2), "stages": {}}
@@ -207,6 +209,7 @@ def run_summary(run_id: str, wall_s: float, views: Mapping[str, StageView], acti
     why = incomplete(views) if file_mode else []
     out["complete"] = (not why) if file_mode else None
     out["incomplete"] = why
+    out["interrupted"] = interrupted
     if exit_code is not None:
         out["exit_code"] = exit_code
     if failure:

@@ -402,7 +402,8 @@ class Supervisor:
         if self.first_frame_at is not None and self.sources_done_at is not None:
             active = self.sources_done_at - self.first_frame_at  # first frame → all frames processed
         return run_summary(self.run_id, self.clock() - self.started, self._views(with_usage=False), active,
-                           self.failure, self.exit_code, self._file_mode())
+                           self.failure, self.exit_code, self._file_mode(),
+                           interrupted=self.signals > 0 and self.sources_done_at is None)
 
     def _log_progress(self) -> None:
         for st in self.status().stages:

@@ -97,5 +97,6 @@ def test_summary_shape() -> None:
                    "restarts": 1, "peak_rss_mb": {"recognition-0 (pid 9)": 12.3}, "counts": {"k": 1}}
     assert s["restarts"] == {"capture": 0, "detection": 0, "recognition": 1, "storage": 0}
     assert s["losses"] == {"recognition": {"lost": 2}} and s["complete"] is False and "failure" not in s
+    assert s["interrupted"] is False
     live = run_summary("run1", 5.0, views(), failure="stage x failed", file_mode=False)
     assert live["complete"] is None and live["failure"] == "stage x failed" and "active_s" not in live
