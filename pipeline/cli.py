@@ -4,8 +4,8 @@ Errors that a user can fix (bad config, missing model or video, no pipeline
 running...) become one line on stderr and exit code 2. ``run`` exits 0 when
 it finished (every file source processed completely), 1 when the pipeline
 had to stop because a stage kept failing, 3 when a file-mode run lost frames
-(``lost``/``overwritten``/``queue_full`` drops, or a capture that ended early
-or was restarted), 130 on a forced stop (second signal).
+(``lost``/``overwritten``/``queue_full`` drops, or a capture that reported
+it ended early), 130 on a forced stop (second signal).
 """
 
 from __future__ import annotations

@@ -175,8 +175,6 @@ def incomplete(views: Mapping[str, StageView], first_stage: str = "capture") -> 
         early = totals(cap).counts.get(ENDED_EARLY, 0)
         if early:
             why.append(f"{first_stage} ended early ({early})")
-        if cap.restarts:
-            why.append(f"{first_stage} restarted {cap.restarts} time(s)")
     return why
 
 

@@ -26,7 +26,7 @@ inbox; storage commits last. A second signal kills everything at once (exit
 
 Exit codes (:meth:`Supervisor.run`): 0 done; 1 a stage failed; 3 a file-mode
 run lost frames (any ``lost``/``overwritten``/``queue_full`` drop, or a
-capture that ended early or was restarted; see
+capture that reported it ended early; see
 :func:`pipeline.status.incomplete`); 130 forced stop.
 
 Children die with the supervisor: each sets ``PR_SET_PDEATHSIG`` and watches

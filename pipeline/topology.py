@@ -22,10 +22,8 @@ Drain order is table order (pipeline order); processes are started in the
 reverse order, so every bound endpoint exists before its senders start.
 
 Restart behaviour (:class:`Resume`) says what the successor of a killed
-process gets. ``AFTER_LAST_PUBLISHED`` is the capture contract of the
-data-path rework (issue 11); until the capture loop seeks, a restarted file
-capture reads its file from the start and the run is reported incomplete
-(exit code 3, :func:`pipeline.status.incomplete`).
+process gets (the capture side of ``AFTER_LAST_PUBLISHED`` is implemented by
+the capture loop of the data path, issue 11).
 """
 
 from __future__ import annotations
