@@ -1,8 +1,11 @@
 """The ``facepro`` command line. Each command is a plain function the parser dispatches to.
 
 Errors that a user can fix (bad config, missing model or video, no pipeline
-running...) become one line on stderr and exit code 2; ``run`` exits 1 when
-the pipeline had to stop because a stage kept failing.
+running...) become one line on stderr and exit code 2. ``run`` exits 0 when
+it finished (every file source processed completely), 1 when the pipeline
+had to stop because a stage kept failing, 3 when a file-mode run lost frames
+(``lost``/``overwritten``/``queue_full`` drops, or a capture that reported
+it ended early), 130 on a forced stop (second signal).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import cv2
 
 from pipeline.transport import PRIVATE_UMASK
 from pipeline.config import AppConfig, ConfigError, data_dir, database_url, load_config, with_sources
+from pipeline import topology
 from pipeline.messages import DROP_REASONS, StatusReply, StatusRequest, ScaleRequest, Ack
 from pipeline.transport import TransportError, request
 
@@ -173,6 +177,11 @@ def _print_summary(s: dict) -> None:
     for stage, st in s["stages"].items():
         rss = ", ".join(f"{k}: {v}" for k, v in st["peak_rss_mb"].items())
         print(f"{stage:<12}{st['frames_in']:>8}{st['frames_out']:>8}{st['rate_fps']:>8.1f}  {st['dropped'] or '-'} / {rss}")
+    restarts = ", ".join(f"{stage} {n}" for stage, n in s.get("restarts", {}).items() if n)
+    if restarts:
+        print(f"restarts: {restarts}")
+    if s.get("incomplete"):
+        print(f"INCOMPLETE: frames were lost: {'; '.join(s['incomplete'])}")
 
 
 def _runtime_dir() -> Path:
@@ -215,7 +224,7 @@ def status_json(reply: StatusReply) -> dict:
 
 def cmd_status(args: argparse.Namespace) -> int:
     while True:
-        reply = request(_runtime_dir(), "control", StatusRequest(), timeout_ms=int(args.timeout_s * 1000))
+        reply = request(_runtime_dir(), topology.control(), StatusRequest(), timeout_ms=int(args.timeout_s * 1000))
         if not isinstance(reply, StatusReply):
             raise CliError(f"unexpected answer from the supervisor: {reply}")
         print(json.dumps(status_json(reply)) if args.json else _status_table(reply), flush=True)
@@ -229,7 +238,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
         stage, _, n = spec.partition("=")
         if not n.isdigit():
             raise CliError(f"scale: expected STAGE=N (e.g. detection=2), got {spec!r}")
-        reply = request(_runtime_dir(), "control", ScaleRequest(stage=stage, processes=int(n)))
+        reply = request(_runtime_dir(), topology.control(), ScaleRequest(stage=stage, processes=int(n)))
         assert isinstance(reply, Ack)
         print(reply.message)
         if not reply.ok:
@@ -393,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help_: str, config_positional: bool = False) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_)
+        sp = sub.add_parser(name, help=help_, description=help_)
         if config_positional:
             sp.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
         else:
@@ -401,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
         return sp
 
-    run = add("run", cmd_run, "start the pipeline (exits at the end of file sources)", config_positional=True)
+    run = add("run", cmd_run, "start the pipeline (exits at the end of file sources; exit code 0 done, "
+              "1 a stage kept failing, 2 user error, 3 a file-mode run lost frames, 130 forced stop)", config_positional=True)
     run.add_argument("--source", action="append", metavar="URI", help="replace the configured cameras (repeatable)")
     st = add("status", cmd_status, "show per-stage rates, queue depths and drops of the running pipeline")
     st.add_argument("--json", action="store_true")

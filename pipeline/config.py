@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -329,13 +329,19 @@ def database_url(cfg: AppConfig) -> str:
     return f"sqlite:///{data_dir() / 'facepro.db'}"
 
 
-def thread_budget(cfg: AppConfig, cpu_count: int | None = None, stage: str | None = None) -> int:
+def thread_budget(cfg: AppConfig, cpu_count: int | None = None, stage: str | None = None,
+                  counts: Mapping[str, int] | None = None) -> int:
     """ONNX Runtime intra-op threads for one inference process of ``stage``.
 
     Splits the CPU cores over the inference processes (detection +
     recognition) so their total never exceeds the core count (oversubscription
     slows every process on small boxes). ``detection.threads`` /
     ``recognition.threads`` override per stage, ``runtime.inference_threads`` for all.
+
+    Args:
+        counts: live process counts per stage (the supervisor passes them to each
+            process it spawns, so after ``facepro scale`` new processes are sized
+            for the new count); the configured counts when None.
     """
     per_stage = {"detection": cfg.detection.threads, "recognition": cfg.recognition.threads}.get(stage or "")
     if per_stage:
@@ -343,5 +349,6 @@ def thread_budget(cfg: AppConfig, cpu_count: int | None = None, stage: str | Non
     if cfg.runtime.inference_threads:
         return cfg.runtime.inference_threads
     cores = cpu_count or os.cpu_count() or 1
-    procs = cfg.detection.processes + cfg.recognition.processes
-    return max(1, cores // procs)
+    live = counts or {}
+    procs = live.get("detection", cfg.detection.processes) + live.get("recognition", cfg.recognition.processes)
+    return max(1, cores // max(1, procs))

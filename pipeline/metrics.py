@@ -1,51 +1,94 @@
-"""Per-process counters, latency percentiles and the heartbeat sent to the supervisor.
+"""Per-process counters, latency percentiles and the heartbeat; alert states and the Prometheus exporter.
 
-Each process owns one :class:`StageCounters`; its :meth:`StageCounters.snapshot`
-becomes a :class:`~pipeline.messages.StageStats` sent every
-``runtime.stats_interval_s`` over the ``stats`` endpoint. The supervisor turns
-the cumulative counters of all processes into rates, queue depths and drops
-(:func:`aggregate`).
+Each process owns one :class:`StageCounters`, whose fields live in the
+process's shared-memory counter block (:mod:`pipeline.counters`): an
+increment is visible to the supervisor at once and survives a SIGKILL. The
+:class:`Heartbeat` thread stamps the block's heartbeat time every
+``runtime.stats_interval_s`` (so a process blocked in a long C call, or
+waiting for a ring slot or a slow database, keeps beating; a stopped one does
+not) and publishes latency percentiles and peak memory. The supervisor turns
+the blocks of all processes into rates, queue depths and drops
+(:mod:`pipeline.status`).
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import threading
 import time
 from collections import deque
 
 import numpy as np
 
+from pipeline import counters as cb
+from pipeline.counters import CounterBlock, ExtraCounters
 from pipeline.messages import DROP_REASONS, StageStats
 
 _REASON_INDEX = {r: i for i, r in enumerate(DROP_REASONS)}
 
 
+def _int_word(index: int, doc: str) -> property:
+    def get(self: StageCounters) -> int:
+        return int(self.block.ints[index])
+
+    def put(self: StageCounters, value: int) -> None:
+        self.block.ints[index] = value
+
+    return property(get, put, doc=doc)
+
+
+def _float_word(index: int, doc: str) -> property:
+    def get(self: StageCounters) -> float:
+        return float(self.block.floats[index])
+
+    def put(self: StageCounters, value: float) -> None:
+        self.block.floats[index] = value
+
+    return property(get, put, doc=doc)
+
+
 class StageCounters:
-    """Cumulative counters of one process.
+    """Cumulative counters of one process, stored in its counter block.
+
+    Args:
+        stage, index: the process's stage and index.
+        window: latency samples kept for the percentiles.
+        block: the process's counter block; a private block when None (tests, tools).
 
     Attributes:
         frames_in: items received.
         frames_out: items processed.
         sent: messages sent downstream.
-        drops: ``(len(DROP_REASONS),) int64`` drops per reason.
+        drops: ``(len(DROP_REASONS),) int64`` drops per reason (a view on the block).
         backlog: items held inside the process (set by the stage).
         oldest_wait_ms: age of the oldest held item, ms (set by the stage).
-        last_error: last error text.
+        last_error: last error text (UTF-8, cut at 1023 bytes).
+        extra: stage-specific cumulative counters, name → int (up to 32 names of up to 64 UTF-8 bytes).
     """
 
-    def __init__(self, stage: str, index: int, window: int = 512) -> None:
+    frames_in = _int_word(cb.W_FRAMES_IN, "items received")
+    frames_out = _int_word(cb.W_FRAMES_OUT, "items processed")
+    sent = _int_word(cb.W_SENT, "messages sent downstream")
+    backlog = _int_word(cb.W_BACKLOG, "items held inside the process")
+    oldest_wait_ms = _float_word(cb.W_OLDEST_WAIT_MS, "age of the oldest held item, ms")
+
+    def __init__(self, stage: str, index: int, window: int = 512, block: CounterBlock | None = None) -> None:
         self.stage = stage
         self.index = index
-        self.frames_in = 0
-        self.frames_out = 0
-        self.sent = 0
-        self.drops = np.zeros(len(DROP_REASONS), dtype=np.int64)
-        self.backlog = 0
-        self.oldest_wait_ms = 0.0
-        self.last_error = ""
-        self.extra: dict[str, int] = {}  # stage-specific cumulative counters
+        self.block = block if block is not None else CounterBlock.private()
+        self.block.ints[cb.W_PID] = os.getpid()
+        self.drops = self.block.drops
+        self.extra = ExtraCounters(self.block)
         self._latency_ms: deque[float] = deque(maxlen=window)
+
+    @property
+    def last_error(self) -> str:
+        return self.block.last_error
+
+    @last_error.setter
+    def last_error(self, text: str) -> None:
+        self.block.last_error = text
 
     def drop(self, reason: str, n: int = 1) -> None:
         """Count ``n`` drops for ``reason`` (one of :data:`~pipeline.messages.DROP_REASONS`)."""
@@ -57,12 +100,22 @@ class StageCounters:
 
     def percentiles(self) -> tuple[float, float]:
         """(p50, p99) of the recorded latencies, ms; (0, 0) when none."""
-        if not self._latency_ms:
+        samples = list(self._latency_ms)
+        if not samples:
             return 0.0, 0.0
-        p50, p99 = np.percentile(np.fromiter(self._latency_ms, float), [50, 99])
+        p50, p99 = np.percentile(np.asarray(samples, float), [50, 99])
         return float(p50), float(p99)
 
+    def publish(self) -> None:
+        """Write the heartbeat time, the latency percentiles and the peak RSS into the block."""
+        p50, p99 = self.percentiles()
+        f = self.block.floats
+        f[cb.W_P50_MS], f[cb.W_P99_MS] = p50, p99
+        self.block.ints[cb.W_MAX_RSS_KB] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.block.beat()
+
     def snapshot(self) -> StageStats:
+        """The counters as a :class:`~pipeline.messages.StageStats` message."""
         p50, p99 = self.percentiles()
         return StageStats(
             stage=self.stage, index=self.index, pid=os.getpid(), sent_at_ns=time.time_ns(),
@@ -74,19 +127,41 @@ class StageCounters:
 
 
 class Heartbeat:
-    """Sends :meth:`StageCounters.snapshot` at most every ``interval_s`` (non-blocking)."""
+    """Keeps a process's counter block beating.
 
-    def __init__(self, counters: StageCounters, sender: object, interval_s: float) -> None:
+    :meth:`start` runs a daemon thread that calls :meth:`StageCounters.publish`
+    every ``interval_s``; :meth:`beat` does the same from the stage loop, at most
+    every ``interval_s`` unless ``force``. ``sender`` is accepted for
+    compatibility and unused (the supervisor reads the block).
+    """
+
+    def __init__(self, counters: StageCounters, sender: object = None, interval_s: float = 0.5) -> None:
         self.counters = counters
         self.sender = sender
         self.interval_s = interval_s
         self._next = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def beat(self, force: bool = False) -> None:
         now = time.monotonic()
         if force or now >= self._next:
-            self.sender.send(self.counters.snapshot(), timeout_ms=0)  # type: ignore[attr-defined]
+            self.counters.publish()
             self._next = now + self.interval_s
+
+    def start(self) -> Heartbeat:
+        """Start the beating thread (daemon: it never keeps the process alive)."""
+        self.counters.publish()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.counters.publish()
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 # ----------------------------------------------------------------- Prometheus

@@ -1,4 +1,17 @@
-"""Child-process entry point: ``python -m pipeline.worker RUNTIME_DIR STAGE INDEX N_RECOGNITION``.
+"""Child-process entry point: ``python -m pipeline.worker RUNTIME_DIR STAGE INDEX COUNTS [BLOCK]``.
+
+``COUNTS`` are the live process counts when the supervisor spawned this
+process (``capture=1,detection=2,...``, :func:`pipeline.topology.format_counts`);
+the ONNX thread budget is computed from them. ``BLOCK`` names the
+shared-memory counter block the supervisor created for this process
+(:mod:`pipeline.counters`); without it the counters stay private.
+
+Dispatch is by the stage table: :data:`ENTRIES` maps every row of
+:data:`pipeline.topology.STAGES` to its entry function, and endpoint names
+come only from :mod:`pipeline.topology`.
+
+The process dies with the supervisor: it sets ``PR_SET_PDEATHSIG`` (SIGKILL)
+and a daemon thread also watches the parent pid (:func:`die_with_parent`).
 
 This module is wiring, like the supervisor and the CLI: it builds the stage
 objects from ``stages``/``storage`` and connects them to the transport with
@@ -16,10 +29,13 @@ Routing: camera ``k`` (config order) is tracked by recognition process
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -29,7 +45,9 @@ from typing import Any, Callable, Sequence
 
 import cv2
 
+from pipeline import topology
 from pipeline.config import AppConfig, data_dir, database_url, thread_budget
+from pipeline.counters import CounterBlock
 from pipeline.journal import FrameJournal, Outbox
 from pipeline.messages import event_id_for
 from pipeline.metrics import Heartbeat, StageCounters
@@ -42,10 +60,7 @@ log = logging.getLogger("facepro.worker")
 CREDIT_WINDOW = 2
 
 
-def recognition_index(cfg: AppConfig, camera: str, n_recognition: int) -> int:
-    """The recognition process that owns ``camera``."""
-    names = [c.name for c in cfg.cameras]
-    return (names.index(camera) if camera in names else 0) % n_recognition
+recognition_index = topology.recognition_index
 
 
 class SharedNamedTracks:
@@ -123,10 +138,10 @@ def _sharing(cfg: AppConfig, engine: Any, index: int, n_rec: int, linkers: list[
     return (share,)
 
 
-def _session_options(cfg: AppConfig, stage: str):
+def _session_options(cfg: AppConfig, stage: str, counts: topology.Counts | None = None):
     from stages.runtime import SessionOptions
 
-    return SessionOptions(threads=thread_budget(cfg, stage=stage))
+    return SessionOptions(threads=thread_budget(cfg, stage=stage, counts=counts))
 
 
 def _capture(cfg: AppConfig, t: Transport, run_id: str, index: int, counters: StageCounters, hb: Heartbeat, stop: StopFlag) -> None:
@@ -137,7 +152,7 @@ def _capture(cfg: AppConfig, t: Transport, run_id: str, index: int, counters: St
     if source.last_error:  # a live camera that is down: offline, retried with backoff by the loop
         counters.last_error = source.last_error
         counters.extra["offline"] = 1
-    sender = t.dispatcher(f"frames-{cam.name}")
+    sender = t.dispatcher(topology.frames(cam.name))
     settings = CaptureSettings(run_id=run_id, camera=cam.name, slots=cfg.ring.slots,
                                release_timeout_s=cfg.ring.release_timeout_s,
                                wait_for_release=cam.resolved_mode() == "file", max_fps=cam.max_fps,
@@ -149,13 +164,14 @@ def _file_mode(cfg: AppConfig) -> bool:
     return all(c.resolved_mode() == "file" for c in cfg.cameras)
 
 
-def _detection(cfg: AppConfig, t: Transport, n_rec: int, counters: StageCounters, hb: Heartbeat, stop: StopFlag) -> None:
+def _detection(cfg: AppConfig, t: Transport, n_rec: int, counters: StageCounters, hb: Heartbeat, stop: StopFlag,
+               counts: topology.Counts | None = None) -> None:
     from stages.detection import DetectionStage
     from stages.detector import ObjectDetector
 
-    stage = DetectionStage(ObjectDetector(cfg.detection.detector, _session_options(cfg, "detection")), cfg.detection.motion)
-    inbox = t.credit_inbox([f"frames-{cam.name}" for cam in cfg.cameras], window=CREDIT_WINDOW)
-    outs = [t.sender(f"detections-{i}", hwm=cfg.ring.slots, linger_ms=2000) for i in range(n_rec)]
+    stage = DetectionStage(ObjectDetector(cfg.detection.detector, _session_options(cfg, "detection", counts)), cfg.detection.motion)
+    inbox = t.credit_inbox([topology.frames(cam.name) for cam in cfg.cameras], window=CREDIT_WINDOW)
+    outs = [t.sender(topology.detections(i), hwm=cfg.ring.slots, linger_ms=2000) for i in range(n_rec)]
     route = lambda msg: outs[recognition_index(cfg, msg.frame.camera, n_rec)]  # noqa: E731
     io = RunnerIO(inbox=inbox, route=route, heartbeat=hb, release=False, blocking_send=_file_mode(cfg), zero_copy=True,
                   forwarder=True)
@@ -203,7 +219,7 @@ class RunPaths:
 
 
 def _recognition(cfg: AppConfig, t: Transport, index: int, n_rec: int, counters: StageCounters, hb: Heartbeat,
-                 stop: StopFlag, run: RunPaths) -> None:
+                 stop: StopFlag, run: RunPaths, counts: topology.Counts | None = None) -> None:
     from stages.detector import ObjectDetector
     from stages.face import FaceAnalyzer
     from stages.gallery import Gallery
@@ -211,7 +227,7 @@ def _recognition(cfg: AppConfig, t: Transport, index: int, n_rec: int, counters:
     from storage.db import open_engine
     from storage.queries import load_gallery
 
-    opts = _session_options(cfg, "recognition")
+    opts = _session_options(cfg, "recognition", counts)
     class_names = ObjectDetector(cfg.detection.detector, opts).class_names
     analyzer = FaceAnalyzer(cfg.recognition.face, opts)
     engine = open_engine(database_url(cfg))
@@ -229,9 +245,9 @@ def _recognition(cfg: AppConfig, t: Transport, index: int, n_rec: int, counters:
                              journaling=file_mode)
     reorderer = Reorderer(cfg.tracking.reorder_timeout_s, strict=file_mode)
     journals = _resume(cfg, run, index, n_rec, stage, reorderer, counters) if file_mode else {}
-    inbox = t.receiver(f"detections-{index}", bind=True, hwm=cfg.ring.slots)
+    inbox = t.receiver(topology.detections(index), bind=True, hwm=cfg.ring.slots)
     outbox = Outbox(run.runtime_dir / f"outbox-recognition-{index}") if file_mode else None
-    out = ReliableSender(t.sender("storage", hwm=10_000, linger_ms=10_000), t.subscriber("storage-acks"),
+    out = ReliableSender(t.sender(topology.storage(), hwm=10_000, linger_ms=10_000), t.subscriber(topology.storage_acks()),
                          producer=f"recognition-{index}-{os.getpid()}", resend_after_s=cfg.storage.resend_after_s,
                          outbox=outbox)
     counters.extra["outbox_inherited"] = out.resend_inherited()
@@ -287,45 +303,103 @@ def _storage(cfg: AppConfig, t: Transport, counters: StageCounters, hb: Heartbea
 
         max_bytes = int(st.max_total_mb * 2**20) if st.max_total_mb else None
         retention = lambda: apply_retention(engine, st.retention_days, max_bytes, data_dir() / "snapshots")  # noqa: E731
-    inbox = t.receiver("storage", bind=True, hwm=10_000)
-    acks = t.publisher("storage-acks")
+    inbox = t.receiver(topology.storage(), bind=True, hwm=10_000)
+    acks = t.publisher(topology.storage_acks())
     io = RunnerIO(inbox=inbox, route=lambda msg: acks, heartbeat=hb, release=False, blocking_send=False)
     stage = StorageStage(writer, retention, st.retention_interval_s, st.debug_commit_delay_ms / 1000.0)
     Runner(stage, io, counters, stop).run()
 
 
+@dataclass(frozen=True)
+class StageContext:
+    """What an entry function gets: the config, transport, run id, process index, live counts and counters."""
+
+    cfg: AppConfig
+    t: Transport
+    run_id: str
+    runtime_dir: Path
+    index: int
+    counts: topology.Counts
+    counters: StageCounters
+    hb: Heartbeat
+    stop: StopFlag
+
+
+#: Entry function per row of :data:`pipeline.topology.STAGES` (a new process kind adds one here).
+ENTRIES: dict[str, Callable[[StageContext], None]] = {
+    "capture": lambda c: _capture(c.cfg, c.t, c.run_id, c.index, c.counters, c.hb, c.stop),
+    "detection": lambda c: _detection(c.cfg, c.t, c.counts["recognition"], c.counters, c.hb, c.stop, c.counts),
+    "recognition": lambda c: _recognition(c.cfg, c.t, c.index, c.counts["recognition"], c.counters, c.hb, c.stop,
+                                          RunPaths(c.run_id, c.runtime_dir), c.counts),
+    "storage": lambda c: _storage(c.cfg, c.t, c.counters, c.hb, c.stop),
+}
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int | None, poll_s: float = 0.5) -> None:
+    """Exit when ``parent_pid`` (the supervisor) dies, however it dies.
+
+    Sets ``PR_SET_PDEATHSIG`` to SIGKILL (Linux), then checks ``os.getppid()``
+    to close the race with a parent that died before the call, and starts a
+    daemon thread that SIGKILLs this process once the parent pid changes (the
+    fallback where prctl is unavailable). ``FACEPRO_KEEP_ORPHANS=1`` disables
+    both (tests use it to make a leftover process on purpose).
+    """
+    if parent_pid is None or os.environ.get("FACEPRO_KEEP_ORPHANS") == "1":
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the watch thread alone
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _context(argv: list[str], stop: StopFlag) -> StageContext:
+    runtime_dir, stage, index = Path(argv[0]), argv[1], int(argv[2])
+    counts = topology.parse_counts(argv[3])
+    cfg = AppConfig.model_validate_json((runtime_dir / "config.json").read_text())
+    run_info = json.loads((runtime_dir / "run.json").read_text())
+    block = CounterBlock.attach(argv[4]) if len(argv) > 4 else None
+    counters = StageCounters(stage, index, block=block)
+    hb = Heartbeat(counters, None, cfg.runtime.stats_interval_s).start()
+    return StageContext(cfg, Transport(Path(run_info["socket_dir"])), run_info["run_id"], runtime_dir, index, counts,
+                        counters, hb, stop)
+
+
 def main(argv: list[str]) -> int:
+    """Run one stage process (module docstring); returns its exit code (2 on an error, reported in the block)."""
     os.umask(PRIVATE_UMASK)  # snapshots, journals, outboxes: owner-only
-    runtime_dir, stage, index, n_rec = Path(argv[0]), argv[1], int(argv[2]), int(argv[3])
+    supervisor = os.environ.get("FACEPRO_SUPERVISOR_PID")
+    die_with_parent(int(supervisor) if supervisor else None)
+    stage, index = argv[1], argv[2]
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {stage}-{index} %(levelname)s %(message)s")
     cv2.setNumThreads(1)
     stop = StopFlag().install()
-    cfg = AppConfig.model_validate_json((runtime_dir / "config.json").read_text())
-    run_info = json.loads((runtime_dir / "run.json").read_text())
-    run_id = run_info["run_id"]
-    t = Transport(Path(run_info["socket_dir"]))
-    counters = StageCounters(stage, index)
-    hb = Heartbeat(counters, t.sender("stats", hwm=100, linger_ms=2000), cfg.runtime.stats_interval_s)  # the final counts must arrive
+    ctx = _context(argv, stop)
     try:
-        if stage == "capture":
-            _capture(cfg, t, run_id, index, counters, hb, stop)
-        elif stage == "detection":
-            _detection(cfg, t, n_rec, counters, hb, stop)
-        elif stage == "recognition":
-            _recognition(cfg, t, index, n_rec, counters, hb, stop, RunPaths(run_id, runtime_dir))
-        elif stage == "storage":
-            _storage(cfg, t, counters, hb, stop)
-        else:
-            raise ValueError(f"unknown stage {stage!r}")
+        entry = ENTRIES.get(stage)
+        if entry is None:
+            raise ValueError(f"unknown stage {stage!r}; known: {', '.join(ENTRIES)}")
+        entry(ctx)
         return 0
-    except Exception as err:  # report the error upstream, then exit non-zero
-        counters.last_error = f"{type(err).__name__}: {err}"
-        log.error("%s", counters.last_error)
+    except Exception as err:  # report the error in the block, then exit non-zero
+        ctx.counters.last_error = f"{type(err).__name__}: {err}"
+        log.error("%s", ctx.counters.last_error)
         log.debug("%s", traceback.format_exc())
-        hb.beat(force=True)
+        ctx.hb.beat(force=True)
         return 2
     finally:
-        t.close()
+        ctx.hb.stop()
+        ctx.t.close()
 
 
 if __name__ == "__main__":

@@ -98,7 +98,8 @@ def test_killed_run_leaves_nothing_after_next_start(clip: Path, models: Path, sh
     finally:
         proc2.send_signal(signal.SIGINT)
         out, _ = proc2.communicate(timeout=120)
-    assert proc2.returncode == 0, out[-3000:]
+    losses = json.loads((short_data_dir / "last_run.json").read_text())["losses"]
+    assert proc2.returncode == (3 if losses else 0), out[-3000:]  # 3: frames announced before the stop were lost
     assert list_segments(old_run) == []
 
 

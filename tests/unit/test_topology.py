@@ -1,0 +1,91 @@
+"""The stage table: endpoints, counts, order, worker dispatch, shutdown states."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from pipeline import topology
+from pipeline.config import AppConfig, thread_budget
+from pipeline.supervisor import ShutdownState
+
+ROOT = Path(__file__).resolve().parents[2]
+TRANSPORT_CALLS = {"sender", "receiver", "publisher", "subscriber", "dispatcher", "server", "credit_inbox", "request",
+                   "endpoint"}
+
+
+def _cfg(cameras: int = 3, det: int = 2, rec: int = 2) -> AppConfig:
+    return AppConfig.model_validate({
+        "cameras": [{"name": f"cam{i}", "source": f"/v/{i}.mp4", "mode": "file"} for i in range(cameras)],
+        "detection": {"processes": det, "detector": {"type": "onnx", "path": "d.onnx", "layout": "yolox"}},
+        "recognition": {"processes": rec, "face": {"detector": {"type": "onnx", "path": "f.onnx"},
+                                                   "embedder": {"type": "onnx", "path": "e.onnx"}}}})
+
+
+def test_rows_in_pipeline_order_with_their_counts() -> None:
+    assert topology.STAGE_NAMES == ("capture", "detection", "recognition", "storage")
+    assert topology.initial_counts(_cfg(3, 2, 4)) == {"capture": 3, "detection": 2, "recognition": 4, "storage": 1}
+    assert [s.name for s in topology.start_order()] == ["storage", "recognition", "detection", "capture"]
+    assert topology.upstream("recognition") == "detection" and topology.upstream("capture") is None
+    assert topology.spec("capture").resume is topology.Resume.AFTER_LAST_PUBLISHED
+    assert topology.spec("storage").resume is topology.Resume.UNACKED_RESENT
+    with pytest.raises(KeyError, match="unknown stage 'api'"):
+        topology.spec("api")
+
+
+def test_every_inbox_is_some_outbox_and_names_come_from_the_table() -> None:
+    cfg, counts = _cfg(), {"capture": 3, "detection": 2, "recognition": 2, "storage": 1}
+    ins, outs = set(), set()
+    for row in topology.STAGES:
+        for i in range(counts[row.name]):
+            ins.update(row.inboxes(cfg, i, counts))
+            outs.update(row.outboxes(cfg, i, counts))
+    assert ins == outs == {"frames-cam0", "frames-cam1", "frames-cam2", "detections-0", "detections-1", "storage",
+                           "storage-acks"}
+    assert topology.spec("detection").outboxes(cfg, 0, dict(counts, recognition=3))[-1] == "detections-2"
+
+
+def test_counts_argument_round_trip() -> None:
+    counts = {"capture": 1, "detection": 4, "recognition": 2, "storage": 1}
+    assert topology.parse_counts(topology.format_counts(counts)) == counts
+    for bad in ("capture=1", "capture=x,detection=1,recognition=1,storage=1", "api=1"):
+        with pytest.raises(ValueError):
+            topology.parse_counts(bad)
+
+
+def test_worker_dispatch_covers_every_row() -> None:
+    from pipeline.worker import ENTRIES
+
+    assert set(ENTRIES) == set(topology.STAGE_NAMES)
+
+
+def test_every_stage_has_a_draining_state_in_order() -> None:
+    state, seen = ShutdownState.draining(topology.STAGE_NAMES[0]), []
+    while state is not ShutdownState.DONE:
+        seen.append(state.stage)
+        state = state.next()
+    assert tuple(seen) == topology.STAGE_NAMES
+
+
+@pytest.mark.parametrize("module", sorted(p.name for p in (ROOT / "pipeline").glob("*.py") if p.name != "topology.py"))
+def test_no_endpoint_name_literal_outside_the_table(module: str) -> None:
+    """Transport calls never get a literal endpoint name: it comes from a pipeline.topology function."""
+    bad = []
+    for node in ast.walk(ast.parse((ROOT / "pipeline" / module).read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in TRANSPORT_CALLS:
+            for arg in node.args[:2]:
+                arg = arg.elt if isinstance(arg, ast.ListComp) else arg
+                if isinstance(arg, ast.JoinedStr) or (isinstance(arg, ast.Constant) and isinstance(arg.value, str)):
+                    bad.append(node.lineno)
+    assert bad == [], f"{module}: endpoint name literal at lines {bad}"
+
+
+def test_thread_budget_follows_the_live_counts() -> None:
+    cfg = _cfg(1, 1, 1)
+    assert thread_budget(cfg, cpu_count=8, stage="detection") == 4  # configured 1 + 1
+    live = {"capture": 1, "detection": 4, "recognition": 1, "storage": 1}  # after facepro scale detection=4
+    assert thread_budget(cfg, cpu_count=8, stage="detection", counts=live) == 1
+    assert thread_budget(cfg, cpu_count=8, stage="recognition", counts=dict(live, detection=1, recognition=3)) == 2
+    assert thread_budget(cfg, cpu_count=2, stage="detection", counts=dict(live, detection=8)) == 1  # never 0
