@@ -174,7 +174,7 @@ class CaptureLoop:
         self.resumed_from = self.frame_index
         self._recognizer = self.writer.recognizer_pid()
         for f in self.writer.unconfirmed():
-            self._resend(self.writer, f)
+            self._resend(self.writer, f, first_time=f.dispatched == 0)
         skipped = self.source.skip(self.frame_index)
         self.counters.extra["resumed_at_frame"] = self.frame_index
         if skipped < self.frame_index:
@@ -203,14 +203,20 @@ class CaptureLoop:
             self._resend(w, f)
         self._replayed_for |= dead
 
-    def _resend(self, ring: RingWriter, f: PendingFrame) -> None:
+    def _resend(self, ring: RingWriter, f: PendingFrame, first_time: bool = False) -> None:
+        """Send a pending frame again (``replay``), or for the first time when a dead predecessor published
+        it but never sent it (then it counts as this process's frame)."""
         lay = ring.layout
         ref = FrameRef(camera=self.s.camera, ring=ring.name, slot=f.slot, seq=f.seq, frame_index=f.frame_index,
-                       captured_at_ns=f.captured_at_ns, height=lay.height, width=lay.width, replay=True)
+                       captured_at_ns=f.captured_at_ns, height=lay.height, width=lay.width, replay=not first_time)
         if self.sender.send_until(ref, self.stop, idle=self.heartbeat.beat):
             ring.mark_dispatched(f.slot, f.seq, _peer_pid(self.sender))
             self.counters.sent += 1
-            self.counters.extra["replayed"] = self.counters.extra.get("replayed", 0) + 1
+            if first_time:
+                self.counters.frames_in += 1
+                self.counters.frames_out += 1
+            else:
+                self.counters.extra["replayed"] = self.counters.extra.get("replayed", 0) + 1
 
     def _publish(self, frame: np.ndarray) -> bool:
         """Copy ``frame`` into the camera's ring (a new ring if its size changed) and announce it."""

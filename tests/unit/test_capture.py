@@ -156,10 +156,12 @@ def test_a_restarted_capture_adopts_the_ring_resends_what_was_never_sent_and_res
         reader.close()
         r.unlink_segments(r.list_segments(run_id))
     assert loop.resumed_from == 4 and r.list_segments(run_id) == []
-    assert [(ref.frame_index, ref.replay) for ref in second.refs] == [(2, True), (3, True)] + [(i, False) for i in range(4, 10)]
+    # frame 2 may be lost: sent again as a replay; frame 3 was never sent: sent now, for the first time
+    assert [(ref.frame_index, ref.replay) for ref in second.refs] == [(2, True), (3, False)] + [(i, False) for i in range(4, 10)]
     assert all(np.array_equal(got, frames[ref.frame_index]) for got, ref in zip(second.frames, second.refs))
     assert {ref.ring for ref in second.refs} == {ring}  # the same segment: never two rings for one camera
-    assert counters1.frames_out + counters2.frames_out == 10 and counters2.extra["replayed"] == 2
+    # (the fake predecessor did count frame 3, which a real one dying before the send would not have)
+    assert (counters1.frames_out - 1) + counters2.frames_out == 10 and counters2.extra["replayed"] == 1
 
 
 def test_video_source_decodes_into_the_given_slot(videos: Path) -> None:
