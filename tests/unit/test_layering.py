@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-FRAMEWORK = ["messages", "codec", "transport", "ring", "runner", "config", "metrics"]
+FRAMEWORK = ["messages", "codec", "transport", "ring", "runner", "config", "metrics", "models", "install"]
+# Wiring (may import stages and storage): cli.py, supervisor.py, worker.py, doctor.py.
 
 
 def _imports(path: Path) -> set[str]:
