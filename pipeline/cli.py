@@ -19,11 +19,12 @@ from typing import Callable
 
 import cv2
 
-from pipeline.config import AppConfig, ConfigError, data_dir, database_url, load_config, with_sources
+from pipeline.config import AppConfig, ConfigError, data_dir, database_url, default_config_path, load_config, with_sources
 from pipeline.messages import DROP_REASONS, StatusReply, StatusRequest, ScaleRequest, Ack
 from pipeline.transport import TransportError, request
 
-DEFAULT_CONFIG = Path("configs/demo.yaml")
+#: Help text of the config argument; the path itself is resolved when a command runs (pipeline.config.default_config_path).
+DEFAULT_CONFIG_HELP = "YAML config (default: the user config written by 'facepro init' if it exists, else configs/demo.yaml)"
 
 
 class CliError(RuntimeError):
@@ -317,9 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, func: Callable[[argparse.Namespace], int], help_: str, config_positional: bool = False) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         if config_positional:
-            sp.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+            sp.add_argument("config", nargs="?", default=None, help=DEFAULT_CONFIG_HELP)
         else:
-            sp.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+            sp.add_argument("--config", default=None, help=DEFAULT_CONFIG_HELP)
         sp.set_defaults(func=func)
         return sp
 
@@ -353,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("file", nargs="?", help="archive to restore")
     bk.add_argument("--dir", help="backup folder (default: <data dir>/backups)")
     bk.add_argument("--keep", type=int, default=5, help="prune: archives to keep (default: %(default)s)")
+    from pipeline import install
+
+    install.register(add)
     return p
 
 
@@ -360,14 +364,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.ring import RingError
     from pipeline.supervisor import SupervisorError
     from stages.capture import SourceError
+    from pipeline.models import ModelFetchError
     from stages.runtime import ModelError
     from storage.db import StorageError
 
-    return (CliError, ConfigError, TransportError, SupervisorError, RingError, SourceError, ModelError, StorageError, ValueError)
+    return (CliError, ModelFetchError, ConfigError, TransportError, SupervisorError, RingError, SourceError, ModelError, StorageError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "config"):
+        args.config_given = args.config is not None
+        args.config = args.config or str(default_config_path())
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("alembic").setLevel(logging.WARNING)
