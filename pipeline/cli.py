@@ -354,9 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("file", nargs="?", help="archive to restore")
     bk.add_argument("--dir", help="backup folder (default: <data dir>/backups)")
     bk.add_argument("--keep", type=int, default=5, help="prune: archives to keep (default: %(default)s)")
-    from pipeline import install
+    from pipeline import doctor, install
 
     install.register(add)
+    doctor.register(add)
     return p
 
 
