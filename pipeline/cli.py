@@ -22,13 +22,13 @@ from typing import Callable
 
 import cv2
 
-from pipeline.transport import PRIVATE_UMASK
-from pipeline.config import AppConfig, ConfigError, data_dir, database_url, load_config, with_sources
 from pipeline import topology
+from pipeline.config import AppConfig, ConfigError, data_dir, database_url, default_config_path, load_config, with_sources
 from pipeline.messages import DROP_REASONS, StatusReply, StatusRequest, ScaleRequest, Ack
-from pipeline.transport import TransportError, request
+from pipeline.transport import PRIVATE_UMASK, TransportError, request
 
-DEFAULT_CONFIG = Path("configs/demo.yaml")
+#: Help text of the config argument; the path itself is resolved when a command runs (pipeline.config.default_config_path).
+DEFAULT_CONFIG_HELP = "YAML config (default: the user config written by 'facepro init' if it exists, else configs/demo.yaml)"
 
 
 class CliError(RuntimeError):
@@ -61,6 +61,7 @@ def _check_assets(cfg: AppConfig) -> None:
     Raises:
         ModelError: ``<config key>: <what is wrong>``.
         SourceError: a file source that does not exist or does not decode.
+        CliError: ``/dev/shm`` cannot hold the cameras' rings, or the data dir is not writable.
     """
     from stages.capture import open_source
     from stages.runtime import ModelError
@@ -70,53 +71,14 @@ def _check_assets(cfg: AppConfig) -> None:
             check()
         except ModelError as err:
             raise ModelError(f"{key}: {err}") from None
-    sizes = []
     for cam in cfg.cameras:
         if cam.resolved_mode() == "file":
-            src = open_source(cam)
-            first = src.read()
-            src.close()
-            if first is not None:
-                sizes.append((cam.name, first.shape[0], first.shape[1]))
-    check_shm(cfg.ring.slots, sizes)
-    check_data_dir(data_dir())
+            open_source(cam).close()
+    from pipeline.doctor import check_data_dir, check_shm
 
-
-def check_shm(slots: int, sizes: list[tuple[str, int, int]], shm_dir: Path | None = None) -> None:
-    """Refuse to start when ``/dev/shm`` cannot hold the rings of the file cameras.
-
-    Args:
-        slots: ``ring.slots``.
-        sizes: ``(camera, height, width)`` of each camera whose frame size is known (file sources).
-        shm_dir: folder to look at (``/dev/shm``; tests pass another).
-
-    Raises:
-        ShmSpaceError: with both sizes and the fix (``ring.slots``, Docker ``--shm-size``). A restarted
-            capture adopts its predecessor's ring, so no room for a second copy is needed.
-    """
-    from pipeline.ring import SHM_DIR, RingLayout, check_free_space
-
-    need = sum(RingLayout(slots=slots, height=h, width=w).total_bytes for _, h, w in sizes)
-    if need:
-        names = ", ".join(f"{cam} {w}x{h}" for cam, h, w in sizes)
-        check_free_space(need, f"the rings of {len(sizes)} camera(s) ({names}; ring.slots {slots})", shm_dir or SHM_DIR)
-
-
-def check_data_dir(path: Path) -> None:
-    """Refuse a data dir that cannot be created or written (read-only file system, a file in the way, permissions).
-
-    Raises:
-        CliError: one line naming the folder, the reason and what to do.
-    """
-    import tempfile
-
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise CliError(f"data dir {path} is not writable ({err.strerror or err}); "
-                       "set FACEPRO_DATA_DIR to a folder you can write, or fix its permissions") from None
+    for check in (check_shm(cfg), check_data_dir()):  # the same checks as facepro doctor
+        if check.state == "fail":
+            raise CliError(f"{check.name}: {check.detail}; {check.fix}")
 
 
 def _model_checks(cfg: AppConfig) -> list[tuple[str, Callable[[], object]]]:
@@ -404,9 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, func: Callable[[argparse.Namespace], int], help_: str, config_positional: bool = False) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
         if config_positional:
-            sp.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+            sp.add_argument("config", nargs="?", default=None, help=DEFAULT_CONFIG_HELP)
         else:
-            sp.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+            sp.add_argument("--config", default=None, help=DEFAULT_CONFIG_HELP)
         sp.set_defaults(func=func)
         return sp
 
@@ -441,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("file", nargs="?", help="archive to restore")
     bk.add_argument("--dir", help="backup folder (default: <data dir>/backups)")
     bk.add_argument("--keep", type=int, default=5, help="prune: archives to keep (default: %(default)s)")
+    from pipeline import doctor, install
+
+    install.register(add)
+    doctor.register(add)
     return p
 
 
@@ -448,15 +414,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.ring import RingError
     from pipeline.supervisor import SupervisorError
     from stages.capture import SourceError
+    from pipeline.models import ModelFetchError
     from stages.runtime import ModelError
     from storage.db import StorageError
 
-    return (CliError, ConfigError, TransportError, SupervisorError, RingError, SourceError, ModelError, StorageError, ValueError)
+    return (CliError, ModelFetchError, ConfigError, TransportError, SupervisorError, RingError, SourceError, ModelError, StorageError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.umask(PRIVATE_UMASK)  # the database, snapshots (faces), backups and sockets: owner-only
     args = build_parser().parse_args(argv)
+    if hasattr(args, "config"):
+        args.config_given = args.config is not None
+        args.config = args.config or str(default_config_path())
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -10,6 +10,17 @@ Environment variables:
         model files). Configs say e.g. ``${FACEPRO_ASSETS}/models/yolox_nano.onnx``.
     FACEPRO_DATA_DIR: database, snapshots and runtime sockets. Defaults to the
         per-user data directory (``platformdirs.user_data_dir("facepro")``).
+
+Models by name: a model ``path`` may be ``model:NAME``, a name from FacePro's
+model manifest (``pipeline/resources/models.yaml``, see ``facepro models
+list``); it resolves to ``<models_dir>/<file>``, where ``models_dir`` is the
+config's top-level key or else :func:`default_models_dir`. An unknown name is
+a :class:`ConfigError` naming the key path and the known names.
+
+Which config a command reads (:func:`default_config_path`): ``--config`` /
+the positional argument, else the user config written by ``facepro init``
+(:func:`user_config_path`) if it exists, else ``configs/demo.yaml`` in the
+working directory (a source checkout).
 """
 
 from __future__ import annotations
@@ -21,6 +32,8 @@ from typing import Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.models import MODEL_REF, manifest
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -226,6 +239,7 @@ class AppConfig(_Strict):
     """The whole pipeline config (``configs/*.yaml``)."""
 
     cameras: tuple[CameraConfig, ...] = Field(min_length=1)
+    models_dir: Path | None = Field(None, description="folder of the models named model:NAME (default: <data dir>/models)")
     ring: RingConfig = RingConfig()
     detection: DetectionConfig
     tracking: TrackingConfig = TrackingConfig()
@@ -264,6 +278,39 @@ def expand_vars(value: object, where: str = "") -> object:
     return value
 
 
+def resolve_model_refs(tree: object, source: str = "<config>") -> object:
+    """Replace every ``path: model:NAME`` in a parsed config tree by ``<models dir>/<file of NAME>``.
+
+    The models dir is the tree's ``models_dir`` key (``~`` expanded) or :func:`default_models_dir`.
+
+    Raises:
+        ConfigError: NAME is not in the model manifest (names the key path and the known names).
+    """
+    if not isinstance(tree, dict):
+        return tree
+    base = Path(str(tree["models_dir"])).expanduser() if tree.get("models_dir") else default_models_dir()
+    models = manifest()
+
+    def walk(value: object, where: str) -> object:
+        if isinstance(value, dict):
+            return {k: _ref(v, f"{where}.{k}" if where else str(k)) if k == "path" else walk(v, f"{where}.{k}" if where else str(k))
+                    for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    def _ref(value: object, where: str) -> object:
+        if not (isinstance(value, str) and value.startswith(MODEL_REF)):
+            return value
+        name = value[len(MODEL_REF):]
+        if name not in models:
+            raise ConfigError(f"{source}: {where}: unknown model {name!r}; {MODEL_REF}NAME takes a name of "
+                              f"FacePro's model manifest: {', '.join(models)} (see facepro models list)")
+        return str(base / models[name].file)
+
+    return walk(tree, "")
+
+
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -278,7 +325,7 @@ def parse_config(data: object, source: str = "<config>") -> AppConfig:
     Raises:
         ConfigError: with ``source`` and every failing key path.
     """
-    tree = expand_vars(data)
+    tree = resolve_model_refs(expand_vars(data), source)
     try:
         return AppConfig.model_validate(tree)
     except ValidationError as err:
@@ -296,7 +343,7 @@ def load_config(path: str | Path) -> AppConfig:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as err:
-        raise ConfigError(f"config {p}: cannot read ({err.strerror}); pass an existing YAML file, e.g. configs/demo.yaml") from None
+        raise ConfigError(f"config {p}: cannot read ({err.strerror}); pass an existing YAML file (--config FILE) or write one with: facepro init") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -320,6 +367,33 @@ def data_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_data_dir("facepro")).resolve()
+
+
+def default_models_dir() -> Path:
+    """Where ``model:NAME`` paths point when a config has no ``models_dir``: ``<data dir>/models``."""
+    return data_dir() / "models"
+
+
+def models_dir(cfg: AppConfig) -> Path:
+    """The config's models dir (``models_dir`` or :func:`default_models_dir`)."""
+    return cfg.models_dir.expanduser() if cfg.models_dir else default_models_dir()
+
+
+#: The source checkout's demo config, relative to the working directory.
+DEMO_CONFIG = Path("configs/demo.yaml")
+
+
+def user_config_path() -> Path:
+    """The config ``facepro init`` writes: ``config.yaml`` in ``platformdirs.user_config_dir("facepro")``."""
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("facepro")) / "config.yaml"
+
+
+def default_config_path() -> Path:
+    """The config a command reads without ``--config``: :func:`user_config_path` if it exists, else :data:`DEMO_CONFIG`."""
+    user = user_config_path()
+    return user if user.is_file() else DEMO_CONFIG
 
 
 def database_url(cfg: AppConfig) -> str:

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 MODEL_HELP = (
-    "put the ONNX file there or change the path in the config; "
-    "official download locations are listed in the README (section 'Models')"
+    "put the ONNX file there (facepro models fetch installs the manifest's models, facepro models list checks them) "
+    "or change the path in the config; official download locations are listed in the README (section 'Models')"
 )
 
 

@@ -4,11 +4,11 @@ The Alembic scripts live in the repository's top-level ``alembic/`` folder
 (``alembic.ini`` next to it serves the ``alembic`` command line). FacePro
 builds its :class:`alembic.config.Config` in code (:func:`alembic_config`),
 with ``script_location`` found by :func:`script_location`: first
-``storage/alembic`` (where a packaged build may ship the scripts), then
-``<repo>/alembic`` next to the ``storage`` package (a source checkout or an
-editable install). A non-editable install must therefore ship the scripts
-as ``storage/alembic``; otherwise :func:`upgrade` raises :class:`StorageError`
-naming both places it looked.
+``storage/alembic`` (where the wheel ships them: setup.cfg's ``package_dir``
+maps the top-level ``alembic/`` folder to the ``storage.alembic`` package),
+then ``<repo>/alembic`` next to the ``storage`` package (a source checkout or
+an editable install). When neither exists, :func:`upgrade` raises
+:class:`StorageError` naming both places it looked.
 
 SQLite engines set, on every connection, only connection state that needs no
 lock: ``synchronous=NORMAL``, ``busy_timeout`` and ``foreign_keys=ON`` (and
@@ -217,7 +217,7 @@ def script_location() -> Path:
     raise StorageError(
         "Alembic migration scripts not found (looked in "
         + " and ".join(str(c) for c in candidates)
-        + "); run FacePro from a source checkout or an editable install (pip install -e .)"
+        + "); the installed package is incomplete: reinstall FacePro from its wheel or sdist, or run from a source checkout"
     )
 
 

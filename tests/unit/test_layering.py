@@ -9,8 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FRAMEWORK = ["messages", "codec", "transport", "ring", "runner", "config", "metrics",
-             "topology", "counters", "processes", "status", "runs", "capture", "journal"]
-WIRING = {"cli", "supervisor", "worker"}  # the only pipeline modules that may import stages/storage
+             "topology", "counters", "processes", "status", "runs", "capture", "journal", "models", "install"]
+WIRING = {"cli", "supervisor", "worker", "doctor"}  # the only pipeline modules that may import stages/storage
 MAX_FUNCTION_LINES = 60
 MAX_CLASS_LINES = 300
 # (module, qualified name) allowed over the limits; empty: every class and function in pipeline/ fits.
