@@ -277,11 +277,9 @@ class ExtraCounters(MutableMapping):
 
 def unlink_block(name: str) -> bool:
     """Remove counter block ``name`` without the resource tracker; False if it was gone."""
-    try:
-        os.unlink(SHM_DIR / name.lstrip("/"))
-        return True
-    except FileNotFoundError:
-        return False
+    from pipeline.ring import unlink_segments
+
+    return unlink_segments([name]) == 1
 
 
 def owner_of(name: str, shm_dir: Path = SHM_DIR) -> int | None:

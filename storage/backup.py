@@ -212,11 +212,9 @@ def _safe_name(name: str) -> str:
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_BLOCK), b""):
-            h.update(block)
-    return h.hexdigest()
+    from pipeline.models import sha256_file
+
+    return sha256_file(path)
 
 
 def _write_archive(staging: Path, dest_dir: Path, revision: str | None, sources: list[tuple[str, str, Path, str | None]]) -> Path:
