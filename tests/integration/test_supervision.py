@@ -94,17 +94,37 @@ def test_scale_rejects_bad_requests(clip: Path, models: Path, short_data_dir: Pa
     assert proc.returncode == (3 if summary["losses"] else 0), summary["losses"]
 
 
-def test_a_stage_that_keeps_failing_stops_the_pipeline_with_its_error(clip: Path, models: Path, short_data_dir: Path) -> None:
+def test_a_broken_model_is_refused_before_any_process_starts(clip: Path, models: Path, short_data_dir: Path) -> None:
     broken = short_data_dir / "broken.onnx"
     broken.write_bytes(b"not an onnx model" * 100)
     tree = pipeline_config(models, {"campus": clip})
     tree["recognition"]["face"]["embedder"]["path"] = str(broken)
     cfg = save_config(tree, short_data_dir / "cfg.yaml")
     proc = start_run(cfg)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("facepro run: recognition.face: face embedder model") and "broken.onnx" in last, last
+    assert not (short_data_dir / "last_run.json").exists()  # nothing was started
+
+
+def test_a_stage_that_keeps_failing_stops_the_pipeline_with_its_error(clip: Path, models: Path, short_data_dir: Path) -> None:
+    import shutil
+
+    embedder = short_data_dir / "embedder.onnx"
+    shutil.copy(models / "mobilefacenet_128d.onnx", embedder)
+    tree = pipeline_config(models, {"campus": clip})
+    tree["recognition"]["face"]["embedder"]["path"] = str(embedder)
+    tree["cameras"][0]["max_fps"] = 10
+    cfg = save_config(tree, short_data_dir / "cfg.yaml")
+    proc = start_run(cfg)
+    doc = wait_status(proc, until=lambda d: _stage(d, "recognition")["pids"] and _stage(d, "recognition")["rate_fps"] > 0)
+    embedder.write_bytes(b"not an onnx model" * 100)  # the model file is damaged on disk while the run goes on
+    os.kill(_stage(doc, "recognition")["pids"][0], signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1, out[-3000:]
     last = out.strip().splitlines()[-1]
-    assert "stage recognition failed" in last and "broken.onnx" in last, last
+    assert "stage recognition failed" in last and "embedder.onnx" in last, last
     summary = json.loads((short_data_dir / "last_run.json").read_text())
     assert summary["stages"]["recognition"]["restarts"] == 6
     assert list_segments(summary["run_id"]) == []
