@@ -123,6 +123,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     _print_summary(summary)
     if sup.failure:
         print(f"facepro: pipeline stopped: {sup.failure}", file=sys.stderr)
+    elif summary.get("incomplete"):
+        print(f"facepro run: not every frame was processed ({'; '.join(summary['incomplete'])}); "
+              f"see {out} and the log above", file=sys.stderr)
     return code
 
 
