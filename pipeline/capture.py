@@ -37,6 +37,7 @@ from typing import Protocol
 
 import numpy as np
 
+from pipeline.counters import W_GO
 from pipeline.messages import FrameRef
 from pipeline.metrics import Heartbeat, StageCounters
 from pipeline.ring import PREFIX, PendingFrame, RingError, RingLayout, RingWriter, list_segments, pid_alive, ring_name
@@ -84,6 +85,8 @@ class CaptureSettings:
         wait_for_release: file mode (every frame processed) vs live mode (never wait).
         max_fps: pace reads to at most this rate (None: as fast as the source gives).
         reconnect_s: live mode: wait before reopening a failed source.
+        start_gate: live mode: deliver nothing before the supervisor opened the start gate
+            (:mod:`pipeline.gate`), so no frame is lost while the other stages load their models.
         owner_pid: pid written into ring names (the supervisor's: a ring lives as long as its run, across
             capture restarts; another run's clean-up removes it only once that pid is gone). 0: this process.
     """
@@ -96,6 +99,7 @@ class CaptureSettings:
     max_fps: float | None = None
     reconnect_s: float = 2.0
     owner_pid: int = 0
+    start_gate: bool = False
 
 
 def camera_rings(run_id: str, camera: str) -> list[str]:
@@ -286,8 +290,21 @@ class CaptureLoop:
         except Exception as err:  # SourceError; keep trying while live
             self.counters.last_error = str(err)
 
+    def _wait_for_gate(self, timeout_s: float = 300.0) -> None:
+        """Live mode: beat until the supervisor sets ``GO`` in this process's counter block (or ``timeout_s``)."""
+        block = getattr(self.counters, "block", None)
+        deadline = time.monotonic() + timeout_s
+        while block is not None and not block.ints[W_GO] and time.monotonic() < deadline:
+            if self.stop.is_set():  # type: ignore[attr-defined]
+                return
+            self.heartbeat.beat()
+            time.sleep(0.02)
+        self.counters.extra["waited_for_gate_ms"] = int((time.monotonic() - deadline + timeout_s) * 1000)
+
     def run(self) -> None:
         """Capture until end of file (then drain) or until stopped."""
+        if self.s.start_gate and not self.s.wait_for_release:
+            self._wait_for_gate()
         self.adopt()
         period = 1.0 / self.s.max_fps if self.s.max_fps else 0.0
         next_t = time.monotonic()

@@ -19,7 +19,9 @@ Layout (:data:`BLOCK_BYTES` = 4096 bytes, one page, native little-endian)::
     int64 words 32..63  named extra counters (MAX_EXTRA slots), values
     bytes 512..2559     extra counter names, MAX_EXTRA x NAME_BYTES (64), UTF-8, NUL padded
     bytes 2560..3583    last error, UTF-8, NUL padded (longer text is cut at 1023 bytes)
-    bytes 3584..4095    reserved (zero)
+    int64 word 448      GO (bytes 3584..3591): written by the supervisor only; a live capture starts
+                        delivering once it is 1 (every other stage process reported ``ready``)
+    bytes 3592..4095    reserved (zero)
 
 Header words: ``MAGIC`` ("FPCTR001"), ``VERSION``, ``OWNER_PID`` (the
 supervisor), ``PID`` (the child, 0 until it attached), ``HEARTBEAT_NS``
@@ -66,6 +68,7 @@ DROPS_AT = 16
 EXTRA_AT = DROPS_AT + MAX_DROPS
 NAMES_AT = (EXTRA_AT + MAX_EXTRA) * 8  # byte offset
 ERROR_AT = NAMES_AT + MAX_EXTRA * NAME_BYTES
+W_GO = 3584 // 8  # the supervisor's word (see the layout)
 assert ERROR_AT + ERROR_BYTES + 512 == BLOCK_BYTES and len(DROP_REASONS) <= MAX_DROPS
 
 

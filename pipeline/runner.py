@@ -371,6 +371,7 @@ class Runner:
 
     def run(self) -> None:
         idle_since = time.monotonic()
+        self.counters.extra["ready"] = 1  # models loaded, sockets bound: live cameras may start (pipeline.gate)
         while True:
             msg = self.io.inbox.recv(timeout_ms=50)
             now = time.monotonic()

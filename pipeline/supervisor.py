@@ -63,6 +63,7 @@ from pipeline.processes import Proc, ProcessTable, RestartPolicy
 from pipeline.ring import list_segments, unlink_segments
 from pipeline.runs import cleanup_stale_runs, current_run_file, read_current_run, runs_dir, write_json
 from pipeline.status import LiveProc, RateWindow, Retired, StageView, incomplete, run_summary, status_reply
+from pipeline.gate import StartGate
 from pipeline.topology import STAGE_NAMES, Rescale
 from pipeline.transport import Transport, make_runtime_dir, socket_dir_for
 
@@ -277,6 +278,7 @@ class Supervisor:
         self.shutdown = ShutdownState.RUNNING
         self.stage_since = 0.0
         self.rescaler = Rescaler(self.table, self.counts)
+        self.gate = StartGate(STAGE_NAMES[0], STAGE_NAMES[1:], clock=self.clock)
         self.transport: Transport | None = None
         self.metrics_port: int | None = None
         self.first_frame_at: float | None = None  # first frame captured (monotonic)
@@ -483,6 +485,7 @@ class Supervisor:
         if self.failure:
             self._begin_shutdown()
         self.table.start_due()
+        self.gate.update(((p.stage, p.pid) for p in self.table.procs), self.launcher.blocks)
         if self.shutdown is ShutdownState.RUNNING:
             self.rescaler.advance()
         if self.shutdown is ShutdownState.RUNNING and self._files_done():

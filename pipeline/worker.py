@@ -156,7 +156,8 @@ def _capture(cfg: AppConfig, t: Transport, run_id: str, index: int, counters: St
     settings = CaptureSettings(run_id=run_id, camera=cam.name, slots=cfg.ring.slots,
                                release_timeout_s=cfg.ring.release_timeout_s,
                                wait_for_release=cam.resolved_mode() == "file", max_fps=cam.max_fps,
-                               reconnect_s=cam.reconnect_s, owner_pid=os.getppid())
+                               reconnect_s=cam.reconnect_s, owner_pid=os.getppid(),
+                               start_gate=cam.resolved_mode() == "live")
     CaptureLoop(source, settings, sender, counters, hb, stop).run()
 
 
