@@ -27,6 +27,7 @@ instead of by the driver, so DDL and savepoints are transactional.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -197,7 +198,20 @@ def storage_errors(url: str | URL, what: str) -> Iterator[None]:
         if is_transient(err):
             raise locked_error(url, err, what) from err
         detail = getattr(err, "orig", None) or err
-        raise StorageError(f"{what}: database {describe(url)}: {detail}") from err
+        path = sqlite_path(_parse_url(url)) if "unable to open" in str(detail) else None
+        hint = f"; {_unreadable_hint(path, detail)}" if path is not None else ""
+        raise StorageError(f"{what}: database {describe(url)}: {detail}{hint}") from err
+
+
+def _unreadable_hint(path: Path, err: object) -> str:
+    """What to check when SQLite cannot open or read ``path``: a WAL database needs a writable folder
+    (its ``-wal`` and ``-shm`` files are created next to it, also by readers)."""
+    folder = path.parent
+    if "unable to open" in str(err) and folder.is_dir() and not os.access(folder, os.W_OK):
+        return f"the folder {folder} is not writable (SQLite needs to create {path.name}-wal/-shm there); fix its permissions or set FACEPRO_DATA_DIR"
+    if "unable to open" in str(err):
+        return f"check that {folder} exists and is writable (FACEPRO_DATA_DIR / storage.url)"
+    return "is it a SQLite database?"
 
 
 # --------------------------------------------------------------------- migrations
@@ -295,7 +309,7 @@ def _sqlite_revisions(u: URL, path: Path) -> list[str]:
     except sqlite3.OperationalError as err:
         if "locked" in str(err) or "busy" in str(err):
             raise locked_error(u, err, "reading the schema revision") from None
-        raise StorageError(f"cannot read {path}: {err}; is it a SQLite database?") from None
+        raise StorageError(f"cannot read {path}: {err}; {_unreadable_hint(path, err)}") from None
     except sqlite3.DatabaseError as err:
         raise StorageError(f"cannot read {path}: {err}; is it a SQLite database?") from None
     finally:

@@ -781,3 +781,13 @@ def test_named_track_vectors_pages_by_limit_without_losing_rows(engine):
 def test_named_track_vectors_refuses_bad_arguments(engine, kind, limit, error):
     with pytest.raises(ValueError, match=error):
         named_track_vectors(engine, kind, "osnet", 0, limit=limit)
+
+
+def test_an_unopenable_database_names_its_folder(tmp_path):
+    from storage.db import _unreadable_hint
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    hint = _unreadable_hint(blocker / "facepro.db", "unable to open database file")
+    assert str(blocker) in hint and "FACEPRO_DATA_DIR" in hint
+    assert _unreadable_hint(tmp_path / "facepro.db", "file is not a database") == "is it a SQLite database?"
