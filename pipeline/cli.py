@@ -23,7 +23,8 @@ from typing import Callable
 import cv2
 
 from pipeline import topology
-from pipeline.config import AppConfig, ConfigError, data_dir, database_url, default_config_path, load_config, with_sources
+from pipeline.config import (AppConfig, ConfigError, apply_data_dir, data_dir, database_url, default_config_path, load_config,
+                             with_sources)
 from pipeline.messages import DROP_REASONS, StatusReply, StatusRequest, ScaleRequest, Ack
 from pipeline.transport import PRIVATE_UMASK, TransportError, request
 
@@ -430,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "config"):
         args.config_given = args.config is not None
         args.config = args.config or str(default_config_path())
+        apply_data_dir(args.config)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -239,6 +239,7 @@ class AppConfig(_Strict):
     """The whole pipeline config (``configs/*.yaml``)."""
 
     cameras: tuple[CameraConfig, ...] = Field(min_length=1)
+    data_dir: Path | None = Field(None, description="database, snapshots, backups, runtime files (FACEPRO_DATA_DIR wins; default: the per-user data dir)")
     models_dir: Path | None = Field(None, description="folder of the models named model:NAME (default: <data dir>/models)")
     ring: RingConfig = RingConfig()
     detection: DetectionConfig
@@ -388,6 +389,29 @@ def user_config_path() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_config_dir("facepro")) / "config.yaml"
+
+
+def apply_data_dir(config_path: str | Path) -> Path | None:
+    """Make the config's ``data_dir`` key the data dir of this process (and of the processes it starts) unless
+    ``FACEPRO_DATA_DIR`` is set: every command, including those that do not load the whole config (``status``,
+    ``backup``), then uses the same folder. Reads only that key (``${VAR}`` and ``~`` expanded); an unreadable
+    or invalid file is left to the command's own config loading to report.
+
+    Returns:
+        The folder taken from the config, or None.
+    """
+    if os.environ.get("FACEPRO_DATA_DIR"):
+        return None
+    try:
+        doc = yaml.safe_load(Path(config_path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    value = doc.get("data_dir") if isinstance(doc, dict) else None
+    if not isinstance(value, str) or not value.strip():
+        return None
+    folder = Path(os.path.expandvars(value)).expanduser().resolve()
+    os.environ["FACEPRO_DATA_DIR"] = str(folder)
+    return folder
 
 
 def default_config_path() -> Path:

@@ -52,7 +52,7 @@ def test_init_writes_a_private_config_that_run_reads_by_default(user_dirs: Path,
     assert [(c.name, c.source) for c in cfg.cameras] == [("door", "rtsp://10.0.0.5/stream"), ("yard", "/videos/y.mp4")]
     assert cfg.models_dir == user_dirs / "m"
     assert cfg.detection.detector.path == user_dirs / "m" / "yolox_nano.onnx"
-    assert str(user_dirs / "data") in path.read_text()  # the data dir is named in the header
+    assert cfg.data_dir == user_dirs / "data"  # the data dir is a key of the written config
     assert default_config_path() == path
     args = build_parser().parse_args(["run"])
     assert args.config is None  # resolved in main(), at run time
@@ -89,3 +89,19 @@ def test_starter_template_uses_only_manifest_models(user_dirs: Path) -> None:
     text = resources.files("pipeline").joinpath("resources/config.yaml").read_text()
     refs = {line.split("model:")[1].split()[0] for line in text.splitlines() if "path: model:" in line}
     assert refs == {s.name for s in manifest().values() if s.default}
+
+
+def test_the_config_data_dir_applies_unless_facepro_data_dir_is_set(user_dirs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from pipeline.config import apply_data_dir, data_dir
+
+    cfg = user_dirs / "cfg.yaml"
+    cfg.write_text("data_dir: ~/boxdata\ncameras: []\n")
+    assert apply_data_dir(cfg) is None and data_dir() == user_dirs / "data"  # the environment wins
+    monkeypatch.delenv("FACEPRO_DATA_DIR")
+    monkeypatch.setenv("HOME", str(user_dirs / "home"))
+    assert apply_data_dir(cfg) == user_dirs / "home" / "boxdata"
+    assert data_dir() == user_dirs / "home" / "boxdata" and os.environ["FACEPRO_DATA_DIR"] == str(data_dir())
+    monkeypatch.delenv("FACEPRO_DATA_DIR")
+    assert apply_data_dir(user_dirs / "missing.yaml") is None and "FACEPRO_DATA_DIR" not in os.environ
