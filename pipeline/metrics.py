@@ -240,7 +240,11 @@ class StatusCollector:
         restarts = CounterMetricFamily("facepro_stage_restarts", "process restarts", labels=["stage"])
         dropped = CounterMetricFamily("facepro_stage_dropped", "frames dropped by reason", labels=["stage", "reason"])
         alert = GaugeMetricFamily("facepro_alert", "alert state (1 = active)", labels=["stage", "alert"])
+        counts = GaugeMetricFamily("facepro_stage_count", "stage-specific counters and states (offline, lock_wait_ms, "
+                                   "replayed, reconnects, face_rejected_*...; as in facepro status)", labels=["stage", "name"])
         for st in reply.stages:  # type: ignore[attr-defined]
+            for name, n in zip(st.count_names, st.counts):
+                counts.add_metric([st.stage, name], float(n))
             for name, fam in gauges.items():
                 fam.add_metric([st.stage], float(getattr(st, name)))
             latency.add_metric([st.stage, "0.5"], st.latency_p50_ms)
@@ -250,7 +254,7 @@ class StatusCollector:
                 dropped.add_metric([st.stage, reason], int(n))
             for name in ALERTS:
                 alert.add_metric([st.stage, name], 1.0 if self.alerts.active.get((st.stage, name)) else 0.0)
-        yield from (*gauges.values(), latency, restarts, dropped, alert)
+        yield from (*gauges.values(), latency, restarts, dropped, alert, counts)
 
 
 def start_exporter(collector: StatusCollector, port: int) -> int:

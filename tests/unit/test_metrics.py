@@ -16,7 +16,8 @@ def _status(stage: str = "detection", rate: float = 10.0, queue: int = 0, rss: f
     drops[DROP_REASONS.index("overwritten")] = 3
     st = StageStatus(stage=stage, processes=procs, pids=np.arange(procs, dtype=np.int64), rate_fps=rate, queue_depth=queue,
                      oldest_wait_ms=5.0, drop_counts=drops, latency_p50_ms=12.0, latency_p99_ms=40.0, cpu_percent=90.0,
-                     rss_mb=rss, restarts=2, state=state)
+                     rss_mb=rss, restarts=2, state=state, count_names=("lock_wait_ms", "offline"),
+                     counts=np.array([1500, 1], np.int64))
     return StatusReply(run_id="r", uptime_s=uptime, stages=(st,))
 
 
@@ -68,3 +69,5 @@ def test_collector_exports_status_and_alerts() -> None:
     assert 'facepro_stage_latency_ms{quantile="0.99",stage="detection"} 40.0' in text
     assert 'facepro_alert{alert="high_memory",stage="detection"} 1.0' in text
     assert 'facepro_alert{alert="low_rate",stage="detection"} 0.0' in text
+    assert 'facepro_stage_count{name="lock_wait_ms",stage="detection"} 1500.0' in text  # e.g. storage waiting for a lock
+    assert 'facepro_stage_count{name="offline",stage="detection"} 1.0' in text
