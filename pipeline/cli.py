@@ -65,8 +65,11 @@ def _check_assets(cfg: AppConfig) -> None:
         CliError: ``/dev/shm`` cannot hold the cameras' rings, or the data dir is not writable.
     """
     from stages.capture import open_source
-    from stages.runtime import ModelError
+    from stages.runtime import ModelError, check_onnxruntime_install
 
+    mixed = check_onnxruntime_install()
+    if mixed:
+        logging.getLogger("facepro.cli").warning("%s", mixed)
     for key, check in _model_checks(cfg):
         try:
             check()
@@ -88,7 +91,7 @@ def _model_checks(cfg: AppConfig) -> list[tuple[str, Callable[[], object]]]:
     from stages.face import FaceAnalyzer
     from stages.runtime import SessionOptions, check_model_file
 
-    opts = SessionOptions(threads=1)
+    opts = SessionOptions(threads=1, providers=cfg.runtime.providers, strict=cfg.runtime.strict_providers)
     rec = cfg.recognition
     checks: list[tuple[str, Callable[[], object]]] = [
         ("detection.detector.path", lambda: ObjectDetector(cfg.detection.detector, opts)),
@@ -99,7 +102,9 @@ def _model_checks(cfg: AppConfig) -> list[tuple[str, Callable[[], object]]]:
     if rec.reid is not None:
         from stages.reid import ReidEmbedder
 
-        checks.append(("recognition.reid.path", lambda: ReidEmbedder(rec.reid.path, opts)))  # type: ignore[union-attr]
+        from stages.runtime import for_model
+
+        checks.append(("recognition.reid.path", lambda: ReidEmbedder(rec.reid.path, for_model(opts, rec.reid.providers))))  # type: ignore[union-attr]
     if rec.gait is not None and rec.gait.embedder is not None:
         from stages.gait import gait_embedder
 

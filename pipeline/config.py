@@ -79,6 +79,7 @@ class OnnxDetectorConfig(_Strict):
 
     type: Literal["onnx"] = "onnx"
     path: Path
+    providers: tuple[str, ...] | None = Field(None, description="ONNX Runtime execution providers for this model, in order; overrides runtime.providers")
     layout: Literal["yolox", "yolov8"]
     confidence: float = Field(0.35, ge=0.0, le=1.0, description="minimum detection score")
     nms_iou: float = Field(0.45, gt=0.0, le=1.0, description="IoU above which NMS suppresses a box")
@@ -119,6 +120,7 @@ class OnnxFaceDetectorConfig(_Strict):
 
     type: Literal["onnx"] = "onnx"
     path: Path
+    providers: tuple[str, ...] | None = Field(None, description="ONNX Runtime execution providers for this model, in order; overrides runtime.providers")
     input_size: int = Field(640, ge=64, le=1920, multiple_of=32)
     score_threshold: float = Field(0.5, ge=0.0, le=1.0)
 
@@ -128,6 +130,7 @@ class OnnxFaceEmbedderConfig(_Strict):
 
     type: Literal["onnx"] = "onnx"
     path: Path
+    providers: tuple[str, ...] | None = Field(None, description="ONNX Runtime execution providers for this model, in order; overrides runtime.providers")
 
 
 class FaceQualityConfig(_Strict):
@@ -162,6 +165,7 @@ class OnnxReidConfig(_Strict):
 
     type: Literal["onnx"] = "onnx"
     path: Path
+    providers: tuple[str, ...] | None = Field(None, description="ONNX Runtime execution providers for this model, in order; overrides runtime.providers")
     link_threshold: float = Field(0.935, ge=-1.0, le=1.0)
     every_n_frames: int = Field(5, ge=1, le=10_000, description="sample a person track's embedding every n frames")
     max_samples: int = Field(64, ge=1, le=100_000, description="samples kept per track for inspection (the mean uses all)")
@@ -176,6 +180,7 @@ class OnnxGaitEmbedderConfig(_Strict):
 
     type: Literal["onnx"] = "onnx"
     path: Path
+    providers: tuple[str, ...] | None = Field(None, description="ONNX Runtime execution providers for this model, in order; overrides runtime.providers")
 
 
 class GaitConfig(_Strict):
@@ -233,6 +238,12 @@ class RuntimeConfig(_Strict):
     alerts: AlertConfig = AlertConfig()
     inference_threads: int | None = Field(None, ge=1, le=256, description="ONNX Runtime threads per process; default from CPU count")
     heartbeat_timeout_s: float = Field(30.0, gt=0, le=3600)
+    providers: tuple[str, ...] = Field(("CPUExecutionProvider",), min_length=1,
+                                       description="ONNX Runtime execution providers in order of preference, e.g. "
+                                       "[TensorrtExecutionProvider, CUDAExecutionProvider, CPUExecutionProvider]; "
+                                       "CPU is always the last resort")
+    strict_providers: bool = Field(False, description="a requested provider that is not available is an error "
+                                   "instead of a warning and the next one (CPU last)")
 
 
 class AppConfig(_Strict):

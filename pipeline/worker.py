@@ -141,7 +141,16 @@ def _sharing(cfg: AppConfig, engine: Any, index: int, n_rec: int, linkers: list[
 def _session_options(cfg: AppConfig, stage: str, counts: topology.Counts | None = None):
     from stages.runtime import SessionOptions
 
-    return SessionOptions(threads=thread_budget(cfg, stage=stage, counts=counts))
+    return SessionOptions(threads=thread_budget(cfg, stage=stage, counts=counts), providers=cfg.runtime.providers,
+                          strict=cfg.runtime.strict_providers, cache_dir=data_dir() / "trt-cache")
+
+
+def _show_providers(counters: StageCounters) -> None:
+    """Put what each model of this process runs on into its counters (``facepro status``, Prometheus)."""
+    from stages.runtime import RUNNING_ON
+
+    for model, provider in RUNNING_ON.items():
+        counters.extra[f"{model[:40]} on {provider.removesuffix('ExecutionProvider')}"] = 1
 
 
 def _capture(cfg: AppConfig, t: Transport, run_id: str, index: int, counters: StageCounters, hb: Heartbeat, stop: StopFlag) -> None:
@@ -176,6 +185,7 @@ def _detection(cfg: AppConfig, t: Transport, n_rec: int, counters: StageCounters
     route = lambda msg: outs[recognition_index(cfg, msg.frame.camera, n_rec)]  # noqa: E731
     io = RunnerIO(inbox=inbox, route=route, heartbeat=hb, release=False, blocking_send=_file_mode(cfg), zero_copy=True,
                   forwarder=True)
+    _show_providers(counters)
     Runner(stage, io, counters, stop).run()
 
 
@@ -202,7 +212,10 @@ def _linkers(cfg: AppConfig, opts: Any) -> tuple[Any, Any]:
         from stages.recognition import ReidLinker
         from stages.reid import ReidEmbedder
 
-        reid = ReidLinker(ReidEmbedder(cfg.recognition.reid.path, opts), cfg.recognition.reid)
+        from stages.runtime import for_model
+
+        reid = ReidLinker(ReidEmbedder(cfg.recognition.reid.path, for_model(opts, cfg.recognition.reid.providers)),
+                          cfg.recognition.reid)
     if cfg.recognition.gait is not None:
         from stages.gait import gait_embedder
         from stages.recognition import GaitLinker
@@ -269,6 +282,7 @@ def _recognition(cfg: AppConfig, t: Transport, index: int, n_rec: int, counters:
     io = RunnerIO(inbox=inbox, route=lambda msg: out, heartbeat=hb, release=True, blocking_send=True,
                   services=(gauges, *_sharing(cfg, engine, index, n_rec, [("reid", reid), ("gait", gait)], counters)),
                   on_exit=wait_for_storage, after_frame=journal if file_mode else None)
+    _show_providers(counters)
     Runner(stage, io, counters, stop, reorderer=reorderer).run()
 
 

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from pipeline.config import OnnxDetectorConfig
-from stages.runtime import ModelError, SessionOptions, expect_input, open_session
+from stages.runtime import ModelError, SessionOptions, expect_input, open_session, for_model
 
 #: The 80 COCO class names in the order used by YOLOX and YOLOv8 (index = class id).
 COCO80: tuple[str, ...] = (
@@ -342,7 +342,7 @@ class ObjectDetector:
 
     def __init__(self, cfg: OnnxDetectorConfig, opts: SessionOptions = SessionOptions()) -> None:
         self._cfg = cfg
-        self._session = open_session(cfg.type, cfg.path, _WHAT, opts)
+        self._session = open_session(cfg.type, cfg.path, _WHAT, for_model(opts, cfg.providers))
         path = Path(cfg.path)
         shape = expect_input(self._session, _WHAT, path, rank=4)
         if _static_dim(shape[2]) is None or _static_dim(shape[3]) is None:

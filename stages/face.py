@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import FaceConfig, OnnxFaceDetectorConfig, OnnxFaceEmbedderConfig
-from stages.runtime import ModelError, SessionOptions, expect_input, open_session, expect_embedding_output
+from stages.runtime import ModelError, SessionOptions, expect_input, open_session, expect_embedding_output, for_model
 
 #: Side of the aligned face crop in pixels (ArcFace convention).
 ALIGNED_SIZE = 112
@@ -116,7 +116,7 @@ class FaceDetector:
 
         what = "face detector"
         self.cfg = cfg
-        self.session = open_session(cfg.type, cfg.path, what, opts)
+        self.session = open_session(cfg.type, cfg.path, what, for_model(opts, cfg.providers))
         shape = expect_input(self.session, what, cfg.path, rank=4)
         n_out = len(self.session.get_outputs())
         if n_out not in _SCRFD_KPS_OUTPUTS:
@@ -257,7 +257,7 @@ class FaceEmbedder:
 
         what = "face embedder"
         self.cfg = cfg
-        self.session = open_session(cfg.type, cfg.path, what, opts)
+        self.session = open_session(cfg.type, cfg.path, what, for_model(opts, cfg.providers))
         inp = self.session.get_inputs()[0]
         shape = list(inp.shape)
         if len(shape) != 4 or shape[1] != 3 or shape[2] != ALIGNED_SIZE or shape[3] != ALIGNED_SIZE:

@@ -57,7 +57,7 @@ import cv2
 import numpy as np
 
 from pipeline.config import GaitConfig
-from stages.runtime import ModelError, SessionOptions, expect_embedding_output, open_session
+from stages.runtime import ModelError, SessionOptions, expect_embedding_output, open_session, for_model
 
 GEI_HEIGHT = 64
 GEI_WIDTH = 44
@@ -287,4 +287,4 @@ def gait_embedder(cfg: GaitConfig, opts: SessionOptions = SessionOptions()) -> G
     """
     if cfg.embedder is None:
         return GeiEmbedder()
-    return OnnxGaitEmbedder(cfg.embedder.path, opts)
+    return OnnxGaitEmbedder(cfg.embedder.path, for_model(opts, cfg.embedder.providers))

@@ -15,7 +15,8 @@ README; FacePro never downloads at run time):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,12 +37,73 @@ class SessionOptions:
     Attributes:
         threads: intra-op threads (the per-process thread budget, see
             :func:`pipeline.config.thread_budget`).
-        providers: ONNX Runtime execution providers in order of preference;
-            unavailable ones are skipped (check ``session.get_providers()``).
+        providers: ONNX Runtime execution providers in order of preference
+            (``runtime.providers``, or a model's own ``providers``); see :func:`choose_providers`.
+        strict: a requested provider that is not available is a :class:`ModelError`.
+        cache_dir: TensorRT engine cache (the data dir's ``trt-cache``): engines are
+            built once per model and input shape, not at every start.
     """
 
     threads: int = 1
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    strict: bool = False
+    cache_dir: Path | None = None
+
+
+#: What each model opened in this process really runs on: ``"<what> <file>" -> provider`` (for status and the log).
+RUNNING_ON: dict[str, str] = {}
+
+log = logging.getLogger("facepro.runtime")
+
+
+def for_model(opts: SessionOptions, providers: tuple[str, ...] | None) -> SessionOptions:
+    """``opts`` with a model's own provider list (its config's ``providers``) when it has one."""
+    return replace(opts, providers=tuple(providers)) if providers else opts
+
+
+def choose_providers(requested: tuple[str, ...], available: list[str] | tuple[str, ...], strict: bool,
+                     what: str) -> tuple[list[str], list[str]]:
+    """The providers to ask ONNX Runtime for, and the requested ones that are not available.
+
+    Requested providers that this ONNX Runtime build has are kept in order;
+    ``CPUExecutionProvider`` is always appended as the last resort.
+
+    Raises:
+        ModelError: ``strict`` and a requested provider is missing (names both lists and the fix).
+    """
+    missing = [p for p in requested if p not in available]
+    if missing and strict:
+        raise ModelError(f"{what}: execution provider(s) {', '.join(missing)} requested but this ONNX Runtime has only "
+                         f"{', '.join(available)}; install the [gpu] profile (pip uninstall -y onnxruntime && "
+                         "pip install onnxruntime-gpu), or set runtime.strict_providers: false to fall back")
+    chosen = [p for p in requested if p in available]
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen, missing
+
+
+def onnxruntime_distributions(dists: object = None) -> list[str]:
+    """Installed distributions that provide the ``onnxruntime`` module (``onnxruntime``, ``onnxruntime-gpu``...).
+
+    Several at once overwrite each other's files (the last one installed wins,
+    and a later upgrade of one can leave a broken mix): :func:`check_onnxruntime_install`
+    warns about it.
+    """
+    from importlib import metadata
+
+    names = {d.metadata["Name"].lower() for d in (dists if dists is not None else metadata.distributions())
+             if d.metadata["Name"]}
+    return sorted(n for n in names if n == "onnxruntime" or n.startswith("onnxruntime-") or n.startswith("onnxruntime_"))
+
+
+def check_onnxruntime_install(dists: object = None) -> str:
+    """A one-line warning when more than one ONNX Runtime distribution is installed, else ``""``."""
+    found = onnxruntime_distributions(dists)
+    if len(found) < 2:
+        return ""
+    keep = "onnxruntime-gpu" if "onnxruntime-gpu" in found else found[-1]
+    return (f"{' and '.join(found)} are all installed; they provide the same onnxruntime module and the last one "
+            f"installed wins: pip uninstall -y {' '.join(found)} && pip install {keep}")
 
 
 def check_model_file(path: Path | str, what: str) -> Path:
@@ -67,12 +129,26 @@ def _onnx_session(path: Path, what: str, opts: SessionOptions) -> Any:
     so.intra_op_num_threads = max(1, opts.threads)
     so.inter_op_num_threads = 1
     so.log_severity_level = 3  # errors only: SCRFD's declared output sizes warn on every other input size
-    available = set(ort.get_available_providers())
-    providers = [p for p in opts.providers if p in available] or ["CPUExecutionProvider"]
+    chosen, missing = choose_providers(opts.providers, ort.get_available_providers(), opts.strict, what)
     try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        session = ort.InferenceSession(str(path), sess_options=so, providers=_with_options(chosen, opts))
     except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ModelError(f"{what} model {path} could not be loaded by ONNX Runtime ({type(err).__name__}: {err}); {MODEL_HELP}") from None
+    ran = session.get_providers()[0]
+    RUNNING_ON[f"{what} {path.name}"] = ran
+    if missing:
+        log.warning("%s %s: %s not available in this ONNX Runtime; running on %s", what, path.name, ", ".join(missing), ran)
+    else:
+        log.info("%s %s runs on %s", what, path.name, ran)
+    return session
+
+
+def _with_options(providers: list[str], opts: SessionOptions) -> list[Any]:
+    """Provider entries for ONNX Runtime: TensorRT gets its engine cache in ``opts.cache_dir``."""
+    if opts.cache_dir is None:
+        return list(providers)
+    trt = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(opts.cache_dir), "trt_fp16_enable": True}
+    return [(p, trt) if p == "TensorrtExecutionProvider" else p for p in providers]
 
 
 #: Backend registry: config ``type`` → session factory ``(path, what, options) -> session``.
