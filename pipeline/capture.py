@@ -328,7 +328,9 @@ class CaptureLoop:
             self.heartbeat.beat()
             self._watch()
             if period:
-                next_t += period
+                # never catch up after a stall (a reopen, a slow decode): a burst of frames would exceed the
+                # credits detection granted and be dropped in live mode
+                next_t = max(next_t + period, time.monotonic())
                 time.sleep(max(0.0, next_t - time.monotonic()))
         self._drain()
 

@@ -45,6 +45,8 @@ class Stage(Protocol):
     def finish(self) -> Sequence[object]:
         """End of input: returns final messages."""
 
+    # optional: ``warmup()``, run once before the loop (and before the process reports ready)
+
 
 def frame_ref(meta: object) -> FrameRef | None:
     """The :class:`FrameRef` a message refers to, if any."""
@@ -370,8 +372,11 @@ class Runner:
         return ready
 
     def run(self) -> None:
+        warmup = getattr(self.stage, "warmup", None)
+        if warmup is not None:
+            warmup()  # the first inference is slow: not on a live camera's first frames
         idle_since = time.monotonic()
-        self.counters.extra["ready"] = 1  # models loaded, sockets bound: live cameras may start (pipeline.gate)
+        self.counters.extra["ready"] = 1  # models loaded and warm, sockets bound: live cameras may start (pipeline.gate)
         while True:
             msg = self.io.inbox.recv(timeout_ms=50)
             now = time.monotonic()

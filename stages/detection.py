@@ -56,6 +56,12 @@ class DetectionStage:
     def wants_frame(self, meta: object) -> bool:
         return True
 
+    def warmup(self) -> None:
+        """Run the detector once on a blank frame: ONNX Runtime's first run allocates and is several times
+        slower, and must not fall on a live camera's first frames."""
+        h, w = self.detector.input_hw
+        self.detector.detect(np.zeros((h, w, 3), np.uint8))
+
     def process(self, frame: np.ndarray | None, meta: object) -> list[Detections]:
         assert isinstance(meta, FrameRef)
         t0 = time.perf_counter()

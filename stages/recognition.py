@@ -356,6 +356,11 @@ class RecognitionStage:
             return False
         return (time.time_ns() - det.frame.captured_at_ns) / 1e6 > self.max_lag_ms
 
+    def warmup(self) -> None:
+        """Run the face models once on a blank image (ONNX Runtime's first run is several times slower)."""
+        if self.analyzer is not None:
+            self.analyzer.analyze(np.zeros((480, 640, 3), np.uint8))
+
     def wants_frame(self, meta: object) -> bool:
         assert isinstance(meta, Detections)
         if not self._due(meta):
