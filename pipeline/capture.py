@@ -293,13 +293,13 @@ class CaptureLoop:
     def _wait_for_gate(self, timeout_s: float = 300.0) -> None:
         """Live mode: beat until the supervisor sets ``GO`` in this process's counter block (or ``timeout_s``)."""
         block = getattr(self.counters, "block", None)
-        start = time.monotonic()
-        while block is not None and not block.ints[W_GO] and time.monotonic() - start < timeout_s:
+        deadline = time.monotonic() + timeout_s
+        while block is not None and not block.ints[W_GO] and time.monotonic() < deadline:
             if self.stop.is_set():  # type: ignore[attr-defined]
                 return
             self.heartbeat.beat()
             time.sleep(0.02)
-        self.counters.extra["waited_for_gate_ms"] = int((time.monotonic() - start) * 1000)
+        self.counters.extra["waited_for_gate_ms"] = int((time.monotonic() - deadline + timeout_s) * 1000)
 
     def run(self) -> None:
         """Capture until end of file (then drain) or until stopped."""

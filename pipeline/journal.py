@@ -32,7 +32,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -256,9 +256,9 @@ class Outbox:
                 break
         return list(items.values())
 
-    def sent(self, item: object, frames: list | None = None) -> None:
-        """Record an item before it is sent; ``frames``: the item already encoded (the sender's own frames)."""
-        self._log.append(_ITEM, pack_parts(frames if frames is not None else encode(item)))
+    def sent(self, item: object) -> None:
+        """Record an item before it is sent."""
+        self._log.append(_ITEM, pack_parts(encode(item)))
 
     def acked(self, producer: str, seqs: np.ndarray, pending: int) -> None:
         """Record an acknowledgement; ``pending`` items remain unacknowledged after it."""
@@ -280,11 +280,10 @@ class Outbox:
         self._log = RecordLog(self.path)
         self.inherited = []
 
-    def compact(self, pending: Callable[[], Sequence[object]]) -> None:
-        """:meth:`rewrite` with ``pending()`` once the file has grown past ``compact_bytes`` (called after every
-        acknowledgement, so the pending list is only built when it is needed)."""
+    def compact(self, pending: Sequence[object]) -> None:
+        """:meth:`rewrite` once the file has grown past ``compact_bytes``."""
         if self._log.size >= self.compact_bytes:
-            self.rewrite(pending())
+            self.rewrite(pending)
 
     def close(self) -> None:
         self._log.close()

@@ -139,8 +139,7 @@ class Reorderer:
             self._next[cam] = 0 if self.strict and cam not in self._next else ref.frame_index
             self._held[cam] = {}
         if ref.frame_index < self._next[cam]:
-            if self.strict:
-                self.duplicates += 1  # already handled; live mode counts it as lost when releasing it
+            self.duplicates += self.strict
             self.late.append(item)
             return []
         if ref.frame_index in self._held[cam]:

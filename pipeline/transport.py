@@ -196,10 +196,7 @@ class Sender:
         Returns:
             False (and counts ``full``) when the queue stayed full for ``timeout_ms``.
         """
-        return self.send_frames(encode(msg), timeout_ms)
-
-    def send_frames(self, frames: list, timeout_ms: int | None = 0) -> bool:
-        """:meth:`send` for a message already encoded with :func:`pipeline.codec.encode`."""
+        frames = encode(msg)
         if timeout_ms is None:
             self.sock.send_multipart(frames, copy=False)
             return True
@@ -485,13 +482,12 @@ class ReliableSender:
         if not self.unacked:
             self._progress_at = time.monotonic()
         self.unacked[item.seq] = item
-        frames = encode(item)  # once, for the outbox and the socket
         if self.outbox is not None:
-            self.outbox.sent(item, frames)  # type: ignore[attr-defined]
+            self.outbox.sent(item)  # type: ignore[attr-defined]
         if len(self.unacked) > self.max_unacked:
             self.unacked.pop(next(iter(self.unacked)))
             self.dropped += 1
-        self.sender.send_frames(frames, timeout_ms=timeout_ms or 0)
+        self.sender.send(item, timeout_ms=timeout_ms or 0)
         return True
 
     def service(self) -> None:
@@ -505,7 +501,7 @@ class ReliableSender:
                     self._progress_at = time.monotonic()
                     if self.outbox is not None:
                         self.outbox.acked(self.producer, ack.seqs, len(self.unacked))  # type: ignore[attr-defined]
-                        self.outbox.compact(lambda: list(self.unacked.values()))  # type: ignore[attr-defined]
+                        self.outbox.compact(list(self.unacked.values()))  # type: ignore[attr-defined]
         if self.unacked and time.monotonic() - self._progress_at > self.resend_after_s:
             for item in list(self.unacked.values()):
                 self.sender.send(item, timeout_ms=100)

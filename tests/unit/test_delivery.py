@@ -85,11 +85,6 @@ class _FakeSocketSender:
         self.sent.append(msg)
         return True
 
-    def send_frames(self, frames, timeout_ms=0) -> bool:
-        from pipeline.codec import decode
-
-        return self.send(decode([bytes(f) for f in frames]), timeout_ms)
-
 
 class _FakeAcks:
     def __init__(self) -> None:
@@ -120,19 +115,3 @@ def test_reliable_sender_bounds_what_it_keeps() -> None:
     for i in range(1, 5):
         rs.send(_update(i))
     assert sorted(rs.unacked) == [3, 4] and rs.dropped == 2
-
-
-def test_a_successor_resends_what_its_dead_predecessor_never_had_acknowledged(tmp_path: Path) -> None:
-    from pipeline.journal import Outbox
-
-    acks = _FakeAcks()
-    first = ReliableSender(_FakeSocketSender(), acks, producer="rec-0-100", outbox=Outbox(tmp_path / "outbox"))
-    for i in range(1, 4):
-        first.send(_update(i))
-    acks.queue.append(StorageAck("rec-0-100", np.array([2], np.int64)))
-    first.service()  # the process is killed here: items 1 and 3 were never acknowledged
-    sock = _FakeSocketSender()
-    heir = ReliableSender(sock, _FakeAcks(), producer="rec-0-200", outbox=Outbox(tmp_path / "outbox"))
-    assert heir.resend_inherited() == 2
-    assert [(i.producer, i.payload.track_id) for i in sock.sent] == [("rec-0-200", 1), ("rec-0-200", 3)]
-    assert [i.seq for i in Outbox(tmp_path / "outbox").inherited] == [1, 2]  # recorded under the new producer only
