@@ -199,9 +199,11 @@ class CaptureLoop:
         if w is None or not self.s.wait_for_release or now < self._watch_due:
             return
         self._watch_due = now + WATCH_INTERVAL_S
-        current = w.recognizer_pid()
-        dead = frozenset(pid for pid in {self._recognizer, current}
-                         if pid and pid not in self._replayed_for and not pid_alive(pid))
+        current, previous = w.recognizers()
+        # a dead owner is known from the header (now or when last looked at), from the successor's claim
+        # (it may have claimed before this loop ever saw its predecessor) or from a frame it accepted
+        owners = {self._recognizer, current, previous, *(f.accepted for f in w.pending())}
+        dead = frozenset(pid for pid in owners if pid and pid not in self._replayed_for and not pid_alive(pid))
         self._recognizer = current
         for f in w.replays(dead):
             self._resend(w, f)

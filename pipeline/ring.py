@@ -2,11 +2,12 @@
 
 Layout of one ring segment (``multiprocessing.shared_memory``)::
 
-    [ring header: 64 B][slot headers: slots x 64 B][slot 0 pixels][slot 1 pixels]...
+    [ring header: 128 B][slot headers: slots x 64 B][slot 0 pixels][slot 1 pixels]...
 
 Ring header (int64 words): magic, slots, height, width, channels, slot
-stride in bytes, data offset, and the pid of the recognition process that
-currently owns the camera (written by that process, read by capture). Slot
+stride in bytes, data offset, the pid of the recognition process that
+currently owns the camera and the pid it took the camera over from (both
+written by that process when it claims the camera, read by capture). Slot
 header (int64 words):
 
 - ``seq``: ``0`` empty, ``-s`` while the writer copies frame ``s`` into the slot
@@ -88,15 +89,16 @@ log = logging.getLogger("facepro.ring")
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "facepro_"
-_MAGIC = 0x46505249_4E473031  # "FPRING01"
-_HEADER_BYTES = 64
+_MAGIC = 0x46505249_4E473032  # "FPRING02" (01: 64-byte header without the previous owner)
+_HEADER_BYTES = 128
+_HEADER_WORDS = _HEADER_BYTES // 8
 _SLOT_HEADER_WORDS = 8
 _SLOT_HEADER_BYTES = _SLOT_HEADER_WORDS * 8
 _ALIGN = 4096
 # slot header word indices
 _SEQ, _RELEASED, _CAPTURED, _INDEX, _DISPATCHED, _FORWARDED, _ACCEPTED = 0, 1, 2, 3, 4, 5, 6
-# ring header word index: pid of the recognition process owning the camera
-_HEAD_RECOGNIZER = 7
+# ring header word indices: pid of the recognition process owning the camera, and of its predecessor
+_HEAD_RECOGNIZER, _HEAD_PREVIOUS = 7, 8
 
 
 def pid_alive(pid: int) -> bool:
@@ -280,8 +282,9 @@ class RingWriter(_Ring):
                 _unlink(name)
                 raise ShmSpaceError(f"/dev/shm cannot hold ring {name} ({layout.total_bytes / 2**20:.1f} MiB): {err.strerror}; "
                                     "lower ring.slots or enlarge /dev/shm") from None
-        head = np.ndarray((8,), dtype=np.int64, buffer=shm.buf)
-        head[:] = (_MAGIC, layout.slots, layout.height, layout.width, layout.channels, layout.slot_stride, layout.data_offset, 0)
+        head = np.ndarray((_HEADER_WORDS,), dtype=np.int64, buffer=shm.buf)
+        head[:] = 0
+        head[:7] = (_MAGIC, layout.slots, layout.height, layout.width, layout.channels, layout.slot_stride, layout.data_offset)
         return cls(shm, layout, wait_for_release, release_timeout_s)
 
     @classmethod
@@ -437,7 +440,14 @@ class RingWriter(_Ring):
 
     def recognizer_pid(self) -> int:
         """Pid the recognition process owning this camera wrote into the ring header (0: none yet)."""
-        return int(np.ndarray((8,), dtype=np.int64, buffer=self.shm.buf)[_HEAD_RECOGNIZER])
+        return int(np.ndarray((_HEADER_WORDS,), dtype=np.int64, buffer=self.shm.buf)[_HEAD_RECOGNIZER])
+
+    def recognizers(self) -> tuple[int, int]:
+        """``(current, previous)``: the pid of the recognition process owning this camera and the pid it
+        took the camera over from (0: none). The capture learns of a dead owner from either, so a
+        successor that claims the camera before the capture ever saw its predecessor hides nothing."""
+        head = np.ndarray((_HEADER_WORDS,), dtype=np.int64, buffer=self.shm.buf)
+        return int(head[_HEAD_RECOGNIZER]), int(head[_HEAD_PREVIOUS])
 
     def replays(self, dead_recognizers: frozenset[int], alive: object = pid_alive) -> list[PendingFrame]:
         """Pending frames whose owner is gone, to be sent again (file mode; see the module docstring).
@@ -497,7 +507,7 @@ class RingReader(_Ring):
         except FileNotFoundError:
             raise RingError(f"ring {name} does not exist (its capture process has stopped)") from None
         _untrack(shm)
-        head = np.ndarray((8,), dtype=np.int64, buffer=shm.buf).copy()
+        head = np.ndarray((_HEADER_WORDS,), dtype=np.int64, buffer=shm.buf).copy()
         if head[0] != _MAGIC:
             shm.close()
             raise RingError(f"segment {name} is not a FacePro ring (bad magic)")
@@ -569,8 +579,12 @@ class RingReader(_Ring):
             self._headers[slot, _ACCEPTED] = pid
 
     def claim_recognizer(self, pid: int) -> None:
-        """Recognition: process ``pid`` owns this camera from now on (ring header)."""
-        np.ndarray((8,), dtype=np.int64, buffer=self.shm.buf)[_HEAD_RECOGNIZER] = pid
+        """Recognition: process ``pid`` owns this camera from now on (ring header); the owner it replaces,
+        if any, is kept as the previous owner (see :meth:`RingWriter.recognizers`)."""
+        head = np.ndarray((_HEADER_WORDS,), dtype=np.int64, buffer=self.shm.buf)
+        if head[_HEAD_RECOGNIZER] not in (0, pid):
+            head[_HEAD_PREVIOUS] = head[_HEAD_RECOGNIZER]
+        head[_HEAD_RECOGNIZER] = pid
 
     def close(self) -> None:
         self._drop_views()

@@ -184,6 +184,11 @@ class Reorderer:
     def backlog(self) -> int:
         return sum(len(h) for h in self._held.values())
 
+    def waiting_for(self) -> int:
+        """The frame index a camera that holds items waits for (the oldest such wait), -1 when none waits."""
+        waits = [(min(h.since for h in held.values()), self._next[cam]) for cam, held in self._held.items() if held]
+        return min(waits)[1] if waits else -1
+
     def oldest_wait_ms(self) -> float:
         times = [h.since for held in self._held.values() for h in held.values()]
         return (time.monotonic() - min(times)) * 1000.0 if times else 0.0
@@ -410,6 +415,8 @@ class Runner:
             c.drops[_LOST] = self.reorderer.lost
             c.backlog += self.reorderer.backlog
             c.oldest_wait_ms = self.reorderer.oldest_wait_ms()
+            if self.reorderer.strict:
+                c.extra["reorder_waiting_for"] = self.reorderer.waiting_for()  # a file run stuck on a gap says where
         c.extra.update(getattr(self.stage, "counts", {}))
         error = getattr(self.stage, "last_error", "")
         if error:

@@ -310,9 +310,12 @@ def finish_run(proc: subprocess.Popen, data_dir: Path, tree: dict, timeout_s: fl
     Orphans are looked for ``grace_s`` s after the supervisor exited; they are reported, then killed, and
     leaked segments are reported, then removed.
     """
+    hung_status = ""
     try:
         code: int | None = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        doc = status_doc(data_dir)  # what each stage holds and waits for, before the kill
+        hung_status = "\nstatus of the hung run: " + json.dumps(doc, default=str) if doc else ""
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         code = None
@@ -328,7 +331,18 @@ def finish_run(proc: subprocess.Popen, data_dir: Path, tree: dict, timeout_s: fl
     _unlink_segments(leaked)  # reported; not left on the machine
     db = database_url(tree, data_dir)
     events = read_events(db) if not db.startswith("sqlite") or (data_dir / "facepro.db").exists() else []
-    return RunResult(code, summary, events, leaked, orphans, output=out[-4000:])
+    return RunResult(code, summary, events, leaked, orphans, output=notable_lines(out) + out[-4000:] + hung_status)
+
+
+#: Log lines worth keeping from a whole run (the periodic per-stage status lines are left out).
+_NOTABLE = ("WARNING", "ERROR", "started ", "restarting", "resuming", "killing", "Traceback")
+
+
+def notable_lines(log: str, most: int = 40) -> str:
+    """The first ``most`` lines of ``log`` that report a start, restart, resume, warning or error, then a
+    separator; '' when there are none."""
+    lines = [line for line in log.splitlines() if any(word in line for word in _NOTABLE)][:most]
+    return "\n".join(lines) + "\n--- tail ---\n" if lines else ""
 
 
 def _unlink_segments(names: list[str]) -> None:

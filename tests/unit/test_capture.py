@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from pipeline import ring as r
 from pipeline.config import CameraConfig
@@ -254,3 +256,45 @@ def test_a_complete_file_is_not_reported(videos: Path) -> None:
     sender.close()
     r.unlink_segments(r.list_segments(settings.run_id))
     assert counters.frames_out == 795 and "ended_early" not in counters.extra and counters.last_error == ""
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()  # reaped: the pid no longer exists
+    return proc.pid
+
+
+@pytest.mark.parametrize("accepted_by_dead", [False, True])
+def test_frames_of_an_owner_the_capture_never_saw_are_replayed_once_its_successor_claims(accepted_by_dead: bool) -> None:
+    """A recognition process claims the camera, dies, and its successor claims the camera before the capture
+    looked at the ring header in between (the capture was blocked sending): the frames on their way to the
+    dead process (not accepted yet) or accepted by it are still replayed, each once."""
+    run_id = uuid.uuid4().hex[:8]
+    settings = CaptureSettings(run_id=run_id, camera="cam0", slots=4, release_timeout_s=5.0, wait_for_release=True)
+    stop = StopFlag()
+    sender = _HoldingSender(stop, limit=100)
+    counters = StageCounters("capture", 0)
+    loop = CaptureLoop(_ListSource([]), settings, sender, counters, Heartbeat(counters, sender, 60.0), stop)  # type: ignore[arg-type]
+    name = r.ring_name(run_id, "cam0", os.getpid(), 0)
+    loop.writer = r.RingWriter.create(name, r.RingLayout(slots=4, height=6, width=8), wait_for_release=True)
+    reader = r.RingReader.attach(name)
+    try:
+        loop._watch()  # the capture's last look: nobody owns the camera yet
+        dead = _dead_pid()
+        for i in range(3):
+            slot, seq = loop.writer.write(_pattern(i, 6, 8), i, 0)
+            loop.writer.mark_dispatched(slot, seq, os.getpid())  # a live detection process
+        reader.claim_recognizer(dead)
+        if accepted_by_dead:
+            reader.mark_accepted(0, 1, dead)
+        reader.claim_recognizer(os.getpid())  # the successor, alive
+        assert loop.writer.recognizers() == (os.getpid(), dead)
+        loop._watch_due = 0.0
+        loop._watch()
+        assert [(ref.frame_index, ref.replay) for ref in sender.refs] == [(0, True), (1, True), (2, True)]
+        loop._watch_due = 0.0
+        loop._watch()
+        assert len(sender.refs) == 3  # replayed once
+    finally:
+        reader.close()
+        loop.writer.close()

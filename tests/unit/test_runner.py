@@ -135,13 +135,17 @@ def test_reorderer_flush_counts_gaps() -> None:
 
 def test_strict_reorderer_waits_for_any_gap_and_drops_duplicates() -> None:
     ro = Reorderer(timeout_s=0.01, strict=True)
+    assert ro.waiting_for() == -1
     assert ro.push(_fr(2)) == []  # frames 0 and 1 are still with a (dead) detection process
+    assert ro.waiting_for() == 0  # status says which frame the camera waits for
     time.sleep(0.02)
     assert ro.expire() == [] and ro.lost == 0  # file mode never gives a frame up
     assert ro.push(_fr(2)) == [] and ro.duplicates == 1  # a replayed copy of a held frame
     assert [x.frame_index for x in ro.push(_fr(0))] == [0]
+    assert ro.waiting_for() == 1
     assert [x.frame_index for x in ro.push(_fr(1))] == [1, 2]
     assert ro.push(_fr(1)) == [] and ro.duplicates == 2 and len(ro.late) == 1  # handed back for release
+    assert ro.waiting_for() == -1
 
 
 def test_strict_reorderer_resumes_where_a_predecessor_stopped() -> None:
