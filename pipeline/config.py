@@ -152,6 +152,7 @@ class FaceConfig(_Strict):
     match_threshold: float = Field(0.40, ge=-1.0, le=1.0, description="cosine similarity needed to name a face")
     min_face_px: int = Field(16, ge=4, le=1024, description="smaller faces (box width) are ignored")
     every_n_frames: int = Field(2, ge=1, le=1000, description="run face analysis on every n-th frame of a camera")
+    settle_votes: int | None = Field(8, ge=1, le=10_000, description="a person track stops face work once one choice (a name or unknown) holds this many quality face votes and a strict majority; null: never")
     quality: FaceQualityConfig = FaceQualityConfig()
 
 

@@ -62,6 +62,15 @@ class TrackVotes:
         if identity is not None:
             self.best[identity] = max(self.best.get(identity, -1.0), similarity)
 
+    def settled(self, votes_needed: int | None) -> bool:
+        """True once one choice (a name, or unknown) holds at least ``votes_needed`` votes and a strict
+        majority: more face work could no longer change the decision without that many contrary votes
+        (None: never settled)."""
+        if votes_needed is None or not self.votes:
+            return False
+        choice, count = self.votes.most_common(1)[0]
+        return count >= votes_needed and count * 2 > sum(self.votes.values())
+
     def decision(self) -> tuple[str | None, float]:
         total = sum(self.votes.values())
         known = [(n, c) for n, c in self.votes.items() if n is not None]
@@ -378,7 +387,7 @@ class RecognitionStage:
         if frame is not None:
             active = tracks.active()
             if idx % self.face.every_n_frames == 0:
-                faces = self._faces(frame, active)
+                faces = self._faces(frame, tracks.camera, active)
                 for track in active:
                     out.extend(self._observe(tracks, track, frame, idx, faces))
             persons = [t for t in active if t.label == "person"]
@@ -414,9 +423,14 @@ class RecognitionStage:
             if linked is not None:
                 self._name(tracks, track_id, linked)
 
-    def _faces(self, frame: np.ndarray, active: list[ActiveTrack]) -> list[Face] | None:
+    def _needs_face(self, camera: str, track: ActiveTrack) -> bool:
+        """A person track still needs face work until its votes are settled (``face.settle_votes``)."""
+        votes = self.votes.get((camera, track.track_id))
+        return track.label == "person" and (votes is None or not votes.settled(self.face.settle_votes))
+
+    def _faces(self, frame: np.ndarray, camera: str, active: list[ActiveTrack]) -> list[Face] | None:
         """Faces of the whole frame when several person boxes need them (one SCRFD run), else None."""
-        persons = [t for t in active if t.label == "person"]
+        persons = [t for t in active if self._needs_face(camera, t)]
         if self.analyzer is None or len(persons) < 2:
             return None
         return self._analyze(frame, None)
@@ -451,6 +465,9 @@ class RecognitionStage:
             if path:
                 tracks.set_snapshot(track.track_id, path)
         if self.analyzer is None or track.label != "person":
+            return []
+        if not self._needs_face(tracks.camera, track):
+            self.counts["face_skipped_settled"] += 1  # its name (or unknown) is decided: no SCRFD, no embedding
             return []
         face = self._face_of(frame, track, faces)
         if face is None:

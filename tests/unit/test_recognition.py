@@ -124,3 +124,55 @@ def test_live_frames_too_far_behind_skip_face_work_and_are_counted(camera: str, 
     assert stage.drops["behind"] == behind
     stage.process(None, det)  # the tracker still gets the detections (metadata), only pixel work is skipped
     assert stage.cameras[camera] is not None
+
+
+@pytest.mark.parametrize(
+    "votes, needed, settled",
+    [
+        ([], 3, False),
+        ([("A", 0.6)] * 2, 3, False),               # not enough votes yet
+        ([("A", 0.6)] * 3, 3, True),                # a name with 3 votes and the majority
+        ([(None, 0.1)] * 3, 3, True),               # settled as unknown too: a stranger stops costing face work
+        ([("A", 0.6)] * 3 + [(None, 0.1)] * 3, 3, False),  # no strict majority
+        ([("A", 0.6)] * 4 + [("B", 0.7)] * 3, 3, True),
+        ([("A", 0.6)] * 50, None, False),           # settle_votes null: never
+    ],
+)
+def test_track_votes_settle_on_enough_votes_with_a_strict_majority(votes: list, needed: int | None, settled: bool) -> None:
+    v = TrackVotes()
+    for name, sim in votes:
+        v.add(name, sim)
+    assert v.settled(needed) is settled
+
+
+def test_a_settled_track_stops_face_work_and_keeps_its_name(models: Path, faces: Path) -> None:
+    """Real photo, real SCRFD + MobileFaceNet: a person track over Obama's portrait is named from the
+    enrolled second photo; after ``settle_votes`` votes the stage runs no more face analysis for it."""
+    from pipeline.config import FaceConfig, OnnxFaceDetectorConfig, OnnxFaceEmbedderConfig, TrackingConfig
+    from pipeline.messages import Detections, FrameRef, TrackUpdate
+    from stages.face import FaceAnalyzer
+    from stages.gallery import Gallery
+    from stages.recognition import RecognitionStage
+
+    face = FaceConfig(detector=OnnxFaceDetectorConfig(path=models / "scrfd_500m.onnx"),
+                      embedder=OnnxFaceEmbedderConfig(path=models / "mobilefacenet_128d.onnx"), every_n_frames=1,
+                      settle_votes=3)
+    analyzer = FaceAnalyzer(face)
+    (enrolled,) = analyzer.analyze(cv2.imread(str(faces / "obama" / "obama2.jpg")))
+    gallery = Gallery(["obama"], enrolled.embedding[None, :].astype(np.float32), 0.4, model_name=analyzer.model_name)
+    calls = []
+    real = analyzer.analyze
+    analyzer.analyze = lambda *a, **k: calls.append(1) or real(*a, **k)  # type: ignore[method-assign]
+    stage = RecognitionStage(TrackingConfig(), face, ("person",), analyzer, gallery)
+    frame = cv2.imread(str(faces / "obama" / "obama.jpg"))
+    h, w = frame.shape[:2]
+    named = []
+    for i in range(12):
+        ref = FrameRef(camera="c", ring="r", slot=0, seq=i + 1, frame_index=i, captured_at_ns=i, height=h, width=w)
+        det = Detections(frame=ref, xyxy=np.array([[2, 2, w - 2, h - 2]], np.float32),
+                         confidence=np.array([0.9], np.float32), class_id=np.zeros(1, np.int32))
+        out = stage.process(frame, det)
+        named += [m.identity for m in out if isinstance(m, TrackUpdate) and m.identity]
+    assert "obama" in named
+    assert len(calls) == 3  # one analysis per vote until 3 votes settled the name
+    assert stage.counts["face_skipped_settled"] == 12 - 3 - (TrackingConfig().minimum_consecutive_frames - 1)
