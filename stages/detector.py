@@ -15,6 +15,11 @@ Two output layouts are supported (``detection.detector.layout`` in the config):
   names come from the model metadata ``names``.
 
 All boxes are ``xyxy`` = ``x1, y1, x2, y2`` in pixels, float32.
+
+Batches (:meth:`ObjectDetector.detect_batch`): a model whose input batch
+dimension is dynamic (``[N, 3, H, W]``, e.g. YOLOX ``export_onnx.py --dynamic``)
+runs a ``[B, 3, H, W]`` input once; one with a fixed batch size ``k`` (the asset
+YOLOX-Nano: 1) runs in chunks of ``k``. Output ``[B, ...]`` as above, per image.
 """
 
 from __future__ import annotations
