@@ -312,6 +312,7 @@ class Runner:
 
     Raises:
         TypeError: a ``batcher`` for a stage without ``process_batch``.
+        ValueError: (:meth:`handle_batch`) ``process_batch`` answered another number of messages than it was given.
     """
 
     def __init__(self, stage: Stage, io: RunnerIO, counters: StageCounters, stop: StopFlag,
@@ -443,6 +444,8 @@ class Runner:
             given.append(k)
         outs = self.stage.process_batch([frames[k] for k in given], [items[k] for k in given])  # type: ignore[attr-defined]
         frames.clear()  # the views
+        if len(outs) != len(given):
+            raise ValueError(f"{type(self.stage).__name__}.process_batch answered {len(outs)} of {len(given)} messages")
         results: list[Sequence[object] | None] = [None] * len(items)
         for k, out in zip(given, outs):
             ref = frame_ref(items[k])
@@ -524,7 +527,9 @@ class Runner:
     def _fill(self, msg: object | None) -> None:
         """Batching: add the messages already waiting to the open batch; hand it over if full or due."""
         assert self.batcher is not None
-        while msg is not None and len(self.batcher):
+        for _ in range(self.batcher.size):  # bounded: a reorder buffer may absorb messages without filling the batch
+            if msg is None or not len(self.batcher):
+                break
             msg = self._receive(0)
             for item in self._ready(msg):
                 self._take(item)

@@ -352,3 +352,14 @@ def test_a_batcher_needs_a_stage_with_process_batch() -> None:
 def test_batcher_rejects_bad_settings(size, timeout_s) -> None:
     with pytest.raises(ValueError, match="size must be >= 1"):
         Batcher(size, timeout_s)
+
+
+def test_a_stage_that_answers_too_few_messages_of_a_batch_is_an_error(rings) -> None:
+    refs = _interleaved(rings(2), 2)
+    stage = _BatchStage()
+    stage.process_batch = lambda frames, metas: [["only one"]]
+    runner, sink, _, _, _ = _batch_runner(stage, [], 4, 1, zero_copy=False)
+    with pytest.raises(ValueError, match="process_batch answered 1 of 4 messages"):
+        runner.handle_batch(refs)
+    assert sink.sent == []
+    runner.rings.close()
