@@ -26,6 +26,7 @@ from pipeline import topology
 from pipeline.config import (AppConfig, ConfigError, apply_data_dir, data_dir, database_url, default_config_path, load_config,
                              with_sources)
 from pipeline.messages import DROP_REASONS, StatusReply, StatusRequest, ScaleRequest, Ack
+from pipeline.status import batch_summary
 from pipeline.transport import PRIVATE_UMASK, TransportError, request
 
 #: Help text of the config argument; the path itself is resolved when a command runs (pipeline.config.default_config_path).
@@ -176,6 +177,9 @@ def _status_table(reply: StatusReply) -> str:
         counts = ", ".join(f"{n}={int(v)}" for n, v in zip(s.count_names, s.counts))
         if counts:
             lines.append(f"{'':<12}counts: {counts}")
+        batching = batch_summary(dict(zip(s.count_names, (int(v) for v in s.counts))))
+        if batching:
+            lines.append(f"{'':<12}{batching}")
         if s.last_error:
             lines.append(f"{'':<12}last error: {s.last_error}")
     return "\n".join(lines)

@@ -102,6 +102,11 @@ class DetectionConfig(_Strict):
     threads: int | None = Field(None, ge=1, le=256, description="ONNX Runtime threads per detection process; default from the CPU budget")
     detector: OnnxDetectorConfig
     motion: MotionConfig = MotionConfig()
+    batch: int = Field(1, ge=1, le=64, description="frames (of any cameras) run through the detector together, like "
+                       "DeepStream's stream muxer; 1 = one frame at a time (the CPU default); a model with a fixed "
+                       "batch dimension of 1 runs them one by one")
+    batch_timeout_ms: float = Field(5.0, ge=0.0, le=1000.0, description="longest wait for a batch to fill, counted from "
+                                    "its first frame, milliseconds; frames already received are batched without waiting")
 
 
 class TrackingConfig(_Strict):

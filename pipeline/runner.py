@@ -6,10 +6,16 @@ per-camera frame order (:class:`Reorderer`), copies the referenced frame out
 of its ring with the seqlock check when the stage wants it, calls
 ``stage.process(frame, meta)``, releases the ring slot if this process is the
 frame's last owner, routes the results, and sends heartbeats.
+
+With a :class:`Batcher` (detection with ``detection.batch`` > 1) the runner
+collects up to ``size`` in-order messages, or what arrived within ``timeout_s``
+of the first one, and hands them to ``stage.process_batch(frames, metas)``
+together; each frame is still checked, answered, sent and counted on its own.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -46,6 +52,8 @@ class Stage(Protocol):
         """End of input: returns final messages."""
 
     # optional: ``warmup()``, run once before the loop (and before the process reports ready)
+    # optional, required with a Batcher: ``process_batch(frames, metas) -> list[Sequence[object]]``, what
+    # ``process`` returns for each frame in turn (a frame may be None, as in ``process``), one entry per message
 
 
 def frame_ref(meta: object) -> FrameRef | None:
@@ -194,6 +202,71 @@ class Reorderer:
         return (time.monotonic() - min(times)) * 1000.0 if times else 0.0
 
 
+class Batcher:
+    """Collects in-order items into batches, like DeepStream's stream muxer (``batch-size``, ``batched-push-timeout``).
+
+    A batch is closed when it holds ``size`` items (:meth:`add` returns it) or
+    when ``timeout_s`` have passed since its first item (:meth:`due` returns it),
+    whichever comes first; :meth:`take` closes it at once (end of input).
+
+    Args:
+        size: items per full batch, >= 1.
+        timeout_s: longest wait for a batch to fill, seconds from its first item, >= 0.
+        clock: monotonic seconds (tests inject a fake one).
+
+    Attributes:
+        batches: batches closed so far; ``frames``: items in them;
+        timeouts: batches closed by the timeout (or :meth:`take`) before they were full.
+
+    Raises:
+        ValueError: ``size`` < 1 or ``timeout_s`` < 0.
+    """
+
+    def __init__(self, size: int, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if size < 1 or timeout_s < 0:
+            raise ValueError(f"Batcher: size must be >= 1 and timeout_s >= 0, got {size} and {timeout_s}")
+        self.size = size
+        self.timeout_s = timeout_s
+        self._clock = clock
+        self._items: list[object] = []
+        self._since = 0.0
+        self.batches = 0
+        self.frames = 0
+        self.timeouts = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, item: object) -> list[object] | None:
+        """Add ``item`` to the open batch; the batch if that filled it, else None."""
+        if not self._items:
+            self._since = self._clock()
+        self._items.append(item)
+        return self.take() if len(self._items) >= self.size else None
+
+    def due(self) -> list[object] | None:
+        """The open batch if its timeout has passed, else None."""
+        if self._items and self._clock() - self._since >= self.timeout_s:
+            return self.take()
+        return None
+
+    def wait_ms(self, longest_ms: int) -> int:
+        """How long a receive may block without missing the open batch's timeout: ``longest_ms`` when none is open."""
+        if not self._items:
+            return longest_ms
+        left_ms = (self._since + self.timeout_s - self._clock()) * 1000.0
+        return max(0, min(longest_ms, math.ceil(left_ms)))
+
+    def take(self) -> list[object]:
+        """Close the open batch now and return it (empty if none is open)."""
+        items, self._items = self._items, []
+        if items:
+            self.batches += 1
+            self.frames += len(items)
+            self.timeouts += len(items) < self.size
+        return items
+
+
 @dataclass
 class RunnerIO:
     """The runner's connections.
@@ -238,16 +311,27 @@ class RunnerIO:
 
 
 class Runner:
-    """Runs ``stage`` until ``stop`` is set and the inbox has been idle for ``drain_idle_s``."""
+    """Runs ``stage`` until ``stop`` is set and the inbox has been idle for ``drain_idle_s``.
+
+    With a ``batcher`` the in-order items go to ``stage.process_batch`` in its batches (:meth:`handle_batch`).
+
+    Raises:
+        TypeError: a ``batcher`` for a stage without ``process_batch``.
+        ValueError: (:meth:`handle_batch`) ``process_batch`` answered another number of messages than it was given.
+    """
 
     def __init__(self, stage: Stage, io: RunnerIO, counters: StageCounters, stop: StopFlag,
-                 reorderer: Reorderer | None = None, drain_idle_s: float = 0.5) -> None:
+                 reorderer: Reorderer | None = None, drain_idle_s: float = 0.5, batcher: Batcher | None = None) -> None:
+        if batcher is not None and not hasattr(stage, "process_batch"):
+            raise TypeError(f"{type(stage).__name__} has no process_batch: it cannot be given a Batcher")
         self.stage = stage
         self.io = io
         self.counters = counters
         self.stop = stop
         self.reorderer = reorderer
+        self.batcher = batcher
         self.drain_idle_s = drain_idle_s
+        self._idle_since = time.monotonic()
         self.pid = os.getpid()
         claim = (lambda ring: ring.claim_recognizer(self.pid)) if io.release else None
         self.rings = RingCache(on_attach=claim)
@@ -332,6 +416,59 @@ class Runner:
         t0 = time.perf_counter()
         outputs = self._process(ref, item)
         self.counters.observe_ms((time.perf_counter() - t0) * 1000.0)
+        self._deliver(ref, item, outputs)
+
+    def handle_batch(self, items: Sequence[object]) -> None:
+        """Process in-order items together (``stage.process_batch``), then deliver each in order as :meth:`handle`
+        does; each frame's latency is the whole batch's."""
+        t0 = time.perf_counter()
+        outputs = self._process_batch(items)
+        ms = (time.perf_counter() - t0) * 1000.0
+        for item, out in zip(items, outputs):
+            self.counters.observe_ms(ms)
+            self._deliver(frame_ref(item), item, out)
+
+    def _process_batch(self, items: Sequence[object]) -> list[Sequence[object] | None]:
+        """:meth:`_process` for several items with one ``stage.process_batch`` call; per item the same checks:
+        an unreadable frame is a duplicate (None) in file mode and ``overwritten`` (frame None) in live mode,
+        a zero-copy view is re-checked after the stage used it."""
+        file_mode = self.io.blocking_send
+        frames: list[np.ndarray | None] = [None] * len(items)
+        check: list[object] = [None] * len(items)  # the ring of each zero-copy view to re-check
+        given = []  # positions handed to the stage
+        for k, item in enumerate(items):
+            ref = frame_ref(item)
+            if ref is not None and self.stage.wants_frame(item):
+                frames[k], ring = self._view(ref) if self.io.zero_copy else (self._copy_frame(ref), None)
+                if frames[k] is None and file_mode:
+                    continue
+                if frames[k] is None:
+                    self.counters.drop("overwritten")
+                elif ring is not None:
+                    check[k] = ring
+            given.append(k)
+        outs = self.stage.process_batch([frames[k] for k in given], [items[k] for k in given])  # type: ignore[attr-defined]
+        frames.clear()  # the views
+        if len(outs) != len(given):
+            raise ValueError(f"{type(self.stage).__name__}.process_batch answered {len(outs)} of {len(given)} messages")
+        results: list[Sequence[object] | None] = [None] * len(items)
+        for k, out in zip(given, outs):
+            ref = frame_ref(items[k])
+            if check[k] is not None and not check[k].published(ref.slot, ref.seq):  # type: ignore[union-attr, attr-defined]
+                if file_mode:
+                    continue
+                self.counters.drop("overwritten")
+                out = self.stage.process(None, items[k])
+            results[k] = out
+        return results
+
+    def _copy_frame(self, ref: FrameRef) -> np.ndarray | None:
+        try:
+            return self.rings.get(ref.ring).read(ref.slot, ref.seq)
+        except RingError:
+            return None
+
+    def _deliver(self, ref: FrameRef | None, item: object, outputs: Sequence[object] | None) -> None:
         if outputs is None:
             self.duplicates += 1
             return
@@ -376,22 +513,47 @@ class Runner:
         self.reorderer.late.clear()
         return ready
 
+    def _receive(self, timeout_ms: int) -> object | None:
+        msg = self.io.inbox.recv(timeout_ms=timeout_ms)
+        if msg is not None:
+            self.counters.frames_in += 1
+            self._idle_since = time.monotonic()
+            if self.io.release:
+                self._accept(msg)
+        return msg
+
+    def _take(self, item: object) -> None:
+        """An in-order item: handled now, or added to the open batch (handled when that is full)."""
+        if self.batcher is None:
+            self.handle(item)
+        elif (batch := self.batcher.add(item)) is not None:
+            self.handle_batch(batch)
+
+    def _fill(self, msg: object | None) -> None:
+        """Batching: add the messages already waiting to the open batch; hand it over if full or due."""
+        assert self.batcher is not None
+        for _ in range(self.batcher.size):  # bounded: a reorder buffer may absorb messages without filling the batch
+            if msg is None or not len(self.batcher):
+                break
+            msg = self._receive(0)
+            for item in self._ready(msg):
+                self._take(item)
+        if (batch := self.batcher.due()) is not None:
+            self.handle_batch(batch)
+
     def run(self) -> None:
         warmup = getattr(self.stage, "warmup", None)
         if warmup is not None:
             warmup()  # the first inference is slow: not on a live camera's first frames
-        idle_since = time.monotonic()
+        self._idle_since = time.monotonic()
         self.counters.extra["ready"] = 1  # models loaded and warm, sockets bound: live cameras may start (pipeline.gate)
         while True:
-            msg = self.io.inbox.recv(timeout_ms=50)
+            msg = self._receive(50 if self.batcher is None else self.batcher.wait_ms(50))
             now = time.monotonic()
-            if msg is not None:
-                self.counters.frames_in += 1
-                idle_since = now
-                if self.io.release:
-                    self._accept(msg)
             for item in self._ready(msg):
-                self.handle(item)
+                self._take(item)
+            if self.batcher is not None:
+                self._fill(msg)
             self._send(self.stage.tick(time.time_ns()))
             for service in self.io.services:
                 service()
@@ -399,7 +561,7 @@ class Runner:
             self.io.heartbeat.beat()
             if self.stop.is_set():
                 self.io.inbox.stop_receiving()
-                if self.io.inbox.drained(now - idle_since, self.drain_idle_s):
+                if self.io.inbox.drained(now - self._idle_since, self.drain_idle_s):
                     break
         self._finish()
 
@@ -418,6 +580,10 @@ class Runner:
             if self.reorderer.strict:
                 c.extra["reorder_waiting_for"] = self.reorderer.waiting_for()  # a file run stuck on a gap says where
         c.extra.update(getattr(self.stage, "counts", {}))
+        if self.batcher is not None:
+            c.backlog += len(self.batcher)
+            c.extra.update(batches=self.batcher.batches, batch_frames=self.batcher.frames,
+                           batch_timeouts=self.batcher.timeouts)
         error = getattr(self.stage, "last_error", "")
         if error:
             c.last_error = error
@@ -425,7 +591,9 @@ class Runner:
     def _finish(self) -> None:
         rest = self.reorderer.flush() if self.reorderer is not None else []
         for item in rest:
-            self.handle(item)
+            self._take(item)
+        if self.batcher is not None and len(self.batcher):
+            self.handle_batch(self.batcher.take())
         self._send(self.stage.finish())
         if self.io.on_exit is not None:
             self.io.on_exit()

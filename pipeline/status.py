@@ -213,3 +213,22 @@ def run_summary(run_id: str, wall_s: float, views: Mapping[str, StageView], acti
     if failure:
         out["failure"] = failure
     return out
+
+
+def batch_summary(counts: Mapping[str, int]) -> str:
+    """One line on detection batching from a stage's summed counts (``detection.batch`` > 1), or ``""`` without it.
+
+    Uses the runner's ``batches`` / ``batch_frames`` / ``batch_timeouts`` and the detection stage's
+    ``detector_batches`` / ``detector_batch_frames`` / ``detector_runs`` / ``detector_discarded``;
+    mean sizes are frames per batch.
+    """
+    batches = counts.get("batches", 0)
+    if not batches:
+        return ""
+    line = (f"batches: {batches}, mean {counts.get('batch_frames', 0) / batches:.2f} frames, "
+            f"{counts.get('batch_timeouts', 0)} closed by the timeout")
+    det = counts.get("detector_batches", 0)
+    if det:
+        line += (f"; to the detector: {det}, mean {counts.get('detector_batch_frames', 0) / det:.2f} frames, "
+                 f"{counts.get('detector_runs', 0)} model runs, {counts.get('detector_discarded', 0)} discarded")
+    return line

@@ -51,7 +51,7 @@ from pipeline.counters import CounterBlock
 from pipeline.journal import FrameJournal, Outbox
 from pipeline.messages import event_id_for
 from pipeline.metrics import Heartbeat, StageCounters
-from pipeline.runner import CaptureLoop, CaptureSettings, Reorderer, Runner, RunnerIO, StopFlag
+from pipeline.runner import Batcher, CaptureLoop, CaptureSettings, Reorderer, Runner, RunnerIO, StopFlag
 from pipeline.transport import PRIVATE_UMASK, ReliableSender, Transport
 
 log = logging.getLogger("facepro.worker")
@@ -179,14 +179,17 @@ def _detection(cfg: AppConfig, t: Transport, n_rec: int, counters: StageCounters
     from stages.detection import DetectionStage
     from stages.detector import ObjectDetector
 
-    stage = DetectionStage(ObjectDetector(cfg.detection.detector, _session_options(cfg, "detection", counts)), cfg.detection.motion)
+    det = cfg.detection
+    stage = DetectionStage(ObjectDetector(det.detector, _session_options(cfg, "detection", counts)), det.motion, batch=det.batch)
     inbox = t.credit_inbox([topology.frames(cam.name) for cam in cfg.cameras], window=CREDIT_WINDOW)
     outs = [t.sender(topology.detections(i), hwm=cfg.ring.slots, linger_ms=2000) for i in range(n_rec)]
     route = lambda msg: outs[recognition_index(cfg, msg.frame.camera, n_rec)]  # noqa: E731
     io = RunnerIO(inbox=inbox, route=route, heartbeat=hb, release=False, blocking_send=_file_mode(cfg), zero_copy=True,
                   forwarder=True)
     _show_providers(counters)
-    Runner(stage, io, counters, stop).run()
+    # detection.batch > 1: frames of all cameras go through the detector together (batch 1: frame by frame, as before)
+    batcher = Batcher(det.batch, det.batch_timeout_ms / 1000.0) if det.batch > 1 else None
+    Runner(stage, io, counters, stop, batcher=batcher).run()
 
 
 def _snapshot_sink(root: Path):

@@ -15,6 +15,11 @@ Two output layouts are supported (``detection.detector.layout`` in the config):
   names come from the model metadata ``names``.
 
 All boxes are ``xyxy`` = ``x1, y1, x2, y2`` in pixels, float32.
+
+Batches (:meth:`ObjectDetector.detect_batch`): a model whose input batch
+dimension is dynamic (``[N, 3, H, W]``, e.g. YOLOX ``export_onnx.py --dynamic``)
+runs a ``[B, 3, H, W]`` input once; one with a fixed batch size ``k`` (the asset
+YOLOX-Nano: 1) runs in chunks of ``k``. Output ``[B, ...]`` as above, per image.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import ast
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -295,12 +300,15 @@ def _static_dim(value: Any) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
-def _check_output(session: Any, path: Path, layout: str, input_hw: tuple[int, int], n_classes: int) -> None:
-    """Raise ModelError when the first output does not have the configured layout."""
+def _check_output(session: Any, path: Path, layout: str, input_hw: tuple[int, int], n_classes: int,
+                  batch: int | None = 1) -> None:
+    """Raise ModelError when the first output does not have the configured layout (``batch``: the input's
+    fixed batch size, None for a dynamic one, shown as ``N``)."""
     out = session.get_outputs()[0]
     shape = [_static_dim(v) for v in out.shape]
     cells = len(yolo_grid(tuple(input_hw))[0])
-    shapes = {"yolox": [1, cells, 5 + n_classes], "yolov8": [1, 4 + n_classes, cells]}
+    b: int | str = batch or "N"
+    shapes = {"yolox": [b, cells, 5 + n_classes], "yolov8": [b, 4 + n_classes, cells]}
     expected = shapes[layout]
     if not _fits(shape, expected):
         other = "yolov8" if layout == "yolox" else "yolox"
@@ -312,8 +320,8 @@ def _check_output(session: Any, path: Path, layout: str, input_hw: tuple[int, in
         )
 
 
-def _fits(shape: list[int | None], expected: list[int]) -> bool:
-    return len(shape) == len(expected) and all(s is None or s == e for s, e in zip(shape, expected))
+def _fits(shape: list[int | None], expected: list[int | str]) -> bool:
+    return len(shape) == len(expected) and all(s is None or isinstance(e, str) or s == e for s, e in zip(shape, expected))
 
 
 def _class_ids(wanted: tuple[str, ...], names: tuple[str, ...]) -> np.ndarray:
@@ -326,7 +334,7 @@ def _class_ids(wanted: tuple[str, ...], names: tuple[str, ...]) -> np.ndarray:
 
 
 class ObjectDetector:
-    """YOLOX / YOLOv8 object detector on ONNX Runtime (one frame at a time).
+    """YOLOX / YOLOv8 object detector on ONNX Runtime: one frame (:meth:`detect`) or a batch (:meth:`detect_batch`).
 
     Pure stage: it holds an inference session and no other resources.
 
@@ -338,6 +346,10 @@ class ObjectDetector:
         ModelError: the model file is missing, unreadable, or its input/output
             shapes do not match ``cfg.layout`` (the message names the file).
         ValueError: a name in ``cfg.classes`` is not a class of the model.
+
+    Attributes:
+        session_runs: inference session runs so far (one per :meth:`detect`, one
+            per model batch in :meth:`detect_batch`).
     """
 
     def __init__(self, cfg: OnnxDetectorConfig, opts: SessionOptions = SessionOptions()) -> None:
@@ -348,10 +360,12 @@ class ObjectDetector:
         if _static_dim(shape[2]) is None or _static_dim(shape[3]) is None:
             raise ModelError(f"{_WHAT} model {path}: input shape {list(shape)} has no fixed height/width; export it with a fixed input size")
         self._input_hw = (int(shape[2]), int(shape[3]))
+        self._batch_dim = _static_dim(shape[0])  # None: dynamic batch dimension
         self._input_name = self._session.get_inputs()[0].name
+        self.session_runs = 0
         names = _metadata_names(self._session, path) if cfg.layout == "yolov8" else None
         self._names = names or COCO80
-        _check_output(self._session, path, cfg.layout, self._input_hw, len(self._names))
+        _check_output(self._session, path, cfg.layout, self._input_hw, len(self._names), self._batch_dim)
         self._wanted = _class_ids(cfg.classes, self._names)
 
     @property
@@ -363,6 +377,11 @@ class ObjectDetector:
     def input_hw(self) -> tuple[int, int]:
         """Model input ``(height, width)``, pixels."""
         return self._input_hw
+
+    @property
+    def batch_dim(self) -> int | None:
+        """The model input's fixed batch size (1 for the asset YOLOX-Nano), or None when it is dynamic."""
+        return self._batch_dim
 
     def detect(self, frame: np.ndarray) -> DetectionResult:
         """Detect the configured classes in one frame.
@@ -377,20 +396,84 @@ class ObjectDetector:
 
         Raises:
             ValueError: ``frame`` is not an ``(H, W, 3) uint8`` array.
+            ModelError: the model answered with another number of images than its batch size.
         """
         _check_frame(frame, "ObjectDetector.detect frame")
-        yolox = self._cfg.layout == "yolox"
-        lb = letterbox(frame, self._input_hw, center=not yolox)
-        # YOLOX: BGR 0-255; YOLOv8: RGB / 255.
-        blob = cv2.dnn.blobFromImage(lb.image, 1.0 if yolox else 1.0 / 255.0, swapRB=not yolox)
-        raw = self._session.run(None, {self._input_name: blob})[0]
-        xyxy, scores, class_ids = decode_yolox(raw, self._input_hw) if yolox else decode_yolov8(raw)
+        lb = self._letterbox(frame)
+        blob = cv2.dnn.blobFromImage(lb.image, self._scale, swapRB=self._swap_rb)
+        return self._result(self._run_batch(blob), lb, frame.shape[:2])
+
+    def detect_batch(self, frames: Sequence[np.ndarray]) -> list[DetectionResult]:
+        """Detect the configured classes in several frames (of any sizes and cameras) at once.
+
+        Each frame is letterboxed on its own, the canvases are stacked into one
+        ``(B, 3, H, W) float32`` input, and decoding and NMS run per image.
+        With a dynamic batch dimension the model runs once for all ``B``
+        frames; with a fixed one of size ``k`` it runs ``ceil(B / k)`` times
+        (for ``k = 1``, like the asset YOLOX-Nano, once per frame), the last
+        run padded with blank images whose outputs are discarded.
+
+        Args:
+            frames: ``(H_i, W_i, 3) uint8`` BGR images; may be empty.
+
+        Returns:
+            One :class:`DetectionResult` per frame, in order, each exactly what
+            :meth:`detect` returns for that frame (up to float rounding of the
+            batched inference): ``xyxy`` boxes in that frame's pixels.
+
+        Raises:
+            ValueError: a frame is not an ``(H, W, 3) uint8`` array (the message gives its position).
+            ModelError: the model answered a batch with another number of images.
+        """
+        for i, frame in enumerate(frames):
+            _check_frame(frame, f"ObjectDetector.detect_batch frame {i}")
+        if not frames:
+            return []
+        boxes = [self._letterbox(frame) for frame in frames]
+        blob = cv2.dnn.blobFromImages([lb.image for lb in boxes], self._scale, swapRB=self._swap_rb)
+        raw = self._run_batch(blob)
+        return [self._result(raw[i : i + 1], lb, frame.shape[:2]) for i, (lb, frame) in enumerate(zip(boxes, frames))]
+
+    @property
+    def _yolox(self) -> bool:
+        return self._cfg.layout == "yolox"
+
+    @property
+    def _scale(self) -> float:
+        return 1.0 if self._yolox else 1.0 / 255.0  # YOLOX: BGR 0-255; YOLOv8: RGB / 255
+
+    @property
+    def _swap_rb(self) -> bool:
+        return not self._yolox
+
+    def _letterbox(self, frame: np.ndarray) -> Letterbox:
+        return letterbox(frame, self._input_hw, center=not self._yolox)
+
+    def _run_batch(self, blob: np.ndarray) -> np.ndarray:
+        """Model outputs for a ``(B, 3, H, W)`` input, in chunks of the model's fixed batch size (padded)."""
+        step = self._batch_dim or len(blob)
+        outs = []
+        for start in range(0, len(blob), step):
+            chunk = blob[start : start + step]
+            n = len(chunk)
+            if n < step:
+                chunk = np.concatenate((chunk, np.zeros((step - n, *chunk.shape[1:]), chunk.dtype)))
+            out = self._session.run(None, {self._input_name: chunk})[0]
+            self.session_runs += 1
+            if out.shape[0] != step:
+                raise ModelError(f"{_WHAT} model {self._cfg.path}: a batch of {step} images gave outputs of shape {list(out.shape)}")
+            outs.append(out[:n])
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def _result(self, raw: np.ndarray, lb: Letterbox, frame_hw: tuple[int, int]) -> DetectionResult:
+        """Decode, filter and NMS one image's ``(1, ...)`` model output; boxes mapped back to frame pixels."""
+        xyxy, scores, class_ids = decode_yolox(raw, self._input_hw) if self._yolox else decode_yolov8(raw)
         mask = (scores >= self._cfg.confidence) & np.isin(class_ids, self._wanted)
         xyxy, scores, class_ids = xyxy[mask], scores[mask], class_ids[mask]
         keep = nms_per_class(xyxy, scores, class_ids, self._cfg.nms_iou)
         keep = keep[np.argsort(-scores[keep], kind="stable")]
         return DetectionResult(
-            xyxy=boxes_to_frame(xyxy[keep], lb, frame.shape[:2]),
+            xyxy=boxes_to_frame(xyxy[keep], lb, frame_hw),
             confidence=scores[keep].astype(np.float32),
             class_id=class_ids[keep].astype(np.int32),
         )

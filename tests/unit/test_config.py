@@ -34,6 +34,7 @@ def test_minimal_config_gets_defaults() -> None:
     gait = parse_config(_with("recognition.gait", {"embedder": {"path": "g.onnx"}})).recognition.gait
     assert gait.embedder.type == "onnx" and gait.embedder.path == Path("g.onnx")
     assert cfg.detection.detector.classes == ("person",)
+    assert cfg.detection.batch == 1 and cfg.detection.batch_timeout_ms == 5.0  # one frame at a time unless asked
     assert cfg.cameras[0].resolved_mode() == "file"
 
 
@@ -43,6 +44,11 @@ def test_minimal_config_gets_defaults() -> None:
         ("detection.detecter", {}, r"detection\.detecter: Extra inputs are not permitted"),
         ("cameras.0.sorce", "x", r"cameras\.0\.sorce: Extra inputs"),
         ("detection.processes", 0, r"detection\.processes: Input should be greater than or equal to 1"),
+        ("detection.batch", 0, r"detection\.batch: Input should be greater than or equal to 1"),
+        ("detection.batch", 65, r"detection\.batch: Input should be less than or equal to 64"),
+        ("detection.batch", 2.5, r"detection\.batch: Input should be a valid integer"),
+        ("detection.batch_timeout_ms", -1, r"detection\.batch_timeout_ms: Input should be greater than or equal to 0"),
+        ("detection.batch_timeout_ms", 1001, r"detection\.batch_timeout_ms: Input should be less than or equal to 1000"),
         ("detection.detector.layout", "ssd", r"detection\.detector\.layout"),
         ("detection.detector.type", "tensorrt", r"detection\.detector\.type"),
         ("ring.slots", 2, r"ring\.slots"),
@@ -60,6 +66,13 @@ def test_minimal_config_gets_defaults() -> None:
 def test_invalid_configs_name_the_key(path: str, value: object, error: str) -> None:
     with pytest.raises(ConfigError, match=error):
         parse_config(_with(path, value), "test.yaml")
+
+
+@pytest.mark.parametrize("key, value", [("detection.batch", 1), ("detection.batch", 64),
+                                        ("detection.batch_timeout_ms", 0), ("detection.batch_timeout_ms", 1000)])
+def test_detection_batch_limits_are_accepted(key: str, value: float) -> None:
+    cfg = parse_config(_with(key, value))
+    assert getattr(cfg.detection, key.split(".")[1]) == value
 
 
 @pytest.mark.parametrize(

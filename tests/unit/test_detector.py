@@ -306,3 +306,125 @@ def test_detect_on_empty_scene_returns_typed_empty_result(yolox):
     assert len(result) == 0
     assert result.xyxy.shape == (0, 4) and result.xyxy.dtype == np.float32
     assert result.confidence.dtype == np.float32 and result.class_id.dtype == np.int32
+
+
+# ----------------------------------------------------------------- batches
+
+
+def _dynamic_batch_copy(src: Path, dst: Path) -> Path:
+    """``src`` (a YOLOX export with batch dimension fixed to 1) with a dynamic batch dimension ``N``: its
+    Reshape targets ``[1, 85, -1]`` become ``[0, 85, -1]`` (0: keep the input's batch size)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    targets = {n.input[1] for n in model.graph.node if n.op_type == "Reshape"}
+    changed = 0
+    for init in model.graph.initializer:
+        shape = numpy_helper.to_array(init)
+        if init.name in targets and shape.ndim == 1 and shape[0] == 1:
+            init.CopyFrom(numpy_helper.from_array(np.concatenate(([0], shape[1:])).astype(shape.dtype), init.name))
+            changed += 1
+    assert changed == 3, "expected the three head Reshapes of YOLOX (strides 8, 16, 32)"
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "N"
+    del model.graph.value_info[:]
+    onnx.save(model, str(dst))
+    return dst
+
+
+def _toy_yolox(path: Path, batch: int | str, hw: int = 32, seed: int = 0, one_output: bool = False) -> Path:
+    """A decoder-compatible toy YOLOX: ``sigmoid(flatten(x / 255) @ W)`` reshaped to ``[batch, cells, 85]``
+    for a ``hw`` x ``hw`` input (cells of strides 8, 16, 32), batch dimension ``batch`` (int: fixed);
+    ``one_output``: a broken export that averages the batch into one image."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    cells = sum((hw // s) ** 2 for s in (8, 16, 32))
+    weights = np.random.default_rng(seed).standard_normal((3 * hw * hw, cells * 85)).astype(np.float32) * 0.05
+    nodes = [helper.make_node("Mul", ["images", "inv255"], ["x"]), helper.make_node("Flatten", ["x"], ["flat"], axis=1),
+             helper.make_node("MatMul", ["flat", "W"], ["y"]), helper.make_node("Sigmoid", ["y"], ["p"]),
+             helper.make_node("Reshape", ["p", "shape"], ["output"])]
+    if one_output:
+        nodes.insert(4, helper.make_node("ReduceMean", ["p"], ["p1"], axes=[0], keepdims=1))
+        nodes[-1].input[0] = "p1"
+    inits = [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(np.array(1 / 255, np.float32), "inv255"),
+             numpy_helper.from_array(np.array([-1, cells, 85], np.int64), "shape")]
+    graph = helper.make_graph(nodes, "toy_yolox", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, hw, hw])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch, cells, 85])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _assert_same_results(batched: list[DetectionResult], single: list[DetectionResult]) -> None:
+    assert len(batched) == len(single)
+    for b, s in zip(batched, single):
+        assert b.xyxy.dtype == np.float32 and b.confidence.dtype == np.float32 and b.class_id.dtype == np.int32
+        assert len(b) == len(s)
+        np.testing.assert_allclose(b.xyxy, s.xyxy, atol=1e-3)  # pixels
+        np.testing.assert_allclose(b.confidence, s.confidence, atol=1e-5)
+        np.testing.assert_array_equal(b.class_id, s.class_id)
+
+
+@pytest.fixture(scope="module")
+def vtest_batch(videos) -> list[np.ndarray]:
+    """Five vtest frames, one of them a cropped (other size) frame, as from cameras of several resolutions."""
+    frames = _vtest_frames(videos, (0, 75, 150, 225, 300))
+    frames[2] = np.ascontiguousarray(frames[2][40:, 100:])
+    return frames
+
+
+def test_fixed_batch_yolox_runs_a_batch_frame_by_frame_with_the_same_results(yolox, vtest_batch):
+    assert yolox.batch_dim == 1
+    single = [yolox.detect(f) for f in vtest_batch]
+    runs = yolox.session_runs
+    batched = yolox.detect_batch(vtest_batch)
+    assert yolox.session_runs - runs == len(vtest_batch)  # batch dimension fixed to 1: one run per frame
+    _assert_same_results(batched, single)
+    assert sum(len(r) for r in batched) >= 15  # pedestrians in every frame: the comparison is not of empties
+
+
+def test_dynamic_batch_yolox_runs_once_per_batch_with_the_same_results(models, tmp_path, vtest_batch):
+    path = _dynamic_batch_copy(models / "yolox_nano.onnx", tmp_path / "yolox_nano_dynamic.onnx")
+    det = ObjectDetector(OnnxDetectorConfig(path=path, layout="yolox"), ONE_THREAD)
+    assert det.batch_dim is None
+    single = [det.detect(f) for f in vtest_batch]
+    runs = det.session_runs
+    batched = det.detect_batch(vtest_batch)
+    assert det.session_runs - runs == 1  # one [5, 3, 416, 416] run
+    _assert_same_results(batched, single)
+    assert sum(len(r) for r in batched) >= 15
+    _assert_same_results(det.detect_batch(vtest_batch[:1]), single[:1])
+
+
+@pytest.mark.parametrize("batch_dim, n, runs", [("N", 5, 1), (2, 5, 3), (2, 4, 2), (5, 5, 1), (4, 1, 1)])
+def test_toy_model_batches_in_chunks_of_its_batch_dim(tmp_path, batch_dim, n, runs):
+    path = _toy_yolox(tmp_path / "toy.onnx", batch_dim)
+    det = ObjectDetector(OnnxDetectorConfig(path=path, layout="yolox", confidence=0.2, classes=tuple(COCO80)), ONE_THREAD)
+    assert det.batch_dim == (None if batch_dim == "N" else batch_dim)
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 256, (24 + 8 * i, 40, 3), dtype=np.uint8) for i in range(n)]
+    batched = det.detect_batch(frames)
+    assert det.session_runs == runs
+    single = [det.detect(f) for f in frames]  # a fixed batch > 1: each frame padded alone
+    assert det.session_runs == runs + n
+    _assert_same_results(batched, single)
+    assert all(len(r) > 0 for r in batched)  # every image has boxes: the property is not shown on empties
+    assert len({r.xyxy.tobytes() for r in batched}) == n  # and they differ per image (no mixed-up rows)
+
+
+def test_detect_batch_names_the_bad_frame_and_accepts_none(yolox):
+    assert yolox.detect_batch([]) == []
+    with pytest.raises(ValueError, match="detect_batch frame 1"):
+        yolox.detect_batch([np.zeros((10, 10, 3), np.uint8), np.zeros((10, 10), np.uint8)])
+
+
+def test_a_model_that_answers_a_batch_with_one_image_is_a_model_error(tmp_path):
+    path = _toy_yolox(tmp_path / "broken.onnx", "N", one_output=True)
+    det = ObjectDetector(OnnxDetectorConfig(path=path, layout="yolox"), ONE_THREAD)
+    frame = np.zeros((32, 32, 3), np.uint8)
+    assert isinstance(det.detect(frame), DetectionResult)  # a batch of one is fine
+    with pytest.raises(ModelError, match=r"broken.onnx: a batch of 3 images gave outputs of shape \[1, 21, 85\]"):
+        det.detect_batch([frame] * 3)

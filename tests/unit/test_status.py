@@ -100,3 +100,29 @@ def test_summary_shape() -> None:
     assert s["interrupted"] is False
     live = run_summary("run1", 5.0, views(), failure="stage x failed", file_mode=False)
     assert live["complete"] is None and live["failure"] == "stage x failed" and "active_s" not in live
+
+
+@pytest.mark.parametrize("counts, expected", [
+    ({}, ""),
+    ({"batches": 0, "batch_frames": 0}, ""),
+    ({"batches": 4, "batch_frames": 10, "batch_timeouts": 2},
+     "batches: 4, mean 2.50 frames, 2 closed by the timeout"),
+    ({"batches": 4, "batch_frames": 10, "batch_timeouts": 2, "detector_batches": 3, "detector_batch_frames": 7,
+      "detector_runs": 7, "detector_discarded": 1},
+     "batches: 4, mean 2.50 frames, 2 closed by the timeout; to the detector: 3, mean 2.33 frames, 7 model runs, 1 discarded"),
+])
+def test_batch_summary(counts: dict, expected: str) -> None:
+    from pipeline.status import batch_summary
+
+    assert batch_summary(counts) == expected
+
+
+def test_status_table_shows_batching_summed_over_detection_processes() -> None:
+    from pipeline.cli import _status_table
+
+    v = views(detection=[snap(extra={"batches": 2, "batch_frames": 8, "batch_timeouts": 0}),
+                         snap(extra={"batches": 2, "batch_frames": 4, "batch_timeouts": 1})])
+    table = _status_table(status_reply("run1", 1.0, v, {s: RateWindow() for s in ORDER}, now=1.0)).splitlines()
+    at = next(i for i, line in enumerate(table) if line.startswith("detection"))
+    assert table[at + 2].strip() == "batches: 4, mean 3.00 frames, 1 closed by the timeout"  # after its counts line
+    assert sum("batches:" in line for line in table) == 1

@@ -1,0 +1,43 @@
+"""Cross-camera detection batching in the real pipeline: two cameras with ``detection.batch: 2`` store what
+frame-by-frame detection stores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import facepro, finish_run, pipeline_config, save_config, start_run, write_clip
+
+FRAMES = 100
+
+
+def _run(models: Path, clips: dict[str, Path], data_dir: Path, monkeypatch: pytest.MonkeyPatch, batch: int) -> tuple[dict, list]:
+    data_dir.mkdir()
+    monkeypatch.setenv("FACEPRO_DATA_DIR", str(data_dir))
+    tree = pipeline_config(models, clips)
+    tree["detection"].update(batch=batch, batch_timeout_ms=20)
+    cfg = save_config(tree, data_dir / "cfg.yaml")
+    summary = finish_run(start_run(cfg), data_dir)
+    res = facepro("events", "--config", str(cfg), "--json", "--limit", "1000", check=True)
+    events = sorted((e["camera"], e["track_id"], e["first_frame"], e["last_frame"], e["label"])
+                    for e in map(json.loads, res.stdout.splitlines()))
+    return summary, events
+
+
+def test_two_cameras_batched_by_two_store_what_frame_by_frame_stores(videos: Path, models: Path, short_data_dir: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    clips = {"campus": write_clip(videos / "vtest.avi", short_data_dir / "a.avi", FRAMES),
+             "hall": write_clip(videos / "one-by-one-person-detection.mp4", short_data_dir / "b.avi", FRAMES)}
+    one, events_one = _run(models, clips, short_data_dir / "b1", monkeypatch, batch=1)
+    two, events_two = _run(models, clips, short_data_dir / "b2", monkeypatch, batch=2)
+    for summary in (one, two):
+        assert summary["complete"] is True and summary["losses"] == {}
+        for stage in ("capture", "detection", "recognition"):
+            assert summary["stages"][stage]["frames_out"] == 2 * FRAMES, stage  # every frame of both files, once
+    counts = two["stages"]["detection"]["counts"]
+    assert counts["batch_frames"] == 2 * FRAMES and FRAMES <= counts["batches"] < 2 * FRAMES  # batches of 1 and 2 frames
+    assert "batches" not in one["stages"]["detection"]["counts"]  # batch 1: frame by frame, no batch counters
+    assert {e[0] for e in events_one} == {"campus", "hall"}
+    assert events_two == events_one  # same detections, so the same tracks on each camera
