@@ -100,7 +100,7 @@ class SharedNamedTracks:
         self.received = 0
 
     def __call__(self) -> None:
-        from stages.recognition import Named
+        from stages.identity import Named
         from storage.db import StorageError
         from storage.queries import named_track_vectors
 

@@ -7,7 +7,8 @@ the ByteTrack state of a camera lives in exactly one place. On every
 inside each person box (SCRFD), aligns and embeds it, and matches it against
 the enrolled gallery (open-set, cosine similarity ≥ ``face.match_threshold``).
 A track is named by the votes of all its face observations
-(:class:`TrackVotes`), so one bad frame does not name a person.
+(:class:`~stages.identity.TrackVotes`), so one bad frame does not name a person;
+each open track's votes and decision live in one :class:`~stages.identity.TrackIdentity`.
 
 With ``recognition.reid`` configured, person tracks are also sampled with
 OSNet every few frames (:class:`ReidLinker`); a track that has no face
@@ -25,7 +26,6 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -33,62 +33,17 @@ import numpy as np
 from collections import OrderedDict
 
 from pipeline.config import FaceConfig, GaitConfig, OnnxReidConfig, TrackingConfig
-from pipeline.messages import Detections, EmbeddingRecord, TrackUpdate
+from pipeline.messages import Detections, EmbeddingRecord
 from stages.face import Face, FaceAnalyzer
 from stages.gait import CameraSilhouettes, GaitEmbedder, GeiEmbedder, TrackGait
 from stages.gallery import Gallery
+from stages.identity import Named, TrackIdentity
 from stages.quality import assess
 from stages.reid import ReidEmbedder, TrackReid, link_tracks
-from stages.tracking import ActiveTrack, CameraTracks
+from stages.tracking import ActiveTrack, CameraTracks, TrackState, Transition
 
 #: ``(event_id, camera, image (h, w, 3) uint8 BGR) -> path or None``: stores a JPEG snapshot.
 SnapshotSink = Callable[[str, str, np.ndarray], "str | None"]
-
-
-@dataclass
-class TrackVotes:
-    """Face votes of one track: the identity with a strict majority of face observations wins.
-
-    Unknown faces vote for "unknown"; so a track seen 5 times unknown and once
-    as "X" stays unknown. ``score`` is the best similarity of the winning identity.
-    """
-
-    votes: Counter = field(default_factory=Counter)
-    best: dict = field(default_factory=dict)
-    current: str | None = None  # identity last sent for the track
-
-    def add(self, identity: str | None, similarity: float) -> None:
-        self.votes[identity] += 1
-        if identity is not None:
-            self.best[identity] = max(self.best.get(identity, -1.0), similarity)
-
-    def settled(self, votes_needed: int | None) -> bool:
-        """True once one choice (a name, or unknown) holds at least ``votes_needed`` votes and a strict
-        majority: more face work could no longer change the decision without that many contrary votes
-        (None: never settled)."""
-        if votes_needed is None or not self.votes:
-            return False
-        choice, count = self.votes.most_common(1)[0]
-        return count >= votes_needed and count * 2 > sum(self.votes.values())
-
-    def decision(self) -> tuple[str | None, float]:
-        total = sum(self.votes.values())
-        known = [(n, c) for n, c in self.votes.items() if n is not None]
-        if not known:
-            return None, 0.0
-        name, count = max(known, key=lambda nc: (nc[1], self.best[nc[0]]))
-        if count * 2 <= total:  # no strict majority of the track's face observations
-            return None, 0.0
-        return name, float(self.best[name])
-
-
-@dataclass(frozen=True)
-class Named:
-    """The identity decision of a track: name (or None), method and score."""
-
-    identity: str | None
-    method: str | None
-    score: float
 
 
 class EarlierTracks:
@@ -296,9 +251,7 @@ class RecognitionStage:
         self.live_cameras = live_cameras
         self.max_lag_ms = max_lag_ms
         self.cameras: dict[str, CameraTracks] = {}
-        self.votes: dict[tuple[str, int], TrackVotes] = {}
-        self.snapped: set[str] = set()
-        self.named: dict[tuple[str, int], Named] = {}
+        self.identities: dict[tuple[str, int], TrackIdentity] = {}  # (camera, track id) -> its one identity state
         self.counts: Counter = Counter()  # face_rejected_<reason>, faces_used
         self.reid = reid
         self.gait = gait
@@ -312,6 +265,9 @@ class RecognitionStage:
         if camera not in self.cameras:
             self.cameras[camera] = CameraTracks(camera, self.tracking, self.class_names, event_ids=self.event_ids)
         return self.cameras[camera]
+
+    def _identity(self, camera: str, track_id: int) -> TrackIdentity:
+        return self.identities.setdefault((camera, track_id), TrackIdentity())
 
     def _record(self, *change: object) -> None:
         if self.journaling:
@@ -328,24 +284,23 @@ class RecognitionStage:
     def restore(self, det: Detections, parts: list[bytes]) -> None:
         """Re-apply a journaled frame (see the class docstring); the messages it would send are not sent again."""
         tracks = self._tracks(det.frame.camera)
-        out: list[object] = list(tracks.update(det))
+        transitions = tracks.update(det)
         for change in json.loads(parts[0]):
             self._apply(tracks, change, parts[1:])
-        self._forget_ended(out)
+        self._ended(transitions)
 
     def _apply(self, tracks: CameraTracks, change: list, vectors: list[bytes]) -> None:
         op, track_id = change[0], int(change[1])
-        key = (tracks.camera, track_id)
+        ident = self._identity(tracks.camera, track_id)
         if op == "snap":
-            self.snapped.add(change[2])
+            ident.snapped = True
             if change[3]:
                 tracks.set_snapshot(track_id, change[3])
         elif op == "vote":
-            votes = self.votes.setdefault(key, TrackVotes())
-            votes.add(change[2], float(change[3]))
-            votes.current = votes.decision()[0]
+            ident.votes.add(change[2], float(change[3]))
+            ident.votes.current = ident.votes.decision()[0]
         elif op == "name":
-            self.named[key] = Named(change[2], change[3], float(change[4]))
+            ident.decide(Named(change[2], change[3], float(change[4])))
             tracks.set_identity(track_id, change[2], change[3], float(change[4]))
         elif op == "reid" and self.reid is not None:
             self.reid.restore_sample(tracks.camera, track_id, int(change[2]), np.frombuffer(vectors[int(change[3])], np.float32))
@@ -382,7 +337,8 @@ class RecognitionStage:
     def process(self, frame: np.ndarray | None, meta: object) -> list[object]:
         assert isinstance(meta, Detections)
         tracks = self._tracks(meta.frame.camera)
-        out: list[object] = list(tracks.update(meta))
+        transitions = tracks.update(meta)
+        out: list[object] = [t.message for t in transitions]
         idx = meta.frame.frame_index
         if frame is not None:
             active = tracks.active()
@@ -395,20 +351,18 @@ class RecognitionStage:
                 self._reid(tracks, persons, frame, idx)
             if self.gait is not None:
                 self._gait(tracks, persons, frame)
-        out.extend(self._forget_ended(out))
+        out.extend(self._ended(transitions))
         return out
 
     def _name(self, tracks: CameraTracks, track_id: int, named: Named) -> None:
-        key = (tracks.camera, track_id)
-        if self.named.get(key) != named:
-            self.named[key] = named
+        if self._identity(tracks.camera, track_id).decide(named):
             tracks.set_identity(track_id, named.identity, named.method, named.score)
             self._record("name", track_id, named.identity, named.method, named.score)
 
     def _gait(self, tracks: CameraTracks, persons: list[ActiveTrack], frame: np.ndarray) -> None:
         for track_id in self.gait.observe(tracks.camera, persons, frame):
-            if self.named.get((tracks.camera, track_id)) is not None:
-                continue  # face or Re-ID already named it
+            if not self._identity(tracks.camera, track_id).accepts("gait"):
+                continue  # face or Re-ID already decided
             linked = self.gait.link(tracks.camera, track_id)
             if linked is not None:
                 self._name(tracks, track_id, linked)
@@ -416,8 +370,7 @@ class RecognitionStage:
 
     def _reid(self, tracks: CameraTracks, persons: list[ActiveTrack], frame: np.ndarray, idx: int) -> None:
         for track_id in self.reid.sample(tracks.camera, persons, frame, idx, self._samples if self.journaling else None):
-            current = self.named.get((tracks.camera, track_id))
-            if current is not None and current.method == "face":
+            if not self._identity(tracks.camera, track_id).accepts("reid"):
                 continue  # a face decision is never overridden by Re-ID
             linked = self.reid.link(tracks.camera, track_id)
             if linked is not None:
@@ -425,8 +378,8 @@ class RecognitionStage:
 
     def _needs_face(self, camera: str, track: ActiveTrack) -> bool:
         """A person track still needs face work until its votes are settled (``face.settle_votes``)."""
-        votes = self.votes.get((camera, track.track_id))
-        return track.label == "person" and (votes is None or not votes.settled(self.face.settle_votes))
+        ident = self.identities.get((camera, track.track_id))
+        return track.label == "person" and (ident is None or ident.needs_face(self.face.settle_votes))
 
     def _faces(self, frame: np.ndarray, camera: str, active: list[ActiveTrack]) -> list[Face] | None:
         """Faces of the whole frame when several person boxes need them (one SCRFD run), else None."""
@@ -458,9 +411,10 @@ class RecognitionStage:
 
     def _observe(self, tracks: CameraTracks, track: ActiveTrack, frame: np.ndarray, frame_index: int,
                  faces: list[Face] | None) -> list[object]:
-        if self.snapshot is not None and track.event_id not in self.snapped:
+        ident = self._identity(tracks.camera, track.track_id)
+        if self.snapshot is not None and not ident.snapped:
             path = self.snapshot(track.event_id, tracks.camera, _crop(frame, track.xyxy))
-            self.snapped.add(track.event_id)
+            ident.snapped = True
             self._record("snap", track.track_id, track.event_id, path or "")
             if path:
                 tracks.set_snapshot(track.track_id, path)
@@ -473,43 +427,36 @@ class RecognitionStage:
         if face is None:
             return []
         match = self.gallery.match(face.embedding[None, :])[0]
-        votes = self.votes.setdefault((tracks.camera, track.track_id), TrackVotes())
-        votes.add(match.identity, match.similarity)
+        decided = ident.face_vote(match.identity, float(match.similarity))
         self._record("vote", track.track_id, match.identity, float(match.similarity))
-        identity, score = votes.decision()
-        if identity != votes.current:  # re-send only when the decision changes
-            votes.current = identity
-            current = self.named.get((tracks.camera, track.track_id))
-            if identity is not None or (current is not None and current.method == "face"):
-                self._name(tracks, track.track_id, Named(identity, "face" if identity else None, score))
+        if decided is not None:  # re-send only when the decision changes
+            self._name(tracks, track.track_id, decided)
         return [EmbeddingRecord(event_id=track.event_id, kind="face", model=self.analyzer.model_name,
                                 vector=face.embedding.astype(np.float32), frame_index=frame_index, quality=face.score)]
 
-    def _forget_ended(self, out: list[object]) -> list[object]:
-        """Drop per-track state of ended tracks; returns their stored Re-ID means."""
+    def _ended(self, transitions: list[Transition]) -> list[object]:
+        """Drop the identity state of tracks that were removed; returns their stored Re-ID and gait embeddings."""
         extra: list[object] = []
-        for msg in out:
-            if isinstance(msg, TrackUpdate) and msg.ended:
-                self.votes.pop((msg.camera, msg.track_id), None)
-                self.snapped.discard(msg.event_id)
-                named = self.named.pop((msg.camera, msg.track_id), None)
-                if msg.label != "person":
-                    continue
-                for linker in (self.reid, self.gait):
-                    rec = linker.end(msg.camera, msg.track_id, msg.event_id, named) if linker is not None else None
-                    if rec is not None:
-                        extra.append(rec)
+        for t in transitions:
+            if t.state is not TrackState.REMOVED:
+                continue
+            msg = t.message
+            ident = self.identities.pop((msg.camera, msg.track_id), None)
+            if msg.label != "person":
+                continue
+            named = ident.named if ident is not None else None
+            for linker in (self.reid, self.gait):
+                rec = linker.end(msg.camera, msg.track_id, msg.event_id, named) if linker is not None else None
+                if rec is not None:
+                    extra.append(rec)
         return extra
 
     def tick(self, now_ns: int) -> list[object]:
         return []
 
     def finish(self) -> list[object]:
-        out: list[object] = []
-        for tracks in self.cameras.values():
-            out.extend(tracks.finish())
-        out.extend(self._forget_ended(out))
-        return out
+        transitions = [t for tracks in self.cameras.values() for t in tracks.finish()]
+        return [t.message for t in transitions] + self._ended(transitions)
 
 
 def _centre_inside(inner: np.ndarray, outer: np.ndarray) -> bool:

@@ -14,12 +14,14 @@ Each confirmed track (ByteTrack gives it a tracker id after
 ``minimum_consecutive_frames`` consecutive detections) is an *event* with a
 time-ordered ``event_id`` (by default a fresh :func:`pipeline.messages.new_event_id`; the pipeline derives
 it from the track's start, :func:`pipeline.messages.event_id_for`, so a rebuilt tracker names a resumed track
-the same); :class:`CameraTracks` reports its life as
-:class:`pipeline.messages.TrackUpdate` messages: on start, every
-``update_every_frames`` frames while it is seen, when recognition sets its
-identity or snapshot, and once with ``ended=True`` when ByteTrack drops it
-(more than ``lost_track_buffer_frames`` frames without a matching detection)
-or the stream ends (:meth:`CameraTracks.finish`). The start update is sent in
+the same); :class:`CameraTracks` reports its life as explicit
+:class:`Transition` s, each a :class:`TrackState` and the track's wire message
+(:class:`pipeline.messages.TrackUpdate`): ``NEW`` when it is confirmed,
+``TRACKED`` every ``update_every_frames`` frames while it is seen, ``TRACKED``
+or ``LOST`` (not matched in that frame) when recognition sets its identity or
+snapshot, and ``REMOVED`` (the message has ``ended=True``) when ByteTrack drops
+it (more than ``lost_track_buffer_frames`` frames without a matching
+detection) or the stream ends (:meth:`CameraTracks.finish`). The start update is sent in
 the frame the track is confirmed, but its ``first_frame``/``first_seen_ns``
 are those of the track's first detection (``minimum_consecutive_frames - 1``
 frames earlier); ``best_score`` and ``xyxy`` come from the detections matched
@@ -34,6 +36,7 @@ Kalman step per frame) with ``lost_track_buffer_frames`` used as is. A gap in
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -46,6 +49,24 @@ from pipeline.messages import ID_METHODS, Detections, TrackUpdate, new_event_id
 
 #: ByteTrack scales its lost-track buffer by ``frame_rate / 30``; 30 keeps it in frames.
 _BYTETRACK_REFERENCE_FPS = 30.0
+
+
+class TrackState(enum.Enum):
+    """What a :class:`Transition` says happened to a track in a frame (after Ultralytics' tracker
+    ``TrackState``: New, Tracked, Lost, Removed)."""
+
+    NEW = "new"  # confirmed in this frame: its event starts
+    TRACKED = "tracked"  # matched to a detection in this frame
+    LOST = "lost"  # not matched in this frame but still kept by ByteTrack
+    REMOVED = "removed"  # dropped by ByteTrack, or the stream ended: its event ends
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One emitted change of a track: its state and its wire message (``ended`` is True for ``REMOVED``)."""
+
+    state: TrackState
+    message: TrackUpdate
 
 
 @dataclass(frozen=True)
@@ -72,7 +93,7 @@ class _Event:
     message: TrackUpdate
     class_id: int
     tracker_id: int
-    sent_frame: int = -1  # last_frame of the last update returned
+    sent_frame: int = -1  # last_frame of the last update returned (-1: none yet, the next one is NEW)
     dirty: bool = True  # identity/snapshot changed since the last update returned
 
 
@@ -126,15 +147,16 @@ class CameraTracks:
 
     # ------------------------------------------------------------------ public
 
-    def update(self, det: Detections) -> list[TrackUpdate]:
+    def update(self, det: Detections) -> list[Transition]:
         """Feed one frame's detections (frames in increasing ``frame_index`` order).
 
         A frame with ``motion=False`` or ``valid=False`` is fed as an empty
         detection set (tracks age by one frame).
 
         Returns:
-            Updates for tracks that started, continue (throttled to every
-            ``update_every_frames`` frames), changed identity/snapshot, or ended.
+            Transitions of tracks that started (``NEW``), continue (``TRACKED``,
+            throttled to every ``update_every_frames`` frames), changed
+            identity/snapshot (``TRACKED`` or ``LOST``), or ended (``REMOVED``).
 
         Raises:
             ValueError: wrong camera, ``frame_index`` not after the previous
@@ -153,8 +175,8 @@ class CameraTracks:
         """Confirmed tracks matched to a detection in the latest frame fed to :meth:`update`."""
         return list(self._active)
 
-    def finish(self) -> list[TrackUpdate]:
-        """End every open track (end of stream); returns their ``ended=True`` updates.
+    def finish(self) -> list[Transition]:
+        """End every open track (end of stream); returns their ``REMOVED`` transitions.
 
         Frames fed afterwards must still continue the ``frame_index`` order;
         use a new :class:`CameraTracks` for a new stream.
@@ -218,11 +240,11 @@ class CameraTracks:
         for old in [i for i in self._captured_ns if i < horizon]:
             del self._captured_ns[old]
 
-    def _step(self, sv_det: sv.Detections, index: int) -> list[TrackUpdate]:
+    def _step(self, sv_det: sv.Detections, index: int) -> list[Transition]:
         """Run every class's tracker on one frame and turn the result into updates."""
         class_ids = set(self._trackers) | set(np.unique(sv_det.class_id).tolist() if len(sv_det) else [])
         self._active = []
-        updates: list[TrackUpdate] = []
+        updates: list[Transition] = []
         for class_id in sorted(class_ids):
             tracker = self._trackers.setdefault(class_id, _make_tracker(self._cfg))
             out = tracker.update(sv_det[sv_det.class_id == class_id] if len(sv_det) else sv_det)
@@ -230,7 +252,7 @@ class CameraTracks:
             updates += self._dropped(class_id, tracker)
         return updates
 
-    def _seen(self, class_id: int, tracker: ByteTrackTracker, out: sv.Detections, index: int) -> list[TrackUpdate]:
+    def _seen(self, class_id: int, tracker: ByteTrackTracker, out: sv.Detections, index: int) -> list[Transition]:
         updates = []
         for box, conf, tracker_id in zip(out.xyxy, out.confidence, out.tracker_id):
             if tracker_id == -1:
@@ -242,13 +264,13 @@ class CameraTracks:
             event.message = _observed(event.message, box, float(conf), index, self._captured_ns[index])
             self._active.append(ActiveTrack(track_id, event.message.event_id, event.message.xyxy, event.message.label))
             if event.dirty or index - event.sent_frame >= self._every:
-                updates.append(self._emit(event))
+                updates.append(self._emit(event, TrackState.NEW if event.sent_frame < 0 else TrackState.TRACKED))
         for event in self._events.values():  # identity changes of tracks not seen in this frame
             if event.dirty and event.class_id == class_id and event.message.last_frame != index:
-                updates.append(self._emit(event))
+                updates.append(self._emit(event, TrackState.LOST))
         return updates
 
-    def _dropped(self, class_id: int, tracker: ByteTrackTracker) -> list[TrackUpdate]:
+    def _dropped(self, class_id: int, tracker: ByteTrackTracker) -> list[Transition]:
         alive = {int(t.tracker_id) for t in tracker.tracks if t.tracker_id != -1}
         gone = [key for key in self._by_tracker if key[0] == class_id and key[1] not in alive]
         return [self._close(self._by_tracker[key]) for key in gone]
@@ -280,15 +302,15 @@ class CameraTracks:
         self._events[track_id] = _Event(message=message, class_id=class_id, tracker_id=tracker_id)
         return track_id
 
-    def _emit(self, event: _Event) -> TrackUpdate:
+    def _emit(self, event: _Event, state: TrackState) -> Transition:
         event.sent_frame = event.message.last_frame
         event.dirty = False
-        return event.message
+        return Transition(state, event.message)
 
-    def _close(self, track_id: int) -> TrackUpdate:
+    def _close(self, track_id: int) -> Transition:
         event = self._events.pop(track_id)
         self._by_tracker.pop((event.class_id, event.tracker_id), None)
-        return replace(event.message, ended=True)
+        return Transition(TrackState.REMOVED, replace(event.message, ended=True))
 
     def _amend(self, track_id: int, **fields: object) -> bool:
         event = self._events.get(track_id)

@@ -21,7 +21,8 @@ from stages.gait import (
     gei_embedding,
     normalise_silhouette,
 )
-from stages.recognition import GaitLinker, Named
+from stages.identity import Named
+from stages.recognition import GaitLinker
 from stages.runtime import ModelError
 from stages.tracking import ActiveTrack
 

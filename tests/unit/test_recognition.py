@@ -10,7 +10,8 @@ import pytest
 
 from pipeline.config import OnnxDetectorConfig, OnnxReidConfig
 from stages.detector import ObjectDetector
-from stages.recognition import Named, ReidLinker, TrackVotes
+from stages.identity import Named, TrackVotes
+from stages.recognition import ReidLinker
 from stages.reid import ReidEmbedder
 from stages.tracking import ActiveTrack
 

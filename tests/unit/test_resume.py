@@ -11,7 +11,8 @@ from pipeline.config import FaceConfig, OnnxFaceDetectorConfig, OnnxFaceEmbedder
 from pipeline.journal import FrameJournal, Outbox, RecordLog, pack_parts, unpack_parts
 from pipeline.messages import Detections, EmbeddingRecord, FrameRef, StorageItem, TrackUpdate, event_id_for
 from stages.gallery import Gallery
-from stages.recognition import Named, RecognitionStage, ReidLinker
+from stages.identity import Named
+from stages.recognition import RecognitionStage, ReidLinker
 
 
 @pytest.mark.parametrize("parts", [[], [b""], [b"a", b"", b"xyz" * 1000], [memoryview(b"mv")]])

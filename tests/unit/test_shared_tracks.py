@@ -10,7 +10,8 @@ from pipeline.config import GaitConfig
 from pipeline.messages import TrackUpdate
 from pipeline.worker import SharedNamedTracks
 from stages.gait import CameraSilhouettes
-from stages.recognition import GaitLinker, Named
+from stages.identity import Named
+from stages.recognition import GaitLinker
 from stages.tracking import ActiveTrack
 from storage.db import open_engine
 from storage.queries import enroll

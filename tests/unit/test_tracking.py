@@ -12,7 +12,7 @@ from pipeline.config import OnnxDetectorConfig, TrackingConfig
 from pipeline.messages import Detections, FrameRef, TrackUpdate
 from stages.detector import COCO80, ObjectDetector
 from stages.runtime import SessionOptions
-from stages.tracking import ActiveTrack, CameraTracks
+from stages.tracking import ActiveTrack, CameraTracks, TrackState, Transition
 
 CAM = "cam0"
 CFG = TrackingConfig()  # lost buffer 30 frames, 3 consecutive frames to confirm
@@ -37,7 +37,12 @@ def _walker(index: int) -> list[float]:
 
 def _feed(tracks: CameraTracks, frames) -> list[tuple[int, TrackUpdate]]:
     """Feed Detections in order; return (frame fed, update) pairs."""
-    return [(d.frame.frame_index, u) for d in frames for u in tracks.update(d)]
+    return [(d.frame.frame_index, t.message) for d in frames for t in tracks.update(d)]
+
+
+def _msgs(transitions: list[Transition]) -> list[TrackUpdate]:
+    """The wire messages of transitions."""
+    return [t.message for t in transitions]
 
 
 # ------------------------------------------------------------------ lifecycle
@@ -66,7 +71,7 @@ def test_linear_walker_is_one_track_with_one_start_and_one_end(every, expected_e
     np.testing.assert_allclose(end.xyxy, _walker(29))
     assert end.xyxy.dtype == np.float32 and end.best_score == pytest.approx(0.9)
     assert end.identity is None and end.method is None
-    assert tracks.finish() == []  # nothing left open
+    assert _msgs(tracks.finish()) == []  # nothing left open
 
 
 def test_two_separated_walkers_are_two_tracks():
@@ -74,7 +79,7 @@ def test_two_separated_walkers_are_two_tracks():
     other = lambda i: [400.0 - 3 * i, 150.0, 440.0 - 3 * i, 260.0]  # noqa: E731 - walks the other way
     out = _feed(tracks, [_dets(i, [_walker(i), other(i)]) for i in range(20)])
     active = sorted(tracks.active(), key=lambda a: a.track_id)
-    ended = tracks.finish()
+    ended = _msgs(tracks.finish())
     updates = [u for _, u in out] + ended
     assert {u.track_id for u in updates} == {1, 2}
     assert len({u.event_id for u in updates}) == 2
@@ -94,7 +99,7 @@ def test_classes_are_tracked_separately():
     _feed(tracks, [_dets(i, [_walker(i)]) for i in range(10)])
     _feed(tracks, [_dets(i, [_walker(i)], classes=[BACKPACK]) for i in range(10, 20)])
     assert [(a.track_id, a.label) for a in tracks.active()] == [(2, "backpack")]
-    ended = {u.track_id: u for u in tracks.finish()}
+    ended = {u.track_id: u for u in _msgs(tracks.finish())}
     assert (ended[1].label, ended[1].first_frame, ended[1].last_frame) == ("person", 0, 9)
     assert (ended[2].label, ended[2].first_frame, ended[2].last_frame) == ("backpack", 10, 19)
 
@@ -125,7 +130,7 @@ def test_skipped_or_invalid_frames_count_as_empty(flags):
 def test_gap_in_frame_index_ages_tracks(next_frame, boxes, expect_ended):
     tracks = CameraTracks(CAM, CFG, COCO80, update_every_frames=1)
     _feed(tracks, [_dets(i, [_walker(i)]) for i in range(5)])
-    out = tracks.update(_dets(next_frame, boxes))
+    out = _msgs(tracks.update(_dets(next_frame, boxes)))
     assert [u.track_id for u in out] == [1]
     assert out[0].ended is expect_ended
     assert out[0].last_frame == (4 if expect_ended else next_frame)
@@ -137,12 +142,12 @@ def test_identity_and_snapshot_ride_on_the_next_update():
     (track,) = tracks.active()
     assert tracks.set_identity(track.track_id, "obama", "face", 0.71) is True
     assert tracks.set_snapshot(track.track_id, "/tmp/snap.jpg") is True
-    (update,) = tracks.update(_dets(4, [_walker(4)]))  # inside the 100-frame throttle window
+    (update,) = _msgs(tracks.update(_dets(4, [_walker(4)])))  # inside the 100-frame throttle window
     assert (update.identity, update.method, update.identity_score, update.snapshot_path) == ("obama", "face", pytest.approx(0.71), "/tmp/snap.jpg")
-    assert tracks.update(_dets(5, [_walker(5)])) == []  # nothing new: throttled
+    assert _msgs(tracks.update(_dets(5, [_walker(5)]))) == []  # nothing new: throttled
     tracks.set_identity(track.track_id, "obama", "face", 0.71)  # same decision again
-    assert tracks.update(_dets(6, [_walker(6)])) == []
-    (end,) = tracks.finish()
+    assert _msgs(tracks.update(_dets(6, [_walker(6)]))) == []
+    (end,) = _msgs(tracks.finish())
     assert end.ended and end.identity == "obama" and end.event_id == update.event_id
     assert tracks.set_identity(track.track_id, "biden", "face", 0.9) is False  # already ended
 
@@ -151,16 +156,30 @@ def test_identity_change_of_a_track_missed_in_this_frame_is_still_sent():
     tracks = CameraTracks(CAM, CFG, COCO80, update_every_frames=100)
     _feed(tracks, [_dets(i, [_walker(i)]) for i in range(4)])
     tracks.set_identity(1, None, "reid", 0.2)
-    (update,) = tracks.update(_dets(4))  # the person is missed by the detector in this frame
+    (update,) = _msgs(tracks.update(_dets(4)))  # the person is missed by the detector in this frame
     assert (update.track_id, update.method, update.last_frame, update.ended) == (1, "reid", 3, False)
+
+
+def test_transitions_say_new_tracked_lost_and_removed():
+    """A walker confirmed at frame 2 (NEW), seen (TRACKED, throttled), renamed while the detector misses it (LOST),
+    dropped after the lost-track buffer (REMOVED, the wire message ended)."""
+    tracks = CameraTracks(CAM, CFG, COCO80, update_every_frames=10)
+    states = [(d.frame.frame_index, t.state) for d in [_dets(i, [_walker(i)]) for i in range(15)] for t in tracks.update(d)]
+    assert states == [(2, TrackState.NEW), (12, TrackState.TRACKED)]
+    tracks.set_identity(1, "obama", "face", 0.7)
+    (lost,) = tracks.update(_dets(15))
+    assert lost.state is TrackState.LOST and lost.message.identity == "obama" and not lost.message.ended
+    gone = [t for i in range(16, 60) for t in tracks.update(_dets(i))]
+    assert [t.state for t in gone] == [TrackState.REMOVED] and gone[0].message.ended
+    assert tracks.finish() == []
 
 
 def test_finish_ends_every_open_track_once():
     tracks = CameraTracks(CAM, CFG, COCO80)
     _feed(tracks, [_dets(i, [_walker(i), [300, 50, 340, 150]]) for i in range(6)])
-    ended = tracks.finish()
+    ended = _msgs(tracks.finish())
     assert sorted(u.track_id for u in ended) == [1, 2] and all(u.ended for u in ended)
-    assert tracks.finish() == [] and tracks.active() == []
+    assert _msgs(tracks.finish()) == [] and tracks.active() == []
 
 
 @pytest.mark.parametrize(
@@ -174,9 +193,9 @@ def test_finish_ends_every_open_track_once():
 )
 def test_bad_input_is_rejected(first, second, message):
     tracks = CameraTracks(CAM, CFG, COCO80)
-    tracks.update(first)
+    _msgs(tracks.update(first))
     with pytest.raises(ValueError, match=message):
-        tracks.update(second)
+        _msgs(tracks.update(second))
 
 
 @pytest.mark.parametrize(
@@ -208,10 +227,10 @@ def test_yolox_and_bytetrack_on_vtest(models, videos):
         result = detector.detect(frame)
         det = _dets(i)
         det = Detections(frame=det.frame, xyxy=result.xyxy, confidence=result.confidence, class_id=result.class_id)
-        updates += tracks.update(det)
+        updates += _msgs(tracks.update(det))
         detected, active = detected + len(result), active + len(tracks.active())
     cap.release()
-    updates += tracks.finish()
+    updates += _msgs(tracks.finish())
 
     per_track = defaultdict(list)
     for u in updates:
