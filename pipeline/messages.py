@@ -41,7 +41,9 @@ DROP_REASONS: tuple[str, ...] = (
 ID_METHODS: tuple[str, ...] = ("face", "reid", "gait")
 
 
-def _check_array(name: str, value: np.ndarray, dtype: type, ndim: int, width: int | None = None) -> None:
+def check_array(name: str, value: np.ndarray, dtype: type, ndim: int, width: int | None = None) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is an ndarray of ``dtype`` with ``ndim`` dimensions
+    (and last dimension ``width`` when given)."""
     if not isinstance(value, np.ndarray):
         raise ValueError(f"{name}: expected numpy.ndarray, got {type(value).__name__}")
     if value.dtype != np.dtype(dtype):
@@ -52,7 +54,8 @@ def _check_array(name: str, value: np.ndarray, dtype: type, ndim: int, width: in
         raise ValueError(f"{name}: expected last dimension {width}, got shape {value.shape}")
 
 
-def _check_rows(owner: str, rows: int, **arrays: np.ndarray) -> None:
+def check_rows(owner: str, rows: int, **arrays: np.ndarray) -> None:
+    """Raise ValueError naming ``owner.<array>`` unless every array has ``rows`` rows."""
     for name, arr in arrays.items():
         if arr.shape[0] != rows:
             raise ValueError(f"{owner}.{name}: expected {rows} rows, got {arr.shape[0]}")
@@ -118,10 +121,10 @@ class Detections:
     valid: bool = True
 
     def __post_init__(self) -> None:
-        _check_array("Detections.xyxy", self.xyxy, np.float32, 2, 4)
-        _check_array("Detections.confidence", self.confidence, np.float32, 1)
-        _check_array("Detections.class_id", self.class_id, np.int32, 1)
-        _check_rows("Detections", self.xyxy.shape[0], confidence=self.confidence, class_id=self.class_id)
+        check_array("Detections.xyxy", self.xyxy, np.float32, 2, 4)
+        check_array("Detections.confidence", self.confidence, np.float32, 1)
+        check_array("Detections.class_id", self.class_id, np.int32, 1)
+        check_rows("Detections", self.xyxy.shape[0], confidence=self.confidence, class_id=self.class_id)
 
     def __len__(self) -> int:
         return int(self.xyxy.shape[0])
@@ -201,7 +204,7 @@ class TrackUpdate:
     def __post_init__(self) -> None:
         if len(self.event_id) != 32:
             raise ValueError(f"TrackUpdate.event_id: expected 32 hex characters, got {self.event_id!r}")
-        _check_array("TrackUpdate.xyxy", self.xyxy, np.float32, 1, 4)
+        check_array("TrackUpdate.xyxy", self.xyxy, np.float32, 1, 4)
         if self.method is not None and self.method not in ID_METHODS:
             raise ValueError(f"TrackUpdate.method: expected one of {ID_METHODS} or None, got {self.method!r}")
         if self.last_frame < self.first_frame:
@@ -229,7 +232,7 @@ class EmbeddingRecord:
     quality: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_array("EmbeddingRecord.vector", self.vector, np.float32, 1)
+        check_array("EmbeddingRecord.vector", self.vector, np.float32, 1)
         if self.kind not in ID_METHODS:
             raise ValueError(f"EmbeddingRecord.kind: expected one of {ID_METHODS}, got {self.kind!r}")
 
@@ -274,7 +277,7 @@ class StorageAck:
     seqs: np.ndarray
 
     def __post_init__(self) -> None:
-        _check_array("StorageAck.seqs", self.seqs, np.int64, 1)
+        check_array("StorageAck.seqs", self.seqs, np.int64, 1)
 
 
 @dataclass(frozen=True)
@@ -318,8 +321,8 @@ class StageStats:
     counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __post_init__(self) -> None:
-        _check_array("StageStats.drop_counts", self.drop_counts, np.int64, 1, len(DROP_REASONS))
-        _check_array("StageStats.counts", self.counts, np.int64, 1)
+        check_array("StageStats.drop_counts", self.drop_counts, np.int64, 1, len(DROP_REASONS))
+        check_array("StageStats.counts", self.counts, np.int64, 1)
         if len(self.count_names) != len(self.counts):
             raise ValueError(f"StageStats: {len(self.count_names)} count_names for {len(self.counts)} counts")
 
@@ -375,9 +378,9 @@ class StageStatus:
     counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __post_init__(self) -> None:
-        _check_array("StageStatus.pids", self.pids, np.int64, 1)
-        _check_array("StageStatus.counts", self.counts, np.int64, 1)
-        _check_array("StageStatus.drop_counts", self.drop_counts, np.int64, 1, len(DROP_REASONS))
+        check_array("StageStatus.pids", self.pids, np.int64, 1)
+        check_array("StageStatus.counts", self.counts, np.int64, 1)
+        check_array("StageStatus.drop_counts", self.drop_counts, np.int64, 1, len(DROP_REASONS))
 
     @property
     def dropped(self) -> int:

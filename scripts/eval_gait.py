@@ -60,7 +60,6 @@ from eval_faces import UsageError, assets_dir, describe, model_path, run_report,
 from eval_reid import (FPS_NS, ONE_BY_ONE, fmt_score, known_person, link_online, open_video, parse_ranges,
                        video_path)
 from pipeline.config import GaitConfig, OnnxDetectorConfig, TrackingConfig
-from pipeline.messages import Detections, FrameRef
 from stages.detector import ObjectDetector
 from stages.gait import CameraSilhouettes, GaitEmbedder, GeiEmbedder, OnnxGaitEmbedder, normalise_silhouette
 from stages.runtime import SessionOptions
@@ -121,8 +120,7 @@ def run_video(path: Path, detector: ObjectDetector, width_px: int) -> tuple[dict
             if not ok:
                 break
             det = detector.detect(frame)
-            ref = FrameRef("eval", "eval", 0, index + 1, index, index * FPS_NS, frame.shape[0], frame.shape[1])
-            tracker.update(Detections(frame=ref, xyxy=det.xyxy, confidence=det.confidence, class_id=det.class_id))
+            tracker.update(index, index * FPS_NS, det)
             background.update(frame)
             for t in tracker.active():
                 if t.label != "person":

@@ -63,7 +63,6 @@ import numpy as np
 
 from eval_faces import UsageError, assets_dir, describe, model_path, run_report, threshold_for_far
 from pipeline.config import OnnxDetectorConfig, TrackingConfig
-from pipeline.messages import Detections, FrameRef
 from stages.detector import ObjectDetector
 from stages.reid import ReidEmbedder, TrackReid, link_tracks, similarity_matrix
 from stages.runtime import SessionOptions
@@ -152,8 +151,7 @@ def run_video(
             if not ok:
                 break
             det = detector.detect(frame)
-            ref = FrameRef("eval", "eval", 0, processed + 1, processed, processed * FPS_NS, frame.shape[0], frame.shape[1])
-            tracker.update(Detections(frame=ref, xyxy=det.xyxy, confidence=det.confidence, class_id=det.class_id))
+            tracker.update(processed, processed * FPS_NS, det)
             processed += 1
             due = []
             for t in tracker.active():

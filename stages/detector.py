@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 
 from pipeline.config import OnnxDetectorConfig
+from pipeline.messages import check_array, check_rows
 from stages.runtime import ModelError, SessionOptions, expect_input, open_session, for_model
 
 #: The 80 COCO class names in the order used by YOLOX and YOLOv8 (index = class id).
@@ -261,20 +262,35 @@ def nms_per_class(xyxy: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, i
 
 @dataclass(frozen=True)
 class DetectionResult:
-    """Objects found in one frame.
+    """Objects found in one frame: the detections container of the stages (the detector's output and the
+    tracker's input; the wire message :class:`pipeline.messages.Detections` carries the same arrays).
 
     Attributes:
         xyxy: ``(n, 4) float32`` boxes ``x1, y1, x2, y2`` in frame pixels.
         confidence: ``(n,) float32`` detection scores in [0, 1].
         class_id: ``(n,) int32`` class ids (index into ``ObjectDetector.class_names``).
+
+    Raises:
+        ValueError: (at construction) an array of another dtype or shape, or arrays of different lengths.
     """
 
     xyxy: np.ndarray
     confidence: np.ndarray
     class_id: np.ndarray
 
+    def __post_init__(self) -> None:
+        check_array("DetectionResult.xyxy", self.xyxy, np.float32, 2, 4)
+        check_array("DetectionResult.confidence", self.confidence, np.float32, 1)
+        check_array("DetectionResult.class_id", self.class_id, np.int32, 1)
+        check_rows("DetectionResult", self.xyxy.shape[0], confidence=self.confidence, class_id=self.class_id)
+
     def __len__(self) -> int:
         return int(self.xyxy.shape[0])
+
+    @classmethod
+    def empty(cls) -> DetectionResult:
+        """No objects (a frame the motion gate skipped, or one that could not be read)."""
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32))
 
 
 def _check_frame(frame: Any, what: str) -> None:

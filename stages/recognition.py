@@ -34,6 +34,7 @@ from collections import OrderedDict
 
 from pipeline.config import FaceConfig, GaitConfig, OnnxReidConfig, TrackingConfig
 from pipeline.messages import Detections, EmbeddingRecord
+from stages.detector import DetectionResult
 from stages.face import Face, FaceAnalyzer
 from stages.gait import CameraSilhouettes, GaitEmbedder, GeiEmbedder, TrackGait
 from stages.gallery import Gallery
@@ -284,7 +285,7 @@ class RecognitionStage:
     def restore(self, det: Detections, parts: list[bytes]) -> None:
         """Re-apply a journaled frame (see the class docstring); the messages it would send are not sent again."""
         tracks = self._tracks(det.frame.camera)
-        transitions = tracks.update(det)
+        transitions = tracks.update(det.frame.frame_index, det.frame.captured_at_ns, objects_of(det))
         for change in json.loads(parts[0]):
             self._apply(tracks, change, parts[1:])
         self._ended(transitions)
@@ -337,7 +338,7 @@ class RecognitionStage:
     def process(self, frame: np.ndarray | None, meta: object) -> list[object]:
         assert isinstance(meta, Detections)
         tracks = self._tracks(meta.frame.camera)
-        transitions = tracks.update(meta)
+        transitions = tracks.update(meta.frame.frame_index, meta.frame.captured_at_ns, objects_of(meta))
         out: list[object] = [t.message for t in transitions]
         idx = meta.frame.frame_index
         if frame is not None:
@@ -457,6 +458,13 @@ class RecognitionStage:
     def finish(self) -> list[object]:
         transitions = [t for tracks in self.cameras.values() for t in tracks.finish()]
         return [t.message for t in transitions] + self._ended(transitions)
+
+
+def objects_of(det: Detections) -> DetectionResult:
+    """The process edge: the tracker's input from a wire message (empty for a skipped or unreadable frame)."""
+    if not (det.motion and det.valid and len(det)):
+        return DetectionResult.empty()
+    return DetectionResult(det.xyxy, det.confidence, det.class_id)
 
 
 def _centre_inside(inner: np.ndarray, outer: np.ndarray) -> bool:

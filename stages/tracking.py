@@ -45,7 +45,8 @@ import supervision as sv
 from trackers import ByteTrackTracker
 
 from pipeline.config import TrackingConfig
-from pipeline.messages import ID_METHODS, Detections, TrackUpdate, new_event_id
+from pipeline.messages import ID_METHODS, TrackUpdate, new_event_id
+from stages.detector import DetectionResult
 
 #: ByteTrack scales its lost-track buffer by ``frame_rate / 30``; 30 keeps it in frames.
 _BYTETRACK_REFERENCE_FPS = 30.0
@@ -147,11 +148,14 @@ class CameraTracks:
 
     # ------------------------------------------------------------------ public
 
-    def update(self, det: Detections) -> list[Transition]:
+    def update(self, frame_index: int, captured_at_ns: int, objects: DetectionResult) -> list[Transition]:
         """Feed one frame's detections (frames in increasing ``frame_index`` order).
 
-        A frame with ``motion=False`` or ``valid=False`` is fed as an empty
-        detection set (tracks age by one frame).
+        Args:
+            frame_index: the frame's index in its camera's stream (0-based).
+            captured_at_ns: its capture time, Unix nanoseconds (the events' first/last seen times).
+            objects: its detections; an empty one for a frame the motion gate
+                skipped or that could not be read (tracks age by one frame).
 
         Returns:
             Transitions of tracks that started (``NEW``), continue (``TRACKED``,
@@ -159,14 +163,13 @@ class CameraTracks:
             identity/snapshot (``TRACKED`` or ``LOST``), or ended (``REMOVED``).
 
         Raises:
-            ValueError: wrong camera, ``frame_index`` not after the previous
-                frame's, or a ``class_id`` outside ``class_names``.
+            ValueError: ``frame_index`` not after the previous frame's, or a
+                ``class_id`` outside ``class_names``.
         """
-        index = self._check_frame(det)
+        index = self._check_frame(frame_index, objects)
         updates = [u for i in self._gap_frames(index) for u in self._step(self._empty_detections(), i)]
-        self._remember_capture_time(index, det.frame.captured_at_ns)
-        usable = det.motion and det.valid and len(det) > 0
-        sv_det = self._to_supervision(det) if usable else self._empty_detections()
+        self._remember_capture_time(index, captured_at_ns)
+        sv_det = self._to_supervision(objects) if len(objects) else self._empty_detections()
         updates += self._step(sv_det, index)
         self._last_frame = index
         return updates
@@ -214,10 +217,7 @@ class CameraTracks:
 
     # ------------------------------------------------------------------ steps
 
-    def _check_frame(self, det: Detections) -> int:
-        if det.frame.camera != self.camera:
-            raise ValueError(f"CameraTracks({self.camera!r}).update: detections of camera {det.frame.camera!r}; use one CameraTracks per camera")
-        index = det.frame.frame_index
+    def _check_frame(self, index: int, det: DetectionResult) -> int:
         if self._last_frame is not None and index <= self._last_frame:
             raise ValueError(
                 f"CameraTracks({self.camera!r}).update: frame_index {index} is not after the previous frame "
@@ -323,7 +323,7 @@ class CameraTracks:
 
     # ------------------------------------------------------------------ conversions
 
-    def _to_supervision(self, det: Detections) -> sv.Detections:
+    def _to_supervision(self, det: DetectionResult) -> sv.Detections:
         return sv.Detections(xyxy=det.xyxy.astype(np.float32), confidence=det.confidence.astype(np.float32), class_id=det.class_id.astype(int))
 
     @staticmethod

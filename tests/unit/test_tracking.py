@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -12,6 +13,8 @@ from pipeline.config import OnnxDetectorConfig, TrackingConfig
 from pipeline.messages import Detections, FrameRef, TrackUpdate
 from stages.detector import COCO80, ObjectDetector
 from stages.runtime import SessionOptions
+from stages.detector import DetectionResult
+from stages.recognition import objects_of
 from stages.tracking import ActiveTrack, CameraTracks, TrackState, Transition
 
 CAM = "cam0"
@@ -23,11 +26,22 @@ def _ns(index: int) -> int:
     return 1_700_000_000_000_000_000 + index * 100_000_000  # 10 fps
 
 
-def _dets(index: int, boxes=(), conf: float = 0.9, classes=None, camera: str = CAM, **flags) -> Detections:
+class _Frame(NamedTuple):
+    """The tracker's input for one frame: ``CameraTracks.update(*frame)``."""
+
+    index: int
+    captured_at_ns: int
+    objects: DetectionResult
+
+
+def _objects(boxes=(), conf: float = 0.9, classes=None) -> DetectionResult:
     xyxy = np.array(boxes, np.float32).reshape(-1, 4)
     class_id = np.zeros(len(xyxy), np.int32) if classes is None else np.array(classes, np.int32)
-    ref = FrameRef(camera=camera, ring="ring", slot=0, seq=index + 1, frame_index=index, captured_at_ns=_ns(index), height=360, width=480)
-    return Detections(frame=ref, xyxy=xyxy, confidence=np.full(len(xyxy), conf, np.float32), class_id=class_id, **flags)
+    return DetectionResult(xyxy, np.full(len(xyxy), conf, np.float32), class_id)
+
+
+def _dets(index: int, boxes=(), conf: float = 0.9, classes=None) -> _Frame:
+    return _Frame(index, _ns(index), _objects(boxes, conf, classes))
 
 
 def _walker(index: int) -> list[float]:
@@ -37,7 +51,7 @@ def _walker(index: int) -> list[float]:
 
 def _feed(tracks: CameraTracks, frames) -> list[tuple[int, TrackUpdate]]:
     """Feed Detections in order; return (frame fed, update) pairs."""
-    return [(d.frame.frame_index, t.message) for d in frames for t in tracks.update(d)]
+    return [(d.index, t.message) for d in frames for t in tracks.update(*d)]
 
 
 def _msgs(transitions: list[Transition]) -> list[TrackUpdate]:
@@ -112,10 +126,17 @@ def test_same_box_of_two_classes_gives_two_labelled_tracks():
 
 @pytest.mark.parametrize("flags", [{"motion": False}, {"valid": False}])
 def test_skipped_or_invalid_frames_count_as_empty(flags):
+    """At the process edge (recognition) a flagged wire message becomes an empty detections container."""
     tracks = CameraTracks(CAM, CFG, COCO80)
     _feed(tracks, [_dets(i, [_walker(i)]) for i in range(5)])
-    # the box is still there, but the frame is flagged: its detections must be ignored
-    out = _feed(tracks, [_dets(i, [_walker(5)], **flags) for i in range(5, 40)])
+
+    def flagged(i: int) -> _Frame:  # the box is still there, but the frame is flagged: its detections must be ignored
+        obj = _objects([_walker(5)])
+        ref = FrameRef(camera=CAM, ring="ring", slot=0, seq=i + 1, frame_index=i, captured_at_ns=_ns(i), height=360, width=480)
+        wire = Detections(frame=ref, xyxy=obj.xyxy, confidence=obj.confidence, class_id=obj.class_id, **flags)
+        return _Frame(i, _ns(i), objects_of(wire))
+
+    out = _feed(tracks, [flagged(i) for i in range(5, 40)])
     assert [(frame, u.ended, u.last_frame) for frame, u in out] == [(35, True, 4)]
     assert tracks.active() == []
 
@@ -130,7 +151,7 @@ def test_skipped_or_invalid_frames_count_as_empty(flags):
 def test_gap_in_frame_index_ages_tracks(next_frame, boxes, expect_ended):
     tracks = CameraTracks(CAM, CFG, COCO80, update_every_frames=1)
     _feed(tracks, [_dets(i, [_walker(i)]) for i in range(5)])
-    out = _msgs(tracks.update(_dets(next_frame, boxes)))
+    out = _msgs(tracks.update(*_dets(next_frame, boxes)))
     assert [u.track_id for u in out] == [1]
     assert out[0].ended is expect_ended
     assert out[0].last_frame == (4 if expect_ended else next_frame)
@@ -142,11 +163,11 @@ def test_identity_and_snapshot_ride_on_the_next_update():
     (track,) = tracks.active()
     assert tracks.set_identity(track.track_id, "obama", "face", 0.71) is True
     assert tracks.set_snapshot(track.track_id, "/tmp/snap.jpg") is True
-    (update,) = _msgs(tracks.update(_dets(4, [_walker(4)])))  # inside the 100-frame throttle window
+    (update,) = _msgs(tracks.update(*_dets(4, [_walker(4)])))  # inside the 100-frame throttle window
     assert (update.identity, update.method, update.identity_score, update.snapshot_path) == ("obama", "face", pytest.approx(0.71), "/tmp/snap.jpg")
-    assert _msgs(tracks.update(_dets(5, [_walker(5)]))) == []  # nothing new: throttled
+    assert _msgs(tracks.update(*_dets(5, [_walker(5)]))) == []  # nothing new: throttled
     tracks.set_identity(track.track_id, "obama", "face", 0.71)  # same decision again
-    assert _msgs(tracks.update(_dets(6, [_walker(6)]))) == []
+    assert _msgs(tracks.update(*_dets(6, [_walker(6)]))) == []
     (end,) = _msgs(tracks.finish())
     assert end.ended and end.identity == "obama" and end.event_id == update.event_id
     assert tracks.set_identity(track.track_id, "biden", "face", 0.9) is False  # already ended
@@ -156,7 +177,7 @@ def test_identity_change_of_a_track_missed_in_this_frame_is_still_sent():
     tracks = CameraTracks(CAM, CFG, COCO80, update_every_frames=100)
     _feed(tracks, [_dets(i, [_walker(i)]) for i in range(4)])
     tracks.set_identity(1, None, "reid", 0.2)
-    (update,) = _msgs(tracks.update(_dets(4)))  # the person is missed by the detector in this frame
+    (update,) = _msgs(tracks.update(*_dets(4)))  # the person is missed by the detector in this frame
     assert (update.track_id, update.method, update.last_frame, update.ended) == (1, "reid", 3, False)
 
 
@@ -164,12 +185,12 @@ def test_transitions_say_new_tracked_lost_and_removed():
     """A walker confirmed at frame 2 (NEW), seen (TRACKED, throttled), renamed while the detector misses it (LOST),
     dropped after the lost-track buffer (REMOVED, the wire message ended)."""
     tracks = CameraTracks(CAM, CFG, COCO80, update_every_frames=10)
-    states = [(d.frame.frame_index, t.state) for d in [_dets(i, [_walker(i)]) for i in range(15)] for t in tracks.update(d)]
+    states = [(d.index, t.state) for d in [_dets(i, [_walker(i)]) for i in range(15)] for t in tracks.update(*d)]
     assert states == [(2, TrackState.NEW), (12, TrackState.TRACKED)]
     tracks.set_identity(1, "obama", "face", 0.7)
-    (lost,) = tracks.update(_dets(15))
+    (lost,) = tracks.update(*_dets(15))
     assert lost.state is TrackState.LOST and lost.message.identity == "obama" and not lost.message.ended
-    gone = [t for i in range(16, 60) for t in tracks.update(_dets(i))]
+    gone = [t for i in range(16, 60) for t in tracks.update(*_dets(i))]
     assert [t.state for t in gone] == [TrackState.REMOVED] and gone[0].message.ended
     assert tracks.finish() == []
 
@@ -187,15 +208,14 @@ def test_finish_ends_every_open_track_once():
     [
         (_dets(5), _dets(5), "frame_index 5 is not after the previous frame 5"),
         (_dets(5), _dets(3), "frame_index 3 is not after the previous frame 5; feed frames in order"),
-        (_dets(0), _dets(1, camera="cam1"), "detections of camera 'cam1'; use one CameraTracks per camera"),
         (_dets(0), _dets(1, [[0, 0, 10, 10]], classes=[80]), r"class_id outside 0\.\.79"),
     ],
 )
 def test_bad_input_is_rejected(first, second, message):
     tracks = CameraTracks(CAM, CFG, COCO80)
-    _msgs(tracks.update(first))
+    tracks.update(*first)
     with pytest.raises(ValueError, match=message):
-        _msgs(tracks.update(second))
+        tracks.update(*second)
 
 
 @pytest.mark.parametrize(
@@ -225,9 +245,7 @@ def test_yolox_and_bytetrack_on_vtest(models, videos):
         ok, frame = cap.read()
         assert ok
         result = detector.detect(frame)
-        det = _dets(i)
-        det = Detections(frame=det.frame, xyxy=result.xyxy, confidence=result.confidence, class_id=result.class_id)
-        updates += _msgs(tracks.update(det))
+        updates += _msgs(tracks.update(i, _ns(i), result))
         detected, active = detected + len(result), active + len(tracks.active())
     cap.release()
     updates += _msgs(tracks.finish())
