@@ -95,6 +95,7 @@ class MotionConfig(_Strict):
     min_changed_fraction: float = Field(0.002, ge=0.0, le=1.0, description="changed-pixel fraction that counts as motion")
     background_alpha: float = Field(0.05, gt=0.0, le=1.0, description="running-average weight of a new frame")
     hold_frames: int = Field(30, ge=0, le=10_000, description="keep detecting this many frames after the last detection, motion or not (people standing still)")
+    release_after_empty: int | None = Field(5, ge=1, le=10_000, description="end the hold early after this many still frames in a row in which the detector found nothing (the scene emptied); null: hold the full hold_frames")
 
 
 class DetectionConfig(_Strict):

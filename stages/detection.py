@@ -36,7 +36,10 @@ class DetectionStage:
 
     The detector also runs on still frames for ``motion.hold_frames`` frames
     after the last frame with detections, so people who stand still stay
-    tracked (a running-average background absorbs them within seconds).
+    tracked (a running-average background absorbs them within seconds); the
+    hold ends early once ``motion.release_after_empty`` still frames in a row
+    had no detection (the scene emptied: no need to look for a person standing
+    still), counted as ``hold_released``.
 
     Every frame yields exactly one :class:`Detections` (empty when the motion
     gate skipped the detector, ``valid=False`` when the frame was overwritten
@@ -66,7 +69,8 @@ class DetectionStage:
         self.motion_cfg = motion
         self.batch = batch
         self.gates: dict[str, MotionGate] = {}
-        self.last_hit: dict[str, int] = {}  # camera -> last frame index with detections
+        self.last_hit: dict[str, int] = {}  # camera -> last frame index with detections (the hold's start)
+        self.empty_still: dict[str, int] = {}  # camera -> still frames in a row the hold ran the detector on for nothing
         self.drops = {"motion_skipped": 0}
         self.counts: dict[str, int] = {}
 
@@ -98,8 +102,7 @@ class DetectionStage:
             self.drops["motion_skipped"] += 1
             return [empty_detections(meta, motion=False, detect_ms=(time.perf_counter() - t0) * 1e3)]
         r = self.detector.detect(frame)
-        if len(r):
-            self.last_hit[meta.camera] = meta.frame_index
+        self._after_detect(meta, moving, len(r))
         return [Detections(frame=meta, xyxy=r.xyxy, confidence=r.confidence, class_id=r.class_id,
                            detect_ms=(time.perf_counter() - t0) * 1e3)]
 
@@ -142,11 +145,24 @@ class DetectionStage:
                 out.append([empty_detections(meta, motion=False, detect_ms=gate_ms[i])])
             else:
                 r = results[i]
-                if len(r):
-                    self.last_hit[meta.camera] = meta.frame_index
+                self._after_detect(meta, moving[i], len(r))
                 out.append([Detections(frame=meta, xyxy=r.xyxy, confidence=r.confidence, class_id=r.class_id,
                                        detect_ms=gate_ms[i] + share_ms)])
         return out
+
+    def _after_detect(self, meta: FrameRef, moving: bool, found: int) -> None:
+        """Update the camera's hold after the detector ran on a frame with ``found`` objects."""
+        cam = meta.camera
+        if found:
+            self.last_hit[cam] = meta.frame_index
+        if found or moving:
+            self.empty_still[cam] = 0
+            return
+        self.empty_still[cam] = self.empty_still.get(cam, 0) + 1
+        release = self.motion_cfg.release_after_empty
+        if release is not None and self.empty_still[cam] >= release and cam in self.last_hit:
+            del self.last_hit[cam]  # nobody is standing there: still frames skip the detector again
+            self.counts["hold_released"] = self.counts.get("hold_released", 0) + 1
 
     def _may_need_detector(self, frames: Sequence[np.ndarray | None], refs: Sequence[FrameRef],
                            moving: list[bool]) -> list[int]:

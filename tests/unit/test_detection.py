@@ -149,3 +149,25 @@ def test_two_cameras_of_vtest_through_yolox_batched_equal_frame_by_frame(models:
         np.testing.assert_allclose(g.confidence, e.confidence, atol=1e-5)
         np.testing.assert_array_equal(g.class_id, e.class_id)
     assert many.counts["detector_batches"] == 6 and many.counts["detector_runs"] == 24  # fixed batch 1: one run per frame
+
+
+@pytest.mark.parametrize("release, detector_frames", [
+    (None, list(range(0, 31))),    # the hold keeps the detector on for 30 still frames after the last hit
+    (5, list(range(0, 6))),        # the scene emptied: 5 empty still frames end the hold
+    (1, [0, 1]),
+])
+def test_an_emptied_scene_releases_the_hold_early(release: int | None, detector_frames: list[int]) -> None:
+    """Frame 0 has a person (marker) and motion; then the same still frame without anyone for 40 frames."""
+    stage = DetectionStage(_MarkerDetector(), MotionConfig(hold_frames=30, release_after_empty=release))  # type: ignore[arg-type]
+    ran = []
+    for i in range(41):
+        frame = np.full((48, 64, 3), 60, np.uint8)
+        if i == 0:
+            frame[0, 0, 1] = 255
+        ref = FrameRef(camera="c", ring="r", slot=i % 8, seq=i + 1, frame_index=i, captured_at_ns=0, height=48, width=64)
+        before = stage.detector.session_runs
+        stage.process(frame, ref)
+        if stage.detector.session_runs > before:
+            ran.append(i)
+    assert ran == detector_frames
+    assert stage.counts.get("hold_released", 0) == (release is not None)
