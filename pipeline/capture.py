@@ -18,7 +18,10 @@ Crash recovery in **file** mode (the protocol is described in :mod:`pipeline.rin
   releases at end of file), every ``WATCH_INTERVAL_S`` it looks for frames
   whose owner died (:meth:`~pipeline.ring.RingWriter.replays`) and sends them
   again, marked ``replay``; recognition drops the ones that had already taken
-  effect.
+  effect. A frame detection passed on that no recognition process accepts
+  for ``UNACCEPTED_REPLAY_S`` seconds is sent again too, with a doubling wait
+  (:class:`TransitWatch`): ZeroMQ drops messages queued towards a process
+  that died, also ones sent around its death, before its successor binds.
 - Waiting never stops the heartbeat: a capture blocked by a slow stage
   downstream is not a dead one.
 
@@ -49,6 +52,42 @@ log = logging.getLogger("facepro.capture")
 WATCH_INTERVAL_S = 0.05
 #: Longest wait between two attempts to reopen a failed live source, seconds.
 MAX_RECONNECT_S = 30.0
+#: A frame forwarded by detection and accepted by no recognition process for this long is sent again (file mode).
+UNACCEPTED_REPLAY_S = 2.0
+
+
+class TransitWatch:
+    """Finds frames lost between detection and recognition: forwarded, yet accepted by nobody for too long.
+
+    Each such frame is due ``first_s`` seconds after it was first seen waiting,
+    then again after twice the previous wait (at most ``max_s``) while it still
+    waits. A frame accepted or released is forgotten. Sending one again is safe:
+    recognition drops a frame it already holds or handled.
+
+    Args:
+        first_s: seconds a frame may wait before it is first due, > 0.
+        max_s: longest wait between two sends of one frame, seconds.
+        clock: monotonic seconds (tests inject a fake one).
+    """
+
+    def __init__(self, first_s: float = UNACCEPTED_REPLAY_S, max_s: float = 30.0, clock=time.monotonic) -> None:
+        self.first_s, self.max_s, self._clock = first_s, max_s, clock
+        self._due: dict[tuple[int, int], tuple[float, float]] = {}  # (slot, seq) -> (due time, wait)
+
+    def due(self, pending: list[PendingFrame]) -> list[PendingFrame]:
+        """The frames of ``pending`` (the ring's unreleased frames) to send again now."""
+        now = self._clock()
+        waiting = {(f.slot, f.seq): f for f in pending if f.forwarded and f.accepted == 0}
+        self._due = {key: v for key, v in self._due.items() if key in waiting}
+        out = []
+        for key, f in waiting.items():
+            if key not in self._due:
+                self._due[key] = (now + self.first_s, self.first_s)
+            elif now >= self._due[key][0]:
+                wait = min(self.max_s, 2 * self._due[key][1])
+                self._due[key] = (now + wait, wait)
+                out.append(f)
+        return out
 
 
 class FrameSource(Protocol):
@@ -143,6 +182,7 @@ class CaptureLoop:
         self._watch_due = 0.0
         self._recognizer = 0  # recognition pid last seen in the ring header
         self._replayed_for: set[int] = set()  # recognition pids whose frames were replayed
+        self._transit = TransitWatch()
         self._failures = 0  # live mode: failed reads in a row (reconnect backoff)
 
     # ----------------------------------------------------------------- rings
@@ -208,6 +248,9 @@ class CaptureLoop:
         for f in w.replays(dead):
             self._resend(w, f)
         self._replayed_for |= dead
+        for f in self._transit.due(w.pending()):  # lost on the way to recognition: send it again
+            self._resend(w, f)
+            self.counters.extra["resent_unaccepted"] = self.counters.extra.get("resent_unaccepted", 0) + 1
 
     def _resend(self, ring: RingWriter, f: PendingFrame, first_time: bool = False) -> None:
         """Send a pending frame again (``replay``), or for the first time when a dead predecessor published

@@ -298,3 +298,28 @@ def test_frames_of_an_owner_the_capture_never_saw_are_replayed_once_its_successo
     finally:
         reader.close()
         loop.writer.close()
+
+
+def _pf(slot: int, forwarded: bool = True, accepted: int = 0) -> r.PendingFrame:
+    return r.PendingFrame(slot=slot, seq=slot + 1, frame_index=slot, captured_at_ns=0, dispatched=4242,
+                          accepted=accepted, forwarded=forwarded)
+
+
+def test_transit_watch_sends_a_frame_lost_on_the_way_to_recognition_again_with_a_doubling_wait() -> None:
+    from pipeline.capture import TransitWatch
+
+    now = [0.0]
+    watch = TransitWatch(first_s=2.0, max_s=5.0, clock=lambda: now[0])
+    lost, held, in_detection = _pf(0), _pf(1, accepted=777), _pf(2, forwarded=False)
+    frames = [lost, held, in_detection]
+    sent = []
+    for t in [0.0, 1.9, 2.0, 3.0, 5.9, 6.0, 10.9, 11.0, 16.0]:
+        now[0] = t
+        sent += [(t, f.slot) for f in watch.due(frames)]
+    # first seen at 0: due at 2, then after 4 s (6), then after 5 s (the cap: 11, 16); the accepted frame and the one
+    # detection has not passed on yet are never sent again
+    assert sent == [(2.0, 0), (6.0, 0), (11.0, 0), (16.0, 0)]
+    now[0] = 30.0
+    assert watch.due([held, in_detection]) == []  # accepted or released: forgotten
+    now[0] = 31.0
+    assert watch.due(frames) == []  # waiting again: a fresh first wait
