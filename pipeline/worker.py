@@ -237,7 +237,7 @@ class RunPaths:
 
 def _recognition(cfg: AppConfig, t: Transport, index: int, n_rec: int, counters: StageCounters, hb: Heartbeat,
                  stop: StopFlag, run: RunPaths, counts: topology.Counts | None = None) -> None:
-    from stages.detector import ObjectDetector
+    from stages.detector import class_names_of
     from stages.face import FaceAnalyzer
     from stages.gallery import Gallery
     from stages.recognition import RecognitionStage
@@ -245,7 +245,7 @@ def _recognition(cfg: AppConfig, t: Transport, index: int, n_rec: int, counters:
     from storage.queries import load_gallery
 
     opts = _session_options(cfg, "recognition", counts)
-    class_names = ObjectDetector(cfg.detection.detector, opts).class_names
+    class_names = class_names_of(cfg.detection.detector, opts)  # the tracker's labels (YOLOX: no model to open)
     analyzer = FaceAnalyzer(cfg.recognition.face, opts)
     engine = open_engine(database_url(cfg))
     rows = load_gallery(engine, analyzer.model_name)

@@ -349,6 +349,18 @@ def _class_ids(wanted: tuple[str, ...], names: tuple[str, ...]) -> np.ndarray:
     return np.array(sorted({names.index(c) for c in wanted}), dtype=np.int32)
 
 
+def class_names_of(cfg: OnnxDetectorConfig, opts: SessionOptions = SessionOptions()) -> tuple[str, ...]:
+    """The class names (index = class id) the detector of ``cfg`` reports: COCO-80 for a YOLOX model, without
+    opening it; a YOLOv8 model's own metadata (the model is opened and checked).
+
+    Raises:
+        ModelError, ValueError: as :class:`ObjectDetector` (YOLOv8 only).
+    """
+    if cfg.layout != "yolov8":
+        return COCO80
+    return ObjectDetector(cfg, opts).class_names
+
+
 class ObjectDetector:
     """YOLOX / YOLOv8 object detector on ONNX Runtime: one frame (:meth:`detect`) or a batch (:meth:`detect_batch`).
 

@@ -12,6 +12,7 @@ import supervision as sv
 
 from pipeline.config import OnnxDetectorConfig
 from stages.detector import (
+    class_names_of,
     COCO80,
     DetectionResult,
     ObjectDetector,
@@ -279,6 +280,7 @@ def test_yolox_nano_finds_pedestrians_in_vtest(yolox, vtest_frames):
 
 def test_yolov8_int8_agrees_with_yolox(yolox, yolov8, vtest_frames):
     assert yolov8.class_names[:3] == ("person", "bicycle", "car")  # read from the model metadata
+    assert class_names_of(yolov8._cfg) == yolov8.class_names and class_names_of(yolox._cfg) == COCO80
     frame = vtest_frames[0]
     v8 = yolov8.detect(frame)
     _assert_plausible_persons(v8, frame.shape[:2], at_least=3)
