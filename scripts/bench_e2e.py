@@ -31,6 +31,10 @@ Per round it also prints:
   ``--max-frames`` are reported, not checked;
 - per stage p50 / p99 processing time (the run summary's last window).
 
+In ``--json``, each round also has ``runs_on`` (what each model of the
+pipeline ran on, e.g. ``face detector scrfd_500m.onnx on CUDA``) and the wall
+clock windows (``time.time()``, s) of its loop and pipeline runs.
+
 ``--eval`` also runs ``scripts/eval_faces.py`` and ``scripts/eval_reid.py``
 (``--json``) once and prints their headline numbers next to the ones in the
 README (rank-1, genuine min / impostor max; Re-ID tracks, persons, wrong
@@ -258,8 +262,11 @@ def prepare_sources(args: argparse.Namespace, tmp: Path) -> list[Source]:
 def one_round(args: argparse.Namespace, sources: list[Source], tree: dict, models: BoundModels,
               frames: list[np.ndarray]) -> dict:
     """One loop run, one pipeline run and the bound at that run's schedule (keys: see the module docstring)."""
+    t0 = time.time()
     loop, loop_whole, n, faces = loop_fps(args.config, [s.path for s in sources], args.providers)
+    t1 = time.time()
     summary, pipe, pipe_whole = pipeline_round(tree)
+    t2 = time.time()
     schedule = Schedule.from_summary(summary, inference_parallelism(parse_config(tree)))
     b = bound(schedule, time_models(models, frames, schedule, args.bound_calls), pipe)
     return {"loop_fps": round(loop, 2), "pipeline_fps": round(pipe, 2), "ratio": round(pipe / loop, 3),
@@ -267,7 +274,9 @@ def one_round(args: argparse.Namespace, sources: list[Source], tree: dict, model
             "pipeline_frames": summary["stages"]["recognition"]["frames_out"], "complete": summary.get("complete"),
             "pipeline_events": int(summary.get("events", 0)), "checks": check_events(sources, summary["after"], args.baseline_events),
             "bound": b, "latency_ms": {st: {"p50": v.get("latency_p50_ms"), "p99": v.get("latency_p99_ms")}
-                                       for st, v in summary["stages"].items()}}
+                                       for st, v in summary["stages"].items()},
+            "runs_on": sorted({k for v in summary["stages"].values() for k in v["counts"] if " on " in k}),
+            "loop_window": [t0, t1], "pipeline_window": [t1, t2]}
 
 
 def print_round(i: int, r: dict) -> None:
