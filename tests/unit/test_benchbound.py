@@ -77,3 +77,10 @@ def test_dmon_log_gives_sm_utilisation_per_time_window(tmp_path: Path) -> None:
     t0 = datetime(2026, 11, 27, 8, 1, 2).timestamp()
     assert [u for _, u in samples] == [40.0, 60.0]
     assert util(samples, [t0, t0 + 1]) == "50/60" and util(samples, [t0 + 5, t0 + 6]) == "-" and util(samples, None) == "-"
+
+
+def test_eval_numbers_count_as_unchanged_within_the_readme_precision() -> None:
+    from scripts.bench_e2e import _same
+
+    assert _same(0.5785, 0.578) and not _same(0.5795, 0.578) and not _same(None, 0.578)
+    assert _same("14/14", "14/14") and not _same(5, 6)
