@@ -39,6 +39,7 @@ before ``N_EXTRA`` grows, so a reader never sees an unnamed slot.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import MutableMapping
@@ -50,6 +51,8 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.messages import DROP_REASONS
+
+log = logging.getLogger("facepro.counters")
 
 SHM_DIR = Path("/dev/shm")
 MAGIC = 0x46504354_52303031  # "FPCTR001"
@@ -258,6 +261,7 @@ class ExtraCounters(MutableMapping):
 
     def __init__(self, block: CounterBlock) -> None:
         self._block = block
+        self.left_out: set[str] = set()  # counters that did not fit in the block
 
     def __getitem__(self, name: str) -> int:
         idx = self._block.slot(name, create=False)
@@ -266,7 +270,16 @@ class ExtraCounters(MutableMapping):
         return int(self._block.ints[idx])
 
     def __setitem__(self, name: str, value: int) -> None:
-        self._block.ints[self._block.slot(name)] = int(value)
+        """Set counter ``name`` (allocated on first use). A counter that finds the block full is left out, with
+        one warning per name, rather than failing the process that reports it."""
+        try:
+            idx = self._block.slot(name)
+        except CounterBlockError as err:
+            if name not in self.left_out:
+                self.left_out.add(name)
+                log.warning("%s; the counter is not reported", err)
+            return
+        self._block.ints[idx] = int(value)
 
     def __delitem__(self, name: str) -> None:
         raise TypeError("extra counters are cumulative and cannot be removed")

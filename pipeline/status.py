@@ -43,6 +43,8 @@ class Retired:
         drops: ``(len(DROP_REASONS),) int64``.
         counts: extra counter name → sum.
         peak_rss_mb: ``"<stage>-<index> (pid <pid>)"`` → MiB, one entry per process that ever ran.
+        latency_p50_ms, latency_p99_ms: the worst exited process's last published percentiles of its
+            per-item processing time (its window of recent items), milliseconds.
     """
 
     frames_in: int = 0
@@ -51,6 +53,8 @@ class Retired:
     drops: np.ndarray = field(default_factory=_zeros)
     counts: dict = field(default_factory=dict)
     peak_rss_mb: dict = field(default_factory=dict)
+    latency_p50_ms: float = 0.0
+    latency_p99_ms: float = 0.0
 
     def add(self, snap: BlockSnapshot, label: str, peak_rss_mb: float | None = None) -> None:
         """Book the final counts of one exited process (``label`` names it in ``peak_rss_mb``)."""
@@ -61,6 +65,8 @@ class Retired:
         for name, n in snap.extra.items():
             self.counts[name] = self.counts.get(name, 0) + int(n)
         self.peak_rss_mb[label] = max(snap.max_rss_mb, peak_rss_mb or 0.0)
+        self.latency_p50_ms = max(self.latency_p50_ms, snap.latency_p50_ms)
+        self.latency_p99_ms = max(self.latency_p99_ms, snap.latency_p99_ms)
 
 
 @dataclass(frozen=True)
@@ -178,6 +184,14 @@ def incomplete(views: Mapping[str, StageView], first_stage: str = "capture") -> 
     return why
 
 
+def latency_ms(view: StageView) -> tuple[float, float]:
+    """(p50, p99) per-item processing time of a stage's worst process, live or exited, milliseconds (each
+    process's last published window of recent items, rounded to 0.01 ms)."""
+    p50 = max([view.retired.latency_p50_ms] + [p.counters.latency_p50_ms for p in view.live])
+    p99 = max([view.retired.latency_p99_ms] + [p.counters.latency_p99_ms for p in view.live])
+    return round(p50, 2), round(p99, 2)
+
+
 def run_summary(run_id: str, wall_s: float, views: Mapping[str, StageView], active_s: float | None = None,
                 failure: str | None = None, exit_code: int | None = None, file_mode: bool = False,
                 interrupted: bool = False) -> dict:
@@ -185,7 +199,7 @@ def run_summary(run_id: str, wall_s: float, views: Mapping[str, StageView], acti
 
     Keys: ``run_id``, ``wall_s``, ``active_s`` (when given), ``stages`` → per stage ``frames_in``,
     ``frames_out``, ``sent``, ``rate_fps``, ``dropped`` (non-zero reasons), ``restarts``,
-    ``peak_rss_mb``, ``counts``; then ``restarts`` (stage → n), ``losses`` (:func:`losses`),
+    ``peak_rss_mb``, ``counts``, ``latency_p50_ms`` / ``latency_p99_ms`` (:func:`latency_ms`); then ``restarts`` (stage → n), ``losses`` (:func:`losses`),
     ``complete`` (file mode: :func:`incomplete` is empty; None otherwise), ``incomplete``,
     ``interrupted`` (stopped by a signal before the sources ended: frames not yet read were not lost),
     ``exit_code`` and ``failure`` when given.
@@ -202,6 +216,7 @@ def run_summary(run_id: str, wall_s: float, views: Mapping[str, StageView], acti
             "restarts": view.restarts, "peak_rss_mb": {k: round(v, 1) for k, v in view.retired.peak_rss_mb.items()},
             "counts": dict(t.counts),
         }
+        out["stages"][stage]["latency_p50_ms"], out["stages"][stage]["latency_p99_ms"] = latency_ms(view)
     out["restarts"] = {stage: view.restarts for stage, view in views.items()}
     out["losses"] = losses(views)
     why = incomplete(views) if file_mode else []

@@ -302,7 +302,7 @@ def _resume(cfg: AppConfig, run: RunPaths, index: int, n_rec: int, stage: Any, r
         resume = journal.replay(stage)
         if resume is not None:
             reorderer.resume(cam.name, *resume)
-            counters.extra[f"resumed_at_frame_{cam.name}"] = resume[1]
+            counters.extra["resumed_cameras"] = counters.extra.get("resumed_cameras", 0) + 1  # one counter, any camera count
             log.info("camera %s: tracks rebuilt from the journal, resuming at frame %d", cam.name, resume[1])
     return journals
 

@@ -227,6 +227,11 @@ class RecognitionStage:
 
     Attributes:
         drops: cumulative ``{"behind": n}``.
+        counts: cumulative counters: ``faces_used``, ``face_rejected_<reason>``, ``face_skipped_settled``; the
+            model work done, for the benchmarks' bare-inference bound: ``face_analyses`` (SCRFD runs; of them
+            ``face_analyses_frame`` on the whole frame, the rest on a person box), ``face_embeddings`` (faces
+            embedded) in ``face_embed_runs`` batches, ``reid_crops`` (person crops embedded with OSNet) in
+            ``reid_runs`` batches.
 
     Resuming (:class:`pipeline.journal.Resumable`): :meth:`checkpoint` returns,
     after each frame, the face votes, identity decisions, snapshot paths and
@@ -253,7 +258,7 @@ class RecognitionStage:
         self.max_lag_ms = max_lag_ms
         self.cameras: dict[str, CameraTracks] = {}
         self.identities: dict[tuple[str, int], TrackIdentity] = {}  # (camera, track id) -> its one identity state
-        self.counts: Counter = Counter()  # face_rejected_<reason>, faces_used
+        self.counts: Counter = Counter()  # face_rejected_<reason>, faces_used, model work (see _analyze, _reid)
         self.reid = reid
         self.gait = gait
         self.drops = {"behind": 0}
@@ -370,7 +375,10 @@ class RecognitionStage:
         self.counts["gait_silhouettes_rejected"] = self.gait.rejected
 
     def _reid(self, tracks: CameraTracks, persons: list[ActiveTrack], frame: np.ndarray, idx: int) -> None:
-        for track_id in self.reid.sample(tracks.camera, persons, frame, idx, self._samples if self.journaling else None):
+        sampled = self.reid.sample(tracks.camera, persons, frame, idx, self._samples if self.journaling else None)
+        self.counts["reid_crops"] += len(sampled)  # person crops embedded with OSNet
+        self.counts["reid_runs"] += bool(sampled)  # embedder calls (one batch per frame)
+        for track_id in sampled:
             if not self._identity(tracks.camera, track_id).accepts("reid"):
                 continue  # a face decision is never overridden by Re-ID
             linked = self.reid.link(tracks.camera, track_id)
@@ -390,8 +398,14 @@ class RecognitionStage:
         return self._analyze(frame, None)
 
     def _analyze(self, frame: np.ndarray, region: np.ndarray | None) -> list[Face]:
+        """One face analysis (SCRFD on the whole frame when ``region`` is None, else on the person box
+        ``region``; the kept faces embedded in one batch), counted for the benchmarks' bare-inference bound."""
         faces = self.analyzer.analyze(frame, region_xyxy=region, min_face_px=self.face.min_face_px)
         self.counts["face_rejected_small"] += self.analyzer.last_small
+        self.counts["face_analyses"] += 1
+        self.counts["face_analyses_frame"] += region is None
+        self.counts["face_embeddings"] += len(faces)
+        self.counts["face_embed_runs"] += bool(faces)
         return faces
 
     def _face_of(self, frame: np.ndarray, track: ActiveTrack, faces: list[Face] | None) -> Face | None:

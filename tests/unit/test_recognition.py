@@ -177,3 +177,33 @@ def test_a_settled_track_stops_face_work_and_keeps_its_name(models: Path, faces:
     assert "obama" in named
     assert len(calls) == 3  # one analysis per vote until 3 votes settled the name
     assert stage.counts["face_skipped_settled"] == 12 - 3 - (TrackingConfig().minimum_consecutive_frames - 1)
+    # the model work behind it, for scripts/bench_e2e.py's bare-inference bound: three SCRFD runs on the person
+    # box (one person: no whole-frame run), each embedding the one face found
+    assert (stage.counts["face_analyses"], stage.counts["face_analyses_frame"]) == (3, 0)
+    assert (stage.counts["face_embeddings"], stage.counts["face_embed_runs"]) == (3, 3)
+
+
+def test_reid_work_is_counted_per_crop_and_per_batch(models: Path, faces: Path) -> None:
+    """Two person tracks on a real photo, Re-ID every 2nd frame: each due frame is one OSNet batch of both
+    crops (``reid_runs``, ``reid_crops``: scripts/bench_e2e.py's bare-inference bound reads them)."""
+    from pipeline.config import FaceConfig, OnnxFaceDetectorConfig, OnnxFaceEmbedderConfig, TrackingConfig
+    from pipeline.messages import Detections, FrameRef
+    from stages.gallery import Gallery
+    from stages.recognition import RecognitionStage
+
+    face = FaceConfig(detector=OnnxFaceDetectorConfig(path=models / "scrfd_500m.onnx"),
+                      embedder=OnnxFaceEmbedderConfig(path=models / "mobilefacenet_128d.onnx"))
+    cfg = OnnxReidConfig(path=models / "osnet_x0_25_msmt17.onnx", every_n_frames=2)
+    stage = RecognitionStage(TrackingConfig(), face, ("person",), None, Gallery([], np.empty((0, 1), np.float32), 0.4),
+                             reid=ReidLinker(ReidEmbedder(cfg.path), cfg))
+    frame = cv2.imread(str(faces / "obama" / "obama.jpg"))
+    h, w = frame.shape[:2]
+    boxes = np.array([[2, 2, w // 2 - 2, h - 2], [w // 2 + 2, 2, w - 2, h - 2]], np.float32)
+    for i in range(12):
+        ref = FrameRef(camera="c", ring="r", slot=0, seq=i + 1, frame_index=i, captured_at_ns=i, height=h, width=w)
+        stage.process(frame, Detections(frame=ref, xyxy=boxes, confidence=np.array([0.9, 0.9], np.float32),
+                                        class_id=np.zeros(2, np.int32)))
+    active_from = TrackingConfig().minimum_consecutive_frames - 1  # frame index at which the tracks are active
+    runs = len([i for i in range(active_from, 12) if i % 2 == 0])
+    assert (stage.counts["reid_runs"], stage.counts["reid_crops"]) == (runs, 2 * runs)
+    assert stage.counts["face_analyses"] == 0  # no face analyzer

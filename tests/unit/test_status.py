@@ -87,14 +87,18 @@ def test_losses_and_completeness() -> None:
 
 def test_summary_shape() -> None:
     r = Retired()
-    r.add(snap(frames_in=10, frames_out=10, sent=10, drops={"lost": 2}, extra={"k": 1}, rss=12.34), "recognition-0 (pid 9)")
-    v = views()
+    r.add(snap(frames_in=10, frames_out=10, sent=10, drops={"lost": 2}, extra={"k": 1}, rss=12.34, p50=3.0, p99=9.5),
+          "recognition-0 (pid 9)")
+    r.add(snap(p50=4.0, p99=7.0), "recognition-0 (pid 10)")
+    v = views(detection=[snap(p50=1.5, p99=2.25)])
     v["recognition"] = StageView((), r, restarts=1)
     s = run_summary("run1", 5.0, v, active_s=4.0, exit_code=3, file_mode=True)
     assert s["run_id"] == "run1" and s["wall_s"] == 5.0 and s["active_s"] == 4.0 and s["exit_code"] == 3
     rec = s["stages"]["recognition"]
     assert rec == {"frames_in": 10, "frames_out": 10, "sent": 10, "rate_fps": 2.0, "dropped": {"lost": 2},
-                   "restarts": 1, "peak_rss_mb": {"recognition-0 (pid 9)": 12.3}, "counts": {"k": 1}}
+                   "restarts": 1, "peak_rss_mb": {"recognition-0 (pid 9)": 12.3, "recognition-0 (pid 10)": 0.0},
+                   "counts": {"k": 1}, "latency_p50_ms": 4.0, "latency_p99_ms": 9.5}  # the worst process's
+    assert (s["stages"]["detection"]["latency_p50_ms"], s["stages"]["detection"]["latency_p99_ms"]) == (1.5, 2.25)
     assert s["restarts"] == {"capture": 0, "detection": 0, "recognition": 1, "storage": 0}
     assert s["losses"] == {"recognition": {"lost": 2}} and s["complete"] is False and "failure" not in s
     assert s["interrupted"] is False

@@ -1,0 +1,328 @@
+#!/usr/bin/env python3
+"""GPU check for a machine with an NVIDIA GPU: install the [gpu] profile, prove CUDA runs, benchmark CPU vs GPU.
+
+Steps (each prints what it found; nothing is downloaded):
+
+1. **Install**: with a ``.whl/`` folder in the checkout (ignored by git; wheels
+   for that machine's Python), ``onnxruntime`` is uninstalled when an
+   ``onnxruntime_gpu`` wheel is there, and every wheel of the folder is
+   installed with ``pip install --no-index --find-links .whl``; without it, the
+   commands that fill it are printed. Then every module the pipeline imports
+   is checked (a missing one ends the check, exit 2, naming it).
+2. **CUDA**: prints ``onnxruntime.get_device()`` and
+   ``get_available_providers()``; opens each model of the demo config with
+   ``CUDAExecutionProvider`` first, asserts ``session.get_providers()[0] ==
+   'CUDAExecutionProvider'`` and runs it once on zeros. Without ``nvidia-smi``
+   or the provider: "no GPU: skipped", and the GPU runs are skipped.
+3. **Benchmarks**: ``nvidia-smi dmon -s u -d 1`` (GPU utilisation, %, every
+   second) runs in the background while ``scripts/bench_e2e.py --rounds 1
+   --json`` runs with each ``--cameras`` count (the asset videos in turn,
+   ``--resize``d, first ``--max-frames`` frames), on CPU then on GPU
+   (``--gpu-providers``). Detection and recognition get ``cameras // 4``
+   processes each (1 to 4). A run that would start after ``--budget-s`` is
+   skipped (said so).
+4. **Summary**: one line per run: cameras, provider, pipeline and loop
+   frames/s, ratio, bound frames/s and the pipeline's share, GPU utilisation
+   mean / max (dmon's ``sm`` column during that run), p99 per stage (ms, the
+   run summary's last window). Written with every result and the dmon log
+   under ``$OUT`` when set, else ``./gpu-results`` (``results.json``,
+   ``dmon.log``, ``summary.txt``).
+
+Usage on the GPU machine, from the checkout (models and videos carried in an
+ignored folder, e.g. ``.assets``)::
+
+    FACEPRO_ASSETS=.assets PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py
+    # here, tiny and CPU only, to prove the flow:
+    FACEPRO_ASSETS=../shared python3 scripts/gpu_check.py --cameras 1,2 --max-frames 100 --resize ''
+
+Exit status: 0 when every step that could run passed, 1 when the CUDA check
+or a benchmark failed, 2 when the install is incomplete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Modules the pipeline imports (distribution names in brackets where they differ).
+NEEDED = ("numpy", "cv2 (opencv-python-headless)", "onnxruntime (onnxruntime-gpu)", "insightface", "trackers",
+          "zmq (pyzmq)", "sqlalchemy (SQLAlchemy)", "alembic", "pydantic", "yaml (PyYAML)", "platformdirs",
+          "prometheus_client (prometheus-client)", "psutil", "uuid6", "tqdm")
+CUDA = "CUDAExecutionProvider"
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov")
+
+
+def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    """Run ``cmd``, echoing it; output captured as text."""
+    print("$ " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+def install(wheels: Path) -> None:
+    """Install the wheels of ``wheels`` (the [gpu] profile and whatever else is missing), or say how to."""
+    found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
+    if not found:
+        print(f"no wheels in {wheels}: onnxruntime-gpu is not installed by this script. To carry it, on a machine "
+              "with pip access, from the checkout: echo /.whl/ >> .git/info/exclude; python3 -m pip download "
+              "--no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl "
+              "onnxruntime-gpu (and each missing module listed below), then carry .whl")
+        return
+    if any(w.name.startswith("onnxruntime_gpu") for w in found):
+        sh([sys.executable, "-m", "pip", "uninstall", "-y", "onnxruntime"])
+    res = sh([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels), *map(str, found)])
+    print(res.stdout[-2000:] + res.stderr[-2000:] if res.returncode else f"installed {len(found)} wheel(s)")
+
+
+def missing_modules() -> list[str]:
+    """The entries of :data:`NEEDED` that do not import."""
+    out = []
+    for entry in NEEDED:
+        try:
+            importlib.import_module(entry.split()[0])
+        except Exception as err:  # noqa: BLE001 - any import failure counts (a broken CUDA library too)
+            out.append(f"{entry}: {type(err).__name__}: {str(err)[:120]}")
+    return out
+
+
+def demo_models(assets: Path) -> list[Path]:
+    """The ONNX files the demo config uses (``path:`` values under ``${FACEPRO_ASSETS}``)."""
+    import yaml
+
+    tree = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    found: list[Path] = []
+
+    def walk(v: object) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if k == "path" and isinstance(x, str) and x.endswith(".onnx"):
+                    found.append(assets / x.replace("${FACEPRO_ASSETS}/", ""))
+                else:
+                    walk(x)
+
+    walk(tree)
+    return found
+
+
+def _dummy_shape(shape: list) -> list[int]:
+    """An input shape with its free dimensions set: batch 1, others 640 pixels."""
+    return [d if isinstance(d, int) and d > 0 else (1 if i == 0 else 640) for i, d in enumerate(shape)]
+
+
+def cuda_check(models: list[Path]) -> bool | None:
+    """Open each model with CUDA first and run it once; True: all run on CUDA, False: one does not, None: no GPU."""
+    import numpy as np
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu >= 1.21: CUDA / cuDNN of the nvidia-* wheels
+        try:
+            ort.preload_dlls()
+        except Exception as err:  # noqa: BLE001 - reported, the sessions below decide
+            print(f"onnxruntime.preload_dlls(): {err}")
+    providers = ort.get_available_providers()
+    print(f"onnxruntime {ort.__version__}: get_device() = {ort.get_device()}, get_available_providers() = {providers}")
+    if shutil.which("nvidia-smi") is None or CUDA not in providers:
+        why = "no nvidia-smi" if shutil.which("nvidia-smi") is None else f"{CUDA} not available"
+        print(f"no GPU: skipped ({why}; the CUDA assertion and the GPU runs)")
+        return None
+    ok = True
+    for path in models:
+        try:
+            sess = ort.InferenceSession(str(path), providers=[CUDA, "CPUExecutionProvider"])
+            first = sess.get_providers()[0]
+            assert first == CUDA, f"runs on {first}, not {CUDA}"
+            feeds = {i.name: np.zeros(_dummy_shape(i.shape), np.float32) for i in sess.get_inputs()}
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            print(f"{path.name}: {first}, first run {(time.perf_counter() - t0) * 1e3:.0f} ms")
+        except Exception as err:  # noqa: BLE001 - every model is tried and reported
+            print(f"{path.name}: CUDA check FAILED: {err}")
+            ok = False
+    return ok
+
+
+def nvidia_lib_dirs() -> list[str]:
+    """``lib`` folders of installed ``nvidia-*`` wheels (CUDA, cuDNN), for ``LD_LIBRARY_PATH`` of the runs."""
+    dirs = {str(p) for base in sys.path if base and Path(base).is_dir() for p in Path(base).glob("nvidia/*/lib")}
+    return sorted(dirs)
+
+
+def bench_env() -> dict:
+    """Environment of the check's child processes: this checkout first on ``PYTHONPATH``, the nvidia wheels'
+    libraries on ``LD_LIBRARY_PATH``, unbuffered output."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    libs = nvidia_lib_dirs()
+    if libs:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def bench(args: argparse.Namespace, videos: list[Path], cameras: int, providers: str | None, timeout_s: float) -> dict:
+    """One ``bench_e2e.py --rounds 1 --json`` run; its document (``error`` set when it failed)."""
+    procs = max(1, min(4, cameras // 4))
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_e2e.py"), *map(str, videos), "--rounds", "1", "--json",
+           "--cameras", str(cameras), "--processes", f"{procs},{procs}", "--max-frames", str(args.max_frames),
+           "--ring-slots", str(args.ring_slots), "--bound-calls", str(args.bound_calls)]
+    cmd += ["--resize", args.resize] if args.resize else []
+    cmd += ["--providers", providers] if providers else []
+    started = time.time()
+    try:
+        res = sh(cmd, env=bench_env(), cwd=ROOT, timeout=max(30.0, timeout_s))
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s", "window": [started, time.time()]}
+    lines = res.stdout.strip().splitlines()
+    try:
+        doc = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        doc = {"error": f"exit {res.returncode}: {res.stderr[-1500:]}"}
+    doc["window"] = [started, time.time()]
+    return doc
+
+
+class Dmon:
+    """``nvidia-smi dmon -s u -d 1 -o DT`` in the background, logging GPU utilisation (%) to ``log`` every second."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+        if shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(["nvidia-smi", "dmon", "-s", "u", "-d", "1", "-o", "DT"],
+                                         stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def samples(self) -> list[tuple[float, float]]:
+        """``(time.time() s, sm %)`` rows of the log."""
+        if not self.log.exists():
+            return []
+        cols, out = None, []
+        for line in self.log.read_text().splitlines():
+            parts = line.replace("#", " ").split()
+            if line.startswith("#"):
+                cols = parts if cols is None and "sm" in parts else cols
+                continue
+            if cols is None or len(parts) != len(cols):
+                continue
+            row = dict(zip(cols, parts))
+            try:
+                when = datetime.strptime(f"{row['Date']} {row['Time']}", "%Y%m%d %H:%M:%S").timestamp()
+                out.append((when, float(row["sm"])))
+            except (KeyError, ValueError):
+                continue
+        return out
+
+
+def util(samples: list[tuple[float, float]], window: list[float] | None) -> str:
+    """``mean/max`` sm % of the samples inside ``window`` (start, end s), ``-`` when none."""
+    inside = [u for t, u in samples if window and window[0] <= t <= window[1] + 1]
+    return f"{sum(inside) / len(inside):.0f}/{max(inside):.0f}" if inside else "-"
+
+
+def summary_lines(results: list[dict], samples: list[tuple[float, float]]) -> list[str]:
+    """The table: one line per run (see the module docstring)."""
+    head = (f"{'cams':>4} {'provider':<8} {'pipe fps':>9} {'loop fps':>9} {'ratio':>6} {'bound fps':>10} {'share':>6} "
+            f"{'GPU % pipe':>10} {'GPU % loop':>10}  p99 ms det/rec/storage  events ok")
+    lines = [head]
+    for r in results:
+        doc = r["doc"]
+        if "error" in doc or "skipped" in doc:
+            lines.append(f"{r['cameras']:>4} {r['provider']:<8} {doc.get('error') or doc.get('skipped')}"[:300])
+            continue
+        rd = doc["rounds"][0]
+        b, lat = rd["bound"], rd["latency_ms"]
+        p99 = "/".join(f"{lat[s]['p99']}" for s in ("detection", "recognition", "storage"))
+        share = f"{100 * b['share']:.0f}%" if b["share"] is not None else "-"
+        lines.append(f"{r['cameras']:>4} {r['provider']:<8} {rd['pipeline_fps']:>9.1f} {rd['loop_fps']:>9.1f} "
+                     f"{rd['ratio']:>6.2f} {b['fps'] or 0:>10.1f} {share:>6} {util(samples, rd.get('pipeline_window')):>10} "
+                     f"{util(samples, rd.get('loop_window')):>10}  {p99:<23}"
+                     f"{ {True: 'yes', False: 'NO', None: 'n/a'}[doc['checks_ok']]}")
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--assets", help="folder with models/ and data/videos/ (default: $FACEPRO_ASSETS)")
+    ap.add_argument("--cameras", default="1,4,16", help="comma list of camera counts")
+    ap.add_argument("--resize", default="1920x1080", help="WxH copy of the videos ('' for none)")
+    ap.add_argument("--max-frames", type=int, default=150, help="frames of each video played per camera")
+    ap.add_argument("--ring-slots", type=int, default=12, help="ring slots per camera (shared memory: slots x frame bytes)")
+    ap.add_argument("--bound-calls", type=int, default=100, help="timed calls per model for the bare-inference bound")
+    ap.add_argument("--gpu-providers", default=f"{CUDA},CPUExecutionProvider")
+    ap.add_argument("--budget-s", type=float, default=420, help="no benchmark starts after this many seconds of them")
+    ap.add_argument("--wheels", default=str(ROOT / ".whl"), help="wheel folder to install from (default: .whl)")
+    ap.add_argument("--skip-install", action="store_true")
+    return ap.parse_args(argv)
+
+
+def run_benchmarks(args: argparse.Namespace, videos: list[Path], cuda: str) -> list[dict]:
+    """Every (cameras, provider) run in order, CPU then GPU per camera count, within ``--budget-s``; the GPU
+    runs only when the CUDA check said ``cuda == "ok"``."""
+    started, results = time.monotonic(), []
+    for cameras in (int(c) for c in args.cameras.split(",") if c.strip()):
+        for provider, providers in (("CPU", "CPUExecutionProvider"), ("GPU", args.gpu_providers)):
+            left = args.budget_s - (time.monotonic() - started)
+            if provider == "GPU" and cuda != "ok":
+                doc = {"skipped": f"{cuda}: skipped"}
+            elif left <= 0:
+                doc = {"skipped": f"skipped: the {args.budget_s:.0f} s budget is spent"}
+            else:
+                doc = bench(args, videos, cameras, providers, left + 120)
+            results.append({"cameras": cameras, "provider": provider, "doc": doc})
+            print(json.dumps({k: v for k, v in results[-1].items()})[:600], flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(os.environ.get("OUT") or "gpu-results").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.skip_install:
+        install(Path(args.wheels))
+    missing = missing_modules()
+    if missing:
+        print("missing modules (carry their wheels in .whl, see step 1):\n  " + "\n  ".join(missing))
+        return 2
+    assets = Path(args.assets or os.environ.get("FACEPRO_ASSETS") or "").resolve()
+    if not (assets / "models").is_dir():
+        print("set FACEPRO_ASSETS or --assets to the folder holding models/ and data/videos/")
+        return 2
+    os.environ["FACEPRO_ASSETS"] = str(assets)
+    print(f"/dev/shm free: {shutil.disk_usage('/dev/shm').free / 2**30:.1f} GiB" if Path("/dev/shm").is_dir() else "no /dev/shm")
+    res = sh([sys.executable, str(Path(__file__).resolve()), "--cuda-only"], env=bench_env(), cwd=ROOT)
+    print(res.stdout + res.stderr[-2000:])
+    cuda = {0: "ok", 3: "no GPU"}.get(res.returncode, "CUDA check failed")
+    videos = sorted(p for p in (assets / "data" / "videos").iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+    dmon = Dmon(out / "dmon.log")
+    try:
+        results = run_benchmarks(args, videos, cuda)
+    finally:
+        dmon.stop()
+    lines = summary_lines(results, dmon.samples())
+    (out / "results.json").write_text(json.dumps({"cuda": cuda, "cuda_check": res.stdout, "results": results}, indent=1))
+    (out / "summary.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines) + f"\nresults, dmon log and summary in {out}")
+    failed = cuda == "CUDA check failed" or any("error" in r["doc"] for r in results)
+    return 1 if failed else 0
+
+
+def cuda_only() -> int:
+    """The CUDA step alone, in a child process with :func:`bench_env` (exit 0 CUDA runs, 3 no GPU, 1 failed)."""
+    assets = Path(os.environ["FACEPRO_ASSETS"])
+    ok = cuda_check(demo_models(assets))
+    return {True: 0, None: 3, False: 1}[ok]
+
+
+if __name__ == "__main__":
+    sys.exit(cuda_only() if sys.argv[1:] == ["--cuda-only"] else main())
