@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.models import MODEL_REF, manifest
 
@@ -253,8 +254,54 @@ class RuntimeConfig(_Strict):
                                    "instead of a warning and the next one (CPU last)")
 
 
+class MqttConfig(_Strict):
+    """MQTT out: committed events, person counts, identities, stats and Home Assistant discovery.
+
+    The ``mqtt`` process (:mod:`pipeline.mqtt`) publishes what the storage process committed to its outbox,
+    each message at least once (QoS 1 or 2, marked sent on the broker's acknowledgement). Absent: no mqtt
+    process and no outbox rows. Topics and payloads: README, "MQTT and Home Assistant".
+    """
+
+    url: str = Field("mqtt://127.0.0.1:1883", pattern=r"^mqtts?://[A-Za-z0-9._-]+(:[0-9]{1,5})?/?$",
+                     description="broker: mqtt://HOST[:PORT] (default port 1883) or mqtts://HOST[:PORT] (TLS, 8883)")
+    topic_prefix: str = Field("facepro", pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$", max_length=128,
+                              description="first topic levels of every message (<prefix>/events...)")
+    client_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                                  description="MQTT client id; default facepro-<box_id>")
+    username: str | None = Field(None, min_length=1, max_length=256)
+    password: str | None = Field(None, max_length=1024, description="use ${VAR} to keep it out of the file")
+    tls: bool = Field(False, description="connect with TLS (the system CAs or ca_certs); mqtts:// implies it")
+    ca_certs: Path | None = Field(None, description="PEM CA bundle that signed the broker's certificate")
+    qos: int = Field(1, ge=1, le=2, description="QoS of every publish: 1 or 2 (at-least-once needs the broker's ack)")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive, seconds (the Last Will fires after ~1.5x)")
+    discovery: bool = Field(True, description="publish Home Assistant discovery configs (retained)")
+    discovery_prefix: str = Field("homeassistant", pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$", max_length=128,
+                                  description="Home Assistant's discovery prefix")
+    stats_interval_s: float = Field(60.0, ge=0.5, le=86400, description="publish <prefix>/stats this often, seconds")
+    reconnect_min_s: float = Field(1.0, gt=0, le=60, description="first wait before reconnecting, seconds (doubles)")
+    reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="longest wait between reconnect attempts, seconds")
+    drain_timeout_s: float = Field(10.0, ge=0, le=600, description="at a clean stop, wait this long for the broker "
+                                   "to acknowledge what is in flight (the rest is sent by the next run)")
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> MqttConfig:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError(f"reconnect_max_s ({self.reconnect_max_s}) must be >= reconnect_min_s ({self.reconnect_min_s})")
+        return self
+
+
+def default_box_id() -> str:
+    """This machine's name as a ``box_id``: the host name, characters outside ``[A-Za-z0-9_.-]`` as ``-``, 64 at most."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64]
+    return name or "facepro"
+
+
 class AppConfig(_Strict):
     """The whole pipeline config (``configs/*.yaml``)."""
+
+    box_id: str = Field(default_factory=default_box_id, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                        description="names this box in every MQTT message (the fleet hub tells boxes apart by it); "
+                        "default: the host name")
 
     cameras: tuple[CameraConfig, ...] = Field(min_length=1)
     data_dir: Path | None = Field(None, description="database, snapshots, backups, runtime files (FACEPRO_DATA_DIR wins; default: the per-user data dir)")
@@ -265,6 +312,7 @@ class AppConfig(_Strict):
     recognition: RecognitionConfig
     storage: StorageConfig = StorageConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    mqtt: MqttConfig | None = Field(None, description="MQTT out and Home Assistant discovery; off when absent")
 
     @field_validator("cameras")
     @classmethod

@@ -13,6 +13,10 @@ Tables (the Alembic migrations in ``alembic/versions`` create exactly these;
 - ``reid_embeddings``: Re-ID (appearance) vectors computed for an event.
 - ``gait_embeddings``: gait vectors computed for an event.
 - ``snapshots``: JPEG snapshot files of an event (path and size on disk).
+- ``mqtt_outbox``: event changes (new / update / end) to publish over MQTT,
+  written in the transaction that commits the change (only with ``mqtt``
+  configured); ``sent_at`` is set on the broker's acknowledgement
+  (:mod:`storage.outbox`, revision 0005).
 
 Every per-event table (``track_embeddings``, ``reid_embeddings``,
 ``gait_embeddings``, ``snapshots``) references ``events.id`` with
@@ -48,6 +52,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Text,
     TypeDecorator,
     UniqueConstraint,
     text,
@@ -248,6 +253,38 @@ class Snapshot(Base):
     bytes: Mapped[int | None] = mapped_column(BigInteger)
 
 
+#: Allowed values of ``mqtt_outbox.type``.
+OUTBOX_TYPES: tuple[str, ...] = ("new", "update", "end")
+_OUTBOX_TYPES_SQL = ", ".join(f"'{t}'" for t in OUTBOX_TYPES)
+
+
+class MqttOutbox(Base):
+    """One event change to publish on ``<prefix>/events`` (see :mod:`storage.outbox`).
+
+    ``event_id`` has no foreign key on purpose: a committed change stays publishable after retention
+    deleted its event. ``(event_id, seq)`` is unique: ``seq`` counts the messages of one event from 1.
+    ``payload`` is the JSON text published verbatim.
+    """
+
+    __tablename__ = "mqtt_outbox"
+    __table_args__ = (
+        CheckConstraint(f"type IN ({_OUTBOX_TYPES_SQL})", name="type"),
+        CheckConstraint("seq >= 1", name="seq_positive"),
+        UniqueConstraint("event_id", "seq"),  # also the index behind "last seq of an event"
+        # the publisher's "unsent rows in order" and the pending count read only the unsent rows
+        Index("ix_mqtt_outbox_unsent", "id", sqlite_where=text("sent_at IS NULL"),
+              postgresql_where=text("sent_at IS NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(EVENT_ID_LEN))
+    seq: Mapped[int] = mapped_column(Integer)
+    type: Mapped[str] = mapped_column(String(8))
+    payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 #: The vector table of each ``EmbeddingRecord.kind``.
 EMBEDDING_TABLES: dict[str, str] = {"face": "track_embeddings", "reid": "reid_embeddings", "gait": "gait_embeddings"}
 
@@ -261,6 +298,7 @@ TABLES: tuple[str, ...] = (
     "reid_embeddings",
     "gait_embeddings",
     "snapshots",
+    "mqtt_outbox",
 )
 
 #: The tables whose rows belong to one event (deleted with it by ``ON DELETE CASCADE``).

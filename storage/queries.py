@@ -300,7 +300,8 @@ def list_identities(engine: Engine) -> list[tuple[str, int]]:
 
 def count_rows(engine: Engine) -> dict[str, int]:
     """Row count of every FacePro table (:data:`storage.models.TABLES`: ``cameras``, ``identities``,
-    ``face_embeddings``, ``events``, ``track_embeddings``, ``reid_embeddings``, ``gait_embeddings``, ``snapshots``)."""
+    ``face_embeddings``, ``events``, ``track_embeddings``, ``reid_embeddings``, ``gait_embeddings``, ``snapshots``,
+    ``mqtt_outbox``)."""
     with storage_errors(engine.url, "counting rows"), engine.connect() as conn:
         return {t: int(conn.execute(select(func.count()).select_from(Base.metadata.tables[t])).scalar_one()) for t in TABLES}
 

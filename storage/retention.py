@@ -23,6 +23,10 @@ over ``max_bytes``. PostgreSQL does not give deleted space back to the disk
 
 Deletes run in transactions of at most :data:`CHUNK` events, so the
 pipeline's writer waits at most one short transaction for the lock.
+
+:func:`prune_outbox` deletes the MQTT outbox rows the broker acknowledged
+and nobody needs any more (the storage process runs it with retention, and
+every ``storage.retention_interval_s`` when ``mqtt`` is configured).
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from sqlalchemy import Connection, Engine, and_, delete, func, or_, select
+from sqlalchemy.orm import aliased
 
 from storage.db import StorageError, describe, locked_error, sqlite_path, storage_errors
-from storage.models import EVENT_CHILD_TABLES, TABLES, Base, Event, Snapshot, utcnow
+from storage.models import EVENT_CHILD_TABLES, TABLES, Base, Event, MqttOutbox, Snapshot, utcnow
 
 #: Events deleted per transaction.
 CHUNK = 500
@@ -333,6 +338,36 @@ def _remove_files(paths: Iterable[str], root: Path | None, tally: _Tally) -> Non
             continue
         tally.files += 1
         tally.file_bytes += size
+
+
+# ------------------------------------------------------------------ MQTT outbox
+
+
+def prune_outbox(engine: Engine) -> int:
+    """Delete the sent MQTT outbox rows that are no longer needed; unsent rows are never deleted.
+
+    A sent row goes when its event's ``end`` was sent, when a newer row of its
+    event exists (only the newest row of an open event stays: it carries the
+    event's last ``seq``, from which the next message counts on), or when its
+    event was deleted (retention).
+
+    Returns:
+        Rows deleted.
+
+    Raises:
+        StorageError: locked or unreachable database.
+    """
+    newer = aliased(MqttOutbox)
+    ended = select(MqttOutbox.event_id).where(MqttOutbox.type == "end", MqttOutbox.sent_at.is_not(None))
+    latest = select(func.max(newer.id)).where(newer.event_id == MqttOutbox.event_id).scalar_subquery()
+    stmt = delete(MqttOutbox).where(
+        MqttOutbox.sent_at.is_not(None),
+        or_(MqttOutbox.event_id.in_(ended), MqttOutbox.id < latest, MqttOutbox.event_id.not_in(select(Event.id))),
+    )
+    with storage_errors(engine.url, "pruning the MQTT outbox"), engine.connect().execution_options(
+        sqlite_begin="IMMEDIATE"
+    ) as conn, conn.begin():
+        return int(conn.execute(stmt).rowcount)
 
 
 # ------------------------------------------------------------------ measuring

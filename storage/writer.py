@@ -23,7 +23,11 @@ transaction per :meth:`EventWriter.flush`:
   :attr:`EventWriter.orphan_embeddings` (send the event's update first);
 - an update with a ``snapshot_path`` adds a ``snapshots`` row (once per
   event and path; re-sending it is a no-op) with the file's size in bytes
-  (NULL when the file cannot be read when the batch is written).
+  (NULL when the file cannot be read when the batch is written);
+- with ``outbox_box_id`` set (``mqtt`` configured), the same transaction
+  writes the MQTT outbox rows of the batch's event changes
+  (:func:`storage.outbox.record_changes`: new / update / end, compared
+  with the rows as they were before the batch).
 
 A flush that fails leaves the pending rows in place, so the caller can retry.
 
@@ -47,6 +51,7 @@ from sqlalchemy import Connection, Engine, Executable, bindparam, func, insert, 
 
 from pipeline.messages import EmbeddingRecord, TrackUpdate
 from storage.db import StorageError, dialect_insert, is_transient, storage_errors
+from storage.outbox import event_states, record_changes
 from storage.models import (
     EMBEDDING_TABLES,
     LABEL_LEN,
@@ -121,12 +126,14 @@ class EventWriter:
         backoff_s: first retry delay, seconds; doubles each retry.
         clock: monotonic seconds (tests inject a fake one).
         sleep: called with the retry delay, seconds.
+        outbox_box_id: write MQTT outbox rows carrying this ``box_id`` with every
+            event change; None (no ``mqtt`` config): no outbox rows.
 
     Raises:
         ValueError: a bound out of range.
 
     Counters (cumulative): :attr:`rows_written`, :attr:`flushes`,
-    :attr:`unknown_identity`, :attr:`orphan_embeddings`.
+    :attr:`unknown_identity`, :attr:`orphan_embeddings`, :attr:`outbox_rows`.
     """
 
     def __init__(
@@ -139,6 +146,7 @@ class EventWriter:
         backoff_s: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        outbox_box_id: str | None = None,
     ) -> None:
         if batch_rows < 1:
             raise ValueError(f"EventWriter.batch_rows: expected >= 1, got {batch_rows}")
@@ -159,6 +167,8 @@ class EventWriter:
         self.flushes = 0
         self.unknown_identity = 0
         self.orphan_embeddings = 0
+        self.outbox_box_id = outbox_box_id
+        self.outbox_rows = 0
 
     # ------------------------------------------------------------- buffering
 
@@ -260,10 +270,14 @@ class EventWriter:
             cameras = self._camera_ids(conn, {u.camera for u in events})
             identities = _identity_ids(conn, {u.identity for u in events if u.identity is not None})
             unknown = sum(1 for u in events if u.identity is not None and u.identity not in identities)
+            ids = [u.event_id for u in events]
+            before = event_states(conn, ids) if self.outbox_box_id is not None else None
             _upsert_events(conn, events, cameras, identities)
             _insert_snapshots(conn, snapshots)
+            outbox = record_changes(conn, ids, before, self.outbox_box_id) if before is not None else 0
             kept = _existing_event_embeddings(conn, embeddings, {u.event_id for u in events})
             _insert_embeddings(conn, kept)
+        self.outbox_rows += outbox
         self.unknown_identity += unknown
         self.orphan_embeddings += len(embeddings) - len(kept)
         return len(events) + len(kept), cameras

@@ -126,3 +126,40 @@ def test_thread_budget_never_oversubscribes(cores: int, det: int, rec: int, expe
     cfg = parse_config(_with("detection.processes", det))
     cfg = cfg.model_copy(update={"recognition": cfg.recognition.model_copy(update={"processes": rec})})
     assert thread_budget(cfg, cpu_count=cores) == expected
+
+
+def test_mqtt_is_off_unless_configured_and_box_id_defaults_to_the_host_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "edge box/7")
+    cfg = parse_config(BASE)
+    assert cfg.mqtt is None and cfg.box_id == "edge-box-7"
+    mqtt = parse_config(_with("mqtt", {})).mqtt
+    assert (mqtt.url, mqtt.topic_prefix, mqtt.qos, mqtt.discovery, mqtt.discovery_prefix) == (
+        "mqtt://127.0.0.1:1883", "facepro", 1, True, "homeassistant")
+    assert mqtt.client_id is None and mqtt.username is None and mqtt.password is None and mqtt.tls is False
+    again = AppConfig.model_validate_json(parse_config(_with("box_id", "shed")).model_dump_json())
+    assert again.box_id == "shed"  # the workers read config.json: the box id travels with it
+
+
+@pytest.mark.parametrize(
+    "path, value, error",
+    [
+        ("mqtt.url", "tcp://broker:1883", r"mqtt\.url: String should match pattern"),
+        ("mqtt.url", "mqtt://broker:1883/x", r"mqtt\.url: String should match pattern"),
+        ("mqtt.qos", 0, r"mqtt\.qos: Input should be greater than or equal to 1"),
+        ("mqtt.qos", 3, r"mqtt\.qos: Input should be less than or equal to 2"),
+        ("mqtt.topic_prefix", "a/#", r"mqtt\.topic_prefix: String should match pattern"),
+        ("mqtt.topic_prefix", "/lead", r"mqtt\.topic_prefix: String should match pattern"),
+        ("mqtt.discovery_prefix", "home assistant", r"mqtt\.discovery_prefix: String should match pattern"),
+        ("mqtt.stats_interval_s", 0.1, r"mqtt\.stats_interval_s: Input should be greater than or equal to 0\.5"),
+        ("mqtt.reconnect_max_s", 0.5, r"mqtt: Value error, reconnect_max_s \(0\.5\) must be >= reconnect_min_s"),
+        ("mqtt.passwd", "x", r"mqtt\.passwd: Extra inputs are not permitted"),
+        ("box_id", "a/b", r"box_id: String should match pattern"),
+        ("box_id", "", r"box_id: String should match pattern"),
+    ],
+)
+def test_invalid_mqtt_configs_name_the_key(path: str, value: object, error: str) -> None:
+    tree = _with(path, value) if not path.startswith("mqtt.") else _with("mqtt", {path.split(".", 1)[1]: value})
+    with pytest.raises(ConfigError, match=error):
+        parse_config(tree)

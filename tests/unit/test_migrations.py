@@ -39,6 +39,7 @@ EXPECTED_INDEXES = {
     "track_embeddings": set(),  # event_id lookups use the unique (event_id, model, frame_index) since 0004
     "reid_embeddings": set(),
     "gait_embeddings": set(),
+    "mqtt_outbox": {"ix_mqtt_outbox_unsent"},  # partial: unsent rows only (0005)
 }
 
 
@@ -68,9 +69,11 @@ def _alembic(url: str, fn, *args) -> None:
 
 
 def test_head_and_history():
-    assert head_revision() == "0004"
+    assert head_revision() == "0005"
     revs = history()
-    assert [(r.revision, r.down_revision, r.is_head) for r in revs] == [("0001", None, False), ("0002", "0001", False), ("0003", "0002", False), ("0004", "0003", True)]
+    assert [(r.revision, r.down_revision, r.is_head) for r in revs] == [
+        ("0001", None, False), ("0002", "0001", False), ("0003", "0002", False), ("0004", "0003", False),
+        ("0005", "0004", True)]
     assert all(isinstance(r, RevisionInfo) and r.message for r in revs)
 
 
@@ -130,6 +133,46 @@ def test_0004_leaves_one_index_per_real_query_and_downgrade_restores_them(url, d
         conn.close()
 
 
+def test_0005_adds_the_mqtt_outbox_and_downgrade_drops_only_it(url, db_path):
+    _alembic(url, command.upgrade, "0004")
+    engine = open_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO cameras (id, name, created_at) VALUES (1, 'c', :t)"), {"t": TS})
+    finally:
+        engine.dispose()
+    assert upgrade(url, backup=False) == "0005"
+    conn = sqlite3.connect(db_path)
+    try:
+        (ddl,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'ix_mqtt_outbox_unsent'").fetchone()
+        assert ddl.endswith("WHERE sent_at IS NULL")
+        conn.execute("INSERT INTO mqtt_outbox (event_id, seq, type, payload, created_at) VALUES ('e', 1, 'new', '{}', 't')")
+        conn.execute("INSERT INTO mqtt_outbox (event_id, seq, type, payload, created_at) VALUES ('e', 2, 'end', '{}', 't')")
+        assert [r[0] for r in conn.execute("SELECT id FROM mqtt_outbox ORDER BY id")] == [1, 2]  # autoincrement
+        for bad in ("('e', 2, 'new', '{}', 't')", "('f', 0, 'new', '{}', 't')", "('g', 1, 'moved', '{}', 't')"):
+            with pytest.raises(sqlite3.IntegrityError):  # repeated (event, seq); seq < 1; unknown type
+                conn.execute(f"INSERT INTO mqtt_outbox (event_id, seq, type, payload, created_at) VALUES {bad}")
+        plan = _plan(conn, "SELECT id FROM mqtt_outbox WHERE sent_at IS NULL AND id > ? ORDER BY id", 0)
+        assert "ix_mqtt_outbox_unsent" in plan
+        conn.commit()
+    finally:
+        conn.close()
+    assert downgrade(url, "0004", backup=False) == "0004"
+    assert _tables(url) == set(TABLES) - {"mqtt_outbox"} | {"alembic_version"}
+    assert count_rows_0004(url)["cameras"] == 1
+    assert upgrade(url, backup=False) == "0005"
+    assert "mqtt_outbox" in _tables(url)
+
+
+def count_rows_0004(url: str) -> dict[str, int]:
+    engine = open_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {"cameras": conn.execute(text("SELECT count(*) FROM cameras")).scalar_one()}
+    finally:
+        engine.dispose()
+
+
 def test_upgrade_at_head_is_a_no_op(url, db_path):
     upgrade(url)
     before = _sha(db_path)
@@ -154,7 +197,7 @@ def test_downgrade_helper_backs_up_and_goes_to_base(url, db_path):
     assert downgrade(url, "0001") == "0001"
     assert current_revision(url) == "0001"
     assert _tables(url) == {"cameras", "identities", "face_embeddings", "events", "track_embeddings", "alembic_version"}
-    assert [b.name.split("-")[1] for b in _backups(db_path)] == ["0004"]
+    assert [b.name.split("-")[1] for b in _backups(db_path)] == [head_revision()]
     assert downgrade(url, "0001") == "0001"  # already there: nothing to do, no backup
     assert downgrade(url, "base", backup=False) is None
     assert _tables(url) == {"alembic_version"}
@@ -421,8 +464,8 @@ SECOND_REVISION = '''
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005"
-down_revision = "0004"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
@@ -441,25 +484,25 @@ def downgrade():
 
 @pytest.fixture()
 def two_revisions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of the migration scripts with a test revision 0005 on top, used by storage.db."""
+    """A copy of the migration scripts with a test revision 0006 on top, used by storage.db."""
     scripts = tmp_path / "alembic"
     shutil.copytree(storage.db.script_location(), scripts, ignore=shutil.ignore_patterns("__pycache__"))
-    (scripts / "versions" / "0005_test.py").write_text(SECOND_REVISION)
+    (scripts / "versions" / "0006_test.py").write_text(SECOND_REVISION)
     monkeypatch.setattr(storage.db, "script_location", lambda: scripts)
     return scripts
 
 
 def test_upgrade_behind_head_backs_up_and_keeps_child_rows(url, db_path, two_revisions):
-    _alembic(url, command.upgrade, "0004")
+    _alembic(url, command.upgrade, "0005")
     engine = open_engine(url)
     vectors = np.arange(8, dtype=np.float32).reshape(2, 4)
     enroll(engine, "alice", vectors, "m", ["a.jpg", "b.jpg"], [None, None])
     engine.dispose()
 
-    assert head_revision() == "0005"
-    assert upgrade(url) == "0005"
+    assert head_revision() == "0006"
+    assert upgrade(url) == "0006"
 
-    assert current_revision(url) == "0005"
+    assert current_revision(url) == "0006"
     engine = open_engine(url)
     try:
         assert list_identities(engine) == [("alice", 2)]  # the rebuild did not cascade
@@ -467,18 +510,18 @@ def test_upgrade_behind_head_backs_up_and_keeps_child_rows(url, db_path, two_rev
     finally:
         engine.dispose()
     (backup,) = _backups(db_path)
-    assert backup.name.startswith("facepro.db.bak-0004-")
+    assert backup.name.startswith("facepro.db.bak-0005-")
     old = sqlite3.connect(backup)
     try:
-        assert old.execute("SELECT version_num FROM alembic_version").fetchall() == [("0004",)]
+        assert old.execute("SELECT version_num FROM alembic_version").fetchall() == [("0005",)]
         assert old.execute("SELECT count(*) FROM face_embeddings").fetchone() == (2,)
     finally:
         old.close()
 
 
 def test_upgrade_without_backup_writes_none(url, db_path, two_revisions):
-    _alembic(url, command.upgrade, "0004")
-    assert upgrade(url, backup=False) == "0005"
+    _alembic(url, command.upgrade, "0005")
+    assert upgrade(url, backup=False) == "0006"
     assert _backups(db_path) == []
     engine = open_engine(url)
     try:
