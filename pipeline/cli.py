@@ -260,7 +260,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 def cmd_identities(args: argparse.Namespace) -> int:
     from storage.queries import delete_identity, list_identities
 
-    engine = _engine(_config(args))
+    cfg = _config(args)
+    engine = _engine(cfg)
     if args.action == "list":
         for name, n in list_identities(engine):
             print(f"{name:<32} {n} embedding(s)")
@@ -270,6 +271,15 @@ def cmd_identities(args: argparse.Namespace) -> int:
     if not delete_identity(engine, args.name):
         raise CliError(f"no identity named {args.name!r}; see facepro identities list")
     print(f"deleted {args.name} and its embeddings (the enrolled image files themselves are yours and stay)")
+    if cfg.mqtt is not None and cfg.mqtt.discovery:
+        from pipeline.mqtt import remove_identity_entity
+
+        why = remove_identity_entity(cfg, args.name)
+        if why is None:
+            print(f"removed the Home Assistant entity of {args.name}")
+        else:
+            print(f"facepro identities: the Home Assistant entity of {args.name} stays for now ({why}); the mqtt "
+                  "process of the next run removes it", file=sys.stderr)
     return 0
 
 

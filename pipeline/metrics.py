@@ -177,10 +177,15 @@ class AlertTracker:
       in each of the last three snapshots (still growing);
     - ``high_memory``: its processes use more than ``max_rss_mb`` MiB together.
 
+    ``no_rate_alert`` names stages whose rate counts rare events, not frames
+    (the mqtt publisher): they never get ``low_rate``.
+
     :meth:`update` returns the alerts that changed state, for logging.
     """
 
-    def __init__(self, min_rate_fps: float, backlog_frames: int, max_rss_mb: float, grace_s: float) -> None:
+    def __init__(self, min_rate_fps: float, backlog_frames: int, max_rss_mb: float, grace_s: float,
+                 no_rate_alert: tuple[str, ...] = ()) -> None:
+        self.no_rate_alert = frozenset(no_rate_alert)
         self.min_rate_fps = min_rate_fps
         self.backlog_frames = backlog_frames
         self.max_rss_mb = max_rss_mb
@@ -194,7 +199,7 @@ class AlertTracker:
         growing = len(depths) == depths.maxlen and all(a < b for a, b in zip(depths, list(depths)[1:]))
         running = st.processes > 0 and st.state == "running" and uptime_s >= self.grace_s  # type: ignore[attr-defined]
         return {
-            "low_rate": running and st.rate_fps < self.min_rate_fps,  # type: ignore[attr-defined]
+            "low_rate": running and st.rate_fps < self.min_rate_fps and st.stage not in self.no_rate_alert,  # type: ignore[attr-defined]
             "backlog": st.queue_depth > self.backlog_frames and growing,  # type: ignore[attr-defined]
             "high_memory": st.rss_mb > self.max_rss_mb,  # type: ignore[attr-defined]
         }

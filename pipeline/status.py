@@ -115,12 +115,23 @@ def totals(view: StageView) -> Totals:
                   drops=r.drops + sum((s.drops for s in snaps), _zeros()), counts=counts)
 
 
-def queue_depths(order: Sequence[str], stage_totals: Mapping[str, Totals]) -> dict[str, int]:
-    """Items waiting for each stage: upstream sent − received here (≥ 0) + held inside it; 0 for the first."""
+def queue_depths(order: Sequence[str], stage_totals: Mapping[str, Totals],
+                 upstream: Mapping[str, str | None] | None = None) -> dict[str, int]:
+    """Items waiting for each stage: upstream sent − received here (≥ 0) + held inside it; 0 for the first.
+
+    ``upstream`` maps a stage to the stage feeding it (default: the one before it in ``order``); a later
+    stage mapped to None (off the frame path, e.g. the mqtt publisher) waits for its own backlog only.
+    """
     out = {}
     for i, stage in enumerate(order):
         t = stage_totals[stage]
-        out[stage] = 0 if i == 0 else max(0, stage_totals[order[i - 1]].sent - t.frames_in) + t.backlog
+        up = order[i - 1] if upstream is None and i else (upstream or {}).get(stage)
+        if i == 0:
+            out[stage] = 0
+        elif up is None:
+            out[stage] = t.backlog
+        else:
+            out[stage] = max(0, stage_totals[up].sent - t.frames_in) + t.backlog
     return out
 
 
@@ -153,11 +164,12 @@ def _stage_status(stage: str, view: StageView, t: Totals, depth: int, rate: floa
 
 
 def status_reply(run_id: str, uptime_s: float, views: Mapping[str, StageView], rates: Mapping[str, RateWindow],
-                 now: float) -> StatusReply:
-    """The ``facepro status`` answer; ``views`` in pipeline order, one :class:`RateWindow` per stage (fed here)."""
+                 now: float, upstream: Mapping[str, str | None] | None = None) -> StatusReply:
+    """The ``facepro status`` answer; ``views`` in pipeline order, one :class:`RateWindow` per stage (fed here),
+    ``upstream`` as in :func:`queue_depths`."""
     order = list(views)
     tot = {s: totals(v) for s, v in views.items()}
-    depth = queue_depths(order, tot)
+    depth = queue_depths(order, tot, upstream)
     stages = tuple(_stage_status(s, views[s], tot[s], depth[s], rates[s].rate(now, tot[s].frames_out)) for s in order)
     return StatusReply(run_id=run_id, uptime_s=round(uptime_s, 2), stages=stages)
 

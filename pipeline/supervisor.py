@@ -91,6 +91,7 @@ class ShutdownState(enum.Enum):
     DRAINING_DETECTION = "draining detection"
     DRAINING_RECOGNITION = "draining recognition"
     DRAINING_STORAGE = "draining storage"
+    DRAINING_MQTT = "draining mqtt"
     DONE = "done"
 
     @classmethod
@@ -278,7 +279,8 @@ class Supervisor:
         self.shutdown = ShutdownState.RUNNING
         self.stage_since = 0.0
         self.rescaler = Rescaler(self.table, self.counts)
-        self.gate = StartGate(STAGE_NAMES[0], STAGE_NAMES[1:], clock=self.clock)
+        self.gate = StartGate(STAGE_NAMES[0], topology.frame_path()[1:], clock=self.clock)
+        self.shown = topology.configured(cfg)  # status and summary rows: a row the config does not run is left out
         self.transport: Transport | None = None
         self.metrics_port: int | None = None
         self.first_frame_at: float | None = None  # first frame captured (monotonic)
@@ -323,7 +325,7 @@ class Supervisor:
 
     def _start_metrics(self) -> None:
         a = self.cfg.runtime.alerts
-        self.alerts = AlertTracker(a.min_rate_fps, a.backlog_frames, a.max_rss_mb, a.grace_s)
+        self.alerts = AlertTracker(a.min_rate_fps, a.backlog_frames, a.max_rss_mb, a.grace_s, topology.side_stages())
         self.collector = StatusCollector(self.alerts)
         if self.cfg.runtime.metrics_port is None:
             return
@@ -378,7 +380,7 @@ class Supervisor:
 
     def _views(self, with_usage: bool = True) -> dict[str, StageView]:
         views = {}
-        for stage in STAGE_NAMES:
+        for stage in self.shown:
             live = []
             for p in self.table.of(stage):
                 block = self.launcher.blocks.get(p.pid)
@@ -396,7 +398,7 @@ class Supervisor:
 
     def status(self) -> StatusReply:
         now = self.clock()
-        return status_reply(self.run_id, now - self.started, self._views(), self.rates, now)
+        return status_reply(self.run_id, now - self.started, self._views(), self.rates, now, topology.upstreams())
 
     def summary(self) -> dict:
         """Totals of the run: frames, wall time, per-stage rates, drops, restarts, losses, peak memory."""

@@ -16,7 +16,10 @@ live process counts (``counts``: stage name → processes now running, which
 changes with ``facepro scale``).
 
 Process counts (:class:`Count`): one per camera, a configured count
-(``detection.processes``...), or exactly one.
+(``detection.processes``...), or exactly one. A row with ``enabled`` runs
+no process when its config section is absent (the ``mqtt`` publisher).
+A ``side`` row is off the frame path (it reads the database, not an
+upstream outbox): no upstream stage, no start gate, its queue is its own backlog.
 
 Drain order is table order (pipeline order); processes are started in the
 reverse order, so every bound endpoint exists before its senders start.
@@ -81,6 +84,7 @@ class Resume(enum.Enum):
     AFTER_LAST_PUBLISHED = "after_last_published"  # capture: continues after the predecessor's last published frame
     FRAMES_AGAIN = "frames_again"  # detection/recognition: frames the predecessor held are reclaimed (counted lost) and new ones flow
     UNACKED_RESENT = "unacked_resent"  # storage: producers re-send every item it had not acknowledged
+    OUTBOX_REPLAYED = "outbox_replayed"  # mqtt: every outbox row the broker had not acknowledged is published again
 
 
 class Rescale(enum.Enum):
@@ -105,6 +109,8 @@ class StageSpec:
         inference: True if its processes run ONNX inference (share the thread budget).
         ends_with_source: True if a process exiting 0 on its own is a finished
             file source, not a failure (capture).
+        enabled: the config runs this row's processes; None: always.
+        side: off the frame path (module docstring).
     """
 
     name: str
@@ -115,9 +121,13 @@ class StageSpec:
     rescale: Rescale = Rescale.FIXED
     inference: bool = False
     ends_with_source: bool = False
+    enabled: Callable[[AppConfig], bool] | None = None
+    side: bool = False
 
     def processes(self, cfg: AppConfig) -> int:
-        """The configured process count of this stage."""
+        """The configured process count of this stage (0 when ``enabled`` says the config does not run it)."""
+        if self.enabled is not None and not self.enabled(cfg):
+            return 0
         if self.count is Count.PER_CAMERA:
             return len(cfg.cameras)
         if self.count is Count.ONE:
@@ -163,6 +173,10 @@ def _storage_out(cfg: AppConfig, index: int, counts: Counts) -> tuple[str, ...]:
     return (storage_acks(),)
 
 
+def _mqtt_configured(cfg: AppConfig) -> bool:
+    return cfg.mqtt is not None
+
+
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("capture", Count.PER_CAMERA, _none, _capture_out, Resume.AFTER_LAST_PUBLISHED, ends_with_source=True),
     StageSpec("detection", Count.CONFIGURED, _detection_in, _detection_out, Resume.FRAMES_AGAIN,
@@ -170,6 +184,8 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("recognition", Count.CONFIGURED, _recognition_in, _recognition_out, Resume.FRAMES_AGAIN,
               rescale=Rescale.REPARTITION, inference=True),
     StageSpec("storage", Count.ONE, _storage_in, _storage_out, Resume.UNACKED_RESENT),
+    # publishes the outbox storage commits (reads the database; asks the supervisor's control endpoint for stats)
+    StageSpec("mqtt", Count.ONE, _none, _none, Resume.OUTBOX_REPLAYED, enabled=_mqtt_configured, side=True),
 )
 
 #: Stage names in pipeline (= drain) order.
@@ -194,9 +210,33 @@ def initial_counts(cfg: AppConfig) -> dict[str, int]:
 
 
 def upstream(name: str) -> str | None:
-    """The stage before ``name`` in pipeline order, None for the first."""
-    i = STAGE_NAMES.index(name)
-    return STAGE_NAMES[i - 1] if i else None
+    """The frame-path stage before ``name`` in pipeline order; None for the first and for ``side`` rows."""
+    chain = [s.name for s in STAGES if not s.side]
+    if name not in chain:
+        spec(name)  # KeyError for an unknown name
+        return None
+    i = chain.index(name)
+    return chain[i - 1] if i else None
+
+
+def upstreams() -> dict[str, str | None]:
+    """Stage name → :func:`upstream` of it, for every row."""
+    return {name: upstream(name) for name in STAGE_NAMES}
+
+
+def side_stages() -> tuple[str, ...]:
+    """Names of the ``side`` rows (off the frame path; their rate counts events, not frames)."""
+    return tuple(s.name for s in STAGES if s.side)
+
+
+def frame_path() -> tuple[str, ...]:
+    """Names of the rows on the frame path (not ``side``), in pipeline order."""
+    return tuple(s.name for s in STAGES if not s.side)
+
+
+def configured(cfg: AppConfig) -> tuple[str, ...]:
+    """Names of the rows ``cfg`` runs (``enabled`` rows only when enabled), in pipeline order."""
+    return tuple(s.name for s in STAGES if s.enabled is None or s.enabled(cfg))
 
 
 def start_order() -> tuple[StageSpec, ...]:

@@ -313,19 +313,82 @@ def _storage(cfg: AppConfig, t: Transport, counters: StageCounters, hb: Heartbea
     from storage.writer import EventWriter
 
     engine = open_engine(database_url(cfg), cache_mb=cfg.storage.cache_mb)
-    writer = EventWriter(engine, cfg.storage.batch_rows, cfg.storage.batch_ms)
+    writer = EventWriter(engine, cfg.storage.batch_rows, cfg.storage.batch_ms,
+                         outbox_box_id=cfg.box_id if cfg.mqtt is not None else None)
     st = cfg.storage
-    retention = None
+    tasks: list[Callable[[], object]] = []
     if st.retention_days or st.max_total_mb:
         from storage.retention import apply_retention
 
         max_bytes = int(st.max_total_mb * 2**20) if st.max_total_mb else None
-        retention = lambda: apply_retention(engine, st.retention_days, max_bytes, data_dir() / "snapshots")  # noqa: E731
+        tasks.append(lambda: apply_retention(engine, st.retention_days, max_bytes, data_dir() / "snapshots"))
+    if cfg.mqtt is not None:  # sent MQTT outbox rows nobody needs any more
+        from storage.retention import prune_outbox
+
+        tasks.append(lambda: prune_outbox(engine))
+    retention = (lambda: [task() for task in tasks]) if tasks else None
     inbox = t.receiver(topology.storage(), bind=True, hwm=10_000)
     acks = t.publisher(topology.storage_acks())
     io = RunnerIO(inbox=inbox, route=lambda msg: acks, heartbeat=hb, release=False, blocking_send=False)
     stage = StorageStage(writer, retention, st.retention_interval_s, st.debug_commit_delay_ms / 1000.0)
     Runner(stage, io, counters, stop).run()
+
+
+def _mqtt(cfg: AppConfig, t: Transport, runtime_dir: Path, counters: StageCounters, stop: StopFlag) -> None:
+    """The mqtt process: :class:`pipeline.mqtt.MqttPublisher` over the outbox (:class:`storage.outbox.OutboxStore`)
+    until stopped, then it drains (it is stopped after storage, so every committed change is in the outbox)."""
+    from datetime import datetime, timezone
+
+    from pipeline.mqtt import BrokerSettings, MqttPublisher, make_client, topics_of
+    from storage.db import open_engine
+    from storage.outbox import OutboxStore
+
+    m = cfg.mqtt
+    assert m is not None  # the row is enabled only with an mqtt section
+    started = json.loads((runtime_dir / "run.json").read_text()).get("started_at")
+    since = datetime.fromtimestamp(started, timezone.utc) if started else None
+    store = OutboxStore(open_engine(database_url(cfg), busy_timeout_ms=250), since)  # a locked db: retried, not waited for
+    settings, topics = BrokerSettings.from_config(cfg), topics_of(cfg)
+    pub = MqttPublisher(make_client(settings, topics), store, settings, topics, [c.name for c in cfg.cameras],
+                        discovery=m.discovery, stats=partial(_status_doc, t.runtime_dir),
+                        stats_interval_s=m.stats_interval_s, drain_timeout_s=m.drain_timeout_s, version=_version())
+
+    def report() -> None:
+        counters.extra.update(pub.gauges())
+        counters.frames_out, counters.backlog, counters.last_error = pub.published, pub.pending, pub.last_error
+
+    pub.start()
+    counters.extra["ready"] = 1
+    try:
+        while not stop.is_set():
+            pub.step()
+            report()
+            time.sleep(0.1)
+    finally:
+        pub.stop()
+        report()
+
+
+def _status_doc(socket_dir: Path) -> dict | None:
+    """The ``facepro status --json`` document, asked from the supervisor's control endpoint (None: no answer)."""
+    from pipeline.cli import status_json
+    from pipeline.messages import StatusReply, StatusRequest
+    from pipeline.transport import TransportError, request
+
+    try:
+        reply = request(socket_dir, topology.control(), StatusRequest(), timeout_ms=1000)
+    except TransportError:
+        return None
+    return status_json(reply) if isinstance(reply, StatusReply) else None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("facepro")
+    except PackageNotFoundError:
+        return ""
 
 
 @dataclass(frozen=True)
@@ -350,6 +413,7 @@ ENTRIES: dict[str, Callable[[StageContext], None]] = {
     "recognition": lambda c: _recognition(c.cfg, c.t, c.index, c.counts["recognition"], c.counters, c.hb, c.stop,
                                           RunPaths(c.run_id, c.runtime_dir), c.counts),
     "storage": lambda c: _storage(c.cfg, c.t, c.counters, c.hb, c.stop),
+    "mqtt": lambda c: _mqtt(c.cfg, c.t, c.runtime_dir, c.counters, c.stop),
 }
 
 PR_SET_PDEATHSIG = 1

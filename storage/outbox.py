@@ -28,9 +28,11 @@ of Frigate's ``frigate/events`` messages (https://docs.frigate.video/integration
              "sub_label": [identity, similarity] or null, "method": "face" | "reid" | "gait" or null,
              "has_snapshot": bool, "box_id": str, "seq": int >= 1}
 
-``before`` is the state the previous message of the event described (``new``:
-the same as ``after``); ``seq`` numbers the messages of one event from 1, so
-``(id, seq)`` identifies a message: subscribers drop repeats by it.
+``before`` is the event's committed state just before the change (``new``:
+the same as ``after``; its ``seq`` is the previous message's, 0 if none);
+``after`` the state the change committed. ``seq`` numbers the messages of
+one event from 1, so ``(after.id, after.seq)`` identifies a message:
+subscribers drop repeats by it.
 
 Reading (the ``mqtt`` process): :class:`OutboxStore` lists unsent rows in
 ``id`` order and sets ``sent_at`` once the broker acknowledged a row. That

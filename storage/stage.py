@@ -13,8 +13,11 @@ Items arrive as :class:`~pipeline.messages.StorageItem` envelopes; after each
 successful commit the stage returns one :class:`~pipeline.messages.StorageAck`
 per producer (everything received so far was in the committed batch), which
 the producers' ``ReliableSender`` uses to forget them.
-Retention (``storage.retention_days`` / ``max_total_mb``) runs between
-batches every ``storage.retention_interval_s``.
+Retention (``storage.retention_days`` / ``max_total_mb``, and the pruning
+of sent MQTT outbox rows when ``mqtt`` is configured) runs between batches
+every ``storage.retention_interval_s``. With ``mqtt`` configured the writer
+puts an outbox row in the transaction of each event change (counted in
+``outbox_rows``).
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ class StorageStage:
         try:
             self.written += self.writer.flush()
             self.last_error = ""
+            if self.writer.outbox_box_id is not None:
+                self.counts["outbox_rows"] = self.writer.outbox_rows
         except StorageError as err:
             self.last_error = str(err)
             self._note_lock(err)

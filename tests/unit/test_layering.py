@@ -9,7 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FRAMEWORK = ["messages", "codec", "transport", "ring", "runner", "config", "metrics",
-             "topology", "counters", "processes", "status", "runs", "capture", "journal", "models", "install", "gate"]
+             "topology", "counters", "processes", "status", "runs", "capture", "journal", "models", "install", "gate",
+             "mqtt", "discovery"]
 WIRING = {"cli", "supervisor", "worker", "doctor"}  # the only pipeline modules that may import stages/storage
 MAX_FUNCTION_LINES = 60
 MAX_CLASS_LINES = 300

@@ -48,6 +48,16 @@ def test_queue_depth_is_upstream_sent_minus_received_plus_backlog() -> None:
     assert queue_depths(ORDER, {s: totals(x) for s, x in v2.items()})["detection"] == 0
 
 
+def test_a_side_stage_queue_is_its_own_backlog() -> None:
+    order = (*ORDER, "mqtt")
+    tot = {s: totals(StageView((LiveProc(1, x),), Retired())) for s, x in {
+        "capture": snap(sent=50), "detection": snap(frames_in=50, sent=50), "recognition": snap(frames_in=50, sent=9),
+        "storage": snap(frames_in=9, sent=4), "mqtt": snap(frames_out=3, backlog=7)}.items()}
+    up = {"capture": None, "detection": "capture", "recognition": "detection", "storage": "recognition", "mqtt": None}
+    assert queue_depths(order, tot, up)["mqtt"] == 7  # the outbox depth, not storage's acks minus anything
+    assert queue_depths(order, tot)["mqtt"] == 4 + 7  # without the map: chained to storage (what the map fixes)
+
+
 def test_rate_over_the_window() -> None:
     w = RateWindow(span_s=5.0)
     assert w.rate(0.0, 0) == 0.0

@@ -19,7 +19,7 @@ def _exit(table: ProcessTable, stage: str) -> None:
 
 
 def test_shutdown_drains_stage_by_stage_in_table_order(tmp_path: Path) -> None:
-    sup = Supervisor(_cfg(2, 2, 1), tmp_path, clock=FakeClock())
+    sup = Supervisor(_cfg(2, 2, 1, mqtt=True), tmp_path, clock=FakeClock())
     spawner = FakeSpawner()
     sup.table.spawner = spawner
     for row in topology.start_order():
@@ -35,6 +35,22 @@ def test_shutdown_drains_stage_by_stage_in_table_order(tmp_path: Path) -> None:
         _exit(sup.table, stage)
     assert sup._advance_shutdown() and sup.shutdown is ShutdownState.DONE
     assert all(sup.table.restarts(s) == 0 for s in topology.STAGE_NAMES) and sup.failure is None
+
+
+def test_without_mqtt_no_publisher_runs_and_the_shutdown_ends_after_storage(tmp_path: Path) -> None:
+    sup = Supervisor(_cfg(1, 1, 1), tmp_path, clock=FakeClock())
+    sup.table.spawner = FakeSpawner()
+    assert sup.counts["mqtt"] == 0 and "mqtt" not in sup.shown and sup.gate.stages == ("detection", "recognition", "storage")
+    for row in topology.start_order():
+        for i in range(sup.counts[row.name]):
+            sup.table.spawn(row.name, i)
+    assert "mqtt" not in {p.stage for p in sup.table.procs}
+    sup._begin_shutdown()
+    for stage in topology.STAGE_NAMES[:4]:
+        assert not sup._advance_shutdown() and sup.shutdown is ShutdownState.draining(stage)
+        _exit(sup.table, stage)
+    assert sup._advance_shutdown() and sup.shutdown is ShutdownState.DONE
+    assert [s.stage for s in sup.status().stages] == list(topology.STAGE_NAMES[:4])
 
 
 class CountingSpawner(FakeSpawner):

@@ -16,8 +16,9 @@ TRANSPORT_CALLS = {"sender", "receiver", "publisher", "subscriber", "dispatcher"
                    "endpoint"}
 
 
-def _cfg(cameras: int = 3, det: int = 2, rec: int = 2) -> AppConfig:
+def _cfg(cameras: int = 3, det: int = 2, rec: int = 2, mqtt: bool = False) -> AppConfig:
     return AppConfig.model_validate({
+        **({"mqtt": {}} if mqtt else {}),
         "cameras": [{"name": f"cam{i}", "source": f"/v/{i}.mp4", "mode": "file"} for i in range(cameras)],
         "detection": {"processes": det, "detector": {"type": "onnx", "path": "d.onnx", "layout": "yolox"}},
         "recognition": {"processes": rec, "face": {"detector": {"type": "onnx", "path": "f.onnx"},
@@ -25,10 +26,19 @@ def _cfg(cameras: int = 3, det: int = 2, rec: int = 2) -> AppConfig:
 
 
 def test_rows_in_pipeline_order_with_their_counts() -> None:
-    assert topology.STAGE_NAMES == ("capture", "detection", "recognition", "storage")
-    assert topology.initial_counts(_cfg(3, 2, 4)) == {"capture": 3, "detection": 2, "recognition": 4, "storage": 1}
-    assert [s.name for s in topology.start_order()] == ["storage", "recognition", "detection", "capture"]
+    assert topology.STAGE_NAMES == ("capture", "detection", "recognition", "storage", "mqtt")
+    assert topology.initial_counts(_cfg(3, 2, 4)) == {"capture": 3, "detection": 2, "recognition": 4, "storage": 1,
+                                                      "mqtt": 0}  # no mqtt section: no publisher
+    assert topology.initial_counts(_cfg(3, 2, 4, mqtt=True))["mqtt"] == 1
+    assert [s.name for s in topology.start_order()] == ["mqtt", "storage", "recognition", "detection", "capture"]
     assert topology.upstream("recognition") == "detection" and topology.upstream("capture") is None
+    assert topology.upstream("mqtt") is None and topology.frame_path() == topology.STAGE_NAMES[:4]  # off the frame path
+    assert topology.configured(_cfg()) == topology.STAGE_NAMES[:4] and topology.side_stages() == ("mqtt",)
+    assert topology.upstreams() == {"capture": None, "detection": "capture", "recognition": "detection",
+                                    "storage": "recognition", "mqtt": None}
+    assert topology.configured(_cfg(mqtt=True)) == topology.STAGE_NAMES
+    assert topology.spec("mqtt").resume is topology.Resume.OUTBOX_REPLAYED
+    assert topology.spec("mqtt").count is topology.Count.ONE and topology.spec("mqtt").rescale is topology.Rescale.FIXED
     assert topology.spec("capture").resume is topology.Resume.AFTER_LAST_PUBLISHED
     assert topology.spec("storage").resume is topology.Resume.UNACKED_RESENT
     with pytest.raises(KeyError, match="unknown stage 'api'"):
@@ -36,7 +46,7 @@ def test_rows_in_pipeline_order_with_their_counts() -> None:
 
 
 def test_every_inbox_is_some_outbox_and_names_come_from_the_table() -> None:
-    cfg, counts = _cfg(), {"capture": 3, "detection": 2, "recognition": 2, "storage": 1}
+    cfg, counts = _cfg(mqtt=True), {"capture": 3, "detection": 2, "recognition": 2, "storage": 1, "mqtt": 1}
     ins, outs = set(), set()
     for row in topology.STAGES:
         for i in range(counts[row.name]):
@@ -48,7 +58,7 @@ def test_every_inbox_is_some_outbox_and_names_come_from_the_table() -> None:
 
 
 def test_counts_argument_round_trip() -> None:
-    counts = {"capture": 1, "detection": 4, "recognition": 2, "storage": 1}
+    counts = {"capture": 1, "detection": 4, "recognition": 2, "storage": 1, "mqtt": 0}
     assert topology.parse_counts(topology.format_counts(counts)) == counts
     for bad in ("capture=1", "capture=x,detection=1,recognition=1,storage=1", "api=1"):
         with pytest.raises(ValueError):
