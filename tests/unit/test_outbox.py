@@ -45,7 +45,7 @@ def _epoch(value) -> float:
     return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
 
 
-def assert_matches_row(after: dict, row: dict) -> None:
+def assert_matches_row(after: dict, row: dict, box: str = BOX) -> None:
     """An ``after`` object describes the stored row (times to the microsecond)."""
     assert after["id"] == row["id"] and after["camera"] == row["camera"] and after["label"] == row["label"]
     assert after["score"] == pytest.approx(row["score"], abs=1e-6)
@@ -56,7 +56,7 @@ def assert_matches_row(after: dict, row: dict) -> None:
     expected_sub = None if row["identity"] is None else [row["identity"], pytest.approx(row["identity_score"], abs=1e-6)]
     assert after["sub_label"] == expected_sub
     assert after["has_snapshot"] is (row["snapshot_path"] is not None)
-    assert after["box_id"] == BOX
+    assert after["box_id"] == box
 
 
 def _writer(engine: Engine, box: str | None = BOX) -> EventWriter:
