@@ -280,8 +280,9 @@ class MqttConfig(_Strict):
     stats_interval_s: float = Field(60.0, ge=0.5, le=86400, description="publish <prefix>/stats this often, seconds")
     reconnect_min_s: float = Field(1.0, gt=0, le=60, description="first wait before reconnecting, seconds (doubles)")
     reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="longest wait between reconnect attempts, seconds")
-    drain_timeout_s: float = Field(10.0, ge=0, le=600, description="at a clean stop, wait this long for the broker "
-                                   "to acknowledge what is in flight (the rest is sent by the next run)")
+    drain_timeout_s: float = Field(10.0, ge=0, le=50, description="at a clean stop, wait this long for the broker "
+                                   "to acknowledge what is left (the rest is sent by the next run); at most 50 s: "
+                                   "the supervisor kills a stage that takes 60 s to stop")
 
     @model_validator(mode="after")
     def _backoff_order(self) -> MqttConfig:

@@ -75,21 +75,27 @@ class Topics:
         return slug(self.box_id)
 
     def available(self) -> str:
+        """``<prefix>/available``."""
         return f"{self.prefix}/available"
 
     def events(self) -> str:
+        """``<prefix>/events``."""
         return f"{self.prefix}/events"
 
     def stats(self) -> str:
+        """``<prefix>/stats``."""
         return f"{self.prefix}/stats"
 
     def person(self, camera: str) -> str:
+        """``<prefix>/<camera>/person`` (camera names are already topic-safe: ``[A-Za-z0-9_-]``)."""
         return f"{self.prefix}/{camera}/person"
 
     def identity(self, name: str) -> str:
+        """``<prefix>/identities/<name as one level>`` (:func:`topic_level`)."""
         return f"{self.prefix}/identities/{topic_level(name)}"
 
     def config(self, component: str, object_id: str) -> str:
+        """``<discovery_prefix>/<component>/<node_id>/<object_id>/config``."""
         return f"{self.discovery_prefix}/{component}/{self.node_id}/{object_id}/config"
 
     def identity_configs(self) -> str:

@@ -131,14 +131,23 @@ def make_client(settings: BrokerSettings, topics: Topics) -> Any:
 
 
 class Store(Protocol):
-    """What the publisher needs from the database (:class:`storage.outbox.OutboxStore`); every method may
-    raise ``storage.db.StorageError`` (caught by its class name: the framework does not import storage)."""
+    """What the publisher needs from the database (:class:`storage.outbox.OutboxStore`); a failing method
+    raises one of the publisher's ``db_errors`` (``storage.db.StorageError``, injected by the wiring)."""
 
-    def unsent(self, after_id: int, limit: int) -> list[Any]: ...  # rows with id, event_id, seq, kind, payload
-    def mark_sent(self, ids: Sequence[int]) -> None: ...
-    def pending(self) -> int: ...
-    def open_events(self) -> list[str]: ...
-    def identities(self) -> list[str]: ...
+    def unsent(self, after_id: int, limit: int) -> list[Any]:
+        """Up to ``limit`` unsent rows (``id``, ``event_id``, ``seq``, ``kind``, ``payload``) after ``after_id``."""
+
+    def mark_sent(self, ids: Sequence[int]) -> None:
+        """Record that the broker acknowledged the rows ``ids``."""
+
+    def pending(self) -> int:
+        """Unsent rows."""
+
+    def open_events(self) -> list[str]:
+        """Payloads of the events subscribers were last told are in view."""
+
+    def identities(self) -> list[str]:
+        """Enrolled identity names."""
 
 
 class InView:
@@ -201,6 +210,8 @@ class MqttPublisher:
         stats_interval_s: seconds between stats messages.
         drain_timeout_s: :meth:`stop` waits at most this long for acknowledgements, seconds.
         version: FacePro's version for the discovery ``device``.
+        db_errors: exceptions of ``store`` that mean "database unavailable now": logged once, retried at the
+            next step (the wiring passes ``storage.db.StorageError``).
         clock: monotonic seconds.
 
     Attributes:
@@ -214,11 +225,13 @@ class MqttPublisher:
 
     def __init__(self, client: Any, store: Store, settings: BrokerSettings, topics: Topics, cameras: Sequence[str], *,
                  discovery: bool = True, stats: Callable[[], dict | None] | None = None, stats_interval_s: float = 60.0,
-                 drain_timeout_s: float = 10.0, version: str = "", clock: Callable[[], float] = time.monotonic) -> None:
+                 drain_timeout_s: float = 10.0, version: str = "",
+                 db_errors: tuple[type[BaseException], ...] = (RuntimeError,),
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.client, self.store, self.settings, self.topics = client, store, settings, topics
         self.cameras = tuple(cameras)
         self.discovery, self.stats, self.stats_interval_s = discovery, stats, stats_interval_s
-        self.drain_timeout_s, self.version, self.clock = drain_timeout_s, version, clock
+        self.drain_timeout_s, self.version, self.clock, self.db_errors = drain_timeout_s, version, clock, db_errors
         self.connected = False
         self.published = self.reconnects = self.pending = self.failed_connects = 0
         self.last_error = ""
@@ -278,14 +291,15 @@ class MqttPublisher:
             self._due["pending"] = now + PENDING_REFRESH_S
             self.pending = self._try(self.store.pending, "counting the outbox", self.pending)
 
-    def stop(self) -> None:
+    def stop(self, abort: Callable[[], bool] = lambda: False) -> None:
         """Publish what is left (for up to ``drain_timeout_s``, also waiting for a reconnection), then
         ``offline`` (retained) and disconnect cleanly (so the broker does not send the Last Will); what the
-        broker did not acknowledge stays in the outbox for the next run."""
+        broker did not acknowledge stays in the outbox for the next run. ``abort()`` true ends the wait at once
+        (a second stop signal)."""
         deadline = self.clock() + self.drain_timeout_s
         self._due["pending"] = 0.0
         self.step()
-        while self.clock() < deadline and (self._flights or self.pending or self._to_mark):
+        while self.clock() < deadline and not abort() and (self._flights or self.pending or self._to_mark):
             time.sleep(0.05)  # connected or waiting for paho's reconnection: publish what is left
             self._due["pending"] = 0.0
             self.step()
@@ -449,13 +463,17 @@ class MqttPublisher:
 
     def _try(self, fn: Callable[[], Any], what: str, default: Any) -> Any:
         """``fn()``, or ``default`` when the database fails (logged once per kind, retried by the next step)."""
+        key = f"db {what}"
         try:
-            return fn()
-        except Exception as err:  # storage.db.StorageError; the framework does not import storage
-            if type(err).__name__ not in ("StorageError", "SchemaError"):
-                raise
-            self._fault(f"db {what}", f"{what} failed: {err}")
+            result = fn()
+        except self.db_errors as err:
+            self._fault(key, f"{what} failed: {err}")
             return default
+        if key in self._logged:  # the database is back: the fault is over
+            self._logged.discard(key)
+            if self.last_error.startswith(what):
+                self.last_error = ""
+        return result
 
 
 def remove_identity_entity(cfg: AppConfig, name: str, timeout_s: float = 5.0) -> str | None:

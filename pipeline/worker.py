@@ -340,7 +340,7 @@ def _mqtt(cfg: AppConfig, t: Transport, runtime_dir: Path, counters: StageCounte
     from datetime import datetime, timezone
 
     from pipeline.mqtt import BrokerSettings, MqttPublisher, make_client, topics_of
-    from storage.db import open_engine
+    from storage.db import StorageError, open_engine
     from storage.outbox import OutboxStore
 
     m = cfg.mqtt
@@ -351,7 +351,8 @@ def _mqtt(cfg: AppConfig, t: Transport, runtime_dir: Path, counters: StageCounte
     settings, topics = BrokerSettings.from_config(cfg), topics_of(cfg)
     pub = MqttPublisher(make_client(settings, topics), store, settings, topics, [c.name for c in cfg.cameras],
                         discovery=m.discovery, stats=partial(_status_doc, t.runtime_dir),
-                        stats_interval_s=m.stats_interval_s, drain_timeout_s=m.drain_timeout_s, version=_version())
+                        stats_interval_s=m.stats_interval_s, drain_timeout_s=m.drain_timeout_s, version=_version(),
+                        db_errors=(StorageError,))
 
     def report() -> None:
         counters.extra.update(pub.gauges())
@@ -365,7 +366,7 @@ def _mqtt(cfg: AppConfig, t: Transport, runtime_dir: Path, counters: StageCounte
             report()
             time.sleep(0.1)
     finally:
-        pub.stop()
+        pub.stop(abort=stop.hard)
         report()
 
 

@@ -172,7 +172,7 @@ def _mqtt_row(doc: dict) -> dict:
 
 def test_broker_outage_mid_run_loses_no_event(long_clip: Path, models: Path, short_data_dir: Path) -> None:
     broker = Broker(short_data_dir / "broker", persistence=True).start()  # keeps the recorder's session
-    cfg = _config(models, long_clip, short_data_dir, "outage-box", broker.url, "fpo", "hao", drain_timeout_s=60,
+    cfg = _config(models, long_clip, short_data_dir, "outage-box", broker.url, "fpo", "hao", drain_timeout_s=30,
                   max_fps=15)  # paced: the run outlasts the outage
     rec = Recorder(broker.port, ("fpo/events", "fpo/available"), persistent=True, client_id="outage-recorder")
     proc = start_run(str(cfg))

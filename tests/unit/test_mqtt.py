@@ -20,6 +20,7 @@ from sqlalchemy import Engine, text
 from pipeline.config import parse_config
 from pipeline.discovery import Topics, identity_config
 from pipeline.mqtt import BrokerSettings, MqttPublisher, make_client, remove_identity_entity
+from storage.db import StorageError
 from storage.outbox import OutboxStore
 from storage.queries import delete_identity, enroll
 from storage.writer import EventWriter
@@ -46,7 +47,7 @@ def _settings(port: int, password: str | None = None, user: str | None = None) -
 def _publisher(engine: Engine, port: int, **kw) -> MqttPublisher:
     settings = _settings(port, kw.pop("password", None), kw.pop("user", None))
     return MqttPublisher(make_client(settings, TOPICS), OutboxStore(engine), settings, TOPICS, ["room"],
-                         drain_timeout_s=kw.pop("drain_timeout_s", 5.0), **kw)
+                         drain_timeout_s=kw.pop("drain_timeout_s", 5.0), db_errors=(StorageError,), **kw)
 
 
 def _steps(pub: MqttPublisher):
@@ -249,3 +250,31 @@ def test_broker_settings_from_config(mqtt: dict, expected: tuple) -> None:
     s = BrokerSettings.from_config(parse_config(dict(BASE, box_id="b1", mqtt=mqtt)))
     assert (s.host, s.port, s.tls, s.client_id) == expected
     assert s.describe().endswith(f"{expected[0]}:{expected[1]}")
+
+
+class LockedOnce(OutboxStore):
+    """An outbox whose first ``fails`` marks find the database locked."""
+
+    def __init__(self, engine: Engine, fails: int) -> None:
+        super().__init__(engine)
+        self.fails = fails
+
+    def mark_sent(self, ids) -> None:
+        if self.fails:
+            self.fails -= 1
+            raise StorageError("marking MQTT outbox rows sent: database is locked by another process")
+        super().mark_sent(ids)
+
+
+def test_a_locked_database_delays_marking_and_loses_nothing(engine: Engine, broker: Broker) -> None:
+    writer = EventWriter(engine, outbox_box_id=BOX)
+    _events(engine, writer, 2)
+    pub = _publisher(engine, broker.port)
+    pub.store = LockedOnce(engine, fails=3)
+    pub.start()
+    try:
+        wait_until(lambda: pub.published == 2 and pub.store.fails == 0 and pub.pending == 0, 20, "marked after the lock",
+                   between=_steps(pub))
+        assert all(sent for _, sent in _outbox(engine)) and pub.last_error == ""
+    finally:
+        pub.stop()
