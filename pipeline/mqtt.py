@@ -314,6 +314,7 @@ class MqttPublisher:
                         "run publishes them", self.pending, self.settings.describe())
         self.client.disconnect()
         self.client.loop_stop()
+        self.connected = False
 
     def gauges(self) -> dict[str, int]:
         """``mqtt_connected`` (0/1), ``outbox_pending``, ``published``, ``reconnects`` (for the counter block)."""

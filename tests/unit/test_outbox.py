@@ -198,3 +198,15 @@ def engine_with_identity(engine: Engine) -> Iterator[Engine]:
 
 def test_store_lists_identities(engine_with_identity: Engine) -> None:
     assert OutboxStore(engine_with_identity).identities() == ["bob"]
+
+
+def test_the_storage_stage_counts_outbox_rows_only_with_mqtt(engine: Engine) -> None:
+    from storage.stage import StorageStage
+
+    for box, expected in ((BOX, {"outbox_rows": 2}), (None, {})):
+        stage = StorageStage(_writer(engine, box))
+        eid = _eid()
+        stage.process(None, update(eid))
+        stage.process(None, update(eid, last=20, ended=True))
+        stage.finish()
+        assert {k: v for k, v in stage.counts.items() if k == "outbox_rows"} == expected
