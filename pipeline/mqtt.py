@@ -377,9 +377,10 @@ class MqttPublisher:
         flight = self._flights.pop(mid, None)
         if flight is None:
             return  # a state message, or an event message already re-published under another mid
-        if failed:  # the broker refused it (MQTT 5 reason code): publish it again
-            log.warning("mqtt: broker refused event message %d: %s; publishing it again", flight.row_id, reason)
-            self._publish(flight.row_id, flight.payload, self.clock())
+        if failed:  # the broker refused it (an MQTT 5 reason code, e.g. an ACL): again in RESEND_AFTER_S
+            self._fault(f"refused message {reason}", f"broker {self.settings.describe()} refused event messages on "
+                        f"{self.topics.events()}: {reason} (check its ACL); they stay in the outbox and are retried")
+            self._flights[-flight.row_id] = _Flight(flight.row_id, flight.payload, self.clock())  # not a mid: a retry
             return
         self._to_mark.append(flight.row_id)
         self.published += 1

@@ -53,9 +53,11 @@ class Broker:
         users: ``{name: password}``; None: anonymous logins allowed.
         persistence: keep sessions and retained messages across :meth:`stop` / :meth:`start`
             (a subscriber with a persistent session then misses nothing while the broker is down).
+        acl: the text of a Mosquitto ``acl_file`` (with ``users``).
     """
 
-    def __init__(self, folder: Path, users: dict[str, str] | None = None, persistence: bool = False) -> None:
+    def __init__(self, folder: Path, users: dict[str, str] | None = None, persistence: bool = False,
+                 acl: str | None = None) -> None:
         if shutil.which("mosquitto") is None:
             pytest.skip("the mosquitto binary is not installed")
         self.folder, self.port = folder, free_port()
@@ -70,6 +72,9 @@ class Broker:
             pw.write_text("".join(f"{u}:{p}\n" for u, p in users.items()))
             subprocess.run(["mosquitto_passwd", "-U", str(pw)], check=True)
             lines.append(f"password_file {pw}")
+        if acl is not None:
+            (folder / "acl").write_text(acl)
+            lines.append(f"acl_file {folder / 'acl'}")
         self.conf = folder / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen | None = None

@@ -183,6 +183,25 @@ def test_a_refused_login_is_one_clear_line_and_nothing_is_marked(engine: Engine,
         broker.stop()
 
 
+def test_messages_the_broker_refuses_stay_in_the_outbox(engine: Engine, tmp_path: Path) -> None:
+    acl = "user cam\ntopic readwrite t/available\ntopic readwrite t/room/#\ntopic readwrite ha/#\n"  # not t/events
+    broker = Broker(tmp_path / "acl", users={"cam": "pw"}, acl=acl).start()
+    writer = EventWriter(engine, outbox_box_id=BOX)
+    _events(engine, writer, 2)
+    pub = _publisher(engine, broker.port, user="cam", password="pw")
+    pub.start()
+    try:
+        wait_until(lambda: "refused event messages" in pub.last_error, 20, "refusal reported", between=_steps(pub))
+        for _ in range(10):
+            _steps(pub)()
+        assert pub.connected and pub.published == 0 and pub.pending == 2
+        assert all(not sent for _, sent in _outbox(engine))
+        assert sorted(k < 0 for k in pub._flights) == [True, True]  # waiting RESEND_AFTER_S, not re-sent in a loop
+    finally:
+        pub.stop()
+        broker.stop()
+
+
 def _retain(port: int, topic: str, payload: str) -> None:
     from paho.mqtt.client import CallbackAPIVersion, Client, MQTTv5
 
