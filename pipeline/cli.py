@@ -120,8 +120,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from storage.db import upgrade
 
     cfg = _config(args)
-    _check_assets(cfg)
     _check_api_port(cfg)
+    _check_assets(cfg)
     url = database_url(cfg)
     sup = Supervisor(cfg, data_dir(), prepare_database=lambda: upgrade(url), config_path=Path(args.config))
     code = sup.run()

@@ -500,3 +500,20 @@ def test_facepro_serve_refuses_bad_bindings(api: Api, args: list, error: str, ca
     assert main(["serve", "--config", str(api.cfg_file), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert error in err and len(err.splitlines()) == 1
+
+
+def test_facepro_run_refuses_an_api_port_in_use(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    api.cfg_file.write_text(yaml.safe_dump(tree(api.models, api.videos, enabled=True, port=port)))
+    try:
+        assert main(["run", str(api.cfg_file)]) == 2
+    finally:
+        taken.close()
+    err = capsys.readouterr().err.strip()
+    assert f"cannot serve the api on 127.0.0.1:{port}" in err and "api.port" in err and len(err.splitlines()) == 1
+    assert not (api.data_dir / "run" / "current.json").exists()  # nothing started

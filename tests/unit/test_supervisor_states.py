@@ -95,3 +95,16 @@ def test_fixed_and_unknown_stages_are_not_scaled() -> None:
     assert not r.scale("capture", 2).ok and "not supported" in r.scale("capture", 2).message
     assert not r.scale("jobs", 2).ok and "unknown stage" in r.scale("jobs", 2).message
     assert not r.scale("api", 2).ok and "not supported" in r.scale("api", 2).message
+
+
+@pytest.mark.parametrize("api", [False, True])
+def test_the_api_row_is_spawned_only_when_enabled_and_never_holds_the_live_cameras(tmp_path: Path, api: bool) -> None:
+    sup = Supervisor(_cfg(1, 1, 1, api=api), tmp_path, clock=FakeClock())
+    spawner = FakeSpawner()
+    sup.table.spawner = spawner
+    for row in topology.start_order():
+        for i in range(sup.counts[row.name]):
+            sup.table.spawn(row.name, i)
+    assert [s for s, _, _ in spawner.started].count("api") == int(api)
+    assert sup.gate.capture_stage == "capture" and sup.gate.stages == ("detection", "recognition", "storage")
+    assert list(sup._views(with_usage=False)) == list(topology.active_names(sup.cfg))
