@@ -118,18 +118,41 @@ class Backend(Protocol):
     #: ``(exception class, HTTP status)`` pairs, most specific first (e.g. an enrollment error → 422).
     errors: Sequence[tuple[type[BaseException], int]]
 
-    def check_database(self) -> None: ...
-    def list_events(self, query: EventQuery, limit: int) -> list[dict[str, Any]]: ...
-    def get_event(self, event_id: str) -> dict[str, Any] | None: ...
-    def snapshot_file(self, event_id: str) -> Path | None: ...
-    def list_identities(self) -> list[tuple[str, int]]: ...
-    def enroll(self, name: str, uploads: Sequence[Upload]) -> tuple[int, str]: ...
-    def delete_identity(self, name: str) -> bool: ...
-    def recognize(self, image: np.ndarray) -> dict[str, Any]: ...
-    def list_backups(self) -> list[dict[str, Any]]: ...
-    def create_backup(self) -> dict[str, Any]: ...
-    def backup_file(self, name: str) -> Path | None: ...
-    def restore_backup(self, name: str, running: bool) -> dict[str, Any]: ...
+    def check_database(self) -> None:
+        """Open the database and run a trivial query (raises when it cannot)."""
+
+    def list_events(self, query: EventQuery, limit: int) -> list[dict[str, Any]]:
+        """At most ``limit`` events matching ``query``, newest first, as ``facepro events --json`` dicts."""
+
+    def get_event(self, event_id: str) -> dict[str, Any] | None:
+        """One event as a ``facepro events --json`` dict, None when unknown."""
+
+    def snapshot_file(self, event_id: str) -> Path | None:
+        """The event's snapshot JPEG file (inside the data dir), None when it has none or it is gone."""
+
+    def list_identities(self) -> list[tuple[str, int]]:
+        """``(name, gallery embeddings)`` per identity, by name."""
+
+    def enroll(self, name: str, uploads: Sequence[Upload]) -> tuple[int, str]:
+        """Enroll every upload for ``name`` (all checked first); returns ``(images enrolled, embedder model)``."""
+
+    def delete_identity(self, name: str) -> bool:
+        """Delete an identity and its embeddings; False when unknown."""
+
+    def recognize(self, image: np.ndarray) -> dict[str, Any]:
+        """Every face of a ``(H, W, 3) uint8`` BGR image: ``{"faces": [{"bbox", "identity", "similarity"}]}``."""
+
+    def list_backups(self) -> list[dict[str, Any]]:
+        """The backup archives, newest first (``name``, ``size`` bytes, ``created_at``, ``schema_revision``, ``files``, ``error``)."""
+
+    def create_backup(self) -> dict[str, Any]:
+        """Write a new archive; returns its :meth:`list_backups` entry."""
+
+    def backup_file(self, name: str) -> Path | None:
+        """The archive file ``name`` (a bare file name), None when there is none."""
+
+    def restore_backup(self, name: str, running: bool) -> dict[str, Any]:
+        """Restore archive ``name`` (refused with 409 when ``running``), then upgrade the schema."""
 
 
 class PipelineLink:
@@ -152,6 +175,7 @@ class PipelineLink:
         return read_current_run(self.data_dir)
 
     def running(self) -> bool:
+        """True while a pipeline runs on the data dir."""
         return self.current() is not None
 
     def _run(self) -> dict:

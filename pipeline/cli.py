@@ -315,6 +315,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = StopFlag().install()
     app = create_app(api_context(cfg, alone=True, config_path=Path(args.config), threads=os.cpu_count() or 1))
     host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host
     print(f"serving the FacePro API on http://{host}:{port} over {data_dir()} (Ctrl-C stops)", flush=True)
     serve(app, sock, stop)
     return 0
