@@ -47,6 +47,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
@@ -103,9 +104,9 @@ class EventQuery:
     identity: str | None = None
     label: str | None = None
     method: str | None = None
-    since: Any = None
-    until: Any = None
-    before: tuple[Any, str] | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    before: tuple[datetime, str] | None = None
 
 
 class Backend(Protocol):
@@ -240,6 +241,7 @@ class ApiContext:
         alone: True under ``facepro serve``: health is the database's, not the stages'.
         counters: the api process's counters (requests as items, latency per request), None alone.
         alerts: alert states of ``GET /metrics`` (fed with each scrape's status).
+        lock: serialises the scrapes' alert updates (routes run in a thread pool).
     """
 
     cfg: AppConfig
