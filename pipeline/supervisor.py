@@ -91,6 +91,7 @@ class ShutdownState(enum.Enum):
     DRAINING_DETECTION = "draining detection"
     DRAINING_RECOGNITION = "draining recognition"
     DRAINING_STORAGE = "draining storage"
+    DRAINING_API = "draining api"
     DONE = "done"
 
     @classmethod
@@ -202,7 +203,7 @@ class Rescaler:
             row = topology.spec(stage)
         except KeyError as err:
             return Ack(ok=False, message=str(err.args[0]))
-        old = self.counts[stage]
+        old = self.counts.get(stage, 0)
         if row.rescale is Rescale.REPARTITION:
             self.state, self.target = RescaleState.DRAINING_UPSTREAM, (stage, processes)
             return Ack(ok=True, message=f"{stage}: {old} -> {processes} processes (cameras repartitioned; "
@@ -254,12 +255,15 @@ class Supervisor:
         prepare_database: called once before any process starts (applies
             migrations); raises to abort the start.
         clock: monotonic seconds (the process table's clock too).
+        config_path: the config file, recorded in run.json (the api process puts it into backups).
     """
 
     def __init__(self, cfg: AppConfig, data_dir: Path, prepare_database: Callable[[], object] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, config_path: Path | None = None) -> None:
         self.cfg = cfg
         self.data_dir = data_dir
+        self.config_path = str(config_path.resolve()) if config_path else None  # run.json: the api puts it in backups
+        self.stages = topology.active_names(cfg)  # the rows this config runs (status, summary)
         self.prepare_database = prepare_database
         self.clock = clock
         self.run_id = uuid.uuid4().hex[:8]
@@ -270,15 +274,14 @@ class Supervisor:
         ends = [s.name for s in topology.STAGES if s.ends_with_source]
         self.table = ProcessTable(self.launcher, clock, cfg.runtime.heartbeat_timeout_s,
                                   RestartPolicy(MAX_RESTARTS, RESTART_WINDOW_S), ends)
-        self.retired = {s: Retired() for s in STAGE_NAMES}
-        self.rates = {s: RateWindow() for s in STAGE_NAMES}
+        self.retired, self.rates = {s: Retired() for s in STAGE_NAMES}, {s: RateWindow() for s in STAGE_NAMES}
         self.peak_rss: dict[int, float] = {}
         self.started = clock()
         self.signals = 0
         self.shutdown = ShutdownState.RUNNING
         self.stage_since = 0.0
         self.rescaler = Rescaler(self.table, self.counts)
-        self.gate = StartGate(STAGE_NAMES[0], STAGE_NAMES[1:], clock=self.clock)
+        self.gate = StartGate(topology.DATA_PATH[0], topology.DATA_PATH[1:], clock=self.clock)
         self.transport: Transport | None = None
         self.metrics_port: int | None = None
         self.first_frame_at: float | None = None  # first frame captured (monotonic)
@@ -303,7 +306,7 @@ class Supervisor:
         self.socket_dir = make_runtime_dir(socket_dir_for(self.runtime_dir, self.run_id))
         (self.runtime_dir / "config.json").write_text(self.cfg.model_dump_json())
         self.launcher.write_info(run_id=self.run_id, pid=os.getpid(), runtime_dir=str(self.runtime_dir),
-                                 socket_dir=str(self.socket_dir), started_at=time.time())
+                                 socket_dir=str(self.socket_dir), started_at=time.time(), config_path=self.config_path)
 
     def start(self) -> None:
         """Claim the data dir, prepare the database and start every process (downstream first).
@@ -323,7 +326,7 @@ class Supervisor:
 
     def _start_metrics(self) -> None:
         a = self.cfg.runtime.alerts
-        self.alerts = AlertTracker(a.min_rate_fps, a.backlog_frames, a.max_rss_mb, a.grace_s)
+        self.alerts = AlertTracker(a.min_rate_fps, a.backlog_frames, a.max_rss_mb, a.grace_s, rate_stages=topology.DATA_PATH)
         self.collector = StatusCollector(self.alerts)
         if self.cfg.runtime.metrics_port is None:
             return
@@ -378,7 +381,7 @@ class Supervisor:
 
     def _views(self, with_usage: bool = True) -> dict[str, StageView]:
         views = {}
-        for stage in STAGE_NAMES:
+        for stage in self.stages:
             live = []
             for p in self.table.of(stage):
                 block = self.launcher.blocks.get(p.pid)
@@ -396,7 +399,7 @@ class Supervisor:
 
     def status(self) -> StatusReply:
         now = self.clock()
-        return status_reply(self.run_id, now - self.started, self._views(), self.rates, now)
+        return status_reply(self.run_id, now - self.started, self._views(), self.rates, now, chain=topology.DATA_PATH)
 
     def summary(self) -> dict:
         """Totals of the run: frames, wall time, per-stage rates, drops, restarts, losses, peak memory."""

@@ -7,6 +7,13 @@ means), the worker entry point (:mod:`pipeline.worker` dispatches by
 (:attr:`StageSpec.inference`). A new process kind (an API server, an event
 publisher) is a new row here plus an entry function in the worker.
 
+Optional rows. A row with ``enabled`` runs only when the config turns it on
+(the ``api`` row: ``api.enabled``); switched off it has 0 processes and is
+left out of status (:func:`active_names`). A row off the data path
+(``data_path=False``: the api reads status, rings and the database but
+carries no frames) has no upstream for queue depths, does not hold the
+live cameras' start gate and gets no low-rate alert.
+
 Endpoints. ZeroMQ endpoint names are built only by the functions of this
 module (:func:`frames`, :func:`detections`, :func:`storage`,
 :func:`storage_acks`, :func:`control`); no other module spells an endpoint
@@ -72,7 +79,7 @@ class Count(enum.Enum):
 
     PER_CAMERA = "per_camera"  # one process per configured camera (process i serves camera i)
     CONFIGURED = "configured"  # ``<stage>.processes`` from the config, changeable with facepro scale
-    ONE = "one"  # exactly one process
+    ONE = "one"  # exactly one process (none while an optional row is switched off)
 
 
 class Resume(enum.Enum):
@@ -81,6 +88,7 @@ class Resume(enum.Enum):
     AFTER_LAST_PUBLISHED = "after_last_published"  # capture: continues after the predecessor's last published frame
     FRAMES_AGAIN = "frames_again"  # detection/recognition: frames the predecessor held are reclaimed (counted lost) and new ones flow
     UNACKED_RESENT = "unacked_resent"  # storage: producers re-send every item it had not acknowledged
+    FRESH = "fresh"  # api: nothing in flight to carry over, the successor simply starts again
 
 
 class Rescale(enum.Enum):
@@ -105,6 +113,8 @@ class StageSpec:
         inference: True if its processes run ONNX inference (share the thread budget).
         ends_with_source: True if a process exiting 0 on its own is a finished
             file source, not a failure (capture).
+        enabled: for an optional row, whether the config turns it on (None: always on).
+        data_path: False for a row that carries no frames (module docstring).
     """
 
     name: str
@@ -115,9 +125,17 @@ class StageSpec:
     rescale: Rescale = Rescale.FIXED
     inference: bool = False
     ends_with_source: bool = False
+    enabled: Callable[[AppConfig], bool] | None = None
+    data_path: bool = True
+
+    def active(self, cfg: AppConfig) -> bool:
+        """True unless the row is optional and ``cfg`` switches it off."""
+        return self.enabled is None or bool(self.enabled(cfg))
 
     def processes(self, cfg: AppConfig) -> int:
-        """The configured process count of this stage."""
+        """The configured process count of this stage (0 for a switched-off optional row)."""
+        if not self.active(cfg):
+            return 0
         if self.count is Count.PER_CAMERA:
             return len(cfg.cameras)
         if self.count is Count.ONE:
@@ -170,10 +188,20 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("recognition", Count.CONFIGURED, _recognition_in, _recognition_out, Resume.FRAMES_AGAIN,
               rescale=Rescale.REPARTITION, inference=True),
     StageSpec("storage", Count.ONE, _storage_in, _storage_out, Resume.UNACKED_RESENT),
+    # the HTTP API: status over control(), frames read from the rings, the database; drained last (it
+    # answers health and status while the others drain)
+    StageSpec("api", Count.ONE, _none, _none, Resume.FRESH, enabled=lambda cfg: cfg.api.enabled, data_path=False),
 )
 
 #: Stage names in pipeline (= drain) order.
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+#: The stages frames and their results travel through, in order (queue depths, start gate, rate alerts).
+DATA_PATH: tuple[str, ...] = tuple(s.name for s in STAGES if s.data_path)
+
+
+def active_names(cfg: AppConfig) -> tuple[str, ...]:
+    """Names of the rows ``cfg`` runs, in table order (switched-off optional rows left out)."""
+    return tuple(s.name for s in STAGES if s.active(cfg))
 
 
 def spec(name: str) -> StageSpec:
@@ -194,9 +222,11 @@ def initial_counts(cfg: AppConfig) -> dict[str, int]:
 
 
 def upstream(name: str) -> str | None:
-    """The stage before ``name`` in pipeline order, None for the first."""
-    i = STAGE_NAMES.index(name)
-    return STAGE_NAMES[i - 1] if i else None
+    """The stage before ``name`` on the data path, None for the first and for rows off the data path."""
+    if name not in DATA_PATH:
+        return None
+    i = DATA_PATH.index(name)
+    return DATA_PATH[i - 1] if i else None
 
 
 def start_order() -> tuple[StageSpec, ...]:

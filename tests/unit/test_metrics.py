@@ -41,6 +41,13 @@ def test_low_rate_only_after_grace_and_while_running() -> None:
     assert a.update(_status(rate=0.0, procs=0, state="done")) == []
 
 
+
+def test_low_rate_only_for_the_rate_stages() -> None:
+    a = AlertTracker(min_rate_fps=1.0, backlog_frames=10, max_rss_mb=500, grace_s=0, rate_stages=("detection",))
+    assert a.update(_status(stage="api", rate=0.0)) == []  # the api passes no frames
+    assert a.update(_status(stage="detection", rate=0.0)) == [("detection", "low_rate", True)]
+
+
 def test_backlog_needs_a_deep_and_growing_queue() -> None:
     a = AlertTracker(min_rate_fps=0.0, backlog_frames=10, max_rss_mb=500, grace_s=0)
     for depth in (20, 20, 20, 20):

@@ -48,6 +48,18 @@ def test_queue_depth_is_upstream_sent_minus_received_plus_backlog() -> None:
     assert queue_depths(ORDER, {s: totals(x) for s, x in v2.items()})["detection"] == 0
 
 
+
+def test_a_stage_off_the_chain_has_no_upstream() -> None:
+    v = views(capture=[snap(frames_out=10, sent=10)], detection=[snap(frames_in=10, sent=10)],
+              recognition=[snap(frames_in=10, sent=7)], storage=[snap(frames_in=7, sent=7)])
+    v["api"] = StageView((LiveProc(200, snap(frames_in=3, frames_out=3, backlog=1)),), Retired())  # requests, not frames
+    tot = {s: totals(x) for s, x in v.items()}
+    assert queue_depths(list(v), tot, chain=ORDER) == {"capture": 0, "detection": 0, "recognition": 0, "storage": 0, "api": 1}
+    assert queue_depths(list(v), tot)["api"] == 0 + 1 + 7 - 3  # without a chain it would count storage's acks
+    reply = status_reply("r", 1.0, v, {s: RateWindow() for s in v}, 1.0, chain=ORDER)
+    assert [(st.stage, st.queue_depth) for st in reply.stages][-1] == ("api", 1)
+
+
 def test_rate_over_the_window() -> None:
     w = RateWindow(span_s=5.0)
     assert w.rate(0.0, 0) == 0.0

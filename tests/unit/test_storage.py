@@ -25,6 +25,7 @@ from storage.queries import (
     delete_identity,
     enroll,
     last_vector_id,
+    get_event,
     list_events,
     list_identities,
     load_gallery,
@@ -442,6 +443,39 @@ def test_list_events_filters_order_and_limit(engine):
         list_events(engine, limit=0)
 
 
+def test_list_events_by_label_method_time_and_cursor(engine):
+    enroll(engine, "bob", np.eye(1, 4, dtype=np.float32), "m")
+    w = EventWriter(engine, 100, 100)
+    ids = []
+    for i in range(7):
+        eid = _eid()
+        ids.append(eid)
+        named = {"identity": "bob", "method": "reid" if i == 2 else "face", "identity_score": 0.7} if i in (2, 5) else {}
+        w.add_update(update(eid, t0=T0 + (i // 2) * SEC, label="car" if i == 3 else "person", **named))  # pairs share a start
+    w.flush()
+    newest = [r.event_id for r in list_events(engine)]
+    assert set(newest) == set(ids) and len(newest) == 7
+    assert [r.event_id for r in list_events(engine, label="car")] == [ids[3]]
+    assert [r.event_id for r in list_events(engine, method="face")] == [ids[5]]
+    assert [r.event_id for r in list_events(engine, method="reid", identity="bob")] == [ids[2]]
+    t = lambda k: ns_to_datetime(T0 + k * SEC)  # noqa: E731
+    assert {r.event_id for r in list_events(engine, since=t(1), until=t(3))} == set(ids[2:6])
+    assert {r.event_id for r in list_events(engine, since=t(3))} == {ids[6]}
+    assert list_events(engine, until=t(0)) == []
+    pages, cursor = [], None  # pages of 2 by the keyset cursor: every event once, in order, across equal starts
+    while True:
+        page = list_events(engine, limit=2, before=cursor)
+        pages += [r.event_id for r in page]
+        if len(page) < 2:
+            break
+        cursor = (page[-1].started_at, page[-1].event_id)
+    assert pages == newest
+    with pytest.raises(ValueError, match="since: expected a timezone-aware datetime"):
+        list_events(engine, since=datetime(2024, 1, 1))
+    assert get_event(engine, ids[3]).label == "car" and get_event(engine, _eid()) is None
+    assert get_event(engine, ids[5]).to_json() == next(r.to_json() for r in list_events(engine) if r.event_id == ids[5])
+
+
 def test_event_row_to_json(engine):
     eid = _eid()
     w = EventWriter(engine, 100, 100)
@@ -452,6 +486,7 @@ def test_event_row_to_json(engine):
     assert doc["started_at"] == "2023-11-14T22:13:20.123456+00:00"
     assert doc["xyxy"] == [1.5, 2.5, 30.25, 60.75] and doc["event_id"] == eid
     assert datetime.fromisoformat(doc["ended_at"]).tzinfo is not None
+    assert doc["has_snapshot"] is False and doc["snapshot_path"] is None
 
 
 # ------------------------------------------------------------- enrollment

@@ -5,6 +5,8 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import pytest
+
 from pipeline import topology
 from pipeline.processes import ProcessTable
 from pipeline.supervisor import Rescaler, RescaleState, ShutdownState, Supervisor
@@ -18,8 +20,9 @@ def _exit(table: ProcessTable, stage: str) -> None:
     table.reap()
 
 
-def test_shutdown_drains_stage_by_stage_in_table_order(tmp_path: Path) -> None:
-    sup = Supervisor(_cfg(2, 2, 1), tmp_path, clock=FakeClock())
+@pytest.mark.parametrize("api", [False, True])
+def test_shutdown_drains_stage_by_stage_in_table_order(tmp_path: Path, api: bool) -> None:
+    sup = Supervisor(_cfg(2, 2, 1, api=api), tmp_path, clock=FakeClock())
     spawner = FakeSpawner()
     sup.table.spawner = spawner
     for row in topology.start_order():
@@ -27,7 +30,8 @@ def test_shutdown_drains_stage_by_stage_in_table_order(tmp_path: Path) -> None:
             sup.table.spawn(row.name, i)
     sup._begin_shutdown()
     assert sup.table.hold
-    for stage in topology.STAGE_NAMES:
+    assert sup.stages == topology.active_names(sup.cfg) and ("api" in sup.stages) is api
+    for stage in sup.stages:  # a switched-off row has no process: its draining state passes at once
         assert not sup._advance_shutdown()  # the previous stage has exited: this one is asked to stop
         assert sup.shutdown is ShutdownState.draining(stage)
         signalled = {s for s, _, h in spawner.started if h.signals}
@@ -89,4 +93,18 @@ def test_fixed_and_unknown_stages_are_not_scaled() -> None:
     counts = {"capture": 1, "detection": 1, "recognition": 1, "storage": 1}
     r = Rescaler(ProcessTable(FakeSpawner(), FakeClock()), counts)
     assert not r.scale("capture", 2).ok and "not supported" in r.scale("capture", 2).message
-    assert not r.scale("api", 2).ok and "unknown stage" in r.scale("api", 2).message
+    assert not r.scale("jobs", 2).ok and "unknown stage" in r.scale("jobs", 2).message
+    assert not r.scale("api", 2).ok and "not supported" in r.scale("api", 2).message
+
+
+@pytest.mark.parametrize("api", [False, True])
+def test_the_api_row_is_spawned_only_when_enabled_and_never_holds_the_live_cameras(tmp_path: Path, api: bool) -> None:
+    sup = Supervisor(_cfg(1, 1, 1, api=api), tmp_path, clock=FakeClock())
+    spawner = FakeSpawner()
+    sup.table.spawner = spawner
+    for row in topology.start_order():
+        for i in range(sup.counts[row.name]):
+            sup.table.spawn(row.name, i)
+    assert [s for s, _, _ in spawner.started].count("api") == int(api)
+    assert sup.gate.capture_stage == "capture" and sup.gate.stages == ("detection", "recognition", "storage")
+    assert list(sup._views(with_usage=False)) == list(topology.active_names(sup.cfg))

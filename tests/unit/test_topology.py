@@ -16,27 +16,40 @@ TRANSPORT_CALLS = {"sender", "receiver", "publisher", "subscriber", "dispatcher"
                    "endpoint"}
 
 
-def _cfg(cameras: int = 3, det: int = 2, rec: int = 2) -> AppConfig:
+def _cfg(cameras: int = 3, det: int = 2, rec: int = 2, api: bool = False) -> AppConfig:
     return AppConfig.model_validate({
         "cameras": [{"name": f"cam{i}", "source": f"/v/{i}.mp4", "mode": "file"} for i in range(cameras)],
         "detection": {"processes": det, "detector": {"type": "onnx", "path": "d.onnx", "layout": "yolox"}},
         "recognition": {"processes": rec, "face": {"detector": {"type": "onnx", "path": "f.onnx"},
-                                                   "embedder": {"type": "onnx", "path": "e.onnx"}}}})
+                                                   "embedder": {"type": "onnx", "path": "e.onnx"}}},
+        "api": {"enabled": api}})
 
 
 def test_rows_in_pipeline_order_with_their_counts() -> None:
-    assert topology.STAGE_NAMES == ("capture", "detection", "recognition", "storage")
-    assert topology.initial_counts(_cfg(3, 2, 4)) == {"capture": 3, "detection": 2, "recognition": 4, "storage": 1}
-    assert [s.name for s in topology.start_order()] == ["storage", "recognition", "detection", "capture"]
+    assert topology.STAGE_NAMES == ("capture", "detection", "recognition", "storage", "api")
+    assert topology.DATA_PATH == ("capture", "detection", "recognition", "storage")
+    assert topology.initial_counts(_cfg(3, 2, 4)) == {"capture": 3, "detection": 2, "recognition": 4, "storage": 1, "api": 0}
+    assert topology.initial_counts(_cfg(1, 1, 1, api=True))["api"] == 1
+    assert [s.name for s in topology.start_order()] == ["api", "storage", "recognition", "detection", "capture"]
     assert topology.upstream("recognition") == "detection" and topology.upstream("capture") is None
+    assert topology.upstream("api") is None  # off the data path: no queue behind it
     assert topology.spec("capture").resume is topology.Resume.AFTER_LAST_PUBLISHED
     assert topology.spec("storage").resume is topology.Resume.UNACKED_RESENT
-    with pytest.raises(KeyError, match="unknown stage 'api'"):
-        topology.spec("api")
+    assert topology.spec("api").resume is topology.Resume.FRESH and topology.spec("api").rescale is topology.Rescale.FIXED
+    assert not topology.spec("api").inference and not topology.spec("api").ends_with_source
+    with pytest.raises(KeyError, match="unknown stage 'jobs'"):
+        topology.spec("jobs")
+
+
+@pytest.mark.parametrize("api", [False, True])
+def test_the_api_row_runs_only_when_enabled(api: bool) -> None:
+    names = topology.active_names(_cfg(api=api))
+    assert names == ("capture", "detection", "recognition", "storage") + (("api",) if api else ())
+    assert topology.spec("api").inboxes(_cfg(api=api), 0, {}) == topology.spec("api").outboxes(_cfg(api=api), 0, {}) == ()
 
 
 def test_every_inbox_is_some_outbox_and_names_come_from_the_table() -> None:
-    cfg, counts = _cfg(), {"capture": 3, "detection": 2, "recognition": 2, "storage": 1}
+    cfg, counts = _cfg(api=True), {"capture": 3, "detection": 2, "recognition": 2, "storage": 1, "api": 1}
     ins, outs = set(), set()
     for row in topology.STAGES:
         for i in range(counts[row.name]):
@@ -48,9 +61,10 @@ def test_every_inbox_is_some_outbox_and_names_come_from_the_table() -> None:
 
 
 def test_counts_argument_round_trip() -> None:
-    counts = {"capture": 1, "detection": 4, "recognition": 2, "storage": 1}
+    counts = {"capture": 1, "detection": 4, "recognition": 2, "storage": 1, "api": 1}
     assert topology.parse_counts(topology.format_counts(counts)) == counts
-    for bad in ("capture=1", "capture=x,detection=1,recognition=1,storage=1", "api=1"):
+    for bad in ("capture=1", "capture=x,detection=1,recognition=1,storage=1,api=0", "capture=1,detection=1,recognition=1,storage=1",
+                "capture=1,detection=1,recognition=1,storage=1,api=0,jobs=1"):
         with pytest.raises(ValueError):
             topology.parse_counts(bad)
 
