@@ -235,20 +235,33 @@ def _read_image(path: str):
     return img
 
 
+def _enroll_one(analyzer, path: str, face: int | None):
+    """The face to enroll from one image, printed; user errors as :class:`CliError`."""
+    from stages.enrollment import NoDominantFace, format_box
+    from stages.gallery import EnrollmentError, enrollment_face
+
+    try:
+        got = enrollment_face(analyzer, _read_image(path), path, face=face)
+    except NoDominantFace as err:
+        raise CliError("\n".join((f"{err.summary}; choose one with --face N:", *err.face_lines))) from None
+    except EnrollmentError as err:
+        raise CliError(str(err)) from None
+    if got.n_faces > 1:
+        how = f"chosen with --face {got.index}" if face is not None else f"{got.ratio:.1f}x the next face's size x centrality"
+        print(f"{path}: face {got.index} of {got.n_faces}, box {format_box(got.face.xyxy)} ({how})")
+    return got.face.embedding
+
+
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from stages.gallery import EnrollmentError, enrollment_embedding
     from storage.queries import enroll
 
+    if args.face is not None and len(args.images) > 1:
+        raise CliError("--face N chooses a face in one image: enroll that image alone with --face, "
+                       "then the others in another call (they add to the same identity)")
     cfg = _config(args)
     analyzer = _analyzer(cfg)
-    vectors, shas = [], []
-    for path in args.images:
-        try:
-            emb, _ = enrollment_embedding(analyzer, _read_image(path), path)
-        except EnrollmentError as err:
-            raise CliError(str(err)) from None
-        vectors.append(emb)
-        shas.append(hashlib.sha256(Path(path).read_bytes()).hexdigest())
+    vectors = [_enroll_one(analyzer, path, args.face) for path in args.images]
+    shas = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in args.images]
     import numpy as np
 
     enroll(_engine(cfg), args.name, np.stack(vectors).astype(np.float32), analyzer.model_name,
@@ -397,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     en = add("enroll", cmd_enroll, "add an identity (or more images of it) to the gallery")
     en.add_argument("name")
     en.add_argument("images", nargs="+")
+    en.add_argument("--face", type=int, metavar="N", help="with several faces in the image, enroll face N (0-based, "
+                    "numbered left to right as a refusal lists them); only with one image")
     ids = add("identities", cmd_identities, "enrolled identities: list | delete NAME")
     ids.add_argument("action", choices=["list", "delete"])
     ids.add_argument("name", nargs="?")
