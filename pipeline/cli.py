@@ -271,13 +271,22 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_identities(args: argparse.Namespace) -> int:
-    from storage.queries import delete_identity, list_identities
+    from storage.queries import delete_identity, list_identities, merge_identities
 
     engine = _engine(_config(args))
     if args.action == "list":
         for name, n in list_identities(engine):
             print(f"{name:<32} {n} embedding(s)")
         return 0
+    if args.action == "merge":
+        if not args.name or not args.other:
+            raise CliError('identities merge needs two names: facepro identities merge KEEP OTHER ("OTHER" goes into "KEEP")')
+        res = merge_identities(engine, args.name, args.other)
+        print(f"merged {args.other} into {args.name}: {res.embeddings} embedding(s) and {res.events} event(s) moved; "
+              f"{args.other} deleted")
+        return 0
+    if args.other:
+        raise CliError(f"identities delete takes one NAME, got {args.name!r} and {args.other!r} (quote names with spaces)")
     if not args.name:
         raise CliError("identities delete needs a NAME")
     if not delete_identity(engine, args.name):
@@ -412,9 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("images", nargs="+")
     en.add_argument("--face", type=int, metavar="N", help="with several faces in the image, enroll face N (0-based, "
                     "numbered left to right as a refusal lists them); only with one image")
-    ids = add("identities", cmd_identities, "enrolled identities: list | delete NAME")
-    ids.add_argument("action", choices=["list", "delete"])
+    ids = add("identities", cmd_identities, "enrolled identities: list | delete NAME | merge KEEP OTHER (OTHER's embeddings and events go to KEEP)")
+    ids.add_argument("action", choices=["list", "delete", "merge"])
     ids.add_argument("name", nargs="?")
+    ids.add_argument("other", nargs="?", help="merge: the identity merged into NAME and deleted")
     idf = add("identify", cmd_identify, "name every face in an image")
     idf.add_argument("image")
     idf.add_argument("--json", action="store_true")
