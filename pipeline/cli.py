@@ -224,31 +224,58 @@ def _read_image(path: str):
     return img
 
 
-def cmd_enroll(args: argparse.Namespace) -> int:
-    from pipeline.services import enrollment_vectors
-    from stages.gallery import EnrollmentError
-    from storage.queries import enroll
+def _enroll_one(analyzer, path: str, face: int | None):
+    """The face to enroll from one image, printed; user errors as :class:`CliError`."""
+    from stages.enrollment import NoDominantFace, format_box
+    from stages.gallery import EnrollmentError, enrollment_face
 
-    cfg = _config(args)
-    analyzer = _analyzer(cfg)
     try:
-        vectors = enrollment_vectors(analyzer, [(path, _read_image(path)) for path in args.images])
+        got = enrollment_face(analyzer, _read_image(path), path, face=face)
+    except NoDominantFace as err:
+        raise CliError("\n".join((f"{err.summary}; choose one with --face N:", *err.face_lines))) from None
     except EnrollmentError as err:
         raise CliError(str(err)) from None
+    if got.n_faces > 1:
+        how = f"chosen with --face {got.index}" if face is not None else f"{got.ratio:.1f}x the next face's size x centrality"
+        print(f"{path}: face {got.index} of {got.n_faces}, box {format_box(got.face.xyxy)} ({how})")
+    return got.face.embedding
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from storage.queries import enroll
+
+    if args.face is not None and len(args.images) > 1:
+        raise CliError("--face N chooses a face in one image: enroll that image alone with --face, "
+                       "then the others in another call (they add to the same identity)")
+    cfg = _config(args)
+    analyzer = _analyzer(cfg)
+    vectors = [_enroll_one(analyzer, path, args.face) for path in args.images]
     shas = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in args.images]
-    enroll(_engine(cfg), args.name, vectors, analyzer.model_name, [str(Path(p).resolve()) for p in args.images], shas)
+    import numpy as np
+
+    enroll(_engine(cfg), args.name, np.stack(vectors).astype(np.float32), analyzer.model_name,
+           [str(Path(p).resolve()) for p in args.images], shas)
     print(f"enrolled {args.name}: {len(vectors)} image(s) with {analyzer.model_name}")
     return 0
 
 
 def cmd_identities(args: argparse.Namespace) -> int:
-    from storage.queries import delete_identity, list_identities
+    from storage.queries import delete_identity, list_identities, merge_identities
 
     engine = _engine(_config(args))
     if args.action == "list":
         for name, n in list_identities(engine):
             print(f"{name:<32} {n} embedding(s)")
         return 0
+    if args.action == "merge":
+        if not args.name or not args.other:
+            raise CliError('identities merge needs two names: facepro identities merge KEEP OTHER ("OTHER" goes into "KEEP")')
+        res = merge_identities(engine, args.name, args.other)
+        print(f"merged {args.other} into {args.name}: {res.embeddings} embedding(s) and {res.events} event(s) moved; "
+              f"{args.other} deleted")
+        return 0
+    if args.other:
+        raise CliError(f"identities delete takes one NAME, got {args.name!r} and {args.other!r} (quote names with spaces)")
     if not args.name:
         raise CliError("identities delete needs a NAME")
     if not delete_identity(engine, args.name):
@@ -434,9 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
     en = add("enroll", cmd_enroll, "add an identity (or more images of it) to the gallery")
     en.add_argument("name")
     en.add_argument("images", nargs="+")
-    ids = add("identities", cmd_identities, "enrolled identities: list | delete NAME")
-    ids.add_argument("action", choices=["list", "delete"])
+    en.add_argument("--face", type=int, metavar="N", help="with several faces in the image, enroll face N (0-based, "
+                    "numbered left to right as a refusal lists them); only with one image")
+    ids = add("identities", cmd_identities, "enrolled identities: list | delete NAME | merge KEEP OTHER (OTHER's embeddings and events go to KEEP)")
+    ids.add_argument("action", choices=["list", "delete", "merge"])
     ids.add_argument("name", nargs="?")
+    ids.add_argument("other", nargs="?", help="merge: the identity merged into NAME and deleted")
     idf = add("identify", cmd_identify, "name every face in an image")
     idf.add_argument("image")
     idf.add_argument("--json", action="store_true")

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any, Sequence
 
 import numpy as np
-from sqlalchemy import Engine, and_, delete, func, or_, select
+from sqlalchemy import Engine, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from storage.db import StorageError, dialect_insert, storage_errors
@@ -326,6 +326,55 @@ def delete_identity(engine: Engine, name: str) -> bool:
     """
     with storage_errors(engine.url, f"deleting {name!r}"), engine.begin() as conn:
         return conn.execute(delete(Identity).where(Identity.name == name)).rowcount > 0
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What :func:`merge_identities` moved.
+
+    Attributes:
+        embeddings: gallery embeddings (with their image path and hash) moved to the kept identity.
+        events: events relabelled to the kept identity.
+    """
+
+    embeddings: int
+    events: int
+
+
+def merge_identities(engine: Engine, keep: str, other: str) -> MergeResult:
+    """Merge identity ``other`` into ``keep`` in one transaction, then delete ``other``.
+
+    Every gallery embedding of ``other`` (any model, with its enrollment
+    image path and SHA-256) and every event attributed to ``other`` move to
+    ``keep``; ``keep``'s template is then built from both sets (the outlier
+    rule of :class:`stages.gallery.Gallery` applies to the union). Nothing
+    changes if any step fails.
+
+    Args:
+        keep: name of the identity that stays.
+        other: name of the identity merged into it and deleted.
+
+    Returns:
+        :class:`MergeResult` with the rows moved.
+
+    Raises:
+        ValueError: a name is invalid or not an identity, or both names are the same.
+        StorageError: locked or unreachable database (nothing merged).
+    """
+    _check_name(keep), _check_name(other)
+    if keep == other:
+        raise ValueError(f"merge: {keep!r} into itself; name two different identities")
+    with storage_errors(engine.url, f"merging {other!r} into {keep!r}"), \
+            engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
+        ids = dict(conn.execute(select(Identity.name, Identity.id).where(Identity.name.in_([keep, other]))).tuples().all())
+        missing = [n for n in (keep, other) if n not in ids]
+        if missing:
+            raise ValueError(f"no identity named {missing[0]!r}; see facepro identities list")
+        moved = conn.execute(update(FaceEmbedding).where(FaceEmbedding.identity_id == ids[other])
+                             .values(identity_id=ids[keep])).rowcount
+        relabelled = conn.execute(update(Event).where(Event.identity_id == ids[other]).values(identity_id=ids[keep])).rowcount
+        conn.execute(delete(Identity).where(Identity.id == ids[other]))
+    return MergeResult(int(moved), int(relabelled))
 
 
 def list_identities(engine: Engine) -> list[tuple[str, int]]:

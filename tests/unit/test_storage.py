@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -29,6 +30,8 @@ from storage.queries import (
     list_events,
     list_identities,
     load_gallery,
+    MergeResult,
+    merge_identities,
     named_track_vectors,
 )
 from storage.writer import EventWriter, SqliteTimes, ns_to_datetime, sqlite_time
@@ -521,6 +524,63 @@ def test_enroll_load_gallery_and_delete_cascade(engine):
     (row,) = list_events(engine)
     assert row.event_id == eid and row.identity is None  # ON DELETE SET NULL
     assert load_gallery(engine, "arcface").names == ["bob"]
+
+
+def _embedding_rows(engine) -> list[tuple[str, str | None, str]]:
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.exec_driver_sql(
+            "SELECT i.name, e.image_path, e.model FROM face_embeddings e JOIN identities i ON i.id = e.identity_id ORDER BY e.id")]
+
+
+def test_merge_moves_embeddings_images_and_events_then_deletes_the_other(engine):
+    rng = np.random.default_rng(1)
+    enroll(engine, "alice", rng.standard_normal((2, 16)).astype(np.float32), "arcface", ["a1.jpg", "a2.jpg"], ["0" * 64, "1" * 64])
+    enroll(engine, "alice (2)", rng.standard_normal((1, 16)).astype(np.float32), "arcface", ["a3.jpg"], ["2" * 64])
+    enroll(engine, "alice (2)", rng.standard_normal((1, 8)).astype(np.float32), "other_model", ["a4.jpg"], [None])
+    enroll(engine, "bob", rng.standard_normal((1, 16)).astype(np.float32), "arcface", ["b.jpg"], [None])
+    ids = [_eid() for _ in range(3)]
+    w = EventWriter(engine, 100, 100)
+    for eid, who in zip(ids, ["alice", "alice (2)", "bob"]):
+        w.add_update(update(eid, identity=who, method="face", identity_score=0.9))
+    w.flush()
+
+    assert merge_identities(engine, "alice", "alice (2)") == MergeResult(embeddings=2, events=1)
+    assert list_identities(engine) == [("alice", 4), ("bob", 1)]
+    assert _embedding_rows(engine) == [("alice", "a1.jpg", "arcface"), ("alice", "a2.jpg", "arcface"),
+                                       ("alice", "a3.jpg", "arcface"), ("alice", "a4.jpg", "other_model"),
+                                       ("bob", "b.jpg", "arcface")]
+    assert sorted(r.event_id for r in list_events(engine, identity="alice")) == sorted(ids[:2])
+    assert [r.event_id for r in list_events(engine, identity="bob")] == [ids[2]]
+    assert load_gallery(engine, "arcface").names == ["alice"] * 3 + ["bob"]
+
+
+@pytest.mark.parametrize(
+    ("keep", "other", "message"),
+    [("alice", "nobody", "no identity named 'nobody'"), ("nobody", "bob", "no identity named 'nobody'"),
+     ("alice", "alice", "into itself"), ("alice", " bob", "leading/trailing spaces")],
+)
+def test_merge_refuses_and_changes_nothing(engine, keep: str, other: str, message: str):
+    enroll(engine, "alice", np.ones((1, 4), np.float32), "arcface")
+    enroll(engine, "bob", np.ones((2, 4), np.float32), "arcface")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        merge_identities(engine, keep, other)
+    assert list_identities(engine) == [("alice", 1), ("bob", 2)]
+
+
+def test_merge_on_a_locked_database_changes_nothing(engine, db_path):
+    enroll(engine, "alice", np.ones((1, 4), np.float32), "arcface")
+    enroll(engine, "bob", np.ones((2, 4), np.float32), "arcface")
+    locker = sqlite3.connect(db_path, timeout=0)
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        fast = open_engine(f"sqlite:///{db_path}", busy_timeout_ms=50)
+        with pytest.raises(StorageError, match="merging 'bob' into 'alice'"):
+            merge_identities(fast, "alice", "bob")
+        fast.dispose()
+    finally:
+        locker.rollback()
+        locker.close()
+    assert list_identities(engine) == [("alice", 1), ("bob", 2)]
 
 
 def test_empty_gallery(engine):
