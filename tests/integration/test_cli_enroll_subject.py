@@ -12,20 +12,12 @@ import pytest
 
 from pipeline.cli import main
 from tests.face_photos import with_bystander
-from tests.integration.conftest import facepro, pipeline_config, save_config
+from tests.integration.conftest import facepro, identify_faces as _identify
 
 ROOT = Path(__file__).resolve().parents[2]
 FACE_LINE = re.compile(r"^face (\d+): box (-?\d+),(-?\d+),(-?\d+),(-?\d+)$")
 
 
-@pytest.fixture()
-def cfg(models: Path, videos: Path, data_dir: Path) -> str:
-    return str(save_config(pipeline_config(models, {"campus": videos / "vtest.avi"}), data_dir / "cfg.yaml"))
-
-
-def _identify(cfg: str, image: Path, capsys: pytest.CaptureFixture[str]) -> list[dict]:
-    assert main(["identify", "--config", cfg, str(image), "--json"]) == 0
-    return json.loads(capsys.readouterr().out)["faces"]
 
 
 def _identities(cfg: str, capsys: pytest.CaptureFixture[str]) -> str:

@@ -8,17 +8,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from tests.integration.conftest import pipeline_config, save_config
+from tests.integration.conftest import identify_faces as _identify
 
 
-@pytest.fixture()
-def cfg(models: Path, videos: Path, data_dir: Path) -> str:
-    return str(save_config(pipeline_config(models, {"campus": videos / "vtest.avi"}), data_dir / "cfg.yaml"))
-
-
-def _identify(cfg: str, image: Path, capsys: pytest.CaptureFixture[str]) -> list[dict]:
-    assert main(["identify", "--config", cfg, str(image), "--json"]) == 0
-    return json.loads(capsys.readouterr().out)["faces"]
 
 
 def test_enroll_then_identify_group_photo(cfg: str, faces: Path, capsys: pytest.CaptureFixture[str]) -> None:
