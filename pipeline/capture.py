@@ -19,7 +19,8 @@ Crash recovery in **file** mode (the protocol is described in :mod:`pipeline.rin
   whose owner died (:meth:`~pipeline.ring.RingWriter.replays`) and sends them
   again, marked ``replay``; recognition drops the ones that had already taken
   effect. A frame detection passed on that no recognition process accepts
-  for ``UNACCEPTED_REPLAY_S`` seconds is sent again too, with a doubling wait
+  while a later frame was accepted (``UNACCEPTED_REPLAY_S`` seconds; 10 s when
+  nothing later was) is sent again too, with a doubling wait
   (:class:`TransitWatch`): ZeroMQ drops messages queued towards a process
   that died, also ones sent around its death, before its successor binds.
 - Waiting never stops the heartbeat: a capture blocked by a slow stage
@@ -52,39 +53,53 @@ log = logging.getLogger("facepro.capture")
 WATCH_INTERVAL_S = 0.05
 #: Longest wait between two attempts to reopen a failed live source, seconds.
 MAX_RECONNECT_S = 30.0
-#: A frame forwarded by detection and accepted by no recognition process for this long is sent again (file mode).
+#: A forwarded frame no recognition process accepted while a later one was is sent again after this long (file mode).
 UNACCEPTED_REPLAY_S = 2.0
 
 
 class TransitWatch:
     """Finds frames lost between detection and recognition: forwarded, yet accepted by nobody for too long.
 
-    Each such frame is due ``first_s`` seconds after it was first seen waiting,
-    then again after twice the previous wait (at most ``max_s``) while it still
-    waits. A frame accepted or released is forgotten. Sending one again is safe:
-    recognition drops a frame it already holds or handled.
+    Messages from detection reach recognition in order, so a forwarded frame
+    still not accepted while a later frame of the ring was accepted was lost
+    on the way: it is due ``first_s`` seconds after it was first seen waiting
+    (slack for several detection processes, whose messages interleave). A
+    waiting frame with no later frame accepted is due only after ``idle_s``
+    (everything on the way may have been lost; a slow recognition process
+    accepts its queue well within that). Then it is due again after twice the
+    previous wait (at most ``max_s``) while it still waits. A frame accepted or
+    released is forgotten. Sending one again is safe: recognition drops a frame
+    it already holds or handled (counted ``duplicate``).
 
     Args:
-        first_s: seconds a frame may wait before it is first due, > 0.
+        first_s: wait of an overtaken frame before it is first due, seconds, > 0.
+        idle_s: wait of a frame nothing overtook before it is first due, seconds, >= first_s.
         max_s: longest wait between two sends of one frame, seconds.
         clock: monotonic seconds (tests inject a fake one).
     """
 
-    def __init__(self, first_s: float = UNACCEPTED_REPLAY_S, max_s: float = 30.0, clock=time.monotonic) -> None:
-        self.first_s, self.max_s, self._clock = first_s, max_s, clock
-        self._due: dict[tuple[int, int], tuple[float, float]] = {}  # (slot, seq) -> (due time, wait)
+    def __init__(self, first_s: float = UNACCEPTED_REPLAY_S, idle_s: float = 10.0, max_s: float = 30.0,
+                 clock=time.monotonic) -> None:
+        self.first_s, self.idle_s, self.max_s, self._clock = first_s, idle_s, max_s, clock
+        self._seen: dict[tuple[int, int], float] = {}  # (slot, seq) -> when first seen waiting
+        self._due: dict[tuple[int, int], tuple[float, float]] = {}  # (slot, seq) -> (next due time, last wait)
 
     def due(self, pending: list[PendingFrame]) -> list[PendingFrame]:
         """The frames of ``pending`` (the ring's unreleased frames) to send again now."""
         now = self._clock()
+        newest_accepted = max((f.seq for f in pending if f.accepted), default=0)
         waiting = {(f.slot, f.seq): f for f in pending if f.forwarded and f.accepted == 0}
+        self._seen = {key: self._seen.get(key, now) for key in waiting}
         self._due = {key: v for key, v in self._due.items() if key in waiting}
         out = []
         for key, f in waiting.items():
-            if key not in self._due:
-                self._due[key] = (now + self.first_s, self.first_s)
-            elif now >= self._due[key][0]:
-                wait = min(self.max_s, 2 * self._due[key][1])
+            if key in self._due:
+                due_at, wait = self._due[key]
+            else:
+                wait = self.first_s if f.seq < newest_accepted else self.idle_s
+                due_at = self._seen[key] + wait
+            if now >= due_at:
+                wait = min(self.max_s, 2 * wait)
                 self._due[key] = (now + wait, wait)
                 out.append(f)
         return out

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +27,7 @@ from pipeline import topology
 from pipeline.config import (AppConfig, ConfigError, apply_data_dir, data_dir, database_url, default_config_path, load_config,
                              with_sources)
 from pipeline.messages import DROP_REASONS, StatusReply, StatusRequest, ScaleRequest, Ack
-from pipeline.status import batch_summary
+from pipeline.status import batch_summary, status_json  # noqa: F401  (status_json: facepro status --json, also the api's)
 from pipeline.transport import PRIVATE_UMASK, TransportError, request
 
 #: Help text of the config argument; the path itself is resolved when a command runs (pipeline.config.default_config_path).
@@ -119,9 +120,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from storage.db import upgrade
 
     cfg = _config(args)
+    _check_api_port(cfg)
     _check_assets(cfg)
     url = database_url(cfg)
-    sup = Supervisor(cfg, data_dir(), prepare_database=lambda: upgrade(url))
+    sup = Supervisor(cfg, data_dir(), prepare_database=lambda: upgrade(url), config_path=Path(args.config))
     code = sup.run()
     summary = sup.summary()
     summary["events"] = _count_events(cfg)
@@ -185,18 +187,6 @@ def _status_table(reply: StatusReply) -> str:
     return "\n".join(lines)
 
 
-def status_json(reply: StatusReply) -> dict:
-    """``facepro status --json`` document."""
-    return {"run_id": reply.run_id, "uptime_s": reply.uptime_s, "stages": [
-        {"stage": s.stage, "processes": s.processes, "rate_fps": s.rate_fps, "queue_depth": s.queue_depth,
-         "dropped": s.dropped, "drops": {r: int(n) for r, n in zip(DROP_REASONS, s.drop_counts)},
-         "pids": [int(p) for p in s.pids], "state": s.state, "oldest_wait_ms": s.oldest_wait_ms,
-         "latency_p50_ms": s.latency_p50_ms, "latency_p99_ms": s.latency_p99_ms, "cpu_percent": s.cpu_percent,
-         "rss_mb": s.rss_mb, "restarts": s.restarts, "last_error": s.last_error,
-         "counts": {n: int(v) for n, v in zip(s.count_names, s.counts)}}
-        for s in reply.stages]}
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     while True:
         reply = request(_runtime_dir(), topology.control(), StatusRequest(), timeout_ms=int(args.timeout_s * 1000))
@@ -222,10 +212,9 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def _analyzer(cfg: AppConfig):
-    from stages.face import FaceAnalyzer
-    from stages.runtime import SessionOptions
+    from pipeline.services import face_analyzer
 
-    return FaceAnalyzer(cfg.recognition.face, SessionOptions(threads=os.cpu_count() or 1))
+    return face_analyzer(cfg, os.cpu_count() or 1)
 
 
 def _read_image(path: str):
@@ -235,20 +224,33 @@ def _read_image(path: str):
     return img
 
 
+def _enroll_one(analyzer, path: str, face: int | None):
+    """The face to enroll from one image, printed; user errors as :class:`CliError`."""
+    from stages.enrollment import NoDominantFace, format_box
+    from stages.gallery import EnrollmentError, enrollment_face
+
+    try:
+        got = enrollment_face(analyzer, _read_image(path), path, face=face)
+    except NoDominantFace as err:
+        raise CliError("\n".join((f"{err.summary}; choose one with --face N:", *err.face_lines))) from None
+    except EnrollmentError as err:
+        raise CliError(str(err)) from None
+    if got.n_faces > 1:
+        how = f"chosen with --face {got.index}" if face is not None else f"{got.ratio:.1f}x the next face's size x centrality"
+        print(f"{path}: face {got.index} of {got.n_faces}, box {format_box(got.face.xyxy)} ({how})")
+    return got.face.embedding
+
+
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from stages.gallery import EnrollmentError, enrollment_embedding
     from storage.queries import enroll
 
+    if args.face is not None and len(args.images) > 1:
+        raise CliError("--face N chooses a face in one image: enroll that image alone with --face, "
+                       "then the others in another call (they add to the same identity)")
     cfg = _config(args)
     analyzer = _analyzer(cfg)
-    vectors, shas = [], []
-    for path in args.images:
-        try:
-            emb, _ = enrollment_embedding(analyzer, _read_image(path), path)
-        except EnrollmentError as err:
-            raise CliError(str(err)) from None
-        vectors.append(emb)
-        shas.append(hashlib.sha256(Path(path).read_bytes()).hexdigest())
+    vectors = [_enroll_one(analyzer, path, args.face) for path in args.images]
+    shas = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in args.images]
     import numpy as np
 
     enroll(_engine(cfg), args.name, np.stack(vectors).astype(np.float32), analyzer.model_name,
@@ -258,7 +260,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_identities(args: argparse.Namespace) -> int:
-    from storage.queries import delete_identity, list_identities
+    from storage.queries import delete_identity, list_identities, merge_identities
 
     cfg = _config(args)
     engine = _engine(cfg)
@@ -266,6 +268,15 @@ def cmd_identities(args: argparse.Namespace) -> int:
         for name, n in list_identities(engine):
             print(f"{name:<32} {n} embedding(s)")
         return 0
+    if args.action == "merge":
+        if not args.name or not args.other:
+            raise CliError('identities merge needs two names: facepro identities merge KEEP OTHER ("OTHER" goes into "KEEP")')
+        res = merge_identities(engine, args.name, args.other)
+        print(f"merged {args.other} into {args.name}: {res.embeddings} embedding(s) and {res.events} event(s) moved; "
+              f"{args.other} deleted")
+        return 0
+    if args.other:
+        raise CliError(f"identities delete takes one NAME, got {args.name!r} and {args.other!r} (quote names with spaces)")
     if not args.name:
         raise CliError("identities delete needs a NAME")
     if not delete_identity(engine, args.name):
@@ -284,40 +295,93 @@ def cmd_identities(args: argparse.Namespace) -> int:
 
 
 def cmd_identify(args: argparse.Namespace) -> int:
-    from stages.gallery import Gallery, identify
-    from storage.queries import load_gallery
+    from pipeline.services import identify_doc
 
     cfg = _config(args)
-    analyzer = _analyzer(cfg)
-    rows = load_gallery(_engine(cfg), analyzer.model_name)
-    gallery = Gallery(list(rows.names), rows.vectors, threshold=cfg.recognition.face.match_threshold,
-                      model_name=analyzer.model_name)
-    faces = identify(analyzer, gallery, _read_image(args.image))
-    doc = {"faces": [{"bbox": [round(float(v), 1) for v in f.xyxy], "identity": f.identity,
-                      "similarity": round(float(f.similarity), 4)} for f in faces]}
+    doc = identify_doc(_engine(cfg), _analyzer(cfg), cfg.recognition.face.match_threshold, _read_image(args.image))
     if args.json:
         print(json.dumps(doc))
     else:
         for f in doc["faces"]:
             print(f"{f['identity'] or 'unknown':<24} similarity {f['similarity']:.3f}  bbox {f['bbox']}")
-        if not faces:
+        if not doc["faces"]:
             print("no face found")
     return 0
 
 
+def _when(text: str | None, flag: str) -> datetime | None:
+    """An ISO-8601 time of a command-line flag as aware UTC (no offset: UTC)."""
+    if text is None:
+        return None
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"{flag}: expected an ISO-8601 time such as 2024-05-01T08:00:00+00:00, got {text!r}") from None
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+
+
 def cmd_events(args: argparse.Namespace) -> int:
-    from storage.queries import list_events
+    from pipeline.services import event_docs
 
     cfg = _config(args)
-    rows = list_events(_engine(cfg), camera=args.camera, identity=args.identity, limit=args.limit)
-    for r in rows:
-        doc = r.to_json()
+    docs = event_docs(_engine(cfg), args.limit, camera=args.camera, identity=args.identity, label=args.label,
+                      method=args.method, since=_when(args.since, "--since"), until=_when(args.until, "--until"))
+    for doc in docs:
         if args.json:
             print(json.dumps(doc))
         else:
             print(f"{doc['started_at']}  {doc['camera']:<10} track {doc['track_id']:<5} {doc['label']:<8} "
                   f"{doc['identity'] or 'unknown':<20} frames {doc['first_frame']}-{doc['last_frame']}")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.api import bind, create_app, serve
+    from pipeline.runner import StopFlag
+    from pipeline.services import api_context
+    from storage.db import upgrade
+
+    cfg = _config(args)
+    if args.host is not None or args.port is not None:
+        cfg = _with_api(cfg, host=args.host, port=args.port)
+    upgrade(database_url(cfg))
+    try:
+        sock = bind(cfg.api.host, cfg.api.port)
+    except OSError as err:
+        raise CliError(str(err)) from None
+    stop = StopFlag().install()
+    app = create_app(api_context(cfg, alone=True, config_path=Path(args.config), threads=os.cpu_count() or 1))
+    host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host
+    print(f"serving the FacePro API on http://{host}:{port} over {data_dir()} (Ctrl-C stops)", flush=True)
+    serve(app, sock, stop)
+    return 0
+
+
+def _with_api(cfg: AppConfig, **changes: object) -> AppConfig:
+    """``cfg`` with its ``api`` section changed (the None values left out), validated like the config file."""
+    from pydantic import ValidationError
+
+    from pipeline.config import ApiConfig
+
+    tree = cfg.api.model_dump()
+    tree.update({k: v for k, v in changes.items() if v is not None})
+    try:
+        return cfg.model_copy(update={"api": ApiConfig.model_validate(tree)})
+    except ValidationError as err:
+        raise CliError("; ".join(str(e["msg"]).removeprefix("Value error, ") for e in err.errors())) from None
+
+
+def _check_api_port(cfg: AppConfig) -> None:
+    """``facepro run`` with ``api.enabled``: fail before any process starts when ``api.host:api.port`` cannot be bound."""
+    if not cfg.api.enabled or cfg.api.port == 0:
+        return
+    from pipeline.api import bind
+
+    try:
+        bind(cfg.api.host, cfg.api.port).close()
+    except OSError as err:
+        raise CliError(str(err)) from None
 
 
 def cmd_db(args: argparse.Namespace) -> int:
@@ -407,9 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
     en = add("enroll", cmd_enroll, "add an identity (or more images of it) to the gallery")
     en.add_argument("name")
     en.add_argument("images", nargs="+")
-    ids = add("identities", cmd_identities, "enrolled identities: list | delete NAME")
-    ids.add_argument("action", choices=["list", "delete"])
+    en.add_argument("--face", type=int, metavar="N", help="with several faces in the image, enroll face N (0-based, "
+                    "numbered left to right as a refusal lists them); only with one image")
+    ids = add("identities", cmd_identities, "enrolled identities: list | delete NAME | merge KEEP OTHER (OTHER's embeddings and events go to KEEP)")
+    ids.add_argument("action", choices=["list", "delete", "merge"])
     ids.add_argument("name", nargs="?")
+    ids.add_argument("other", nargs="?", help="merge: the identity merged into NAME and deleted")
     idf = add("identify", cmd_identify, "name every face in an image")
     idf.add_argument("image")
     idf.add_argument("--json", action="store_true")
@@ -418,6 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--camera")
     ev.add_argument("--identity")
     ev.add_argument("--limit", type=int, default=100)
+    ev.add_argument("--label", help="only this class (person...)")
+    ev.add_argument("--method", choices=["face", "reid", "gait"], help="only events named by this method")
+    ev.add_argument("--since", metavar="TIME", help="only events started at or after this ISO-8601 time (no offset: UTC)")
+    ev.add_argument("--until", metavar="TIME", help="only events started before this ISO-8601 time")
+    sv = add("serve", cmd_serve, "run the HTTP API alone over the database (no pipeline needed; README 'HTTP API')")
+    sv.add_argument("--host", help="address to bind (default: api.host; anything but loopback requires api.token)")
+    sv.add_argument("--port", type=int, help="TCP port (default: api.port; 0: any free port)")
     dbp = add("db", cmd_db, "database schema and size: upgrade | downgrade REV | current | history | stats")
     dbp.add_argument("action", choices=["upgrade", "downgrade", "current", "history", "stats"])
     dbp.add_argument("revision", nargs="?", help="target revision for downgrade (e.g. 0001 or base)")

@@ -25,6 +25,7 @@ working directory (a source checkout).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -161,6 +162,7 @@ class FaceConfig(_Strict):
     every_n_frames: int = Field(2, ge=1, le=1000, description="run face analysis on every n-th frame of a camera")
     settle_votes: int | None = Field(8, ge=1, le=10_000, description="a person track stops face work once one choice (a name or unknown) holds this many quality face votes and a strict majority; null: never")
     quality: FaceQualityConfig = FaceQualityConfig()
+    enroll_dominance: float = Field(2.0, ge=1.0, le=100.0, description="an enrollment photo with several faces enrolls the most prominent one (box area x centrality) only when it is at least this many times the next face's; else the user picks one (facepro enroll --face N)")
 
 
 class OnnxReidConfig(_Strict):
@@ -297,6 +299,42 @@ def default_box_id() -> str:
     return name or "facepro"
 
 
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (``127.0.0.0/8``, ``::1``); False for any other name or address."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class ApiConfig(_Strict):
+    """The HTTP API process (``facepro run`` with ``enabled: true``, or ``facepro serve``).
+
+    Private by default: it binds the loopback address; binding any other
+    address requires a bearer ``token`` (every request must then carry
+    ``Authorization: Bearer <token>``). Use ``${FACEPRO_API_TOKEN}`` to keep
+    the token out of the file.
+    """
+
+    enabled: bool = Field(False, description="run the api process with the pipeline (facepro run)")
+    host: str = Field("127.0.0.1", min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:\[\]_-]+$",
+                      description="address to bind; anything but loopback requires api.token")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port (0: any free port, shown in facepro status as the api's port count)")
+    token: str | None = Field(None, min_length=16, max_length=512, pattern=r"^[\x21-\x7e]+$",
+                              description="bearer token required on every request when set (16 to 512 printable ASCII characters)")
+    max_upload_mb: float = Field(50.0, gt=0, le=4096, description="largest request body (uploaded images), MiB; larger ones get 413")
+    job_dirs: tuple[Path, ...] = Field((), max_length=64, description="folders analysis jobs may read clips from (reserved for jobs)")
+
+    @model_validator(mode="after")
+    def _private_unless_token(self) -> ApiConfig:
+        if self.token is None and not is_loopback(self.host):
+            raise ValueError(f"api.host {self.host} is not a loopback address: binding it requires api.token "
+                             "(a bearer token of 16+ characters, e.g. ${FACEPRO_API_TOKEN}); or bind 127.0.0.1")
+        return self
+
+
 class AppConfig(_Strict):
     """The whole pipeline config (``configs/*.yaml``)."""
 
@@ -314,6 +352,7 @@ class AppConfig(_Strict):
     storage: StorageConfig = StorageConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     mqtt: MqttConfig | None = Field(None, description="MQTT out and Home Assistant discovery; off when absent")
+    api: ApiConfig = ApiConfig()
 
     @field_validator("cameras")
     @classmethod

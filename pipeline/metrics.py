@@ -18,6 +18,7 @@ import resource
 import threading
 import time
 from collections import deque
+from typing import Collection
 
 import numpy as np
 
@@ -172,21 +173,20 @@ class AlertTracker:
     """Alert states per stage from successive status snapshots.
 
     - ``low_rate``: a stage with running processes passes fewer than
-      ``min_rate_fps`` frames/s (after ``grace_s``);
+      ``min_rate_fps`` frames/s (after ``grace_s``; only the stages in
+      ``rate_stages`` when given: a row off the data path has no frame rate; the api
+      counts none, the mqtt publisher counts rare events);
     - ``backlog``: its queue is deeper than ``backlog_frames`` and deeper than
       in each of the last three snapshots (still growing);
     - ``high_memory``: its processes use more than ``max_rss_mb`` MiB together.
-
-    ``no_rate_alert`` names stages whose rate counts rare events, not frames
-    (the mqtt publisher): they never get ``low_rate``.
 
     :meth:`update` returns the alerts that changed state, for logging.
     """
 
     def __init__(self, min_rate_fps: float, backlog_frames: int, max_rss_mb: float, grace_s: float,
-                 no_rate_alert: tuple[str, ...] = ()) -> None:
-        self.no_rate_alert = frozenset(no_rate_alert)
+                 rate_stages: Collection[str] | None = None) -> None:
         self.min_rate_fps = min_rate_fps
+        self.rate_stages = None if rate_stages is None else frozenset(rate_stages)
         self.backlog_frames = backlog_frames
         self.max_rss_mb = max_rss_mb
         self.grace_s = grace_s
@@ -198,8 +198,9 @@ class AlertTracker:
         depths.append(st.queue_depth)  # type: ignore[attr-defined]
         growing = len(depths) == depths.maxlen and all(a < b for a, b in zip(depths, list(depths)[1:]))
         running = st.processes > 0 and st.state == "running" and uptime_s >= self.grace_s  # type: ignore[attr-defined]
+        running = running and (self.rate_stages is None or st.stage in self.rate_stages)  # type: ignore[attr-defined]
         return {
-            "low_rate": running and st.rate_fps < self.min_rate_fps and st.stage not in self.no_rate_alert,  # type: ignore[attr-defined]
+            "low_rate": running and st.rate_fps < self.min_rate_fps,  # type: ignore[attr-defined]
             "backlog": st.queue_depth > self.backlog_frames and growing,  # type: ignore[attr-defined]
             "high_memory": st.rss_mb > self.max_rss_mb,  # type: ignore[attr-defined]
         }

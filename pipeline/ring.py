@@ -492,8 +492,24 @@ class RingWriter(_Ring):
                 _unlink(self.name)
 
 
+@dataclass(frozen=True)
+class LatestFrame:
+    """The newest published frame of a ring (:meth:`RingReader.latest`).
+
+    Attributes:
+        frame: ``(H, W, C) uint8`` copy (BGR), or None when only the header was asked for.
+        seq, frame_index, captured_at_ns: as in :class:`~pipeline.messages.FrameRef`
+            (``captured_at_ns``: wall-clock nanoseconds since the epoch).
+    """
+
+    frame: np.ndarray | None
+    seq: int
+    frame_index: int
+    captured_at_ns: int
+
+
 class RingReader(_Ring):
-    """A reader attached to an existing ring (detection, recognition processes)."""
+    """A reader attached to an existing ring (detection, recognition processes, the api's live view)."""
 
     @classmethod
     def attach(cls, name: str) -> RingReader:
@@ -540,6 +556,31 @@ class RingReader(_Ring):
         if self._headers[slot, _SEQ] != seq:
             return None
         return out
+
+    def latest(self, copy: bool = True, attempts: int = 3) -> LatestFrame | None:
+        """The newest published frame, checked like :meth:`read` (never torn); the ring is not touched.
+
+        A frame overwritten while it is copied is discarded and the then newest one tried, up to
+        ``attempts`` times. The reader owns nothing: it never releases or marks a slot.
+
+        Args:
+            copy: False reads only the header (``frame`` None): frame index and capture time.
+            attempts: frames tried before giving up, >= 1.
+
+        Returns:
+            A :class:`LatestFrame`, or None when nothing is published yet or every attempt was overwritten.
+        """
+        for _ in range(max(1, attempts)):
+            seqs = self._headers[:, _SEQ].copy()
+            slot = int(np.argmax(seqs))
+            seq = int(seqs[slot])
+            if seq <= 0:
+                return None
+            index, captured = int(self._headers[slot, _INDEX]), int(self._headers[slot, _CAPTURED])
+            frame = self.read(slot, seq) if copy else None
+            if (frame is not None or not copy) and self.published(slot, seq):
+                return LatestFrame(frame, seq, index, captured)
+        return None
 
     def view(self, slot: int, seq: int) -> np.ndarray | None:
         """A read-only zero-copy view of frame ``seq`` in ``slot``, or None if the slot no longer holds it.

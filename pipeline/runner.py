@@ -86,6 +86,10 @@ class StopFlag:
         self.signals += 1
         self._event.set()
 
+    def wait(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` seconds for a stop; True once set."""
+        return self._event.wait(timeout_s)
+
     def install(self) -> StopFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.set())

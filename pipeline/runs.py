@@ -2,7 +2,7 @@
 
 ``run.json`` (and ``current.json``, a copy for the CLI) holds ``run_id``,
 ``pid`` (the supervisor), ``runtime_dir``, ``socket_dir``, ``started_at``,
-``metrics_port`` and ``children``: one ``{"stage", "index", "pid",
+``config_path`` (the config file, or null), ``metrics_port`` and ``children``: one ``{"stage", "index", "pid",
 "cmdline"}`` per live stage process, rewritten (atomically) at every spawn
 and exit.
 

@@ -116,22 +116,23 @@ def totals(view: StageView) -> Totals:
 
 
 def queue_depths(order: Sequence[str], stage_totals: Mapping[str, Totals],
-                 upstream: Mapping[str, str | None] | None = None) -> dict[str, int]:
+                 chain: Sequence[str] | None = None) -> dict[str, int]:
     """Items waiting for each stage: upstream sent − received here (≥ 0) + held inside it; 0 for the first.
 
-    ``upstream`` maps a stage to the stage feeding it (default: the one before it in ``order``); a later
-    stage mapped to None (off the frame path, e.g. the mqtt publisher) waits for its own backlog only.
+    Args:
+        order: every stage of ``stage_totals``.
+        chain: the stages that feed each other, in order (default: ``order``); a stage outside it has
+            no upstream: its depth is what it holds (``backlog``).
     """
+    links = [s for s in (order if chain is None else chain) if s in stage_totals]
     out = {}
-    for i, stage in enumerate(order):
+    for stage in order:
         t = stage_totals[stage]
-        up = order[i - 1] if upstream is None and i else (upstream or {}).get(stage)
-        if i == 0:
-            out[stage] = 0
-        elif up is None:
+        if stage not in links:
             out[stage] = t.backlog
-        else:
-            out[stage] = max(0, stage_totals[up].sent - t.frames_in) + t.backlog
+            continue
+        i = links.index(stage)
+        out[stage] = 0 if i == 0 else max(0, stage_totals[links[i - 1]].sent - t.frames_in) + t.backlog
     return out
 
 
@@ -164,14 +165,29 @@ def _stage_status(stage: str, view: StageView, t: Totals, depth: int, rate: floa
 
 
 def status_reply(run_id: str, uptime_s: float, views: Mapping[str, StageView], rates: Mapping[str, RateWindow],
-                 now: float, upstream: Mapping[str, str | None] | None = None) -> StatusReply:
-    """The ``facepro status`` answer; ``views`` in pipeline order, one :class:`RateWindow` per stage (fed here),
-    ``upstream`` as in :func:`queue_depths`."""
+                 now: float, chain: Sequence[str] | None = None) -> StatusReply:
+    """The ``facepro status`` answer; ``views`` in pipeline order, one :class:`RateWindow` per stage (fed here);
+    ``chain``: the stages that feed each other (:func:`queue_depths`; default: all of ``views``)."""
     order = list(views)
     tot = {s: totals(v) for s, v in views.items()}
-    depth = queue_depths(order, tot, upstream)
+    depth = queue_depths(order, tot, chain)
     stages = tuple(_stage_status(s, views[s], tot[s], depth[s], rates[s].rate(now, tot[s].frames_out)) for s in order)
     return StatusReply(run_id=run_id, uptime_s=round(uptime_s, 2), stages=stages)
+
+
+def status_json(reply: StatusReply) -> dict:
+    """The ``facepro status --json`` document (also ``GET /api/status``): ``run_id``, ``uptime_s`` (s) and one dict
+    per stage: ``stage``, ``processes``, ``rate_fps``, ``queue_depth``, ``dropped``, ``drops`` (reason → n),
+    ``pids``, ``state``, ``oldest_wait_ms``, ``latency_p50_ms``, ``latency_p99_ms``, ``cpu_percent``, ``rss_mb``
+    (MiB), ``restarts``, ``last_error``, ``counts`` (name → n)."""
+    return {"run_id": reply.run_id, "uptime_s": reply.uptime_s, "stages": [
+        {"stage": s.stage, "processes": s.processes, "rate_fps": s.rate_fps, "queue_depth": s.queue_depth,
+         "dropped": s.dropped, "drops": {r: int(n) for r, n in zip(DROP_REASONS, s.drop_counts)},
+         "pids": [int(p) for p in s.pids], "state": s.state, "oldest_wait_ms": s.oldest_wait_ms,
+         "latency_p50_ms": s.latency_p50_ms, "latency_p99_ms": s.latency_p99_ms, "cpu_percent": s.cpu_percent,
+         "rss_mb": s.rss_mb, "restarts": s.restarts, "last_error": s.last_error,
+         "counts": {n: int(v) for n, v in zip(s.count_names, s.counts)}}
+        for s in reply.stages]}
 
 
 def losses(views: Mapping[str, StageView]) -> dict[str, dict[str, int]]:

@@ -19,7 +19,9 @@ final counts are booked from its block before the block is unlinked.
 
 Shutdown (:class:`ShutdownState`; end of all file sources, SIGINT/SIGTERM,
 or a failure) stops the stages one by one in table order, each draining its
-inbox; storage commits last. A second signal kills everything at once (exit
+inbox; storage commits last of the data path, then the mqtt publisher (when
+configured) sends what storage committed, and the api (when enabled) goes
+last, answering health and status while the others drain. A second signal kills everything at once (exit
 130). Rescaling (:class:`RescaleState`) follows the row's
 :class:`~pipeline.topology.Rescale`. Whatever happens, the run's segments
 (rings and counter blocks) and runtime directory are removed at exit.
@@ -92,6 +94,7 @@ class ShutdownState(enum.Enum):
     DRAINING_RECOGNITION = "draining recognition"
     DRAINING_STORAGE = "draining storage"
     DRAINING_MQTT = "draining mqtt"
+    DRAINING_API = "draining api"
     DONE = "done"
 
     @classmethod
@@ -203,7 +206,7 @@ class Rescaler:
             row = topology.spec(stage)
         except KeyError as err:
             return Ack(ok=False, message=str(err.args[0]))
-        old = self.counts[stage]
+        old = self.counts.get(stage, 0)
         if row.rescale is Rescale.REPARTITION:
             self.state, self.target = RescaleState.DRAINING_UPSTREAM, (stage, processes)
             return Ack(ok=True, message=f"{stage}: {old} -> {processes} processes (cameras repartitioned; "
@@ -255,12 +258,15 @@ class Supervisor:
         prepare_database: called once before any process starts (applies
             migrations); raises to abort the start.
         clock: monotonic seconds (the process table's clock too).
+        config_path: the config file, recorded in run.json (the api process puts it into backups).
     """
 
     def __init__(self, cfg: AppConfig, data_dir: Path, prepare_database: Callable[[], object] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, config_path: Path | None = None) -> None:
         self.cfg = cfg
         self.data_dir = data_dir
+        self.config_path = str(config_path.resolve()) if config_path else None  # run.json: the api puts it in backups
+        self.stages = topology.active_names(cfg)  # the rows this config runs (status, summary)
         self.prepare_database = prepare_database
         self.clock = clock
         self.run_id = uuid.uuid4().hex[:8]
@@ -271,16 +277,14 @@ class Supervisor:
         ends = [s.name for s in topology.STAGES if s.ends_with_source]
         self.table = ProcessTable(self.launcher, clock, cfg.runtime.heartbeat_timeout_s,
                                   RestartPolicy(MAX_RESTARTS, RESTART_WINDOW_S), ends)
-        self.retired = {s: Retired() for s in STAGE_NAMES}
-        self.rates = {s: RateWindow() for s in STAGE_NAMES}
+        self.retired, self.rates = {s: Retired() for s in STAGE_NAMES}, {s: RateWindow() for s in STAGE_NAMES}
         self.peak_rss: dict[int, float] = {}
         self.started = clock()
         self.signals = 0
         self.shutdown = ShutdownState.RUNNING
         self.stage_since = 0.0
         self.rescaler = Rescaler(self.table, self.counts)
-        self.gate = StartGate(STAGE_NAMES[0], topology.frame_path()[1:], clock=self.clock)
-        self.shown = topology.configured(cfg)  # status and summary rows: a row the config does not run is left out
+        self.gate = StartGate(topology.DATA_PATH[0], topology.DATA_PATH[1:], clock=self.clock)
         self.transport: Transport | None = None
         self.metrics_port: int | None = None
         self.first_frame_at: float | None = None  # first frame captured (monotonic)
@@ -305,7 +309,7 @@ class Supervisor:
         self.socket_dir = make_runtime_dir(socket_dir_for(self.runtime_dir, self.run_id))
         (self.runtime_dir / "config.json").write_text(self.cfg.model_dump_json())
         self.launcher.write_info(run_id=self.run_id, pid=os.getpid(), runtime_dir=str(self.runtime_dir),
-                                 socket_dir=str(self.socket_dir), started_at=time.time())
+                                 socket_dir=str(self.socket_dir), started_at=time.time(), config_path=self.config_path)
 
     def start(self) -> None:
         """Claim the data dir, prepare the database and start every process (downstream first).
@@ -325,7 +329,7 @@ class Supervisor:
 
     def _start_metrics(self) -> None:
         a = self.cfg.runtime.alerts
-        self.alerts = AlertTracker(a.min_rate_fps, a.backlog_frames, a.max_rss_mb, a.grace_s, topology.side_stages())
+        self.alerts = AlertTracker(a.min_rate_fps, a.backlog_frames, a.max_rss_mb, a.grace_s, rate_stages=topology.DATA_PATH)
         self.collector = StatusCollector(self.alerts)
         if self.cfg.runtime.metrics_port is None:
             return
@@ -380,7 +384,7 @@ class Supervisor:
 
     def _views(self, with_usage: bool = True) -> dict[str, StageView]:
         views = {}
-        for stage in self.shown:
+        for stage in self.stages:
             live = []
             for p in self.table.of(stage):
                 block = self.launcher.blocks.get(p.pid)
@@ -398,7 +402,7 @@ class Supervisor:
 
     def status(self) -> StatusReply:
         now = self.clock()
-        return status_reply(self.run_id, now - self.started, self._views(), self.rates, now, topology.upstreams())
+        return status_reply(self.run_id, now - self.started, self._views(), self.rates, now, chain=topology.DATA_PATH)
 
     def summary(self) -> dict:
         """Totals of the run: frames, wall time, per-stage rates, drops, restarts, losses, peak memory."""

@@ -7,6 +7,16 @@ means), the worker entry point (:mod:`pipeline.worker` dispatches by
 (:attr:`StageSpec.inference`). A new process kind (an API server, an event
 publisher) is a new row here plus an entry function in the worker.
 
+Optional rows. A row with ``enabled`` runs only when the config turns it on
+(the ``mqtt`` row: an ``mqtt`` section is present; the ``api`` row:
+``api.enabled``); switched off it has 0 processes and is left out of status
+and the run summary (:func:`active_names`). A row off the data path
+(``data_path=False``: the mqtt publisher reads the outbox storage commits, the
+api reads status, rings and the database; neither carries frames) has no
+upstream for queue depths (its depth is its own backlog, e.g. the outbox
+rows not yet acknowledged by the broker), does not hold the live cameras'
+start gate and gets no low-rate alert.
+
 Endpoints. ZeroMQ endpoint names are built only by the functions of this
 module (:func:`frames`, :func:`detections`, :func:`storage`,
 :func:`storage_acks`, :func:`control`); no other module spells an endpoint
@@ -16,13 +26,14 @@ live process counts (``counts``: stage name → processes now running, which
 changes with ``facepro scale``).
 
 Process counts (:class:`Count`): one per camera, a configured count
-(``detection.processes``...), or exactly one. A row with ``enabled`` runs
-no process when its config section is absent (the ``mqtt`` publisher).
-A ``side`` row is off the frame path (it reads the database, not an
-upstream outbox): no upstream stage, no start gate, its queue is its own backlog.
+(``detection.processes``...), or exactly one (none while an optional row
+is switched off).
 
-Drain order is table order (pipeline order); processes are started in the
-reverse order, so every bound endpoint exists before its senders start.
+Drain order is table order (pipeline order): the data path, then mqtt
+(after storage, so the events of the last commits are still published),
+then the api (last: it answers health and status while the others drain).
+Processes are started in the reverse order, so every bound endpoint exists
+before its senders start.
 
 Restart behaviour (:class:`Resume`) says what the successor of a killed
 process gets (the capture side of ``AFTER_LAST_PUBLISHED`` is implemented by
@@ -75,7 +86,7 @@ class Count(enum.Enum):
 
     PER_CAMERA = "per_camera"  # one process per configured camera (process i serves camera i)
     CONFIGURED = "configured"  # ``<stage>.processes`` from the config, changeable with facepro scale
-    ONE = "one"  # exactly one process
+    ONE = "one"  # exactly one process (none while an optional row is switched off)
 
 
 class Resume(enum.Enum):
@@ -85,6 +96,7 @@ class Resume(enum.Enum):
     FRAMES_AGAIN = "frames_again"  # detection/recognition: frames the predecessor held are reclaimed (counted lost) and new ones flow
     UNACKED_RESENT = "unacked_resent"  # storage: producers re-send every item it had not acknowledged
     OUTBOX_REPLAYED = "outbox_replayed"  # mqtt: every outbox row the broker had not acknowledged is published again
+    FRESH = "fresh"  # api: nothing in flight to carry over, the successor simply starts again
 
 
 class Rescale(enum.Enum):
@@ -109,8 +121,8 @@ class StageSpec:
         inference: True if its processes run ONNX inference (share the thread budget).
         ends_with_source: True if a process exiting 0 on its own is a finished
             file source, not a failure (capture).
-        enabled: the config runs this row's processes; None: always.
-        side: off the frame path (module docstring).
+        enabled: for an optional row, whether the config turns it on (None: always on).
+        data_path: False for a row that carries no frames (module docstring).
     """
 
     name: str
@@ -122,11 +134,15 @@ class StageSpec:
     inference: bool = False
     ends_with_source: bool = False
     enabled: Callable[[AppConfig], bool] | None = None
-    side: bool = False
+    data_path: bool = True
+
+    def active(self, cfg: AppConfig) -> bool:
+        """True unless the row is optional and ``cfg`` switches it off."""
+        return self.enabled is None or bool(self.enabled(cfg))
 
     def processes(self, cfg: AppConfig) -> int:
-        """The configured process count of this stage (0 when ``enabled`` says the config does not run it)."""
-        if self.enabled is not None and not self.enabled(cfg):
+        """The configured process count of this stage (0 for a switched-off optional row)."""
+        if not self.active(cfg):
             return 0
         if self.count is Count.PER_CAMERA:
             return len(cfg.cameras)
@@ -184,12 +200,23 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("recognition", Count.CONFIGURED, _recognition_in, _recognition_out, Resume.FRAMES_AGAIN,
               rescale=Rescale.REPARTITION, inference=True),
     StageSpec("storage", Count.ONE, _storage_in, _storage_out, Resume.UNACKED_RESENT),
-    # publishes the outbox storage commits (reads the database; asks the supervisor's control endpoint for stats)
-    StageSpec("mqtt", Count.ONE, _none, _none, Resume.OUTBOX_REPLAYED, enabled=_mqtt_configured, side=True),
+    # publishes the outbox storage commits (reads the database; asks the supervisor's control endpoint for
+    # stats); drained after storage, so the events of its last commits are still published
+    StageSpec("mqtt", Count.ONE, _none, _none, Resume.OUTBOX_REPLAYED, enabled=_mqtt_configured, data_path=False),
+    # the HTTP API: status over control(), frames read from the rings, the database; drained last (it
+    # answers health and status while the others drain)
+    StageSpec("api", Count.ONE, _none, _none, Resume.FRESH, enabled=lambda cfg: cfg.api.enabled, data_path=False),
 )
 
 #: Stage names in pipeline (= drain) order.
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+#: The stages frames and their results travel through, in order (queue depths, start gate, rate alerts).
+DATA_PATH: tuple[str, ...] = tuple(s.name for s in STAGES if s.data_path)
+
+
+def active_names(cfg: AppConfig) -> tuple[str, ...]:
+    """Names of the rows ``cfg`` runs, in table order (switched-off optional rows left out)."""
+    return tuple(s.name for s in STAGES if s.active(cfg))
 
 
 def spec(name: str) -> StageSpec:
@@ -210,33 +237,11 @@ def initial_counts(cfg: AppConfig) -> dict[str, int]:
 
 
 def upstream(name: str) -> str | None:
-    """The frame-path stage before ``name`` in pipeline order; None for the first and for ``side`` rows."""
-    chain = [s.name for s in STAGES if not s.side]
-    if name not in chain:
-        spec(name)  # KeyError for an unknown name
+    """The stage before ``name`` on the data path, None for the first and for rows off the data path."""
+    if name not in DATA_PATH:
         return None
-    i = chain.index(name)
-    return chain[i - 1] if i else None
-
-
-def upstreams() -> dict[str, str | None]:
-    """Stage name → :func:`upstream` of it, for every row."""
-    return {name: upstream(name) for name in STAGE_NAMES}
-
-
-def side_stages() -> tuple[str, ...]:
-    """Names of the ``side`` rows (off the frame path; their rate counts events, not frames)."""
-    return tuple(s.name for s in STAGES if s.side)
-
-
-def frame_path() -> tuple[str, ...]:
-    """Names of the rows on the frame path (not ``side``), in pipeline order."""
-    return tuple(s.name for s in STAGES if not s.side)
-
-
-def configured(cfg: AppConfig) -> tuple[str, ...]:
-    """Names of the rows ``cfg`` runs (``enabled`` rows only when enabled), in pipeline order."""
-    return tuple(s.name for s in STAGES if s.enabled is None or s.enabled(cfg))
+    i = DATA_PATH.index(name)
+    return DATA_PATH[i - 1] if i else None
 
 
 def start_order() -> tuple[StageSpec, ...]:

@@ -392,6 +392,26 @@ def _version() -> str:
         return ""
 
 
+def _api(cfg: AppConfig, runtime_dir: Path, counters: StageCounters, stop: StopFlag) -> None:
+    """The HTTP API process (:mod:`pipeline.api`): uvicorn until SIGTERM. Requests are its counted items; the
+    bound port is its ``port`` count (``api.port: 0`` picks a free one). Its face models use one thread."""
+    from pipeline.api import bind, create_app, serve
+    from pipeline.services import api_context
+
+    info = json.loads((runtime_dir / "run.json").read_text())
+    config_path = Path(info["config_path"]) if info.get("config_path") else None
+    sock = bind(cfg.api.host, cfg.api.port)
+    host, port = sock.getsockname()[:2]
+    counters.extra["port"] = port
+    app = create_app(api_context(cfg, alone=False, config_path=config_path, threads=1, counters=counters))
+
+    def ready() -> None:
+        counters.extra["ready"] = 1
+        log.info("HTTP API on http://%s:%d%s", host, port, "" if cfg.api.token else " (no token: loopback only)")
+
+    serve(app, sock, stop, on_ready=ready)
+
+
 @dataclass(frozen=True)
 class StageContext:
     """What an entry function gets: the config, transport, run id, process index, live counts and counters."""
@@ -415,6 +435,7 @@ ENTRIES: dict[str, Callable[[StageContext], None]] = {
                                           RunPaths(c.run_id, c.runtime_dir), c.counts),
     "storage": lambda c: _storage(c.cfg, c.t, c.counters, c.hb, c.stop),
     "mqtt": lambda c: _mqtt(c.cfg, c.t, c.runtime_dir, c.counters, c.stop),
+    "api": lambda c: _api(c.cfg, c.runtime_dir, c.counters, c.stop),
 }
 
 PR_SET_PDEATHSIG = 1

@@ -6,8 +6,8 @@ holds group photos):
 
 1. Every image of an identity folder is run through the face pipeline
    (SCRFD detection → ArcFace 5-point alignment → embedding, see
-   :mod:`stages.face`); an image must contain exactly one face
-   (:func:`stages.gallery.enrollment_embedding`), others are listed as skipped.
+   :mod:`stages.face`); an image must contain one face, or one that dominates
+   the others (:func:`stages.gallery.enrollment_embedding`), others are listed as skipped.
 2. **Leave-one-out identification.** Each image in turn is the *probe*; the
    *gallery* is built with :class:`stages.gallery.Gallery` (one template per
    identity, the normalised mean of its embeddings, outlier rule included)
@@ -172,7 +172,7 @@ def enroll_folder(analyzer: FaceAnalyzer, faces_dir: Path) -> tuple[list[str], l
     Returns:
         ``(names, files, (k, d) embeddings, skipped)`` where ``files`` are
         paths relative to ``faces_dir`` and ``skipped`` lists images without
-        exactly one face (``{"file", "reason"}``).
+        a face to enroll (``{"file", "reason"}``).
     """
     names, files, rows, skipped = [], [], [], []
     for folder in sorted(p for p in faces_dir.iterdir() if p.is_dir() and not p.name.startswith("_")):

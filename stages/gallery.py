@@ -27,16 +27,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from stages.enrollment import EnrollmentError, NoDominantFace, choose_face, pick_subject, reading_order
+
 if TYPE_CHECKING:  # pragma: no cover
     from stages.face import Face, FaceAnalyzer
+
+__all__ = ["EnrollmentError", "NoDominantFace", "EnrolledFace", "Gallery", "IdentifiedFace", "Match",
+           "enrollment_embedding", "enrollment_face", "identify"]
 
 #: Default gap below the median leave-one-out similarity at which an
 #: enrollment embedding is rejected as an outlier (see :class:`Gallery`).
 OUTLIER_MARGIN = 0.25
-
-
-class EnrollmentError(ValueError):
-    """An enrollment image that cannot be used; the message names the image."""
 
 
 @dataclass(frozen=True)
@@ -228,31 +229,77 @@ class IdentifiedFace:
     score: float
 
 
-def enrollment_embedding(analyzer: FaceAnalyzer, image: np.ndarray, source: str) -> tuple[np.ndarray, Face]:
-    """The embedding of the single face in an enrollment image.
+@dataclass(frozen=True)
+class EnrolledFace:
+    """The face of an enrollment photo that is enrolled.
+
+    Attributes:
+        face: the :class:`~stages.face.Face` (box, keypoints, ``(d,) float32`` unit embedding).
+        index: its number among the photo's faces in reading order
+            (:func:`stages.enrollment.reading_order`, the ``--face N`` numbering).
+        n_faces: faces found in the photo (narrower than ``min_face_px`` not counted).
+        ratio: its prominence over the runner-up's (``inf`` for a lone face,
+            ``nan`` when chosen by index); see :func:`stages.enrollment.pick_subject`.
+    """
+
+    face: Face
+    index: int
+    n_faces: int
+    ratio: float
+
+
+def enrollment_face(analyzer: FaceAnalyzer, image: np.ndarray, source: str, face: int | None = None,
+                    dominance: float | None = None) -> EnrolledFace:
+    """The face to enroll from a photo: the only one, the dominant one, or the one chosen.
 
     Args:
         analyzer: face pipeline (its ``min_face_px`` and detector threshold apply).
         image: ``(H, W, 3) uint8`` BGR.
         source: name of the image for messages (file path).
+        face: 0-based index of the face to take, faces numbered in reading
+            order (left to right); None: the dominant face
+            (:func:`stages.enrollment.pick_subject`).
+        dominance: the margin of the dominance rule; None: ``analyzer.cfg.enroll_dominance``.
+
+    Returns:
+        :class:`EnrolledFace`.
+
+    Raises:
+        EnrollmentError: no face found, or ``face`` out of range.
+        NoDominantFace: several faces, ``face`` is None and none dominates;
+            lists every face's index and box.
+        ValueError: ``image`` is not ``(H, W, 3) uint8``.
+    """
+    found = analyzer.analyze(image)
+    if not found:
+        raise EnrollmentError(
+            f"{source}: no face found (detector score >= {analyzer.cfg.detector.score_threshold}, "
+            f"width >= {analyzer.cfg.min_face_px} px); use a sharp, roughly frontal photo of one person"
+        )
+    boxes = np.stack([f.xyxy for f in found])
+    order = reading_order(boxes)
+    boxes = boxes[order]
+    if face is not None:
+        choice = choose_face(boxes, face, source)
+    else:
+        margin = analyzer.cfg.enroll_dominance if dominance is None else dominance
+        choice = pick_subject(boxes, image.shape[:2], margin, source)
+    return EnrolledFace(found[int(order[choice.index])], choice.index, choice.n_faces, choice.ratio)
+
+
+def enrollment_embedding(analyzer: FaceAnalyzer, image: np.ndarray, source: str) -> tuple[np.ndarray, Face]:
+    """The embedding of the subject of an enrollment photo (:func:`enrollment_face` without a chosen index).
 
     Returns:
         ``((d,) float32 unit-norm embedding, the Face)``.
 
     Raises:
-        EnrollmentError: no face, or more than one face, found (strict: a
-            group photo is refused even if one face dominates).
+        EnrollmentError: no face found.
+        NoDominantFace: several faces and none dominates.
         ValueError: ``image`` is not ``(H, W, 3) uint8``.
     """
-    faces = analyzer.analyze(image)
-    if not faces:
-        raise EnrollmentError(
-            f"{source}: no face found (detector score >= {analyzer.cfg.detector.score_threshold}, "
-            f"width >= {analyzer.cfg.min_face_px} px); use a sharp, roughly frontal photo of one person"
-        )
-    if len(faces) > 1:
-        raise EnrollmentError(f"{source}: {len(faces)} faces found; enrollment needs an image with exactly one face")
-    return faces[0].embedding, faces[0]
+    got = enrollment_face(analyzer, image, source)
+    return got.face.embedding, got.face
 
 
 def identify(analyzer: FaceAnalyzer, gallery: Gallery, image: np.ndarray) -> list[IdentifiedFace]:

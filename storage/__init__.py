@@ -32,7 +32,8 @@ from storage.db import (
     open_engine,
     upgrade,
 )
-from storage.queries import EventRow, Gallery, count_rows, delete_identity, enroll, list_events, list_identities, load_gallery
+from storage.queries import (EventRow, Gallery, MergeResult, count_rows, delete_identity, enroll, list_events, list_identities,
+                             load_gallery, merge_identities)
 from storage.retention import RetentionResult, apply_retention, db_stats
 from storage.writer import EventWriter
 
@@ -42,6 +43,7 @@ __all__ = [
     "EventRow",
     "EventWriter",
     "Gallery",
+    "MergeResult",
     "RestoreResult",
     "RetentionResult",
     "RevisionInfo",
@@ -61,6 +63,7 @@ __all__ = [
     "list_events",
     "list_identities",
     "load_gallery",
+    "merge_identities",
     "open_engine",
     "prune_backups",
     "restore_backup",

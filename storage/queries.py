@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any, Sequence
 
 import numpy as np
-from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import Engine, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from storage.db import StorageError, dialect_insert, storage_errors
@@ -58,6 +58,7 @@ class EventRow:
         xyxy: last box ``(x1, y1, x2, y2)``, frame pixels.
         snapshot_path: JPEG snapshot path or None.
         ended: True once the tracker dropped the track.
+        has_snapshot: a snapshot path is stored (the file itself may since have been removed by retention).
     """
 
     event_id: str
@@ -76,8 +77,13 @@ class EventRow:
     snapshot_path: str | None
     ended: bool
 
+    @property
+    def has_snapshot(self) -> bool:
+        return self.snapshot_path is not None
+
     def to_json(self) -> dict[str, Any]:
-        """A JSON-serialisable dict; timestamps as ISO-8601 with ``+00:00``, ``xyxy`` as a list."""
+        """A JSON-serialisable dict (``facepro events --json``, ``GET /api/events``): the attributes, timestamps as
+        ISO-8601 with ``+00:00``, ``xyxy`` as a list, and ``has_snapshot``."""
         return {
             "event_id": self.event_id,
             "camera": self.camera,
@@ -94,22 +100,33 @@ class EventRow:
             "xyxy": list(self.xyxy),
             "snapshot_path": self.snapshot_path,
             "ended": self.ended,
+            "has_snapshot": self.has_snapshot,
         }
 
 
-def list_events(engine: Engine, camera: str | None = None, identity: str | None = None, limit: int = 100) -> list[EventRow]:
+def list_events(engine: Engine, camera: str | None = None, identity: str | None = None, limit: int = 100, *,
+                label: str | None = None, method: str | None = None, since: datetime | None = None,
+                until: datetime | None = None, before: tuple[datetime, str] | None = None) -> list[EventRow]:
     """Events newest first (by ``started_at``, then event id).
 
     Args:
         camera: only this camera's events (an unknown camera gives ``[]``).
         identity: only events attributed to this enrolled name.
         limit: at most this many rows, 1..:data:`MAX_LIMIT`.
+        label: only this class name (``person``...).
+        method: only events named by this method (``face``, ``reid``, ``gait``).
+        since, until: aware datetimes; only events with ``since <= started_at < until``.
+        before: a keyset cursor ``(started_at, event_id)``: only events after it in this order (the next page
+            after that event).
 
     Raises:
-        ValueError: ``limit`` out of range.
+        ValueError: ``limit`` out of range, or a naive datetime.
     """
     if not 1 <= limit <= MAX_LIMIT:
         raise ValueError(f"limit: expected 1 to {MAX_LIMIT}, got {limit}")
+    for name, when in (("since", since), ("until", until), ("before", before[0] if before else None)):
+        if when is not None and when.utcoffset() is None:
+            raise ValueError(f"{name}: expected a timezone-aware datetime, got {when!r}")
     stmt = (
         select(Event, Camera.name, Identity.name)
         .join(Camera, Event.camera_id == Camera.id)
@@ -117,12 +134,28 @@ def list_events(engine: Engine, camera: str | None = None, identity: str | None 
         .order_by(Event.started_at.desc(), Event.id.desc())
         .limit(limit)
     )
-    if camera is not None:
-        stmt = stmt.where(Camera.name == camera)
-    if identity is not None:
-        stmt = stmt.where(Identity.name == identity)
+    conditions = [(camera, lambda v: Camera.name == v), (identity, lambda v: Identity.name == v),
+                  (label, lambda v: Event.label == v), (method, lambda v: Event.method == v),
+                  (since, lambda v: Event.started_at >= v), (until, lambda v: Event.started_at < v),
+                  (before, lambda v: or_(Event.started_at < v[0], and_(Event.started_at == v[0], Event.id < v[1])))]
+    for value, condition in conditions:
+        if value is not None:
+            stmt = stmt.where(condition(value))
     with storage_errors(engine.url, "listing events"), Session(engine) as session:
         return [_event_row(e, cam, ident) for e, cam, ident in session.execute(stmt).tuples()]
+
+
+def get_event(engine: Engine, event_id: str) -> EventRow | None:
+    """The event ``event_id`` (32 hex digits), None when there is none."""
+    stmt = (
+        select(Event, Camera.name, Identity.name)
+        .join(Camera, Event.camera_id == Camera.id)
+        .outerjoin(Identity, Event.identity_id == Identity.id)
+        .where(Event.id == event_id)
+    )
+    with storage_errors(engine.url, "reading an event"), Session(engine) as session:
+        row = session.execute(stmt).tuples().first()
+    return _event_row(*row) if row is not None else None
 
 
 def _event_row(e: Event, camera: str, identity: str | None) -> EventRow:
@@ -167,6 +200,15 @@ class Gallery(tuple):  # type: ignore[type-arg]
         self = super().__new__(cls, (names, vectors))
         self.names, self.vectors, self.skipped = names, vectors, skipped
         return self
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a valid identity name (1..128 characters, no surrounding spaces).
+
+    Raises:
+        ValueError: otherwise (the message says why).
+    """
+    return _check_name(name)
 
 
 def _check_name(name: str) -> str:
@@ -284,6 +326,55 @@ def delete_identity(engine: Engine, name: str) -> bool:
     """
     with storage_errors(engine.url, f"deleting {name!r}"), engine.begin() as conn:
         return conn.execute(delete(Identity).where(Identity.name == name)).rowcount > 0
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What :func:`merge_identities` moved.
+
+    Attributes:
+        embeddings: gallery embeddings (with their image path and hash) moved to the kept identity.
+        events: events relabelled to the kept identity.
+    """
+
+    embeddings: int
+    events: int
+
+
+def merge_identities(engine: Engine, keep: str, other: str) -> MergeResult:
+    """Merge identity ``other`` into ``keep`` in one transaction, then delete ``other``.
+
+    Every gallery embedding of ``other`` (any model, with its enrollment
+    image path and SHA-256) and every event attributed to ``other`` move to
+    ``keep``; ``keep``'s template is then built from both sets (the outlier
+    rule of :class:`stages.gallery.Gallery` applies to the union). Nothing
+    changes if any step fails.
+
+    Args:
+        keep: name of the identity that stays.
+        other: name of the identity merged into it and deleted.
+
+    Returns:
+        :class:`MergeResult` with the rows moved.
+
+    Raises:
+        ValueError: a name is invalid or not an identity, or both names are the same.
+        StorageError: locked or unreachable database (nothing merged).
+    """
+    _check_name(keep), _check_name(other)
+    if keep == other:
+        raise ValueError(f"merge: {keep!r} into itself; name two different identities")
+    with storage_errors(engine.url, f"merging {other!r} into {keep!r}"), \
+            engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
+        ids = dict(conn.execute(select(Identity.name, Identity.id).where(Identity.name.in_([keep, other]))).tuples().all())
+        missing = [n for n in (keep, other) if n not in ids]
+        if missing:
+            raise ValueError(f"no identity named {missing[0]!r}; see facepro identities list")
+        moved = conn.execute(update(FaceEmbedding).where(FaceEmbedding.identity_id == ids[other])
+                             .values(identity_id=ids[keep])).rowcount
+        relabelled = conn.execute(update(Event).where(Event.identity_id == ids[other]).values(identity_id=ids[keep])).rowcount
+        conn.execute(delete(Identity).where(Identity.id == ids[other]))
+    return MergeResult(int(moved), int(relabelled))
 
 
 def list_identities(engine: Engine) -> list[tuple[str, int]]:

@@ -102,3 +102,17 @@ def finish_run(proc: subprocess.Popen, data_dir: Path, timeout_s: float = 300, c
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode in codes, out[-3000:]
     return json.loads((data_dir / "last_run.json").read_text())
+
+
+@pytest.fixture()
+def cfg(models: Path, videos: Path, data_dir: Path) -> str:
+    """A saved config with the asset models and vtest.avi as its camera (the face CLI tests' default)."""
+    return str(save_config(pipeline_config(models, {"campus": videos / "vtest.avi"}), data_dir / "cfg.yaml"))
+
+
+def identify_faces(cfg: str, image: Path, capsys: pytest.CaptureFixture[str]) -> list[dict]:
+    """``facepro identify --json`` of ``image`` in-process: its ``faces`` list."""
+    from pipeline.cli import main
+
+    assert main(["identify", "--config", cfg, str(image), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)["faces"]

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from pipeline.cli import main
-from tests.integration.conftest import pipeline_config, save_config
+from tests.integration.conftest import identify_faces as _identify
 
 
-@pytest.fixture()
-def cfg(models: Path, videos: Path, data_dir: Path) -> str:
-    return str(save_config(pipeline_config(models, {"campus": videos / "vtest.avi"}), data_dir / "cfg.yaml"))
-
-
-def _identify(cfg: str, image: Path, capsys: pytest.CaptureFixture[str]) -> list[dict]:
-    assert main(["identify", "--config", cfg, str(image), "--json"]) == 0
-    return json.loads(capsys.readouterr().out)["faces"]
 
 
 def test_enroll_then_identify_group_photo(cfg: str, faces: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -77,3 +68,20 @@ def test_identities_list_and_delete(cfg: str, faces: Path, capsys: pytest.Captur
     assert [f["identity"] for f in _identify(cfg, faces / "biden/biden2.jpg", capsys)] == [None]  # no longer known
     assert main(["identities", "delete", "Joe Biden", "--config", cfg]) == 2
     assert "no identity named" in capsys.readouterr().err
+
+
+def test_identities_merge(cfg: str, faces: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["enroll", "--config", cfg, "Barack Obama", str(faces / "obama/obama.jpg")]) == 0
+    assert main(["enroll", "--config", cfg, "B. Obama", str(faces / "obama/obama2.jpg"), str(faces / "obama/obama3.jpg")]) == 0
+    capsys.readouterr()
+    assert main(["identities", "merge", "Barack Obama", "B. Obama", "--config", cfg]) == 0
+    assert "merged B. Obama into Barack Obama: 2 embedding(s) and 0 event(s) moved" in capsys.readouterr().out
+    assert main(["identities", "list", "--config", cfg]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [ln.split()[-2:] for ln in listed] == [["3", "embedding(s)"]] and listed[0].startswith("Barack Obama ")
+    assert [f["identity"] for f in _identify(cfg, faces / "obama/obama1.jpg", capsys)] == ["Barack Obama"]
+    for argv, error in [(["Barack Obama", "B. Obama"], "no identity named 'B. Obama'"),
+                        (["Barack Obama"], "identities merge needs two names")]:
+        assert main(["identities", "merge", *argv, "--config", cfg]) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if " INFO " not in ln]
+        assert len(err) == 1 and error in err[0], err

@@ -305,21 +305,28 @@ def _pf(slot: int, forwarded: bool = True, accepted: int = 0) -> r.PendingFrame:
                           accepted=accepted, forwarded=forwarded)
 
 
-def test_transit_watch_sends_a_frame_lost_on_the_way_to_recognition_again_with_a_doubling_wait() -> None:
+@pytest.mark.parametrize("overtaken, first_due", [(True, 2.0), (False, 10.0)])
+def test_transit_watch_sends_a_frame_lost_on_the_way_to_recognition_again_with_a_doubling_wait(
+        overtaken: bool, first_due: float) -> None:
+    """A forwarded frame nobody accepted is due after 2 s when a later frame was accepted (it was lost: messages
+    arrive in order), after 10 s when nothing later was; then after a doubling wait, capped."""
     from pipeline.capture import TransitWatch
 
     now = [0.0]
-    watch = TransitWatch(first_s=2.0, max_s=5.0, clock=lambda: now[0])
-    lost, held, in_detection = _pf(0), _pf(1, accepted=777), _pf(2, forwarded=False)
-    frames = [lost, held, in_detection]
+    watch = TransitWatch(first_s=2.0, idle_s=10.0, max_s=15.0, clock=lambda: now[0])
+    lost, in_detection = _pf(0), _pf(1, forwarded=False)
+    later = _pf(2, accepted=777 if overtaken else 0, forwarded=overtaken)
+    frames = [lost, in_detection, later]
     sent = []
-    for t in [0.0, 1.9, 2.0, 3.0, 5.9, 6.0, 10.9, 11.0, 16.0]:
+    for t in [0.0, 1.9, 2.0, 3.0, 5.9, 6.0, 9.9, 10.0, 29.9, 30.0, 45.0]:
         now[0] = t
-        sent += [(t, f.slot) for f in watch.due(frames)]
-    # first seen at 0: due at 2, then after 4 s (6), then after 5 s (the cap: 11, 16); the accepted frame and the one
-    # detection has not passed on yet are never sent again
-    assert sent == [(2.0, 0), (6.0, 0), (11.0, 0), (16.0, 0)]
-    now[0] = 30.0
-    assert watch.due([held, in_detection]) == []  # accepted or released: forgotten
-    now[0] = 31.0
+        sent += [(t, f.slot) for f in watch.due(frames) if f.slot == 0]
+    if overtaken:  # 2, then after 4 s (6), 8 s (14, polled at 29.9), then 15 s (the cap: 44.9 -> polled 45)
+        assert sent == [(2.0, 0), (6.0, 0), (29.9, 0), (45.0, 0)]
+    else:  # 10, then after 15 s (the cap): 25 -> polled at 29.9, then 44.9 -> 45
+        assert sent == [(10.0, 0), (29.9, 0), (45.0, 0)]
+    assert in_detection.slot not in [slot for _, slot in sent]
+    now[0] = 50.0
+    assert [f.slot for f in watch.due([in_detection])] == []  # the lost frame was accepted or released: forgotten
+    now[0] = 51.0
     assert watch.due(frames) == []  # waiting again: a fresh first wait

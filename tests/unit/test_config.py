@@ -163,3 +163,37 @@ def test_invalid_mqtt_configs_name_the_key(path: str, value: object, error: str)
     tree = _with(path, value) if not path.startswith("mqtt.") else _with("mqtt", {path.split(".", 1)[1]: value})
     with pytest.raises(ConfigError, match=error):
         parse_config(tree)
+
+
+def test_api_section_defaults_to_off_and_private() -> None:
+    api = parse_config(BASE).api
+    assert (api.enabled, api.host, api.port, api.token, api.max_upload_mb, api.job_dirs) == (False, "127.0.0.1", 8080, None, 50.0, ())
+
+
+@pytest.mark.parametrize("api, ok", [
+    ({"host": "127.0.0.1"}, True), ({"host": "localhost"}, True), ({"host": "::1"}, True), ({"host": "127.0.0.2"}, True),
+    ({"host": "0.0.0.0"}, False), ({"host": "192.168.1.5"}, False), ({"host": "::"}, False), ({"host": "box.local"}, False),
+    ({"host": "0.0.0.0", "token": "s3cret-token-0123"}, True), ({"host": "box.local", "token": "s3cret-token-0123"}, True),
+])
+def test_api_binding_anything_but_loopback_requires_a_token(api: dict, ok: bool) -> None:
+    tree = _with("api", api)
+    if ok:
+        assert parse_config(tree).api.host == api["host"]
+    else:
+        with pytest.raises(ConfigError, match=r"api: .*api\.host .* requires api\.token"):
+            parse_config(tree)
+
+
+@pytest.mark.parametrize("path, value, error", [
+    ("api.port", 65536, r"api\.port: Input should be less than or equal to 65535"),
+    ("api.port", -1, r"api\.port: Input should be greater than or equal to 0"),
+    ("api.token", "short", r"api\.token: String should have at least 16 characters"),
+    ("api.token", "has a space in it!!", r"api\.token: String should match pattern"),
+    ("api.max_upload_mb", 0, r"api\.max_upload_mb: Input should be greater than 0"),
+    ("api.max_upload_mb", 5000, r"api\.max_upload_mb: Input should be less than or equal to 4096"),
+    ("api.hots", "127.0.0.1", r"api\.hots: Extra inputs are not permitted"),
+    ("api.host", "a b", r"api\.host: String should match pattern"),
+])
+def test_api_bounds(path: str, value: object, error: str) -> None:
+    with pytest.raises(ConfigError, match=error):
+        parse_config(_with(path, value))

@@ -10,8 +10,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 FRAMEWORK = ["messages", "codec", "transport", "ring", "runner", "config", "metrics",
              "topology", "counters", "processes", "status", "runs", "capture", "journal", "models", "install", "gate",
-             "mqtt", "discovery"]
-WIRING = {"cli", "supervisor", "worker", "doctor"}  # the only pipeline modules that may import stages/storage
+             "mqtt", "discovery",
+             "api", "api_models", "api_system", "api_data"]  # the HTTP API: stages/storage come injected (Backend)
+WIRING = {"cli", "supervisor", "worker", "doctor", "services"}  # the only pipeline modules that may import stages/storage
 MAX_FUNCTION_LINES = 60
 MAX_CLASS_LINES = 300
 # (module, qualified name) allowed over the limits; empty: every class and function in pipeline/ fits.

@@ -41,10 +41,12 @@ def test_low_rate_only_after_grace_and_while_running() -> None:
     assert a.update(_status(rate=0.0, procs=0, state="done")) == []
 
 
-def test_event_driven_stages_get_no_low_rate_alert() -> None:
-    a = AlertTracker(min_rate_fps=1.0, backlog_frames=10, max_rss_mb=500, grace_s=0, no_rate_alert=("mqtt",))
+def test_low_rate_only_for_the_rate_stages() -> None:
+    a = AlertTracker(min_rate_fps=1.0, backlog_frames=10, max_rss_mb=500, grace_s=0, rate_stages=("detection",))
+    assert a.update(_status(stage="api", rate=0.0)) == []  # the api passes no frames
     assert a.update(_status(stage="mqtt", rate=0.0)) == []  # a quiet hour publishes nothing: not an alert
     assert a.update(_status(stage="mqtt", rate=0.0, rss=900.0)) == [("mqtt", "high_memory", True)]
+    assert a.update(_status(stage="detection", rate=0.0)) == [("detection", "low_rate", True)]
 
 
 def test_backlog_needs_a_deep_and_growing_queue() -> None:

@@ -278,3 +278,43 @@ def test_write_protocol_misuse_is_refused(name: str, calls: tuple[str, ...], err
                 getattr(w, call)(*((0, 0) if call == "publish" else ()))
     finally:
         w.close()
+
+
+def test_latest_is_the_newest_published_frame_and_never_a_torn_one(name: str) -> None:
+    w = r.RingWriter.create(name, r.RingLayout(slots=3, height=6, width=8), wait_for_release=False)
+    rd = r.RingReader.attach(name)
+    try:
+        assert rd.latest() is None  # nothing published yet
+        for s in range(1, 5):  # seq 4 reuses slot 0
+            w.write(_frame(s), frame_index=s - 1, captured_at_ns=1000 + s)
+        got = rd.latest()
+        assert got is not None and (got.seq, got.frame_index, got.captured_at_ns) == (4, 3, 1004)
+        assert np.array_equal(got.frame, _frame(4))
+        head = rd.latest(copy=False)
+        assert head is not None and head.frame is None and head.seq == 4
+        w.begin_write()  # seq 5 busy in slot 1: the newest complete frame is still seq 4
+        assert rd.latest().seq == 4
+        w.publish(4, 1005)
+
+        real_read = rd.read
+        calls = []
+
+        def overwritten_once(slot: int, seq: int, out=None):
+            if not calls:  # the writer overwrites the slot while the api copies it
+                w.write(_frame(6), frame_index=5, captured_at_ns=1006)
+                w.write(_frame(7), frame_index=6, captured_at_ns=1007)
+                w.write(_frame(8), frame_index=7, captured_at_ns=1008)  # slot of seq 5 now holds seq 8
+            calls.append((slot, seq))
+            return real_read(slot, seq, out)
+
+        rd.read = overwritten_once  # type: ignore[method-assign]
+        got = rd.latest()
+        assert [seq for _, seq in calls] == [5, 8] and got.seq == 8 and np.array_equal(got.frame, _frame(8))
+        calls.clear()
+        assert rd.latest(attempts=1) is None  # overwritten on its only attempt: skipped, never served torn
+        rd.read = real_read  # type: ignore[method-assign]
+        for rd_slot in range(3):
+            assert w._headers[rd_slot, 1] == 0  # nothing released by the reader
+    finally:
+        rd.close()
+        w.close()

@@ -48,14 +48,17 @@ def test_queue_depth_is_upstream_sent_minus_received_plus_backlog() -> None:
     assert queue_depths(ORDER, {s: totals(x) for s, x in v2.items()})["detection"] == 0
 
 
-def test_a_side_stage_queue_is_its_own_backlog() -> None:
-    order = (*ORDER, "mqtt")
-    tot = {s: totals(StageView((LiveProc(1, x),), Retired())) for s, x in {
-        "capture": snap(sent=50), "detection": snap(frames_in=50, sent=50), "recognition": snap(frames_in=50, sent=9),
-        "storage": snap(frames_in=9, sent=4), "mqtt": snap(frames_out=3, backlog=7)}.items()}
-    up = {"capture": None, "detection": "capture", "recognition": "detection", "storage": "recognition", "mqtt": None}
-    assert queue_depths(order, tot, up)["mqtt"] == 7  # the outbox depth, not storage's acks minus anything
-    assert queue_depths(order, tot)["mqtt"] == 4 + 7  # without the map: chained to storage (what the map fixes)
+def test_a_stage_off_the_chain_has_no_upstream() -> None:
+    v = views(capture=[snap(frames_out=10, sent=10)], detection=[snap(frames_in=10, sent=10)],
+              recognition=[snap(frames_in=10, sent=7)], storage=[snap(frames_in=7, sent=7)])
+    v["mqtt"] = StageView((LiveProc(100, snap(frames_out=3, backlog=7)),), Retired())  # events published, outbox depth
+    v["api"] = StageView((LiveProc(200, snap(frames_in=3, frames_out=3, backlog=1)),), Retired())  # requests, not frames
+    tot = {s: totals(x) for s, x in v.items()}
+    assert queue_depths(list(v), tot, chain=ORDER) == {"capture": 0, "detection": 0, "recognition": 0, "storage": 0,
+                                                       "mqtt": 7, "api": 1}  # the outbox depth, not storage's acks
+    assert queue_depths(list(v), tot)["mqtt"] == 7 + 7  # without a chain it would count storage's acks
+    reply = status_reply("r", 1.0, v, {s: RateWindow() for s in v}, 1.0, chain=ORDER)
+    assert [(st.stage, st.queue_depth) for st in reply.stages][-2:] == [("mqtt", 7), ("api", 1)]
 
 
 def test_rate_over_the_window() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -25,9 +26,12 @@ from storage.queries import (
     delete_identity,
     enroll,
     last_vector_id,
+    get_event,
     list_events,
     list_identities,
     load_gallery,
+    MergeResult,
+    merge_identities,
     named_track_vectors,
 )
 from storage.writer import EventWriter, SqliteTimes, ns_to_datetime, sqlite_time
@@ -442,6 +446,39 @@ def test_list_events_filters_order_and_limit(engine):
         list_events(engine, limit=0)
 
 
+def test_list_events_by_label_method_time_and_cursor(engine):
+    enroll(engine, "bob", np.eye(1, 4, dtype=np.float32), "m")
+    w = EventWriter(engine, 100, 100)
+    ids = []
+    for i in range(7):
+        eid = _eid()
+        ids.append(eid)
+        named = {"identity": "bob", "method": "reid" if i == 2 else "face", "identity_score": 0.7} if i in (2, 5) else {}
+        w.add_update(update(eid, t0=T0 + (i // 2) * SEC, label="car" if i == 3 else "person", **named))  # pairs share a start
+    w.flush()
+    newest = [r.event_id for r in list_events(engine)]
+    assert set(newest) == set(ids) and len(newest) == 7
+    assert [r.event_id for r in list_events(engine, label="car")] == [ids[3]]
+    assert [r.event_id for r in list_events(engine, method="face")] == [ids[5]]
+    assert [r.event_id for r in list_events(engine, method="reid", identity="bob")] == [ids[2]]
+    t = lambda k: ns_to_datetime(T0 + k * SEC)  # noqa: E731
+    assert {r.event_id for r in list_events(engine, since=t(1), until=t(3))} == set(ids[2:6])
+    assert {r.event_id for r in list_events(engine, since=t(3))} == {ids[6]}
+    assert list_events(engine, until=t(0)) == []
+    pages, cursor = [], None  # pages of 2 by the keyset cursor: every event once, in order, across equal starts
+    while True:
+        page = list_events(engine, limit=2, before=cursor)
+        pages += [r.event_id for r in page]
+        if len(page) < 2:
+            break
+        cursor = (page[-1].started_at, page[-1].event_id)
+    assert pages == newest
+    with pytest.raises(ValueError, match="since: expected a timezone-aware datetime"):
+        list_events(engine, since=datetime(2024, 1, 1))
+    assert get_event(engine, ids[3]).label == "car" and get_event(engine, _eid()) is None
+    assert get_event(engine, ids[5]).to_json() == next(r.to_json() for r in list_events(engine) if r.event_id == ids[5])
+
+
 def test_event_row_to_json(engine):
     eid = _eid()
     w = EventWriter(engine, 100, 100)
@@ -452,6 +489,7 @@ def test_event_row_to_json(engine):
     assert doc["started_at"] == "2023-11-14T22:13:20.123456+00:00"
     assert doc["xyxy"] == [1.5, 2.5, 30.25, 60.75] and doc["event_id"] == eid
     assert datetime.fromisoformat(doc["ended_at"]).tzinfo is not None
+    assert doc["has_snapshot"] is False and doc["snapshot_path"] is None
 
 
 # ------------------------------------------------------------- enrollment
@@ -486,6 +524,63 @@ def test_enroll_load_gallery_and_delete_cascade(engine):
     (row,) = list_events(engine)
     assert row.event_id == eid and row.identity is None  # ON DELETE SET NULL
     assert load_gallery(engine, "arcface").names == ["bob"]
+
+
+def _embedding_rows(engine) -> list[tuple[str, str | None, str]]:
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.exec_driver_sql(
+            "SELECT i.name, e.image_path, e.model FROM face_embeddings e JOIN identities i ON i.id = e.identity_id ORDER BY e.id")]
+
+
+def test_merge_moves_embeddings_images_and_events_then_deletes_the_other(engine):
+    rng = np.random.default_rng(1)
+    enroll(engine, "alice", rng.standard_normal((2, 16)).astype(np.float32), "arcface", ["a1.jpg", "a2.jpg"], ["0" * 64, "1" * 64])
+    enroll(engine, "alice (2)", rng.standard_normal((1, 16)).astype(np.float32), "arcface", ["a3.jpg"], ["2" * 64])
+    enroll(engine, "alice (2)", rng.standard_normal((1, 8)).astype(np.float32), "other_model", ["a4.jpg"], [None])
+    enroll(engine, "bob", rng.standard_normal((1, 16)).astype(np.float32), "arcface", ["b.jpg"], [None])
+    ids = [_eid() for _ in range(3)]
+    w = EventWriter(engine, 100, 100)
+    for eid, who in zip(ids, ["alice", "alice (2)", "bob"]):
+        w.add_update(update(eid, identity=who, method="face", identity_score=0.9))
+    w.flush()
+
+    assert merge_identities(engine, "alice", "alice (2)") == MergeResult(embeddings=2, events=1)
+    assert list_identities(engine) == [("alice", 4), ("bob", 1)]
+    assert _embedding_rows(engine) == [("alice", "a1.jpg", "arcface"), ("alice", "a2.jpg", "arcface"),
+                                       ("alice", "a3.jpg", "arcface"), ("alice", "a4.jpg", "other_model"),
+                                       ("bob", "b.jpg", "arcface")]
+    assert sorted(r.event_id for r in list_events(engine, identity="alice")) == sorted(ids[:2])
+    assert [r.event_id for r in list_events(engine, identity="bob")] == [ids[2]]
+    assert load_gallery(engine, "arcface").names == ["alice"] * 3 + ["bob"]
+
+
+@pytest.mark.parametrize(
+    ("keep", "other", "message"),
+    [("alice", "nobody", "no identity named 'nobody'"), ("nobody", "bob", "no identity named 'nobody'"),
+     ("alice", "alice", "into itself"), ("alice", " bob", "leading/trailing spaces")],
+)
+def test_merge_refuses_and_changes_nothing(engine, keep: str, other: str, message: str):
+    enroll(engine, "alice", np.ones((1, 4), np.float32), "arcface")
+    enroll(engine, "bob", np.ones((2, 4), np.float32), "arcface")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        merge_identities(engine, keep, other)
+    assert list_identities(engine) == [("alice", 1), ("bob", 2)]
+
+
+def test_merge_on_a_locked_database_changes_nothing(engine, db_path):
+    enroll(engine, "alice", np.ones((1, 4), np.float32), "arcface")
+    enroll(engine, "bob", np.ones((2, 4), np.float32), "arcface")
+    locker = sqlite3.connect(db_path, timeout=0)
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        fast = open_engine(f"sqlite:///{db_path}", busy_timeout_ms=50)
+        with pytest.raises(StorageError, match="merging 'bob' into 'alice'"):
+            merge_identities(fast, "alice", "bob")
+        fast.dispose()
+    finally:
+        locker.rollback()
+        locker.close()
+    assert list_identities(engine) == [("alice", 1), ("bob", 2)]
 
 
 def test_empty_gallery(engine):

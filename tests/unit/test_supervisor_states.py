@@ -5,6 +5,8 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import pytest
+
 from pipeline import topology
 from pipeline.processes import ProcessTable
 from pipeline.supervisor import Rescaler, RescaleState, ShutdownState, Supervisor
@@ -18,8 +20,10 @@ def _exit(table: ProcessTable, stage: str) -> None:
     table.reap()
 
 
-def test_shutdown_drains_stage_by_stage_in_table_order(tmp_path: Path) -> None:
-    sup = Supervisor(_cfg(2, 2, 1, mqtt=True), tmp_path, clock=FakeClock())
+@pytest.mark.parametrize("api", [False, True])
+@pytest.mark.parametrize("mqtt", [False, True])
+def test_shutdown_drains_stage_by_stage_in_table_order(tmp_path: Path, api: bool, mqtt: bool) -> None:
+    sup = Supervisor(_cfg(2, 2, 1, api=api, mqtt=mqtt), tmp_path, clock=FakeClock())
     spawner = FakeSpawner()
     sup.table.spawner = spawner
     for row in topology.start_order():
@@ -27,7 +31,9 @@ def test_shutdown_drains_stage_by_stage_in_table_order(tmp_path: Path) -> None:
             sup.table.spawn(row.name, i)
     sup._begin_shutdown()
     assert sup.table.hold
-    for stage in topology.STAGE_NAMES:
+    assert sup.stages == topology.active_names(sup.cfg) and ("api" in sup.stages) is api and ("mqtt" in sup.stages) is mqtt
+    assert sup.stages[4:] == (("mqtt",) if mqtt else ()) + (("api",) if api else ())  # mqtt after storage, api last
+    for stage in sup.stages:  # a switched-off row has no process: its draining state passes at once
         assert not sup._advance_shutdown()  # the previous stage has exited: this one is asked to stop
         assert sup.shutdown is ShutdownState.draining(stage)
         signalled = {s for s, _, h in spawner.started if h.signals}
@@ -40,7 +46,7 @@ def test_shutdown_drains_stage_by_stage_in_table_order(tmp_path: Path) -> None:
 def test_without_mqtt_no_publisher_runs_and_the_shutdown_ends_after_storage(tmp_path: Path) -> None:
     sup = Supervisor(_cfg(1, 1, 1), tmp_path, clock=FakeClock())
     sup.table.spawner = FakeSpawner()
-    assert sup.counts["mqtt"] == 0 and "mqtt" not in sup.shown and sup.gate.stages == ("detection", "recognition", "storage")
+    assert sup.counts["mqtt"] == 0 and "mqtt" not in sup.stages and sup.gate.stages == ("detection", "recognition", "storage")
     for row in topology.start_order():
         for i in range(sup.counts[row.name]):
             sup.table.spawn(row.name, i)
@@ -105,4 +111,21 @@ def test_fixed_and_unknown_stages_are_not_scaled() -> None:
     counts = {"capture": 1, "detection": 1, "recognition": 1, "storage": 1}
     r = Rescaler(ProcessTable(FakeSpawner(), FakeClock()), counts)
     assert not r.scale("capture", 2).ok and "not supported" in r.scale("capture", 2).message
-    assert not r.scale("api", 2).ok and "unknown stage" in r.scale("api", 2).message
+    assert not r.scale("jobs", 2).ok and "unknown stage" in r.scale("jobs", 2).message
+    assert not r.scale("api", 2).ok and "not supported" in r.scale("api", 2).message
+
+
+@pytest.mark.parametrize("api", [False, True])
+@pytest.mark.parametrize("mqtt", [False, True])
+def test_the_optional_rows_are_spawned_only_when_enabled_and_never_hold_the_live_cameras(
+        tmp_path: Path, api: bool, mqtt: bool) -> None:
+    sup = Supervisor(_cfg(1, 1, 1, api=api, mqtt=mqtt), tmp_path, clock=FakeClock())
+    spawner = FakeSpawner()
+    sup.table.spawner = spawner
+    for row in topology.start_order():
+        for i in range(sup.counts[row.name]):
+            sup.table.spawn(row.name, i)
+    assert [s for s, _, _ in spawner.started].count("api") == int(api)
+    assert [s for s, _, _ in spawner.started].count("mqtt") == int(mqtt)
+    assert sup.gate.capture_stage == "capture" and sup.gate.stages == ("detection", "recognition", "storage")
+    assert list(sup._views(with_usage=False)) == list(topology.active_names(sup.cfg))

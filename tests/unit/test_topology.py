@@ -16,37 +16,50 @@ TRANSPORT_CALLS = {"sender", "receiver", "publisher", "subscriber", "dispatcher"
                    "endpoint"}
 
 
-def _cfg(cameras: int = 3, det: int = 2, rec: int = 2, mqtt: bool = False) -> AppConfig:
+def _cfg(cameras: int = 3, det: int = 2, rec: int = 2, api: bool = False, mqtt: bool = False) -> AppConfig:
     return AppConfig.model_validate({
         **({"mqtt": {}} if mqtt else {}),
         "cameras": [{"name": f"cam{i}", "source": f"/v/{i}.mp4", "mode": "file"} for i in range(cameras)],
         "detection": {"processes": det, "detector": {"type": "onnx", "path": "d.onnx", "layout": "yolox"}},
         "recognition": {"processes": rec, "face": {"detector": {"type": "onnx", "path": "f.onnx"},
-                                                   "embedder": {"type": "onnx", "path": "e.onnx"}}}})
+                                                   "embedder": {"type": "onnx", "path": "e.onnx"}}},
+        "api": {"enabled": api}})
 
 
 def test_rows_in_pipeline_order_with_their_counts() -> None:
-    assert topology.STAGE_NAMES == ("capture", "detection", "recognition", "storage", "mqtt")
+    assert topology.STAGE_NAMES == ("capture", "detection", "recognition", "storage", "mqtt", "api")
+    assert topology.DATA_PATH == ("capture", "detection", "recognition", "storage")
     assert topology.initial_counts(_cfg(3, 2, 4)) == {"capture": 3, "detection": 2, "recognition": 4, "storage": 1,
-                                                      "mqtt": 0}  # no mqtt section: no publisher
+                                                      "mqtt": 0, "api": 0}  # no mqtt section, api off: neither runs
+    assert topology.initial_counts(_cfg(1, 1, 1, api=True))["api"] == 1
     assert topology.initial_counts(_cfg(3, 2, 4, mqtt=True))["mqtt"] == 1
-    assert [s.name for s in topology.start_order()] == ["mqtt", "storage", "recognition", "detection", "capture"]
+    assert [s.name for s in topology.start_order()] == ["api", "mqtt", "storage", "recognition", "detection", "capture"]
     assert topology.upstream("recognition") == "detection" and topology.upstream("capture") is None
-    assert topology.upstream("mqtt") is None and topology.frame_path() == topology.STAGE_NAMES[:4]  # off the frame path
-    assert topology.configured(_cfg()) == topology.STAGE_NAMES[:4] and topology.side_stages() == ("mqtt",)
-    assert topology.upstreams() == {"capture": None, "detection": "capture", "recognition": "detection",
-                                    "storage": "recognition", "mqtt": None}
-    assert topology.configured(_cfg(mqtt=True)) == topology.STAGE_NAMES
+    assert topology.upstream("api") is None and topology.upstream("mqtt") is None  # off the data path: no queue behind
     assert topology.spec("mqtt").resume is topology.Resume.OUTBOX_REPLAYED
     assert topology.spec("mqtt").count is topology.Count.ONE and topology.spec("mqtt").rescale is topology.Rescale.FIXED
     assert topology.spec("capture").resume is topology.Resume.AFTER_LAST_PUBLISHED
     assert topology.spec("storage").resume is topology.Resume.UNACKED_RESENT
-    with pytest.raises(KeyError, match="unknown stage 'api'"):
-        topology.spec("api")
+    assert topology.spec("api").resume is topology.Resume.FRESH and topology.spec("api").rescale is topology.Rescale.FIXED
+    assert not topology.spec("api").inference and not topology.spec("api").ends_with_source
+    with pytest.raises(KeyError, match="unknown stage 'jobs'"):
+        topology.spec("jobs")
+
+
+@pytest.mark.parametrize("api", [False, True])
+@pytest.mark.parametrize("mqtt", [False, True])
+def test_the_optional_rows_run_only_when_enabled(api: bool, mqtt: bool) -> None:
+    cfg = _cfg(api=api, mqtt=mqtt)
+    names = topology.active_names(cfg)
+    assert names == ("capture", "detection", "recognition", "storage") + (("mqtt",) if mqtt else ()) + (("api",) if api else ())
+    for row in ("api", "mqtt"):  # both optional rows use the same two fields
+        assert topology.spec(row).enabled is not None and not topology.spec(row).data_path
+        assert topology.spec(row).inboxes(cfg, 0, {}) == topology.spec(row).outboxes(cfg, 0, {}) == ()
 
 
 def test_every_inbox_is_some_outbox_and_names_come_from_the_table() -> None:
-    cfg, counts = _cfg(mqtt=True), {"capture": 3, "detection": 2, "recognition": 2, "storage": 1, "mqtt": 1}
+    cfg = _cfg(api=True, mqtt=True)
+    counts = {"capture": 3, "detection": 2, "recognition": 2, "storage": 1, "mqtt": 1, "api": 1}
     ins, outs = set(), set()
     for row in topology.STAGES:
         for i in range(counts[row.name]):
@@ -58,9 +71,10 @@ def test_every_inbox_is_some_outbox_and_names_come_from_the_table() -> None:
 
 
 def test_counts_argument_round_trip() -> None:
-    counts = {"capture": 1, "detection": 4, "recognition": 2, "storage": 1, "mqtt": 0}
+    counts = {"capture": 1, "detection": 4, "recognition": 2, "storage": 1, "mqtt": 0, "api": 1}
     assert topology.parse_counts(topology.format_counts(counts)) == counts
-    for bad in ("capture=1", "capture=x,detection=1,recognition=1,storage=1", "api=1"):
+    for bad in ("capture=1", "capture=x,detection=1,recognition=1,storage=1,api=0", "capture=1,detection=1,recognition=1,storage=1",
+                "capture=1,detection=1,recognition=1,storage=1,mqtt=0,api=0,jobs=1"):
         with pytest.raises(ValueError):
             topology.parse_counts(bad)
 
