@@ -5,7 +5,9 @@ retained topics cleared afterwards) and a private one stopped mid-run for the ou
     discovery configs, stats, and ``facepro identities delete`` removing an entity;
 (b) SIGKILL of the supervisor: ``offline`` arrives by the Last Will;
 (c) the broker stopped for ~10 s mid-run: every stored event still reaches the subscriber, and
-    ``facepro status`` shows the disconnection and the outbox depth while it lasts.
+    ``facepro status`` shows the disconnection and the outbox depth while it lasts;
+(d) with the api process too: both optional rows run, status and health show both, mqtt's queue is its
+    outbox, the summary lists the rows in drain order (mqtt after storage, api last) and every event arrives.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ def _system_broker() -> None:
 
 
 def _config(models: Path, clip: Path, data_dir: Path, box: str, url: str, prefix: str, disco_prefix: str,
-            max_fps: float | None = None, **mqtt) -> Path:
-    tree = pipeline_config(models, {"room": clip})
+            max_fps: float | None = None, api: bool = False, **mqtt) -> Path:
+    tree = pipeline_config(models, {"room": clip}, **({"api__enabled": True, "api__port": 0} if api else {}))
     if max_fps:
         tree["cameras"][0]["max_fps"] = max_fps
     tree["box_id"] = box
@@ -201,6 +203,39 @@ def test_broker_outage_mid_run_loses_no_event(long_clip: Path, models: Path, sho
         assert broker.url.split("//")[1] in row["last_error"] and "\n" not in row["last_error"]  # one line on the fault
         counts = summary["stages"]["mqtt"]["counts"]
         assert counts["reconnects"] >= 1 and counts["outbox_pending"] == 0
+    finally:
+        rec.close()
+        broker.stop()
+
+
+def test_run_with_the_api_too_drains_mqtt_after_storage_and_the_api_last(clip: Path, models: Path,
+                                                                          short_data_dir: Path) -> None:
+    from tests.integration.test_api_run import _get, _stage
+
+    broker = Broker(short_data_dir / "broker").start()
+    cfg = _config(models, clip, short_data_dir, "both-box", broker.url, "fpb", "hab", max_fps=10, api=True)
+    rec = Recorder(broker.port, ("fpb/events", "fpb/available"))
+    proc = start_run(str(cfg))
+    try:
+        doc = wait_status(proc, timeout_s=120, until=lambda d: all(s["processes"] >= 1 for s in d["stages"])
+                          and (_stage(d, "api") or {}).get("counts", {}).get("ready")
+                          and (_stage(d, "mqtt") or {}).get("counts", {}).get("mqtt_connected") == 1)
+        names = ["capture", "detection", "recognition", "storage", "mqtt", "api"]
+        assert [s["stage"] for s in doc["stages"]] == names
+        status, body = _get(f"http://127.0.0.1:{_stage(doc, 'api')['counts']['port']}", "/api/health")
+        assert status == 200 and list(json.loads(body)["stages"]) == names, body
+        row = _mqtt_row(doc)
+        assert row["queue_depth"] == row["counts"].get("outbox_pending", 0)  # its outbox, not storage's acks
+        summary = finish_run(proc, short_data_dir, timeout_s=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        assert list(summary["stages"]) == names  # drain order: mqtt after storage, api last
+        assert summary["stages"]["mqtt"]["counts"]["outbox_pending"] == 0 and summary["stages"]["api"]["frames_in"] >= 1
+        stored = _stored(short_data_dir)  # every outbox row acknowledged before the mqtt process stopped
+        wait_until(lambda: set(_by_event(rec, "fpb/events")) == set(stored), 10, "every stored event received")
+        assert [m.text for m in rec.on("fpb/available")] == ["online", "offline"]
     finally:
         rec.close()
         broker.stop()
