@@ -372,8 +372,8 @@ def _mqtt(cfg: AppConfig, t: Transport, runtime_dir: Path, counters: StageCounte
 
 def _status_doc(socket_dir: Path) -> dict | None:
     """The ``facepro status --json`` document, asked from the supervisor's control endpoint (None: no answer)."""
-    from pipeline.cli import status_json
     from pipeline.messages import StatusReply, StatusRequest
+    from pipeline.status import status_json
     from pipeline.transport import TransportError, request
 
     try:
