@@ -274,6 +274,7 @@ def cmd_identities(args: argparse.Namespace) -> int:
         res = merge_identities(engine, args.name, args.other)
         print(f"merged {args.other} into {args.name}: {res.embeddings} embedding(s) and {res.events} event(s) moved; "
               f"{args.other} deleted")
+        _remove_entity(cfg, args.other)
         return 0
     if args.other:
         raise CliError(f"identities delete takes one NAME, got {args.name!r} and {args.other!r} (quote names with spaces)")
@@ -282,16 +283,22 @@ def cmd_identities(args: argparse.Namespace) -> int:
     if not delete_identity(engine, args.name):
         raise CliError(f"no identity named {args.name!r}; see facepro identities list")
     print(f"deleted {args.name} and its embeddings (the enrolled image files themselves are yours and stay)")
-    if cfg.mqtt is not None and cfg.mqtt.discovery:
-        from pipeline.mqtt import remove_identity_entity
-
-        why = remove_identity_entity(cfg, args.name)
-        if why is None:
-            print(f"removed the Home Assistant entity of {args.name}")
-        else:
-            print(f"facepro identities: the Home Assistant entity of {args.name} stays for now ({why}); the mqtt "
-                  "process of the next run removes it", file=sys.stderr)
+    _remove_entity(cfg, args.name)
     return 0
+
+
+def _remove_entity(cfg: AppConfig, name: str) -> None:
+    """With MQTT discovery: remove the Home Assistant entity of the deleted (or merged away) identity ``name`` now."""
+    if cfg.mqtt is None or not cfg.mqtt.discovery:
+        return
+    from pipeline.mqtt import remove_identity_entity
+
+    why = remove_identity_entity(cfg, name)
+    if why is None:
+        print(f"removed the Home Assistant entity of {name}")
+    else:
+        print(f"facepro identities: the Home Assistant entity of {name} stays for now ({why}); the mqtt "
+              "process of the next run removes it", file=sys.stderr)
 
 
 def cmd_identify(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 retained topics cleared afterwards) and a private one stopped mid-run for the outage.
 
 (a) one ``new`` and one ``end`` per stored event, payloads equal to the rows, ``available`` online → offline,
-    discovery configs, stats, and ``facepro identities delete`` removing an entity;
+    discovery configs, stats, and ``facepro identities delete`` / ``merge`` removing an entity;
 (b) SIGKILL of the supervisor: ``offline`` arrives by the Last Will;
 (c) the broker stopped for ~10 s mid-run: every stored event still reaches the subscriber, and
     ``facepro status`` shows the disconnection and the outbox depth while it lasts;
@@ -129,13 +129,15 @@ def _delete_identity_removes_its_entity(cfg: Path, data_dir: Path, rec: Recorder
     from tests.unit.test_mqtt import _retain
 
     engine = open_engine(f"sqlite:///{data_dir / 'facepro.db'}")
-    enroll(engine, "zed", np.eye(1, 8, dtype=np.float32), "m", ["z.jpg"], [None])
+    for name in ("zed", "zed2", "zee"):
+        enroll(engine, name, np.eye(1, 8, dtype=np.float32), "m", [f"{name}.jpg"], [None])
     engine.dispose()
-    topic = f"{disco}/sensor/{box}/identity_zed_last_seen/config"
-    _retain(SYSTEM_BROKER[1], topic, json.dumps({"state_topic": "x"}))  # as a run that knew zed left it
-    res = facepro("identities", "delete", "zed", "--config", str(cfg))
-    assert res.returncode == 0 and "removed the Home Assistant entity of zed" in res.stdout, res.stdout + res.stderr
-    wait_until(lambda: rec.on(topic) and rec.on(topic)[-1].payload == b"", 10, "empty retained config")
+    for argv, gone in ((["delete", "zed"], "zed"), (["merge", "zee", "zed2"], "zed2")):  # merge deletes zed2 too
+        topic = f"{disco}/sensor/{box}/identity_{gone}_last_seen/config"
+        _retain(SYSTEM_BROKER[1], topic, json.dumps({"state_topic": "x"}))  # as a run that knew it left it
+        res = facepro("identities", *argv, "--config", str(cfg))
+        assert res.returncode == 0 and f"removed the Home Assistant entity of {gone}" in res.stdout, res.stdout + res.stderr
+        wait_until(lambda t=topic: rec.on(t) and rec.on(t)[-1].payload == b"", 10, "empty retained config")
 
 
 def test_sigkilled_supervisor_goes_offline_by_last_will(clip: Path, models: Path, short_data_dir: Path) -> None:
