@@ -313,7 +313,8 @@ def _storage(cfg: AppConfig, t: Transport, counters: StageCounters, hb: Heartbea
     from storage.writer import EventWriter
 
     engine = open_engine(database_url(cfg), cache_mb=cfg.storage.cache_mb)
-    writer = EventWriter(engine, cfg.storage.batch_rows, cfg.storage.batch_ms)
+    # an analyze job's pipeline (pipeline.job_analyze) stores its job id in every event it creates
+    writer = EventWriter(engine, cfg.storage.batch_rows, cfg.storage.batch_ms, job_id=os.environ.get("FACEPRO_JOB_ID") or None)
     st = cfg.storage
     retention = None
     if st.retention_days or st.max_total_mb:
