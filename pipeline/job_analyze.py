@@ -379,8 +379,8 @@ class AnalyzeJobs:
             if ctl.should_stop():
                 return interrupt(child)
             done = ring_frames_done(paths, camera)
-            if done is not None:
-                ctl.report(done, total, cpu_percent=cpu.sample(child.pid))
+            if done is not None:  # never backwards (the ring's two counters are read one after the other)
+                ctl.report(max(done, ctl.frames_done), total, cpu_percent=cpu.sample(child.pid))
             ctl.wait(self.poll_s)
 
     def _outcome(self, ctl: JobControl, paths: JobPaths, code: int, total: int | None) -> dict[str, Any]:
