@@ -86,10 +86,14 @@ class JobDoc(_Body):
 
 
 class JobsDoc(_Body):
+    """``GET /api/jobs``."""
+
     jobs: list[JobDoc] = Field(description="newest first")
 
 
 class UploadDoc(_Body):
+    """``POST /api/uploads``: the stored clip; sizes in bytes and pixels."""
+
     upload: str = Field(description="pass as upload in POST /api/jobs {type: analyze}")
     name: str = Field(description="the client's file name")
     size: int

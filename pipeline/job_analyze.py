@@ -79,18 +79,22 @@ class JobPaths:
 
     @property
     def config(self) -> Path:
+        """The job pipeline's config (:func:`job_config`)."""
         return self.folder / "config.yaml"
 
     @property
     def log(self) -> Path:
+        """Its output (stdout and stderr)."""
         return self.folder / "job.log"
 
     @property
     def summary(self) -> Path:
+        """Its run summary (``facepro run``'s ``last_run.json``)."""
         return self.folder / "last_run.json"
 
 
 def job_paths(data_dir: Path, job_id: str) -> JobPaths:
+    """The files of job ``job_id`` under ``<data_dir>/jobs/``."""
     return JobPaths(data_dir / "jobs" / job_id)
 
 
@@ -287,6 +291,7 @@ class TreeCpu:
         self._procs: dict[int, psutil.Process] = {}
 
     def sample(self, pid: int) -> float:
+        """CPU percent (100 = one core) of ``pid`` and its descendants since the last call; 0 when it is gone."""
         try:
             root = psutil.Process(pid)
             tree = [root, *root.children(recursive=True)]

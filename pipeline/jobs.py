@@ -111,6 +111,7 @@ def check_transition(old: str, new: str) -> None:
 
 
 def utcnow() -> datetime:
+    """The current time, aware UTC."""
     return datetime.now(timezone.utc)
 
 
@@ -227,10 +228,12 @@ class JobControl:
 
     @property
     def cancel_requested(self) -> bool:
+        """True once this job was asked to cancel."""
         return self.runner.cancel_requested(self.job.id)
 
     @property
     def stopping(self) -> bool:
+        """True once the api process is stopping."""
         return self.runner.stopping
 
     def should_stop(self) -> bool:
@@ -315,9 +318,11 @@ class JobRunner:
         return job
 
     def get(self, job_id: str) -> JobRecord | None:
+        """One job from the store, None when unknown."""
         return self.store.get(job_id)
 
     def list(self, state: str | None = None, limit: int = 100) -> list[JobRecord]:
+        """Jobs newest first, optionally of one ``state`` (at most ``limit``)."""
         return self.store.list(state, limit)
 
     def cancel(self, job_id: str, wait_s: float = CANCEL_WAIT_S + 1.0) -> JobRecord:
@@ -352,6 +357,7 @@ class JobRunner:
         return job
 
     def cancel_requested(self, job_id: str) -> bool:
+        """True once :meth:`cancel` was called for ``job_id`` (until the job is finished)."""
         with self._lock:
             return job_id in self._cancel
 
@@ -361,6 +367,7 @@ class JobRunner:
 
     @property
     def stopping(self) -> bool:
+        """True once :meth:`stop` was called."""
         return self._stop.is_set()
 
     def _wakeup(self) -> None:
@@ -501,6 +508,7 @@ def backup_handler(backend: Any) -> Handler:
     """A backup job: ``backend.create_backup()`` (``facepro backup create``); the result is the archive's entry."""
 
     def run(job: JobRecord, ctl: JobControl) -> dict[str, Any]:
+        """Write the archive; raises the backend's errors (409: not SQLite)."""
         return dict(backend.create_backup())
 
     return run
@@ -512,6 +520,7 @@ def enroll_handler(backend: Any, decode: Callable[[str, bytes], Any]) -> Handler
     face); ``decode(name, data)`` checks and decodes one image. Result: ``{"name", "added", "model"}``."""
 
     def run(job: JobRecord, ctl: JobControl) -> dict[str, Any]:
+        """Enroll the images; raises JobFailed (unreadable file) or the backend's errors (no single face...)."""
         uploads = []
         for path in job.params["images"]:
             try:

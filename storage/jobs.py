@@ -89,6 +89,7 @@ class JobTable:
 
     @property
     def engine(self) -> Engine:
+        """The engine (opened by the callable on first use)."""
         return self._engine if isinstance(self._engine, Engine) else self._engine()
 
     def create(self, job_id: str, job_type: str, params: dict[str, Any], source: str | None = None,

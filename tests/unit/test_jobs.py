@@ -21,7 +21,7 @@ from storage.jobs import JobTable
 from storage.queries import list_events
 from storage.writer import EventWriter
 from tests.integration.conftest import write_clip
-from tests.unit.test_storage import update
+from tests.unit.test_storage import pg_url, update  # noqa: F401 (pg_url: fixture)
 
 #: The allowed moves, written out (the table in pipeline/jobs.py must say exactly this).
 ALLOWED = {("queued", "running"), ("queued", "cancelled"), ("running", "done"), ("running", "failed"),
@@ -390,3 +390,24 @@ def test_handler_failures_are_one_line(engine, cfg, data_dir, running) -> None:
     running.append(runner.start())
     job = runner.submit("backup", {})
     assert _wait(runner.store, job.id, {"failed"}).error == "the archive folder is full"
+
+
+@pytest.mark.postgres
+def test_postgres_jobs_and_job_events_round_trip_and_0005_downgrades(pg_url) -> None:  # noqa: F811
+    from storage.db import downgrade, open_engine, upgrade
+
+    upgrade(pg_url)
+    engine = open_engine(pg_url)
+    try:
+        jobs = JobTable(engine)
+        job = jobs.create(_id(), "analyze", {"path": "/x.avi"})
+        assert jobs.set_state(job.id, "running", {"queued"}, pid=1).state == "running"
+        assert jobs.set_state(job.id, "running", {"queued"}) is None
+        w = EventWriter(engine, job_id=job.id)
+        w.add_update(update(uuid.uuid4().hex))
+        w.flush()
+        assert jobs.count_events(job.id) == 1 and [e.job_id for e in list_events(engine, job=job.id)] == [job.id]
+    finally:
+        engine.dispose()
+    assert downgrade(pg_url, "0004") == "0004"
+    assert upgrade(pg_url) == "0005"
