@@ -242,7 +242,9 @@ class JobControl:
 
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``, woken early by a cancel or a stop; returns :meth:`should_stop`."""
-        self.runner.wake.wait(seconds)
+        interrupt = self.runner.interrupt
+        if interrupt.wait(seconds) and not self.should_stop():
+            interrupt.clear()  # a cancel of another job: not ours (ours is checked again at every wait)
         return self.should_stop()
 
     def report(self, frames_done: int, frames_total: int | None, *, pid: int | None = None,
@@ -294,7 +296,8 @@ class JobRunner:
         self.counters = counters
         self.poll_s = poll_s
         self.clock = clock
-        self.wake = threading.Event()
+        self.wake = threading.Event()  # a job was queued, or the runner is stopping
+        self.interrupt = threading.Event()  # the running job may have to stop (a cancel, a stop)
         self._stop = threading.Event()
         self._lock = threading.Condition()
         self._cancel: set[str] = set()
@@ -345,7 +348,7 @@ class JobRunner:
         if got is not None:
             self._forget(job_id)
             return got
-        self._wakeup()
+        self.interrupt.set()
         deadline = time.monotonic() + wait_s
         with self._lock:
             while self._current == job_id and time.monotonic() < deadline:
@@ -394,6 +397,7 @@ class JobRunner:
         """Stop the thread: a running job is interrupted (recorded ``failed``: :data:`STOPPED`); queued jobs stay."""
         self._stop.set()
         self._wakeup()
+        self.interrupt.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
 

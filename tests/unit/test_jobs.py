@@ -411,3 +411,23 @@ def test_postgres_jobs_and_job_events_round_trip_and_0005_downgrades(pg_url) -> 
         engine.dispose()
     assert downgrade(pg_url, "0004") == "0004"
     assert upgrade(pg_url) == "0005"
+
+
+def test_the_runner_does_not_spin_while_a_job_runs_and_others_are_queued(engine, cfg, data_dir, clip, running) -> None:
+    spawner = Spawner()
+    analyze = AnalyzeJobs(cfg, data_dir, str(engine.url), spawner=spawner, poll_s=0.2)
+    runner = JobRunner(JobTable(engine), {"analyze": analyze}, poll_s=0.2)
+    running.append(runner.start())
+    first = runner.submit("analyze", {"path": str(clip)})
+    spawner.started.wait(10)
+    child = spawner.children[0]
+    polls = []
+    child.poll = lambda: polls.append(1)  # type: ignore[method-assign]  (None: still running)
+    other = runner.submit("analyze", {"path": str(clip)})  # wakes the runner: the running job must not spin
+    runner.cancel(other.id)  # a cancel of another job neither
+    time.sleep(1.0)
+    assert len(polls) < 50, f"{len(polls)} polls in 1 s at one per 0.2 s"  # a spinning loop makes thousands
+    assert runner.store.get(first.id).state == "running"
+    child.poll = lambda: child.code  # type: ignore[method-assign]
+    child.finish(0)
+    assert _wait(runner.store, first.id, {"done"}).state == "done"
