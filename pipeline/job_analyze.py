@@ -3,7 +3,8 @@
 How a job runs. :class:`AnalyzeJobs` (the ``analyze`` handler of :class:`pipeline.jobs.JobRunner`) writes
 a derived config (:func:`job_config`: one camera ``job-<first 8 hex of the id>`` whose source is the clip
 in file mode, the same models, the same database, one detection and one recognition process, one
-inference thread each, no api, no metrics port, no retention) into the job's folder
+inference thread each, no api, no metrics port, no retention; its ``trt-cache`` is the live data dir's)
+into the job's folder
 ``<data dir>/jobs/<job id>/`` and starts ``python -m pipeline.jobrun NICE CONFIG`` with that folder as
 its ``FACEPRO_DATA_DIR`` (its run files, ``last_run.json``, snapshots and ``job.log`` stay there, apart
 from the live pipeline's) and ``FACEPRO_JOB_ID`` set, so its storage process writes the job id into
@@ -248,6 +249,15 @@ def spawn_pipeline(paths: JobPaths, job_id: str, nice: int) -> Child:
     return PopenChild(popen)
 
 
+def share_engine_cache(paths: JobPaths, data_dir: Path) -> None:
+    """Link the job folder's ``trt-cache`` to the live data dir's, so a job's pipeline reuses the TensorRT engines
+    already built (building them takes minutes) instead of building its own."""
+    target, link = data_dir / "trt-cache", paths.folder / "trt-cache"
+    target.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not link.exists() and not link.is_symlink():
+        link.symlink_to(target, target_is_directory=True)
+
+
 def is_job_pipeline(pid: int, paths: JobPaths) -> bool:
     """True when ``pid`` runs (not a zombie) with the job's config on its command line (never a recycled pid)."""
     try:
@@ -365,6 +375,7 @@ class AnalyzeJobs:
         except ValueError as err:
             raise JobFailed(f"source {job.source or source}: {str(err).partition(': ')[2]}") from None
         paths.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        share_engine_cache(paths, self.data_dir)
         cfg = job_config(self.cfg, source, camera_name(job.id), self.database)
         paths.config.write_text(cfg.model_dump_json(indent=1))
         try:

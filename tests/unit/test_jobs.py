@@ -244,6 +244,7 @@ def test_an_analyze_job_runs_its_pipeline_to_done(engine, cfg, data_dir, clip, r
     (camera,) = derived["cameras"]
     assert (camera["name"], camera["source"], camera["mode"]) == (f"job-{job.id.replace('-', '')[:8]}", str(clip), "file")
     assert derived["storage"]["url"] == str(engine.url) and derived["api"]["enabled"] is False
+    assert (child.paths.folder / "trt-cache").resolve() == (data_dir / "trt-cache").resolve()  # engines built once
     child.finish(0, frames=10)
     done = _wait(runner.store, job.id, {"done"})
     assert (done.progress, done.frames_done, done.frames_total, done.pid) == (1.0, 10, 10, None)
