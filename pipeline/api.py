@@ -12,8 +12,8 @@ identities, recognition, backups) are framework: they never import
 ``stages`` or ``storage``. What needs those (queries, enrollment, the face
 models, backup archives) comes in as a :class:`Backend` built by the wiring
 (:mod:`pipeline.services`) and handed to :func:`create_app` in an
-:class:`ApiContext`. A new area (jobs, the web page) is one more router
-included by :func:`create_app`.
+:class:`ApiContext`. A new area is one more router included by
+:func:`create_app` (jobs: :mod:`pipeline.api_jobs`).
 
 What it touches. Status and scale go to the supervisor's control socket
 with the CLI's request (:func:`pipeline.transport.request`, endpoint
@@ -107,6 +107,7 @@ class EventQuery:
     since: datetime | None = None
     until: datetime | None = None
     before: tuple[datetime, str] | None = None
+    job: str | None = None  # only the events of this analysis job (its id)
 
 
 class Backend(Protocol):
@@ -242,6 +243,8 @@ class ApiContext:
         counters: the api process's counters (requests as items, latency per request), None alone.
         alerts: alert states of ``GET /metrics`` (fed with each scrape's status).
         lock: serialises the scrapes' alert updates (routes run in a thread pool).
+        jobs: the job runner (:class:`pipeline.jobs.JobRunner`; its routes: :mod:`pipeline.api_jobs`), None: the
+            jobs routes answer 503. :func:`serve` starts and stops it with the server.
     """
 
     cfg: AppConfig
@@ -251,6 +254,7 @@ class ApiContext:
     counters: StageCounters | None = None
     alerts: AlertTracker | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    jobs: Any = None
 
     def __post_init__(self) -> None:
         if self.alerts is None:
@@ -404,7 +408,7 @@ def create_app(ctx: ApiContext, routers: Iterable[Any] | None = None) -> FastAPI
     from fastapi import Depends
     from fastapi.security import HTTPBearer
 
-    from pipeline import api_data, api_system
+    from pipeline import api_data, api_jobs, api_system
 
     api = ctx.cfg.api
     deps = [Depends(HTTPBearer(auto_error=False, description="api.token"))] if api.token else []
@@ -412,7 +416,7 @@ def create_app(ctx: ApiContext, routers: Iterable[Any] | None = None) -> FastAPI
                   description="FacePro's HTTP API: pipeline status, events, identities, live frames, backups. "
                               "Errors are JSON {\"error\": \"...\"}.")
     app.state.ctx = ctx
-    for router in routers if routers is not None else (*api_system.ROUTERS, *api_data.ROUTERS):
+    for router in routers if routers is not None else (*api_system.ROUTERS, *api_data.ROUTERS, *api_jobs.ROUTERS):
         app.include_router(router)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -461,7 +465,8 @@ def serve(app: Any, sock: socket.socket, stop: StopFlag, on_ready: Callable[[], 
     """Run ``app`` on uvicorn over the bound ``sock`` until ``stop`` is set (SIGTERM/SIGINT), then shut down.
 
     uvicorn runs in a thread (so it installs no signal handlers of its own); ``on_ready`` is called once it
-    accepts connections.
+    accepts connections. The app's job runner (``ctx.jobs``) runs while the server does: started first,
+    stopped (a running job interrupted) after the server.
 
     Raises:
         RuntimeError: the server stopped on its own (startup failed).
@@ -471,17 +476,24 @@ def serve(app: Any, sock: socket.socket, stop: StopFlag, on_ready: Callable[[], 
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                            timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    jobs = getattr(getattr(getattr(app, "state", None), "ctx", None), "jobs", None)
+    if jobs is not None:
+        jobs.start()
     thread.start()
     ready = False
-    while thread.is_alive():
-        if stop.wait(0.1):
-            server.should_exit = True
-            server.force_exit = stop.hard()
-        if not ready and server.started:
-            ready = True
-            if on_ready is not None:
-                on_ready()
-    thread.join()
+    try:
+        while thread.is_alive():
+            if stop.wait(0.1):
+                server.should_exit = True
+                server.force_exit = stop.hard()
+            if not ready and server.started:
+                ready = True
+                if on_ready is not None:
+                    on_ready()
+        thread.join()
+    finally:
+        if jobs is not None:
+            jobs.stop()
     sock.close()
     if not stop.is_set():
         raise RuntimeError("the api server stopped on its own (see the log above)")

@@ -37,6 +37,7 @@ MAX_PIXELS = 50_000_000
 #: Largest page of ``GET /api/events``.
 MAX_PAGE = 10_000
 EVENT_ID = r"^[0-9a-f]{32}$"
+JOB_ID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 BACKUP_NAME = r"^facepro-backup-[0-9A-Za-z-]{1,40}\.tar\.gz$"
 #: CSV columns of ``GET /api/events?format=csv`` (the JSON keys, ``xyxy`` as four columns).
 CSV_COLUMNS: tuple[str, ...] = tuple(k for k in EventDoc.model_fields if k != "xyxy") + ("x1", "y1", "x2", "y2")
@@ -111,11 +112,12 @@ def list_events(camera: str | None = Query(None, max_length=64), identity: str |
                 cursor: str | None = Query(None, max_length=256, description="'next' of the previous page"),
                 limit: int = Query(100, ge=1, le=MAX_PAGE),
                 format: Literal["json", "ndjson", "csv"] = "json",  # noqa: A002 - the query parameter's name
+                job: str | None = Query(None, pattern=JOB_ID, description="only the events of this analysis job"),
                 ctx: ApiContext = Depends(context)) -> Any:
     """Stored events, newest first, filtered; each as ``facepro events --json`` prints it (with the same filters,
     the same events in the same order)."""
     query = EventQuery(camera=camera, identity=identity, label=label, method=method, since=_utc(since), until=_utc(until),
-                       before=decode_cursor(cursor) if cursor else None)
+                       before=decode_cursor(cursor) if cursor else None, job=job)
     docs = ctx.backend.list_events(query, limit + 1)
     nxt = encode_cursor(docs[limit - 1]) if len(docs) > limit else None
     docs = docs[:limit]
@@ -221,8 +223,16 @@ def read_upload(f: UploadFile) -> Upload:
     Raises:
         ApiError: 400 empty, 415 not an image of a known kind or not decodable, 413 too many pixels.
     """
-    name = (f.filename or "upload")[:128]
-    data = f.file.read()
+    return check_image((f.filename or "upload")[:128], f.file.read())
+
+
+def check_image(name: str, data: bytes) -> Upload:
+    """Check and decode the image bytes ``data`` (``name``: for messages), as :func:`read_upload` (also used for
+    the image files of enroll jobs).
+
+    Raises:
+        ApiError: 400 empty, 415 not an image of a known kind or not decodable, 413 too many pixels.
+    """
     if not data:
         raise ApiError(400, f"{name}: empty file")
     kind = image_kind(data)

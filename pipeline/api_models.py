@@ -110,6 +110,7 @@ class EventDoc(_Body):
     xyxy: list[float] = Field(description="last box [x1, y1, x2, y2], frame pixels")
     snapshot_path: str | None
     ended: bool
+    job_id: str | None = Field(description="the analysis job that stored it (GET /api/jobs/{id}), null for live cameras")
     has_snapshot: bool = Field(description="GET /api/events/{event_id}/snapshot.jpg has an image")
 
 

@@ -138,7 +138,8 @@ class StorageBackend:
 
     def list_events(self, query: EventQuery, limit: int) -> list[dict[str, Any]]:
         return event_docs(self.engine, limit, camera=query.camera, identity=query.identity, label=query.label,
-                          method=query.method, since=query.since, until=query.until, before=query.before)
+                          method=query.method, since=query.since, until=query.until, before=query.before,
+                          job=query.job)
 
     def get_event(self, event_id: str) -> dict[str, Any] | None:
         from storage.queries import get_event
@@ -147,16 +148,18 @@ class StorageBackend:
         return row.to_json() if row is not None else None
 
     def snapshot_file(self, event_id: str) -> Path | None:
-        """The event's snapshot file, only inside ``<data dir>/snapshots`` (a path elsewhere, e.g. from a
-        tampered restored database, is never served)."""
+        """The event's snapshot file, only inside ``<data dir>/snapshots`` or, for an analysis job's event,
+        ``<data dir>/jobs/<its job id>/snapshots`` (a path elsewhere, e.g. from a tampered restored database,
+        is never served)."""
         from storage.queries import get_event
 
         row = get_event(self.engine, event_id)
         if row is None or row.snapshot_path is None:
             return None
-        path, root = Path(row.snapshot_path).resolve(), (self.folder / "snapshots").resolve()
-        if not path.is_relative_to(root):
-            log.warning("event %s: snapshot %s is outside %s; not served", event_id, path, root)
+        roots = [self.folder / "snapshots"] + ([self.folder / "jobs" / row.job_id / "snapshots"] if row.job_id else [])
+        path = Path(row.snapshot_path).resolve()
+        if not any(path.is_relative_to(root.resolve()) for root in roots):
+            log.warning("event %s: snapshot %s is outside %s; not served", event_id, path, roots[-1])
             return None
         return path if path.is_file() else None
 
@@ -252,5 +255,21 @@ def api_context(cfg: AppConfig, *, alone: bool, config_path: Path | None, thread
         counters: the api process's counters.
     """
     folder = data_dir()
-    return ApiContext(cfg, StorageBackend(cfg, folder, config_path, threads), PipelineLink(folder), alone=alone,
-                      counters=counters)
+    backend = StorageBackend(cfg, folder, config_path, threads)
+    return ApiContext(cfg, backend, PipelineLink(folder), alone=alone, counters=counters,
+                      jobs=job_runner(cfg, backend, counters))
+
+
+def job_runner(cfg: AppConfig, backend: StorageBackend, counters: StageCounters | None = None) -> Any:
+    """The api's :class:`pipeline.jobs.JobRunner` over the ``jobs`` table of ``backend``'s database: analyze jobs
+    run the clip through their own child pipeline (:class:`pipeline.job_analyze.AnalyzeJobs`), backup and enroll
+    jobs call ``backend`` (the routes' code). Not started: :func:`pipeline.api.serve` starts it."""
+    from pipeline.api_data import check_image
+    from pipeline.job_analyze import AnalyzeJobs
+    from pipeline.jobs import JobRunner, backup_handler, enroll_handler
+    from storage.jobs import JobTable
+
+    handlers = {"analyze": AnalyzeJobs(cfg, backend.folder, backend.url), "backup": backup_handler(backend),
+                "enroll": enroll_handler(backend, check_image)}
+    errors = tuple(cls for cls, _ in backend.errors) + (ApiError,)
+    return JobRunner(JobTable(lambda: backend.engine), handlers, user_errors=errors, counters=counters)

@@ -313,8 +313,10 @@ def _storage(cfg: AppConfig, t: Transport, counters: StageCounters, hb: Heartbea
     from storage.writer import EventWriter
 
     engine = open_engine(database_url(cfg), cache_mb=cfg.storage.cache_mb)
+    # an analyze job's pipeline (pipeline.job_analyze) stores its job id in every event it creates
     writer = EventWriter(engine, cfg.storage.batch_rows, cfg.storage.batch_ms,
-                         outbox_box_id=cfg.box_id if cfg.mqtt is not None else None)
+                         outbox_box_id=cfg.box_id if cfg.mqtt is not None else None,
+                         job_id=os.environ.get("FACEPRO_JOB_ID") or None)
     st = cfg.storage
     tasks: list[Callable[[], object]] = []
     if st.retention_days or st.max_total_mb:

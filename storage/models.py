@@ -17,6 +17,10 @@ Tables (the Alembic migrations in ``alembic/versions`` create exactly these;
   written in the transaction that commits the change (only with ``mqtt``
   configured); ``sent_at`` is set on the broker's acknowledgement
   (:mod:`storage.outbox`, revision 0005).
+- ``jobs``: background jobs of the HTTP API (analyze a clip, backup, enroll) with their
+  state, progress and result (revision 0006); ``events.job_id`` names the analysis job
+  that produced an event (NULL for live cameras). It is not a foreign key: events
+  outlive the job rows, and the write path pays no lookup for it.
 
 Every per-event table (``track_embeddings``, ``reid_embeddings``,
 ``gait_embeddings``, ``snapshots``) references ``events.id`` with
@@ -75,11 +79,16 @@ LABEL_LEN = 64
 MODEL_LEN = 128
 PATH_LEN = 1024
 EVENT_ID_LEN = 32
+JOB_ID_LEN = 36
 SHA256_LEN = 64
 
 #: Allowed values of ``events.method`` and of ``EmbeddingRecord.kind``.
 METHODS: tuple[str, ...] = ("face", "reid", "gait")
 _METHODS_SQL = ", ".join(f"'{m}'" for m in METHODS)
+
+#: Kinds and states of ``jobs`` rows (the state machine itself is :data:`storage.jobs.TRANSITIONS`).
+JOB_TYPES: tuple[str, ...] = ("analyze", "backup", "enroll")
+JOB_STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "cancelled")
 
 
 def utcnow() -> datetime:
@@ -169,6 +178,9 @@ class Event(Base):
               sqlite_where=text("identity_id IS NOT NULL"), postgresql_where=text("identity_id IS NOT NULL")),
         # list_events() newest first
         Index("ix_events_started_at", "started_at"),
+        # list_events(job=...) newest first; partial (revision 0006): live events pay no index entry
+        Index("ix_events_job_id_started_at", "job_id", "started_at",
+              sqlite_where=text("job_id IS NOT NULL"), postgresql_where=text("job_id IS NOT NULL")),
     )
 
     id: Mapped[str] = mapped_column(String(EVENT_ID_LEN), primary_key=True)
@@ -189,6 +201,7 @@ class Event(Base):
     identity_score: Mapped[float] = mapped_column(Float)
     snapshot_path: Mapped[str | None] = mapped_column(String(PATH_LEN))
     ended: Mapped[bool] = mapped_column(Boolean)
+    job_id: Mapped[str | None] = mapped_column(String(JOB_ID_LEN))  # the analysis job (revision 0006), NULL: live
 
 
 class _EventVector:
@@ -285,6 +298,34 @@ class MqttOutbox(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class Job(Base):
+    """A background job of the HTTP API (revision 0006); ``params`` and ``result`` are JSON text."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(f"type IN ({', '.join(repr(t) for t in JOB_TYPES)})", name="type"),
+        CheckConstraint(f"state IN ({', '.join(repr(s) for s in JOB_STATES)})", name="state"),
+        CheckConstraint("progress >= 0 AND progress <= 1", name="progress_range"),
+        Index("ix_jobs_state_created_at", "state", "created_at"),  # the queue (oldest queued first)
+    )
+
+    id: Mapped[str] = mapped_column(String(JOB_ID_LEN), primary_key=True)  # canonical UUID text
+    type: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    params: Mapped[str] = mapped_column(Text)
+    source: Mapped[str | None] = mapped_column(String(PATH_LEN))
+    progress: Mapped[float] = mapped_column(Float)
+    frames_done: Mapped[int] = mapped_column(BigInteger)
+    frames_total: Mapped[int | None] = mapped_column(BigInteger)
+    result: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    pid: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 #: The vector table of each ``EmbeddingRecord.kind``.
 EMBEDDING_TABLES: dict[str, str] = {"face": "track_embeddings", "reid": "reid_embeddings", "gait": "gait_embeddings"}
 
@@ -299,6 +340,7 @@ TABLES: tuple[str, ...] = (
     "gait_embeddings",
     "snapshots",
     "mqtt_outbox",
+    "jobs",
 )
 
 #: The tables whose rows belong to one event (deleted with it by ``ON DELETE CASCADE``).

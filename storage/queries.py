@@ -58,6 +58,7 @@ class EventRow:
         xyxy: last box ``(x1, y1, x2, y2)``, frame pixels.
         snapshot_path: JPEG snapshot path or None.
         ended: True once the tracker dropped the track.
+        job_id: the analysis job whose pipeline stored it (canonical UUID text), None for live cameras.
         has_snapshot: a snapshot path is stored (the file itself may since have been removed by retention).
     """
 
@@ -76,6 +77,7 @@ class EventRow:
     xyxy: tuple[float, float, float, float]
     snapshot_path: str | None
     ended: bool
+    job_id: str | None = None
 
     @property
     def has_snapshot(self) -> bool:
@@ -100,13 +102,15 @@ class EventRow:
             "xyxy": list(self.xyxy),
             "snapshot_path": self.snapshot_path,
             "ended": self.ended,
+            "job_id": self.job_id,
             "has_snapshot": self.has_snapshot,
         }
 
 
 def list_events(engine: Engine, camera: str | None = None, identity: str | None = None, limit: int = 100, *,
                 label: str | None = None, method: str | None = None, since: datetime | None = None,
-                until: datetime | None = None, before: tuple[datetime, str] | None = None) -> list[EventRow]:
+                until: datetime | None = None, before: tuple[datetime, str] | None = None,
+                job: str | None = None) -> list[EventRow]:
     """Events newest first (by ``started_at``, then event id).
 
     Args:
@@ -118,6 +122,7 @@ def list_events(engine: Engine, camera: str | None = None, identity: str | None 
         since, until: aware datetimes; only events with ``since <= started_at < until``.
         before: a keyset cursor ``(started_at, event_id)``: only events after it in this order (the next page
             after that event).
+        job: only events stored by this analysis job (its id).
 
     Raises:
         ValueError: ``limit`` out of range, or a naive datetime.
@@ -137,6 +142,7 @@ def list_events(engine: Engine, camera: str | None = None, identity: str | None 
     conditions = [(camera, lambda v: Camera.name == v), (identity, lambda v: Identity.name == v),
                   (label, lambda v: Event.label == v), (method, lambda v: Event.method == v),
                   (since, lambda v: Event.started_at >= v), (until, lambda v: Event.started_at < v),
+                  (job, lambda v: Event.job_id == v),
                   (before, lambda v: or_(Event.started_at < v[0], and_(Event.started_at == v[0], Event.id < v[1])))]
     for value, condition in conditions:
         if value is not None:
@@ -175,6 +181,7 @@ def _event_row(e: Event, camera: str, identity: str | None) -> EventRow:
         xyxy=(e.x1, e.y1, e.x2, e.y2),
         snapshot_path=e.snapshot_path,
         ended=e.ended,
+        job_id=e.job_id,
     )
 
 

@@ -28,6 +28,9 @@ transaction per :meth:`EventWriter.flush`:
   writes the MQTT outbox rows of the batch's event changes
   (:func:`storage.outbox.record_changes`: new / update / end, compared
   with the rows as they were before the batch).
+- a writer given a ``job_id`` (the storage process of an analysis job's
+  pipeline) stores it in ``events.job_id`` of the events it creates; an
+  update never changes it.
 
 A flush that fails leaves the pending rows in place, so the caller can retry.
 
@@ -54,6 +57,7 @@ from storage.db import StorageError, dialect_insert, is_transient, storage_error
 from storage.outbox import event_states, record_changes
 from storage.models import (
     EMBEDDING_TABLES,
+    JOB_ID_LEN,
     LABEL_LEN,
     MODEL_LEN,
     NAME_LEN,
@@ -128,9 +132,10 @@ class EventWriter:
         sleep: called with the retry delay, seconds.
         outbox_box_id: write MQTT outbox rows carrying this ``box_id`` with every
             event change; None (no ``mqtt`` config): no outbox rows.
+        job_id: the analysis job (canonical UUID text, 36 characters) whose events these are; None for live runs.
 
     Raises:
-        ValueError: a bound out of range.
+        ValueError: a bound out of range, or a ``job_id`` that is not 36 characters.
 
     Counters (cumulative): :attr:`rows_written`, :attr:`flushes`,
     :attr:`unknown_identity`, :attr:`orphan_embeddings`, :attr:`outbox_rows`.
@@ -147,7 +152,10 @@ class EventWriter:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         outbox_box_id: str | None = None,
+        job_id: str | None = None,
     ) -> None:
+        if job_id is not None and len(job_id) != JOB_ID_LEN:
+            raise ValueError(f"EventWriter.job_id: expected a canonical UUID ({JOB_ID_LEN} characters), got {job_id!r}")
         if batch_rows < 1:
             raise ValueError(f"EventWriter.batch_rows: expected >= 1, got {batch_rows}")
         if batch_ms < 1:
@@ -155,6 +163,7 @@ class EventWriter:
         if retries < 0 or backoff_s < 0:
             raise ValueError(f"EventWriter: retries ({retries}) and backoff_s ({backoff_s}) must be >= 0")
         self.engine = engine
+        self.job_id = job_id
         self.batch_rows = batch_rows
         self.batch_ms = batch_ms
         self.retries = retries
@@ -272,7 +281,7 @@ class EventWriter:
             unknown = sum(1 for u in events if u.identity is not None and u.identity not in identities)
             ids = [u.event_id for u in events]
             before = event_states(conn, ids) if self.outbox_box_id is not None else None
-            _upsert_events(conn, events, cameras, identities)
+            _upsert_events(conn, events, cameras, identities, self.job_id)
             _insert_snapshots(conn, snapshots)
             outbox = record_changes(conn, ids, before, self.outbox_box_id) if before is not None else 0
             kept = _existing_event_embeddings(conn, embeddings, {u.event_id for u in events})
@@ -315,7 +324,7 @@ def _identity_ids(conn: Connection, names: set[str]) -> dict[str, int]:
 #: Column order of :func:`_event_values`.
 _EVENT_KEYS: tuple[str, ...] = (
     "id", "camera_id", "track_id", "label", "started_at", "ended_at", "first_frame", "last_frame", "best_score",
-    "x1", "y1", "x2", "y2", "identity_id", "method", "identity_score", "snapshot_path", "ended",
+    "x1", "y1", "x2", "y2", "identity_id", "method", "identity_score", "snapshot_path", "ended", "job_id",
 )
 
 
@@ -323,20 +332,21 @@ _NEW_EVENT_KEYS: tuple[str, ...] = tuple(f"new_{k}" for k in _EVENT_KEYS)
 
 
 def _event_values(u: TrackUpdate, cameras: dict[str, int], identities: dict[str, int],
-                  when: Callable[[int], Any]) -> tuple[Any, ...]:
+                  when: Callable[[int], Any], job_id: str | None = None) -> tuple[Any, ...]:
     """One ``events`` row in :data:`_EVENT_KEYS` order; ``when`` turns nanoseconds into the stored time value."""
     x1, y1, x2, y2 = u.xyxy.tolist()
     return (
         u.event_id, cameras[u.camera], int(u.track_id), u.label, when(u.first_seen_ns), when(u.last_seen_ns),
         int(u.first_frame), int(u.last_frame), float(u.best_score), x1, y1, x2, y2,
         identities.get(u.identity) if u.identity is not None else None,
-        u.method, float(u.identity_score), u.snapshot_path, bool(u.ended),
+        u.method, float(u.identity_score), u.snapshot_path, bool(u.ended), job_id,
     )
 
 
-def _event_row(u: TrackUpdate, cameras: dict[str, int], identities: dict[str, int]) -> dict[str, Any]:
+def _event_row(u: TrackUpdate, cameras: dict[str, int], identities: dict[str, int],
+               job_id: str | None = None) -> dict[str, Any]:
     """One ``events`` row as a mapping (SQLAlchemy Core parameters, aware UTC datetimes)."""
-    return dict(zip(_EVENT_KEYS, _event_values(u, cameras, identities, ns_to_datetime)))
+    return dict(zip(_EVENT_KEYS, _event_values(u, cameras, identities, ns_to_datetime, job_id)))
 
 
 def _upsert_events_stmt(conn: Connection) -> Executable:
@@ -392,7 +402,8 @@ def _stored_event_ids(conn: Connection, ids: set[str]) -> set[str]:
     return found
 
 
-def _upsert_events(conn: Connection, events: list[TrackUpdate], cameras: dict[str, int], identities: dict[str, int]) -> None:
+def _upsert_events(conn: Connection, events: list[TrackUpdate], cameras: dict[str, int], identities: dict[str, int],
+                   job_id: str | None = None) -> None:
     """Insert new events and apply updates to stored ones (one transaction, the caller's).
 
     PostgreSQL runs one ``INSERT ... ON CONFLICT DO UPDATE``. SQLite looks up
@@ -408,11 +419,11 @@ def _upsert_events(conn: Connection, events: list[TrackUpdate], cameras: dict[st
     if not events:
         return
     if conn.dialect.name != "sqlite":
-        conn.execute(_upsert_events_stmt(conn), [_event_row(u, cameras, identities) for u in events])
+        conn.execute(_upsert_events_stmt(conn), [_event_row(u, cameras, identities, job_id) for u in events])
         return
     when = SqliteTimes().text
     stored = _stored_event_ids(conn, {u.event_id for u in events})
-    rows = [_event_values(u, cameras, identities, when) for u in events]
+    rows = [_event_values(u, cameras, identities, when, job_id) for u in events]
     fresh = [row for row, u in zip(rows, events) if u.event_id not in stored]
     known = [row for row, u in zip(rows, events) if u.event_id in stored]
     _execute_many_sqlite(conn, "insert events", lambda: insert(Event), _EVENT_KEYS, fresh)

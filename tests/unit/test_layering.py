@@ -11,8 +11,9 @@ ROOT = Path(__file__).resolve().parents[2]
 FRAMEWORK = ["messages", "codec", "transport", "ring", "runner", "config", "metrics",
              "topology", "counters", "processes", "status", "runs", "capture", "journal", "models", "install", "gate",
              "mqtt", "discovery",
-             "api", "api_models", "api_system", "api_data"]  # the HTTP API: stages/storage come injected (Backend)
-WIRING = {"cli", "supervisor", "worker", "doctor", "services"}  # the only pipeline modules that may import stages/storage
+             "api", "api_models", "api_system", "api_data",  # the HTTP API: stages/storage come injected (Backend)
+             "api_jobs", "jobs", "job_analyze"]  # jobs: the jobs table (JobStore) and the backend come injected
+WIRING = {"cli", "supervisor", "worker", "doctor", "services", "jobrun"}  # the only pipeline modules that may import stages/storage
 MAX_FUNCTION_LINES = 60
 MAX_CLASS_LINES = 300
 # (module, qualified name) allowed over the limits; empty: every class and function in pipeline/ fits.

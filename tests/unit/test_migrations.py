@@ -34,7 +34,9 @@ from storage.queries import count_rows, enroll, list_identities
 from tests.unit.test_storage import pg_url  # noqa: F401  (fixture: a fresh PostgreSQL schema)
 
 EXPECTED_INDEXES = {
-    "events": {"ix_events_camera_id_started_at", "ix_events_identity_id_started_at", "ix_events_started_at"},
+    "events": {"ix_events_camera_id_started_at", "ix_events_identity_id_started_at", "ix_events_started_at",
+               "ix_events_job_id_started_at"},
+    "jobs": {"ix_jobs_state_created_at"},
     "face_embeddings": {"ix_face_embeddings_identity_id", "ix_face_embeddings_model_identity_id"},
     "track_embeddings": set(),  # event_id lookups use the unique (event_id, model, frame_index) since 0004
     "reid_embeddings": set(),
@@ -69,11 +71,11 @@ def _alembic(url: str, fn, *args) -> None:
 
 
 def test_head_and_history():
-    assert head_revision() == "0005"
+    assert head_revision() == "0006"
     revs = history()
     assert [(r.revision, r.down_revision, r.is_head) for r in revs] == [
         ("0001", None, False), ("0002", "0001", False), ("0003", "0002", False), ("0004", "0003", False),
-        ("0005", "0004", True)]
+        ("0005", "0004", False), ("0006", "0005", True)]
     assert all(isinstance(r, RevisionInfo) and r.message for r in revs)
 
 
@@ -133,7 +135,7 @@ def test_0004_leaves_one_index_per_real_query_and_downgrade_restores_them(url, d
         conn.close()
 
 
-def test_0005_adds_the_mqtt_outbox_and_downgrade_drops_only_it(url, db_path):
+def test_0005_adds_the_mqtt_outbox_and_downgrade_drops_it(url, db_path):
     _alembic(url, command.upgrade, "0004")
     engine = open_engine(url)
     try:
@@ -141,7 +143,7 @@ def test_0005_adds_the_mqtt_outbox_and_downgrade_drops_only_it(url, db_path):
             conn.execute(text("INSERT INTO cameras (id, name, created_at) VALUES (1, 'c', :t)"), {"t": TS})
     finally:
         engine.dispose()
-    assert upgrade(url, backup=False) == "0005"
+    assert upgrade(url, backup=False) == head_revision()
     conn = sqlite3.connect(db_path)
     try:
         (ddl,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'ix_mqtt_outbox_unsent'").fetchone()
@@ -158,9 +160,9 @@ def test_0005_adds_the_mqtt_outbox_and_downgrade_drops_only_it(url, db_path):
     finally:
         conn.close()
     assert downgrade(url, "0004", backup=False) == "0004"
-    assert _tables(url) == set(TABLES) - {"mqtt_outbox"} | {"alembic_version"}
+    assert _tables(url) == set(TABLES) - {"mqtt_outbox", "jobs"} | {"alembic_version"}  # 0006 (jobs) goes too
     assert count_rows_0004(url)["cameras"] == 1
-    assert upgrade(url, backup=False) == "0005"
+    assert upgrade(url, backup=False) == head_revision()
     assert "mqtt_outbox" in _tables(url)
 
 
@@ -169,6 +171,53 @@ def count_rows_0004(url: str) -> dict[str, int]:
     try:
         with engine.connect() as conn:
             return {"cameras": conn.execute(text("SELECT count(*) FROM cameras")).scalar_one()}
+    finally:
+        engine.dispose()
+
+
+def _event_0004(conn: Connection, event_id: str) -> None:
+    conn.execute(text("INSERT OR IGNORE INTO cameras (id, name, created_at) VALUES (1, 'cam0', :t)"), {"t": TS})
+    conn.execute(
+        text("INSERT INTO events (id, camera_id, track_id, label, started_at, ended_at, first_frame, last_frame, "
+             "best_score, x1, y1, x2, y2, identity_score, ended) VALUES (:id, 1, 1, 'person', :t, :t, 0, 5, 0.5, "
+             "1, 2, 3, 4, 0, 1)"), {"id": event_id, "t": TS})
+
+
+def test_0006_adds_jobs_and_events_job_id_and_downgrade_removes_them(url, db_path):
+    from storage.jobs import JobTable
+
+    _alembic(url, command.upgrade, "0005")
+    engine = open_engine(url)
+    with engine.begin() as conn:
+        _event_0004(conn, EV1)
+    with engine.connect() as conn:
+        before = _dump(conn, ("events",))
+    engine.dispose()
+
+    assert upgrade(url, backup=False) == "0006"
+    raw = sqlite3.connect(db_path)
+    try:
+        assert raw.execute("SELECT job_id FROM events").fetchall() == [(None,)]  # old events: not from a job
+        sql = dict(raw.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"))
+        assert sql["ix_events_job_id_started_at"].endswith("WHERE job_id IS NOT NULL")
+        assert "ix_events_job_id_started_at" in _plan(
+            raw, "SELECT id FROM events WHERE job_id = ? ORDER BY started_at DESC", "j" * 36)
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
+            raw.execute("INSERT INTO jobs (id, type, state, params, progress, frames_done, created_at, updated_at) "
+                        "VALUES (:id, 'analyze', 'paused', '{}', 0, 0, :t, :t)", {"id": "j" * 36, "t": TS})
+    finally:
+        raw.close()
+    engine = open_engine(url)
+    JobTable(engine).create("1" * 36, "backup", {})
+    engine.dispose()
+
+    assert downgrade(url, "0005", backup=False) == "0005"
+    assert "jobs" not in _tables(url)
+    engine = open_engine(url)
+    try:
+        assert "job_id" not in {c["name"] for c in inspect(engine).get_columns("events")}
+        with engine.connect() as conn:
+            assert _dump(conn, ("events",)) == before  # the events themselves survive both ways
     finally:
         engine.dispose()
 
@@ -278,11 +327,14 @@ def _seed_0001(conn: Connection) -> None:
         )
 
 
-def _dump(conn: Connection, tables: tuple[str, ...], without_id: tuple[str, ...] = ()) -> dict[str, list[tuple]]:
-    """Every row of ``tables``, sorted; the ``id`` column is left out for ``without_id`` (renumbered rows)."""
+def _dump(conn: Connection, tables: tuple[str, ...], without_id: tuple[str, ...] = (),
+          added: tuple[str, ...] = ("events.job_id",)) -> dict[str, list[tuple]]:
+    """Every row of ``tables``, sorted; the ``id`` column is left out for ``without_id`` (renumbered rows), and
+    the columns in ``added`` (``table.column`` of later revisions) are left out."""
     out = {}
     for table in tables:
-        cols = [c["name"] for c in inspect(conn).get_columns(table) if not (table in without_id and c["name"] == "id")]
+        cols = [c["name"] for c in inspect(conn).get_columns(table)
+                if not (table in without_id and c["name"] == "id") and f"{table}.{c['name']}" not in added]
         rows = conn.execute(text(f"SELECT {', '.join(cols)} FROM {table}")).all()
         out[table] = sorted((tuple(bytes(v) if isinstance(v, memoryview) else v for v in r) for r in rows), key=repr)
     return out
@@ -464,8 +516,8 @@ SECOND_REVISION = '''
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006"
-down_revision = "0005"
+revision = "{new}"
+down_revision = "{real}"
 branch_labels = None
 depends_on = None
 
@@ -483,26 +535,29 @@ def downgrade():
 
 
 @pytest.fixture()
-def two_revisions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of the migration scripts with a test revision 0006 on top, used by storage.db."""
+def two_revisions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
+    """A copy of the migration scripts with a test revision on top of the real head, used by storage.db;
+    returns ``(real head, test revision)``."""
+    real = head_revision()
+    new = f"{int(real) + 1:04d}"
     scripts = tmp_path / "alembic"
     shutil.copytree(storage.db.script_location(), scripts, ignore=shutil.ignore_patterns("__pycache__"))
-    (scripts / "versions" / "0006_test.py").write_text(SECOND_REVISION)
+    (scripts / "versions" / f"{new}_test.py").write_text(SECOND_REVISION.replace("{new}", new).replace("{real}", real))
     monkeypatch.setattr(storage.db, "script_location", lambda: scripts)
-    return scripts
+    return real, new
 
 
 def test_upgrade_behind_head_backs_up_and_keeps_child_rows(url, db_path, two_revisions):
-    _alembic(url, command.upgrade, "0005")
+    _alembic(url, command.upgrade, two_revisions[0])
     engine = open_engine(url)
     vectors = np.arange(8, dtype=np.float32).reshape(2, 4)
     enroll(engine, "alice", vectors, "m", ["a.jpg", "b.jpg"], [None, None])
     engine.dispose()
 
-    assert head_revision() == "0006"
-    assert upgrade(url) == "0006"
+    assert head_revision() == two_revisions[1]
+    assert upgrade(url) == two_revisions[1]
 
-    assert current_revision(url) == "0006"
+    assert current_revision(url) == two_revisions[1]
     engine = open_engine(url)
     try:
         assert list_identities(engine) == [("alice", 2)]  # the rebuild did not cascade
@@ -510,18 +565,18 @@ def test_upgrade_behind_head_backs_up_and_keeps_child_rows(url, db_path, two_rev
     finally:
         engine.dispose()
     (backup,) = _backups(db_path)
-    assert backup.name.startswith("facepro.db.bak-0005-")
+    assert backup.name.startswith(f"facepro.db.bak-{two_revisions[0]}-")
     old = sqlite3.connect(backup)
     try:
-        assert old.execute("SELECT version_num FROM alembic_version").fetchall() == [("0005",)]
+        assert old.execute("SELECT version_num FROM alembic_version").fetchall() == [(two_revisions[0],)]
         assert old.execute("SELECT count(*) FROM face_embeddings").fetchone() == (2,)
     finally:
         old.close()
 
 
 def test_upgrade_without_backup_writes_none(url, db_path, two_revisions):
-    _alembic(url, command.upgrade, "0005")
-    assert upgrade(url, backup=False) == "0006"
+    _alembic(url, command.upgrade, two_revisions[0])
+    assert upgrade(url, backup=False) == two_revisions[1]
     assert _backups(db_path) == []
     engine = open_engine(url)
     try:
