@@ -45,7 +45,10 @@ def test_rows_in_pipeline_order_with_their_counts() -> None:
 def test_the_api_row_runs_only_when_enabled(api: bool) -> None:
     names = topology.active_names(_cfg(api=api))
     assert names == ("capture", "detection", "recognition", "storage") + (("api",) if api else ())
-    assert topology.spec("api").inboxes(_cfg(api=api), 0, {}) == topology.spec("api").outboxes(_cfg(api=api), 0, {}) == ()
+    assert topology.spec("api").inboxes(_cfg(api=api), 0, {}) == ("live-tracks",)  # only read when the row runs
+    assert topology.spec("api").outboxes(_cfg(api=api), 0, {}) == ()
+    rec_out = topology.spec("recognition").outboxes(_cfg(api=api), 0, {})
+    assert rec_out == ("storage",) + (("live-tracks",) if api else ())  # no live view, nothing published
 
 
 def test_every_inbox_is_some_outbox_and_names_come_from_the_table() -> None:
@@ -56,7 +59,7 @@ def test_every_inbox_is_some_outbox_and_names_come_from_the_table() -> None:
             ins.update(row.inboxes(cfg, i, counts))
             outs.update(row.outboxes(cfg, i, counts))
     assert ins == outs == {"frames-cam0", "frames-cam1", "frames-cam2", "detections-0", "detections-1", "storage",
-                           "storage-acks"}
+                           "storage-acks", "live-tracks"}
     assert topology.spec("detection").outboxes(cfg, 0, dict(counts, recognition=3))[-1] == "detections-2"
 
 
