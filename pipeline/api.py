@@ -42,6 +42,7 @@ interactive docs page is served (it would load scripts from a CDN).
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import socket
 import threading
@@ -69,8 +70,12 @@ from pipeline.transport import TransportError, request
 
 log = logging.getLogger("facepro.api")
 
-#: Paths answered without the bearer token.
-PUBLIC_PATHS: frozenset[str] = frozenset({"/openapi.json"})
+#: Paths answered without the bearer token: the schema and the web page (:mod:`pipeline.api_page`; no data).
+PUBLIC_PATHS: frozenset[str] = frozenset({"/openapi.json", "/"})
+PUBLIC_PREFIXES: tuple[str, ...] = ("/ui/",)
+#: Paths where ``?token=<api.token>`` may stand in for the header (an ``<img>`` cannot send one): the live
+#: stream and event snapshots. Anywhere else a query token is ignored.
+QUERY_TOKEN_PATHS = re.compile(r"^/api/(cameras/[^/]+/stream\.mjpeg|events/[0-9a-f]{32}/snapshot\.jpg)$")
 
 
 class ApiError(HTTPException):
@@ -240,8 +245,10 @@ class ApiContext:
         link: the running pipeline (:class:`PipelineLink`).
         alone: True under ``facepro serve``: health is the database's, not the stages'.
         counters: the api process's counters (requests as items, latency per request), None alone.
-        alerts: alert states of ``GET /metrics`` (fed with each scrape's status).
+        alerts: alert states of ``GET /metrics`` and ``GET /api/alerts`` (fed with each request's status).
         lock: serialises the scrapes' alert updates (routes run in a thread pool).
+        tracks: the live view's track boxes from recognition (:class:`pipeline.api_live.TrackFeed`), None
+            without (``facepro serve``: frames without boxes).
     """
 
     cfg: AppConfig
@@ -251,6 +258,7 @@ class ApiContext:
     counters: StageCounters | None = None
     alerts: AlertTracker | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    tracks: Any = None
 
     def __post_init__(self) -> None:
         if self.alerts is None:
@@ -313,6 +321,13 @@ def _crash(request: Request, exc: Exception) -> JSONResponse:
 
 
 # --------------------------------------------------------------- middleware
+def query_token(query_string: bytes) -> str:
+    """The ``token`` parameter of a raw query string ("" when absent)."""
+    from urllib.parse import parse_qs
+
+    return (parse_qs(query_string.decode("latin-1")).get("token") or [""])[0]
+
+
 class RequestGate:
     """ASGI middleware in front of every route: bearer token, body size limit, request counters.
 
@@ -332,8 +347,11 @@ class RequestGate:
 
     def _refusal(self, scope: dict) -> tuple[int, str, dict[str, str] | None] | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.token is not None and scope.get("path") not in PUBLIC_PATHS:
+        path = scope.get("path", "")
+        if self.token is not None and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
             scheme, _, given = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" and QUERY_TOKEN_PATHS.match(path):
+                scheme, given = "bearer", query_token(scope.get("query_string", b""))
             if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), self.token.encode()):
                 return 401, "missing or wrong bearer token (send Authorization: Bearer <api.token>)", {"WWW-Authenticate": "Bearer"}
         length = headers.get("content-length", "")
@@ -396,7 +414,8 @@ def create_app(ctx: ApiContext, routers: Iterable[Any] | None = None) -> FastAPI
 
     Args:
         ctx: what the routes use.
-        routers: ``APIRouter`` objects to include (default: system, cameras, events, identities, backups).
+        routers: ``APIRouter`` objects to include (default: system, cameras, events, identities, backups, the
+            live view and the web page).
 
     Returns:
         The ASGI app; ``app.openapi()`` is the schema served at ``/openapi.json``.
@@ -404,7 +423,7 @@ def create_app(ctx: ApiContext, routers: Iterable[Any] | None = None) -> FastAPI
     from fastapi import Depends
     from fastapi.security import HTTPBearer
 
-    from pipeline import api_data, api_system
+    from pipeline import api_data, api_live, api_page, api_system
 
     api = ctx.cfg.api
     deps = [Depends(HTTPBearer(auto_error=False, description="api.token"))] if api.token else []
@@ -412,7 +431,8 @@ def create_app(ctx: ApiContext, routers: Iterable[Any] | None = None) -> FastAPI
                   description="FacePro's HTTP API: pipeline status, events, identities, live frames, backups. "
                               "Errors are JSON {\"error\": \"...\"}.")
     app.state.ctx = ctx
-    for router in routers if routers is not None else (*api_system.ROUTERS, *api_data.ROUTERS):
+    for router in routers if routers is not None else (*api_system.ROUTERS, *api_data.ROUTERS, *api_live.ROUTERS,
+                                                        *api_page.ROUTERS):
         app.include_router(router)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -10,7 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 FRAMEWORK = ["messages", "codec", "transport", "ring", "runner", "config", "metrics",
              "topology", "counters", "processes", "status", "runs", "capture", "journal", "models", "install", "gate",
-             "api", "api_models", "api_system", "api_data"]  # the HTTP API: stages/storage come injected (Backend)
+             "api", "api_models", "api_system", "api_data",  # the HTTP API: stages/storage come injected (Backend)
+             "api_live", "api_page"]  # the live view (boxes from recognition over live_tracks) and the web page
 WIRING = {"cli", "supervisor", "worker", "doctor", "services"}  # the only pipeline modules that may import stages/storage
 MAX_FUNCTION_LINES = 60
 MAX_CLASS_LINES = 300
