@@ -26,7 +26,7 @@ function stopStreams() {
 function cameraLine(c) {
   const size = c.width ? `${c.width}×${c.height}` : "no frame";
   const age = typeof c.age_s === "number" ? ` · frame ${c.frame_index}, ${num(c.age_s)} s old` : "";
-  return `${c.source_kind} · ${c.mode} · ${size}${age}`;
+  return `${c.source_kind} source · ${c.mode} mode · ${size}${age}`;
 }
 
 async function showCameras() {

@@ -76,22 +76,28 @@ function niceMax(v) {
   return [1, 2, 2.5, 5, 10].map((m) => m * p).find((m) => m >= v);
 }
 
-/** One chart: a polyline per stage of ``metric`` over the last 15 minutes, in a 400 x 150 viewBox. */
+function span(ms) {
+  return ms >= 60000 ? `−${+(ms / 60000).toFixed(1)} min` : `−${Math.round(ms / 1000)} s`;
+}
+
+/** One chart: a polyline per stage of ``metric`` over the last 15 minutes (or since the page opened, at least
+ * one minute), in a 400 x 150 viewBox. */
 function chart(metric, title, unit) {
   const W = 400, H = 150, L = 40, R = 6, T = 8, B = 18;
   const now = Date.now();
+  const win = Math.min(WINDOW_MS, Math.max(60000, samples.length ? now - samples[0].t : 0));
   const stages = [...new Set(samples.flatMap((s) => Object.keys(s.stages)))];
   const top = niceMax(Math.max(0, ...samples.flatMap((s) => Object.values(s.stages).map((v) => v[metric] || 0))));
-  const x = (t) => L + ((t - (now - WINDOW_MS)) / WINDOW_MS) * (W - L - R);
+  const x = (t) => L + ((t - (now - win)) / win) * (W - L - R);
   const y = (v) => T + (1 - v / top) * (H - T - B);
   const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img",
-    "aria-label": `${title} per stage, last 15 minutes` });
+    "aria-label": `${title} per stage, last ${span(win).slice(1)}` });
   for (const f of [0, 0.5, 1]) {
     root.append(svg("line", { class: "grid", x1: L, x2: W - R, y1: y(top * f), y2: y(top * f) }));
     root.append(svg("text", { x: L - 4, y: y(top * f) + 3, "text-anchor": "end" }, num(top * f, top * f < 10 && f ? 1 : 0)));
   }
-  root.append(svg("text", { x: L, y: H - 4 }, "−15 min"));
-  root.append(svg("text", { x: (L + W) / 2, y: H - 4, "text-anchor": "middle" }, "−7.5 min"));
+  root.append(svg("text", { x: L, y: H - 4 }, span(win)));
+  root.append(svg("text", { x: (L + W) / 2, y: H - 4, "text-anchor": "middle" }, span(win / 2)));
   root.append(svg("text", { x: W - R, y: H - 4, "text-anchor": "end" }, "now"));
   for (const stage of stages) {
     const pts = samples.filter((s) => s.stages[stage] && typeof s.stages[stage][metric] === "number")
