@@ -167,14 +167,23 @@ class PipelineLink:
     The run is looked up at every call (``<data dir>/run/current.json``), so ``facepro serve`` finds a
     pipeline started after it, and an api process finds the run it belongs to.
 
+    Status replies are shared: one is reused for up to ``status_max_age_s`` (the stages report only every
+    ``runtime.stats_interval_s``, 0.5 s by default, so a newer reply would say the same), and requests arriving
+    while one is asked share its answer; any number of clients polling status costs the supervisor at most
+    ``1 / status_max_age_s`` status computations a second.
+
     Args:
         data_dir: the pipeline's data dir.
         timeout_ms: how long to wait for the supervisor's answer, milliseconds.
+        status_max_age_s: longest reuse of a status reply, seconds (0: every call asks).
     """
 
-    def __init__(self, data_dir: Path, timeout_ms: int = 3000) -> None:
+    def __init__(self, data_dir: Path, timeout_ms: int = 3000, status_max_age_s: float = 0.5) -> None:
         self.data_dir = data_dir
         self.timeout_ms = timeout_ms
+        self.status_max_age_s = status_max_age_s
+        self._status: tuple[float, StatusReply] | None = None
+        self._status_lock = threading.Lock()
 
     def current(self) -> dict | None:
         """The running pipeline's run file (``run_id``, ``socket_dir``...), None when none runs."""
@@ -202,10 +211,15 @@ class PipelineLink:
         Raises:
             ApiError: 503 when no pipeline runs or the supervisor does not answer in time.
         """
-        reply = self._ask(StatusRequest())
-        if not isinstance(reply, StatusReply):
-            raise ApiError(503, f"unexpected answer from the supervisor: {type(reply).__name__}")
-        return reply
+        with self._status_lock:  # a request arriving meanwhile waits and gets this answer
+            kept = self._status
+            if kept is not None and time.monotonic() - kept[0] < self.status_max_age_s:
+                return kept[1]
+            reply = self._ask(StatusRequest())
+            if not isinstance(reply, StatusReply):
+                raise ApiError(503, f"unexpected answer from the supervisor: {type(reply).__name__}")
+            self._status = (time.monotonic(), reply)
+            return reply
 
     def scale(self, stage: str, processes: int) -> Ack:
         """Send the CLI's :class:`ScaleRequest`; returns the supervisor's :class:`Ack` (503 as :meth:`status`)."""
@@ -461,8 +475,10 @@ def bind(host: str, port: int) -> socket.socket:
     """
     try:
         infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, addr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        family, _, proto, _, addr = infos[0]
+        # proto IPPROTO_TCP (not 0): asyncio then sets TCP_NODELAY on every accepted connection; without it a
+        # response written in two parts waits for the client's delayed ACK (about 40 ms per request)
+        sock = socket.socket(family, socket.SOCK_STREAM, proto or socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(addr)

@@ -252,3 +252,32 @@ def test_recognition_publishes_each_frames_tracks_to_the_feed(models: Path, vide
 def test_a_feed_that_cannot_bind_says_why(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="live view: cannot receive track boxes"):
         TrackFeed(tmp_path / "missing" / "dir").start()
+
+
+def test_status_replies_are_shared_for_their_max_age(data_dir: Path, supervisor: FakeSupervisor,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.api as api_module
+    from pipeline.api import PipelineLink
+
+    asked = []
+    real = api_module.request
+    monkeypatch.setattr(api_module, "request", lambda *a, **k: asked.append(1) or real(*a, **k))
+    link = PipelineLink(data_dir, status_max_age_s=1000.0)
+    first = link.status()
+    assert link.status() is first and len(asked) == 1  # 50 pollers cost the supervisor one status per max age
+    link.status_max_age_s = 0.0
+    assert link.status() is not first and len(asked) == 2
+
+
+def test_the_api_socket_is_tcp_so_responses_are_not_delayed() -> None:
+    """asyncio sets TCP_NODELAY on accepted connections only when the listening socket's proto is TCP; with
+    proto 0 every response written in two parts waited for the client's delayed ACK (~40 ms a request)."""
+    import socket
+
+    from pipeline.api import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
