@@ -258,9 +258,13 @@ def _contract_jobs() -> tuple[object, dict[str, dict]]:
     return router, jobs
 
 
-@pytest.fixture()
-def contract_server(models: Path, videos: Path, data_dir: Path) -> Iterator[tuple[str, dict]]:
-    """``facepro serve``'s app (no pipeline) with the page and the stand-in jobs API, on uvicorn in a thread."""
+TOKEN = "page-test-token-0123456789"
+
+
+@pytest.fixture(params=[None], ids=["no-token"])
+def contract_server(request: pytest.FixtureRequest, models: Path, videos: Path, data_dir: Path) -> Iterator[tuple[str, dict]]:
+    """``facepro serve``'s app (no pipeline) with the page and the stand-in jobs API, on uvicorn in a thread;
+    ``api.token`` is the fixture's param."""
     import threading
 
     from pipeline import api_data, api_live, api_page, api_system
@@ -270,7 +274,7 @@ def contract_server(models: Path, videos: Path, data_dir: Path) -> Iterator[tupl
     from pipeline.services import api_context
 
     router, jobs = _contract_jobs()
-    cfg = parse_config(pipeline_config(models, {"campus": videos / "vtest.avi"}))
+    cfg = parse_config(pipeline_config(models, {"campus": videos / "vtest.avi"}, api__token=request.param))
     app = create_app(api_context(cfg, alone=True, config_path=None, threads=1), routers=(
         *api_system.ROUTERS, *api_data.ROUTERS, *api_live.ROUTERS, *api_page.ROUTERS, router))
     sock, stop = bind("127.0.0.1", 0), StopFlag()
@@ -292,3 +296,21 @@ def test_jobs_panel_follows_the_jobs_contract(contract_server: tuple[str, dict],
     job = _job_reaches_100_and_survives_a_reload(page, clip, shots, "jobs-contract")
     assert jobs[job]["type"] == "analyze" and jobs[job]["upload"] == ("job.avi", clip.stat().st_size)
     assert page.inner_text(f"#jobs-table tr[data-job='{job}'] td:nth-child(5)") == "40 / 40"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("contract_server", [TOKEN], ids=["token"], indirect=True)
+def test_the_page_asks_for_the_token_once_and_sends_it(contract_server: tuple[str, dict], page: object) -> None:
+    base, _ = contract_server
+    page.goto(base + "/#jobs")  # type: ignore[attr-defined]
+    page.wait_for_selector("#token-dialog[open]")  # type: ignore[attr-defined]  (the first API call answered 401)
+    page.fill("#token-dialog input[name=token]", "wrong-token-0123456789")  # type: ignore[attr-defined]
+    page.click("#token-dialog button[type=submit]")  # type: ignore[attr-defined]
+    page.wait_for_function("document.querySelector('#token-error').textContent.includes('refused')")  # type: ignore[attr-defined]
+    page.fill("#token-dialog input[name=token]", TOKEN)  # type: ignore[attr-defined]
+    page.click("#token-dialog button[type=submit]")  # type: ignore[attr-defined]
+    page.wait_for_selector("#jobs-body:not([hidden])")  # type: ignore[attr-defined]  (GET /api/jobs with the header)
+    page.wait_for_function("document.querySelector('#run-info').textContent === 'no pipeline'")  # type: ignore[attr-defined]
+    assert page.evaluate("sessionStorage.getItem('facepro.token')") == TOKEN  # type: ignore[attr-defined]
+    page.reload()  # type: ignore[attr-defined]
+    page.wait_for_selector("#jobs-body:not([hidden])")  # type: ignore[attr-defined]
+    assert not page.is_visible("#token-dialog")  # type: ignore[attr-defined]  (asked once per tab)
