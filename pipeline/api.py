@@ -42,6 +42,7 @@ interactive docs page is served (it would load scripts from a CDN).
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import socket
 import threading
@@ -69,8 +70,12 @@ from pipeline.transport import TransportError, request
 
 log = logging.getLogger("facepro.api")
 
-#: Paths answered without the bearer token.
-PUBLIC_PATHS: frozenset[str] = frozenset({"/openapi.json"})
+#: Paths answered without the bearer token: the schema and the web page (:mod:`pipeline.api_page`; no data).
+PUBLIC_PATHS: frozenset[str] = frozenset({"/openapi.json", "/"})
+PUBLIC_PREFIXES: tuple[str, ...] = ("/ui/",)
+#: Paths where ``?token=<api.token>`` may stand in for the header (an ``<img>`` cannot send one): the live
+#: stream and event snapshots. Anywhere else a query token is ignored.
+QUERY_TOKEN_PATHS = re.compile(r"^/api/(cameras/[^/]+/stream\.mjpeg|events/[0-9a-f]{32}/snapshot\.jpg)$")
 
 
 class ApiError(HTTPException):
@@ -163,14 +168,23 @@ class PipelineLink:
     The run is looked up at every call (``<data dir>/run/current.json``), so ``facepro serve`` finds a
     pipeline started after it, and an api process finds the run it belongs to.
 
+    Status replies are shared: one is reused for up to ``status_max_age_s`` (the stages report only every
+    ``runtime.stats_interval_s``, 0.5 s by default, so a newer reply would say the same), and requests arriving
+    while one is asked share its answer; any number of clients polling status costs the supervisor at most
+    ``1 / status_max_age_s`` status computations a second.
+
     Args:
         data_dir: the pipeline's data dir.
         timeout_ms: how long to wait for the supervisor's answer, milliseconds.
+        status_max_age_s: longest reuse of a status reply, seconds (0: every call asks).
     """
 
-    def __init__(self, data_dir: Path, timeout_ms: int = 3000) -> None:
+    def __init__(self, data_dir: Path, timeout_ms: int = 3000, status_max_age_s: float = 0.5) -> None:
         self.data_dir = data_dir
         self.timeout_ms = timeout_ms
+        self.status_max_age_s = status_max_age_s
+        self._status: tuple[float, StatusReply] | None = None
+        self._status_lock = threading.Lock()
 
     def current(self) -> dict | None:
         """The running pipeline's run file (``run_id``, ``socket_dir``...), None when none runs."""
@@ -198,10 +212,15 @@ class PipelineLink:
         Raises:
             ApiError: 503 when no pipeline runs or the supervisor does not answer in time.
         """
-        reply = self._ask(StatusRequest())
-        if not isinstance(reply, StatusReply):
-            raise ApiError(503, f"unexpected answer from the supervisor: {type(reply).__name__}")
-        return reply
+        with self._status_lock:  # a request arriving meanwhile waits and gets this answer
+            kept = self._status
+            if kept is not None and time.monotonic() - kept[0] < self.status_max_age_s:
+                return kept[1]
+            reply = self._ask(StatusRequest())
+            if not isinstance(reply, StatusReply):
+                raise ApiError(503, f"unexpected answer from the supervisor: {type(reply).__name__}")
+            self._status = (time.monotonic(), reply)
+            return reply
 
     def scale(self, stage: str, processes: int) -> Ack:
         """Send the CLI's :class:`ScaleRequest`; returns the supervisor's :class:`Ack` (503 as :meth:`status`)."""
@@ -241,10 +260,12 @@ class ApiContext:
         link: the running pipeline (:class:`PipelineLink`).
         alone: True under ``facepro serve``: health is the database's, not the stages'.
         counters: the api process's counters (requests as items, latency per request), None alone.
-        alerts: alert states of ``GET /metrics`` (fed with each scrape's status).
+        alerts: alert states of ``GET /metrics`` and ``GET /api/alerts`` (fed with each request's status).
         lock: serialises the scrapes' alert updates (routes run in a thread pool).
         jobs: the job runner (:class:`pipeline.jobs.JobRunner`; its routes: :mod:`pipeline.api_jobs`), None: the
             jobs routes answer 503. :func:`serve` starts and stops it with the server.
+        tracks: the live view's track boxes from recognition (:class:`pipeline.api_live.TrackFeed`), None
+            without (``facepro serve``: frames without boxes).
     """
 
     cfg: AppConfig
@@ -255,6 +276,7 @@ class ApiContext:
     alerts: AlertTracker | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     jobs: Any = None
+    tracks: Any = None
 
     def __post_init__(self) -> None:
         if self.alerts is None:
@@ -317,6 +339,13 @@ def _crash(request: Request, exc: Exception) -> JSONResponse:
 
 
 # --------------------------------------------------------------- middleware
+def query_token(query_string: bytes) -> str:
+    """The ``token`` parameter of a raw query string ("" when absent)."""
+    from urllib.parse import parse_qs
+
+    return (parse_qs(query_string.decode("latin-1")).get("token") or [""])[0]
+
+
 class RequestGate:
     """ASGI middleware in front of every route: bearer token, body size limit, request counters.
 
@@ -336,8 +365,11 @@ class RequestGate:
 
     def _refusal(self, scope: dict) -> tuple[int, str, dict[str, str] | None] | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.token is not None and scope.get("path") not in PUBLIC_PATHS:
+        path = scope.get("path", "")
+        if self.token is not None and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
             scheme, _, given = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" and QUERY_TOKEN_PATHS.match(path):
+                scheme, given = "bearer", query_token(scope.get("query_string", b""))
             if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), self.token.encode()):
                 return 401, "missing or wrong bearer token (send Authorization: Bearer <api.token>)", {"WWW-Authenticate": "Bearer"}
         length = headers.get("content-length", "")
@@ -400,7 +432,8 @@ def create_app(ctx: ApiContext, routers: Iterable[Any] | None = None) -> FastAPI
 
     Args:
         ctx: what the routes use.
-        routers: ``APIRouter`` objects to include (default: system, cameras, events, identities, backups).
+        routers: ``APIRouter`` objects to include (default: system, cameras, events, identities, backups, the
+            live view and the web page).
 
     Returns:
         The ASGI app; ``app.openapi()`` is the schema served at ``/openapi.json``.
@@ -408,7 +441,7 @@ def create_app(ctx: ApiContext, routers: Iterable[Any] | None = None) -> FastAPI
     from fastapi import Depends
     from fastapi.security import HTTPBearer
 
-    from pipeline import api_data, api_jobs, api_system
+    from pipeline import api_data, api_jobs, api_live, api_page, api_system
 
     api = ctx.cfg.api
     deps = [Depends(HTTPBearer(auto_error=False, description="api.token"))] if api.token else []
@@ -416,7 +449,8 @@ def create_app(ctx: ApiContext, routers: Iterable[Any] | None = None) -> FastAPI
                   description="FacePro's HTTP API: pipeline status, events, identities, live frames, backups. "
                               "Errors are JSON {\"error\": \"...\"}.")
     app.state.ctx = ctx
-    for router in routers if routers is not None else (*api_system.ROUTERS, *api_data.ROUTERS, *api_jobs.ROUTERS):
+    for router in routers if routers is not None else (*api_system.ROUTERS, *api_data.ROUTERS, *api_jobs.ROUTERS,
+                                                        *api_live.ROUTERS, *api_page.ROUTERS):
         app.include_router(router)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -445,8 +479,10 @@ def bind(host: str, port: int) -> socket.socket:
     """
     try:
         infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, addr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        family, _, proto, _, addr = infos[0]
+        # proto IPPROTO_TCP (not 0): asyncio then sets TCP_NODELAY on every accepted connection; without it a
+        # response written in two parts waits for the client's delayed ACK (about 40 ms per request)
+        sock = socket.socket(family, socket.SOCK_STREAM, proto or socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(addr)

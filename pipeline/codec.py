@@ -51,6 +51,7 @@ TYPES: dict[int, type] = {
     12: m.CreditAck,
     13: m.StorageItem,
     14: m.StorageAck,
+    15: m.LiveTracks,
 }
 _IDS: dict[type, int] = {t: i for i, t in TYPES.items()}
 _FRAME_REF = struct.Struct("<qqqqiiHHB")

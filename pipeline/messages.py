@@ -281,6 +281,44 @@ class StorageAck:
 
 
 @dataclass(frozen=True)
+class LiveTracks:
+    """Recognition → api, once per frame of a camera: its confirmed tracks for the live view (lossy, PUB/SUB).
+
+    Attributes:
+        camera: camera name.
+        frame_index, captured_at_ns: the frame's index in its source and capture time (``time.time_ns()`` units).
+        ring, slot, seq: where the frame lies (as in :class:`FrameRef`); the api reads it from there as a
+            checked reader while the slot still holds ``seq``.
+        track_ids: ``(n,) int64`` per-camera track ids.
+        xyxy: ``(n, 4) float32`` boxes ``x1, y1, x2, y2``, frame pixels.
+        labels: ``n`` class names.
+        names: ``n`` identity names, None for an unknown track.
+    """
+
+    camera: str
+    frame_index: int
+    captured_at_ns: int
+    ring: str
+    slot: int
+    seq: int
+    track_ids: np.ndarray
+    xyxy: np.ndarray
+    labels: tuple[str, ...] = ()
+    names: tuple[str | None, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_array("LiveTracks.track_ids", self.track_ids, np.int64, 1)
+        check_array("LiveTracks.xyxy", self.xyxy, np.float32, 2, 4)
+        n = self.track_ids.shape[0]
+        check_rows("LiveTracks", n, xyxy=self.xyxy)
+        if len(self.labels) != n or len(self.names) != n:
+            raise ValueError(f"LiveTracks: {n} tracks but {len(self.labels)} labels and {len(self.names)} names")
+
+    def __len__(self) -> int:
+        return int(self.track_ids.shape[0])
+
+
+@dataclass(frozen=True)
 class StageStats:
     """Heartbeat and counters one process sends to the supervisor (cumulative since start).
 

@@ -19,7 +19,7 @@ start gate and gets no low-rate alert.
 
 Endpoints. ZeroMQ endpoint names are built only by the functions of this
 module (:func:`frames`, :func:`detections`, :func:`storage`,
-:func:`storage_acks`, :func:`control`); no other module spells an endpoint
+:func:`storage_acks`, :func:`control`, :func:`live_tracks`); no other module spells an endpoint
 name. Each row declares the endpoints its processes read (``inboxes``) and
 write (``outboxes``) as functions of the config, the process index and the
 live process counts (``counts``: stage name → processes now running, which
@@ -73,6 +73,12 @@ def storage() -> str:
 def storage_acks() -> str:
     """Storage → recognition (PUB/SUB, commit acknowledgements): ``storage-acks``."""
     return "storage-acks"
+
+
+def live_tracks() -> str:
+    """Recognition → api (PUB connects, SUB binds; lossy): each frame's confirmed track boxes and names for the
+    live view (:class:`pipeline.messages.LiveTracks`), only while ``api.enabled``: ``live-tracks``."""
+    return "live-tracks"
 
 
 def control() -> str:
@@ -178,7 +184,11 @@ def _recognition_in(cfg: AppConfig, index: int, counts: Counts) -> tuple[str, ..
 
 
 def _recognition_out(cfg: AppConfig, index: int, counts: Counts) -> tuple[str, ...]:
-    return (storage(),)
+    return (storage(),) + ((live_tracks(),) if cfg.api.enabled else ())
+
+
+def _api_in(cfg: AppConfig, index: int, counts: Counts) -> tuple[str, ...]:
+    return (live_tracks(),)
 
 
 def _storage_in(cfg: AppConfig, index: int, counts: Counts) -> tuple[str, ...]:
@@ -203,9 +213,9 @@ STAGES: tuple[StageSpec, ...] = (
     # publishes the outbox storage commits (reads the database; asks the supervisor's control endpoint for
     # stats); drained after storage, so the events of its last commits are still published
     StageSpec("mqtt", Count.ONE, _none, _none, Resume.OUTBOX_REPLAYED, enabled=_mqtt_configured, data_path=False),
-    # the HTTP API: status over control(), frames read from the rings, the database; drained last (it
-    # answers health and status while the others drain)
-    StageSpec("api", Count.ONE, _none, _none, Resume.FRESH, enabled=lambda cfg: cfg.api.enabled, data_path=False),
+    # the HTTP API: status over control(), frames read from the rings, the database, track boxes of the live
+    # view from recognition (live_tracks, lossy); drained last (it answers health and status while the others drain)
+    StageSpec("api", Count.ONE, _api_in, _none, Resume.FRESH, enabled=lambda cfg: cfg.api.enabled, data_path=False),
 )
 
 #: Stage names in pipeline (= drain) order.

@@ -152,17 +152,21 @@ class Transport:
             socks.append(sock)
         return CreditInbox(socks, window, monitors=monitors)
 
-    def publisher(self, name: str, linger_ms: int = 1000) -> Sender:
-        """A PUB socket bound at ``name`` (storage's acknowledgements)."""
-        sock = self._socket(zmq.PUB, 10_000, linger_ms)
-        self._attach(sock, name, True)
+    def publisher(self, name: str, linger_ms: int = 1000, *, bind: bool = True, hwm: int = 10_000) -> Sender:
+        """A PUB socket at ``name``: bound (storage's acknowledgements) or, ``bind=False``, connected to a bound
+        SUB (recognition's live tracks); a PUB never blocks: beyond ``hwm`` queued messages, or with no
+        subscriber, a message is dropped."""
+        sock = self._socket(zmq.PUB, hwm, linger_ms)
+        self._attach(sock, name, bind)
         return Sender(sock)
 
-    def subscriber(self, name: str) -> Receiver:
-        """A SUB socket connected to ``name``, subscribed to everything."""
-        sock = self._socket(zmq.SUB, 10_000, 0)
-        sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self._attach(sock, name, False)
+    def subscriber(self, name: str, *, bind: bool = False, subscribe: bool = True, hwm: int = 10_000) -> Receiver:
+        """A SUB socket connected to ``name`` (or bound, ``bind=True``), subscribed to everything unless
+        ``subscribe`` is False (then set ``zmq.SUBSCRIBE`` on ``.sock`` when wanted)."""
+        sock = self._socket(zmq.SUB, hwm, 0)
+        if subscribe:
+            sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._attach(sock, name, bind)
         return Receiver(sock)
 
     def server(self, name: str) -> Server:

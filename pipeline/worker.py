@@ -44,12 +44,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import cv2
+import numpy as np
 
 from pipeline import topology
 from pipeline.config import AppConfig, data_dir, database_url, thread_budget
 from pipeline.counters import CounterBlock
 from pipeline.journal import FrameJournal, Outbox
-from pipeline.messages import event_id_for
+from pipeline.messages import LiveTracks, event_id_for
 from pipeline.metrics import Heartbeat, StageCounters
 from pipeline.runner import Batcher, CaptureLoop, CaptureSettings, Reorderer, Runner, RunnerIO, StopFlag
 from pipeline.transport import PRIVATE_UMASK, ReliableSender, Transport
@@ -284,9 +285,43 @@ def _recognition(cfg: AppConfig, t: Transport, index: int, n_rec: int, counters:
 
     io = RunnerIO(inbox=inbox, route=lambda msg: out, heartbeat=hb, release=True, blocking_send=True,
                   services=(gauges, *_sharing(cfg, engine, index, n_rec, [("reid", reid), ("gait", gait)], counters)),
-                  on_exit=wait_for_storage, after_frame=journal if file_mode else None)
+                  on_exit=wait_for_storage, after_frame=_after_frame(journal if file_mode else None,
+                                                                     _live_tracks(cfg, t, stage)))
     _show_providers(counters)
     Runner(stage, io, counters, stop, reorderer=reorderer).run()
+
+
+def _live_tracks(cfg: AppConfig, t: Transport, stage: Any) -> Callable[[object], None] | None:
+    """With ``api.enabled``: publish each frame's confirmed tracks (:class:`~pipeline.messages.LiveTracks`) to
+    the api's live view, on a PUB socket connected to :func:`pipeline.topology.live_tracks`. Lossy and never
+    blocking: with no viewer subscribed, or 8 messages queued, a message is dropped. None without the api."""
+    if not cfg.api.enabled:
+        return None
+    pub = t.publisher(topology.live_tracks(), linger_ms=0, bind=False, hwm=8)
+
+    def publish(det: object) -> None:
+        ref = det.frame  # type: ignore[attr-defined]
+        active = stage.active(ref.camera)
+        pub.send(LiveTracks(camera=ref.camera, frame_index=ref.frame_index, captured_at_ns=ref.captured_at_ns,
+                            ring=ref.ring, slot=ref.slot, seq=ref.seq,
+                            track_ids=np.array([a.track_id for a in active], np.int64),
+                            xyxy=np.array([a.xyxy for a in active], np.float32).reshape(-1, 4),
+                            labels=tuple(a.label for a in active), names=tuple(a.identity for a in active)))
+
+    return publish
+
+
+def _after_frame(*hooks: Callable[[object], None] | None) -> Callable[[object], None] | None:
+    """One ``RunnerIO.after_frame`` calling each hook that is not None, in order (None when there is none)."""
+    todo = [h for h in hooks if h is not None]
+    if not todo:
+        return None
+
+    def after(det: object) -> None:
+        for hook in todo:
+            hook(det)
+
+    return after
 
 
 def _resume(cfg: AppConfig, run: RunPaths, index: int, n_rec: int, stage: Any, reorderer: Reorderer,
@@ -396,8 +431,10 @@ def _version() -> str:
 
 def _api(cfg: AppConfig, runtime_dir: Path, counters: StageCounters, stop: StopFlag) -> None:
     """The HTTP API process (:mod:`pipeline.api`): uvicorn until SIGTERM. Requests are its counted items; the
-    bound port is its ``port`` count (``api.port: 0`` picks a free one). Its face models use one thread."""
+    bound port is its ``port`` count (``api.port: 0`` picks a free one). Its face models use one thread. The
+    live view's track boxes arrive from recognition on :func:`pipeline.topology.live_tracks` (:mod:`pipeline.api_live`)."""
     from pipeline.api import bind, create_app, serve
+    from pipeline.api_live import TrackFeed
     from pipeline.services import api_context
 
     info = json.loads((runtime_dir / "run.json").read_text())
@@ -405,13 +442,18 @@ def _api(cfg: AppConfig, runtime_dir: Path, counters: StageCounters, stop: StopF
     sock = bind(cfg.api.host, cfg.api.port)
     host, port = sock.getsockname()[:2]
     counters.extra["port"] = port
-    app = create_app(api_context(cfg, alone=False, config_path=config_path, threads=1, counters=counters))
+    ctx = api_context(cfg, alone=False, config_path=config_path, threads=1, counters=counters)
+    ctx.tracks = TrackFeed(Path(info["socket_dir"])).start()
+    app = create_app(ctx)
 
     def ready() -> None:
         counters.extra["ready"] = 1
         log.info("HTTP API on http://%s:%d%s", host, port, "" if cfg.api.token else " (no token: loopback only)")
 
-    serve(app, sock, stop, on_ready=ready)
+    try:
+        serve(app, sock, stop, on_ready=ready)
+    finally:
+        ctx.tracks.close()
 
 
 @dataclass(frozen=True)

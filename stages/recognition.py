@@ -360,6 +360,12 @@ class RecognitionStage:
         out.extend(self._ended(transitions))
         return out
 
+    def active(self, camera: str) -> list[ActiveTrack]:
+        """The confirmed tracks of ``camera`` matched in its latest frame, with their identities (empty for a
+        camera this process has not seen)."""
+        tracks = self.cameras.get(camera)
+        return tracks.active() if tracks is not None else []
+
     def _name(self, tracks: CameraTracks, track_id: int, named: Named) -> None:
         if self._identity(tracks.camera, track_id).decide(named):
             tracks.set_identity(track_id, named.identity, named.method, named.score)

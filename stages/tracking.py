@@ -79,12 +79,14 @@ class ActiveTrack:
         event_id: 32-hex event id of the track.
         xyxy: ``(4,) float32`` detection box ``x1, y1, x2, y2``, frame pixels.
         label: class name.
+        identity: the track's identity as decided before this frame (None: unknown).
     """
 
     track_id: int
     event_id: str
     xyxy: np.ndarray
     label: str
+    identity: str | None = None
 
 
 @dataclass
@@ -262,7 +264,8 @@ class CameraTracks:
                 track_id = self._open(class_id, tracker, int(tracker_id), index)
             event = self._events[track_id]
             event.message = _observed(event.message, box, float(conf), index, self._captured_ns[index])
-            self._active.append(ActiveTrack(track_id, event.message.event_id, event.message.xyxy, event.message.label))
+            self._active.append(ActiveTrack(track_id, event.message.event_id, event.message.xyxy, event.message.label,
+                                            event.message.identity))
             if event.dirty or index - event.sent_frame >= self._every:
                 updates.append(self._emit(event, TrackState.NEW if event.sent_frame < 0 else TrackState.TRACKED))
         for event in self._events.values():  # identity changes of tracks not seen in this frame

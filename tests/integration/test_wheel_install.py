@@ -20,10 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.api_page import WEB_FILES
 from tests.integration.conftest import write_clip
 
 ROOT = Path(__file__).resolve().parents[2]
 MIGRATIONS = sorted(p.name for p in (ROOT / "alembic" / "versions").glob("*.py"))
+WEB = [f"pipeline/resources/web/{name}" for name in WEB_FILES]  # the page served at /
 
 
 def _sh(*cmd: str | Path, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> str:
@@ -41,13 +43,13 @@ def _build_wheel(tmp: Path) -> Path:
         tar.extractall(tmp / "src", filter="data")
     top = names[0].split("/")[0]
     for needed in ["alembic.ini", "configs/demo.yaml", "pipeline/resources/models.yaml", "pipeline/resources/config.yaml",
-                   *(f"alembic/versions/{m}" for m in MIGRATIONS)]:
+                   *WEB, *(f"alembic/versions/{m}" for m in MIGRATIONS)]:
         assert f"{top}/{needed}" in names, f"sdist lacks {needed}"
     _sh(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp / "dist", tmp / "src" / top, cwd=tmp)
     (wheel,) = (tmp / "dist").glob("facepro-*.whl")
     listing = zipfile.ZipFile(wheel).namelist()
     for needed in ["storage/alembic/env.py", "storage/alembic/script.py.mako", "pipeline/resources/models.yaml",
-                   "pipeline/resources/config.yaml", *(f"storage/alembic/versions/{m}" for m in MIGRATIONS)]:
+                   "pipeline/resources/config.yaml", *WEB, *(f"storage/alembic/versions/{m}" for m in MIGRATIONS)]:
         assert needed in listing, f"wheel lacks {needed}"
     return wheel
 
@@ -73,6 +75,9 @@ def _run_installed(tmp: Path, wheel: Path, assets: Path, videos: Path) -> None:
                 "print(pipeline.__file__, stages.__file__, storage.__file__, d.script_location())", cwd=empty, env=env)
     for path in where.split():
         assert Path(path).resolve().is_relative_to(venv.resolve()), f"not the wheel's code: {where}"
+    page = _sh(venv / "bin" / "python", "-c", "from pipeline.api_page import WEB_FILES, web_file; "
+               "print(sum(len(web_file(n)) > 0 for n in WEB_FILES))", cwd=empty, env=env)
+    assert int(page) == len(WEB_FILES)  # the page's files load from the installed package
     clip = write_clip(videos / "vtest.avi", tmp / "clip.avi", 150)
 
     def facepro(*args: str | Path) -> str:

@@ -447,7 +447,8 @@ PROTECTED = [("GET", "/api/health"), ("GET", "/api/status"), ("GET", "/metrics")
              ("POST", "/api/identities/x/faces"), ("DELETE", "/api/identities/x"), ("POST", "/api/recognize"),
              ("GET", "/api/cameras"), ("GET", "/api/cameras/campus/latest.jpg"), ("POST", "/api/scale"),
              ("GET", "/api/backups"), ("POST", "/api/backups"), ("GET", "/api/backups/facepro-backup-1.tar.gz"),
-             ("POST", "/api/backups/facepro-backup-1.tar.gz/restore"), ("GET", "/nothing")]
+             ("POST", "/api/backups/facepro-backup-1.tar.gz/restore"), ("GET", "/nothing"), ("GET", "/api/alerts"),
+             ("GET", "/api/gpu"), ("GET", "/api/cameras/campus/stream.mjpeg")]
 
 
 @pytest.mark.parametrize("auth", [None, "Bearer wrong-token-0123456789", f"Basic {TOKEN}", f"Bearer {TOKEN}x"])

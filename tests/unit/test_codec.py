@@ -40,6 +40,11 @@ MESSAGES = [
     m.StatusRequest(),
     m.ScaleRequest(stage="detection", processes=2),
     m.Ack(ok=True, message="done"),
+    m.LiveTracks(camera="cam0", frame_index=16, captured_at_ns=5, ring="facepro_ab_cam0_1_0", slot=3, seq=17,
+                 track_ids=np.array([4, 9], np.int64), xyxy=np.array([[1, 2, 3, 4], [5, 6, 7, 8]], np.float32),
+                 labels=("person", "car"), names=("Barack Obama", None)),
+    m.LiveTracks(camera="cam0", frame_index=17, captured_at_ns=6, ring="r", slot=0, seq=18,
+                 track_ids=np.zeros(0, np.int64), xyxy=np.zeros((0, 4), np.float32)),
 ]
 
 
@@ -127,3 +132,10 @@ def test_encode_rejects_unregistered_types() -> None:
 def test_messages_validate_fields(build, error: str) -> None:
     with pytest.raises(ValueError, match=error):
         build()
+
+
+def test_live_tracks_need_one_label_and_name_per_box() -> None:
+    with pytest.raises(ValueError, match="2 tracks but 1 labels and 2 names"):
+        m.LiveTracks(camera="c", frame_index=0, captured_at_ns=0, ring="r", slot=0, seq=1,
+                     track_ids=np.array([1, 2], np.int64), xyxy=np.zeros((2, 4), np.float32),
+                     labels=("person",), names=(None, None))

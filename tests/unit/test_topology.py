@@ -54,7 +54,11 @@ def test_the_optional_rows_run_only_when_enabled(api: bool, mqtt: bool) -> None:
     assert names == ("capture", "detection", "recognition", "storage") + (("mqtt",) if mqtt else ()) + (("api",) if api else ())
     for row in ("api", "mqtt"):  # both optional rows use the same two fields
         assert topology.spec(row).enabled is not None and not topology.spec(row).data_path
-        assert topology.spec(row).inboxes(cfg, 0, {}) == topology.spec(row).outboxes(cfg, 0, {}) == ()
+        assert topology.spec(row).outboxes(cfg, 0, {}) == ()
+    assert topology.spec("mqtt").inboxes(cfg, 0, {}) == ()
+    assert topology.spec("api").inboxes(cfg, 0, {}) == ("live-tracks",)  # only read when the row runs
+    rec_out = topology.spec("recognition").outboxes(cfg, 0, {})
+    assert rec_out == ("storage",) + (("live-tracks",) if api else ())  # no live view, nothing published
 
 
 def test_every_inbox_is_some_outbox_and_names_come_from_the_table() -> None:
@@ -66,7 +70,7 @@ def test_every_inbox_is_some_outbox_and_names_come_from_the_table() -> None:
             ins.update(row.inboxes(cfg, i, counts))
             outs.update(row.outboxes(cfg, i, counts))
     assert ins == outs == {"frames-cam0", "frames-cam1", "frames-cam2", "detections-0", "detections-1", "storage",
-                           "storage-acks"}
+                           "storage-acks", "live-tracks"}
     assert topology.spec("detection").outboxes(cfg, 0, dict(counts, recognition=3))[-1] == "detections-2"
 
 

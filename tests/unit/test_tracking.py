@@ -161,9 +161,11 @@ def test_identity_and_snapshot_ride_on_the_next_update():
     tracks = CameraTracks(CAM, CFG, COCO80, update_every_frames=100)
     _feed(tracks, [_dets(i, [_walker(i)]) for i in range(4)])
     (track,) = tracks.active()
+    assert track.identity is None
     assert tracks.set_identity(track.track_id, "obama", "face", 0.71) is True
     assert tracks.set_snapshot(track.track_id, "/tmp/snap.jpg") is True
     (update,) = _msgs(tracks.update(*_dets(4, [_walker(4)])))  # inside the 100-frame throttle window
+    assert [t.identity for t in tracks.active()] == ["obama"]  # the live view's name from the next frame on
     assert (update.identity, update.method, update.identity_score, update.snapshot_path) == ("obama", "face", pytest.approx(0.71), "/tmp/snap.jpg")
     assert _msgs(tracks.update(*_dets(5, [_walker(5)]))) == []  # nothing new: throttled
     tracks.set_identity(track.track_id, "obama", "face", 0.71)  # same decision again
