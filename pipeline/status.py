@@ -35,13 +35,26 @@ def _zeros() -> np.ndarray:
     return np.zeros(len(DROP_REASONS), np.int64)
 
 
+#: Extra counters that state what a process is doing now (gauges), not work it did: an exited process's last value is
+#: dropped rather than added to its successor's (``port`` 73544 after an api restart, a waiting frame of -1 + 19).
+GAUGES: frozenset[str] = frozenset({
+    "ready", "port", "offline", "reorder_waiting_for", "storage_unacked", "lock_wait_ms",
+    "mqtt_connected", "outbox_pending", "jobs_queued", "jobs_running", "job_cpu_percent",
+})
+
+
+def is_gauge(name: str) -> bool:
+    """True for a gauge extra counter: one of :data:`GAUGES`, or a ``<model> on <provider>`` line."""
+    return name in GAUGES or " on " in name
+
+
 @dataclass
 class Retired:
     """Final counts of a stage's exited processes.
 
     Attributes:
         drops: ``(len(DROP_REASONS),) int64``.
-        counts: extra counter name → sum.
+        counts: extra counter name → sum (gauges, :func:`is_gauge`, are not kept).
         peak_rss_mb: ``"<stage>-<index> (pid <pid>)"`` → MiB, one entry per process that ever ran.
         latency_p50_ms, latency_p99_ms: the worst exited process's last published percentiles of its
             per-item processing time (its window of recent items), milliseconds.
@@ -63,7 +76,8 @@ class Retired:
         self.sent += snap.sent
         self.drops = self.drops + snap.drops
         for name, n in snap.extra.items():
-            self.counts[name] = self.counts.get(name, 0) + int(n)
+            if not is_gauge(name):  # a dead process's gauge says nothing about the stage now
+                self.counts[name] = self.counts.get(name, 0) + int(n)
         self.peak_rss_mb[label] = max(snap.max_rss_mb, peak_rss_mb or 0.0)
         self.latency_p50_ms = max(self.latency_p50_ms, snap.latency_p50_ms)
         self.latency_p99_ms = max(self.latency_p99_ms, snap.latency_p99_ms)

@@ -39,6 +39,18 @@ def test_totals_include_retired_processes() -> None:
     assert r.peak_rss_mb == {"detection-0 (pid 7)": 80.0}
 
 
+def test_an_exited_process_keeps_its_work_counts_but_not_its_gauges() -> None:
+    """After a restart the stage's counts are the work of every process, but a gauge (a state) is the live one's."""
+    r = Retired()
+    r.add(snap(extra={"published": 7, "port": 36772, "reorder_waiting_for": -1, "outbox_pending": 5,
+                      "face detector scrfd_500m.onnx on CPU": 1}), "api-0 (pid 7)")
+    live = snap(extra={"published": 2, "port": 36772, "reorder_waiting_for": 19, "outbox_pending": 0,
+                       "face detector scrfd_500m.onnx on CPU": 1})
+    assert totals(StageView((LiveProc(8, live),), r)).counts == {
+        "published": 9, "port": 36772, "reorder_waiting_for": 19, "outbox_pending": 0,
+        "face detector scrfd_500m.onnx on CPU": 1}
+
+
 def test_queue_depth_is_upstream_sent_minus_received_plus_backlog() -> None:
     v = views(capture=[snap(frames_out=100, sent=100)], detection=[snap(frames_in=60, sent=58, backlog=2), snap(frames_in=30, sent=30)],
               recognition=[snap(frames_in=80, backlog=5)], storage=[snap(frames_in=10)])
