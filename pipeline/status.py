@@ -36,7 +36,8 @@ def _zeros() -> np.ndarray:
 
 
 #: Extra counters that state what a process is doing now (gauges), not work it did: an exited process's last value is
-#: dropped rather than added to its successor's (``port`` 73544 after an api restart, a waiting frame of -1 + 19).
+#: replaced by its successor's rather than added to it (``port`` 73544 after an api restart, a waiting frame of
+#: -1 + 19); with no live process left (the run summary) the last exited process's value stands.
 GAUGES: frozenset[str] = frozenset({
     "ready", "port", "offline", "reorder_waiting_for", "storage_unacked", "lock_wait_ms",
     "mqtt_connected", "outbox_pending", "jobs_queued", "jobs_running", "job_cpu_percent",
@@ -54,7 +55,8 @@ class Retired:
 
     Attributes:
         drops: ``(len(DROP_REASONS),) int64``.
-        counts: extra counter name → sum (gauges, :func:`is_gauge`, are not kept).
+        counts: extra counter name → sum (work counts only).
+        gauges: gauge name (:func:`is_gauge`) → the value the last exited process reported.
         peak_rss_mb: ``"<stage>-<index> (pid <pid>)"`` → MiB, one entry per process that ever ran.
         latency_p50_ms, latency_p99_ms: the worst exited process's last published percentiles of its
             per-item processing time (its window of recent items), milliseconds.
@@ -65,6 +67,7 @@ class Retired:
     sent: int = 0
     drops: np.ndarray = field(default_factory=_zeros)
     counts: dict = field(default_factory=dict)
+    gauges: dict = field(default_factory=dict)
     peak_rss_mb: dict = field(default_factory=dict)
     latency_p50_ms: float = 0.0
     latency_p99_ms: float = 0.0
@@ -76,7 +79,9 @@ class Retired:
         self.sent += snap.sent
         self.drops = self.drops + snap.drops
         for name, n in snap.extra.items():
-            if not is_gauge(name):  # a dead process's gauge says nothing about the stage now
+            if is_gauge(name):  # its last state, until a live process reports its own
+                self.gauges[name] = int(n)
+            else:
                 self.counts[name] = self.counts.get(name, 0) + int(n)
         self.peak_rss_mb[label] = max(snap.max_rss_mb, peak_rss_mb or 0.0)
         self.latency_p50_ms = max(self.latency_p50_ms, snap.latency_p50_ms)
@@ -120,9 +125,12 @@ def totals(view: StageView) -> Totals:
     snaps = [p.counters for p in view.live]
     r = view.retired
     counts = dict(r.counts)
+    live_gauges: dict[str, int] = {}
     for s in snaps:
         for name, n in s.extra.items():
-            counts[name] = counts.get(name, 0) + int(n)
+            into = live_gauges if is_gauge(name) else counts
+            into[name] = into.get(name, 0) + int(n)
+    counts.update({**r.gauges, **live_gauges})  # a gauge: the live processes' values, else the last exited one's
     return Totals(frames_in=r.frames_in + sum(s.frames_in for s in snaps),
                   frames_out=r.frames_out + sum(s.frames_out for s in snaps),
                   sent=r.sent + sum(s.sent for s in snaps), backlog=sum(s.backlog for s in snaps),

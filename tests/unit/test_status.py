@@ -49,6 +49,10 @@ def test_an_exited_process_keeps_its_work_counts_but_not_its_gauges() -> None:
     assert totals(StageView((LiveProc(8, live),), r)).counts == {
         "published": 9, "port": 36772, "reorder_waiting_for": 19, "outbox_pending": 0,
         "face detector scrfd_500m.onnx on CPU": 1}
+    r.add(live, "api-0 (pid 8)")  # the run ended: with no live process the last exited one's state stands
+    assert totals(StageView((), r)).counts == {
+        "published": 9, "port": 36772, "reorder_waiting_for": 19, "outbox_pending": 0,
+        "face detector scrfd_500m.onnx on CPU": 1}
 
 
 def test_queue_depth_is_upstream_sent_minus_received_plus_backlog() -> None:
