@@ -27,6 +27,7 @@ from pipeline.services import api_context
 from storage.db import open_engine, upgrade
 from storage.jobs import JobTable
 from tests.integration.conftest import pipeline_config, save_config, write_clip
+from tests.sse import sse_events as _events
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The issue's bound on a cancel is 2 s (by design at most DRAIN_S + FORCE_S + a poll, ~1.7 s); the assertion allows
@@ -65,16 +66,6 @@ def client(models: Path, clips: Path, short_data_dir: Path, env: None) -> Iterat
         yield TestClient(create_app(ctx))
     finally:
         ctx.jobs.stop()
-
-
-def _events(lines: Iterator[str]) -> list[tuple[str, dict]]:
-    out, name = [], None
-    for line in lines:
-        if line.startswith("event: "):
-            name = line[7:]
-        elif line.startswith("data: "):
-            out.append((name, json.loads(line[6:])))
-    return out
 
 
 def _follow(c: TestClient, job_id: str) -> list[tuple[str, dict]]:

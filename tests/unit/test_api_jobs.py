@@ -3,13 +3,13 @@ injected (tests/unit/test_jobs.py's FakeChild; the real one: tests/integration/t
 
 from __future__ import annotations
 
-import json
 import stat
 import threading
 import uuid
 from pathlib import Path
 from typing import Iterator
 
+from tests.sse import sse_events as _events
 import pytest
 from fastapi.testclient import TestClient
 
@@ -74,16 +74,6 @@ def _finish_when_started(spawner: Spawner, code: int = 0) -> threading.Thread:
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
-
-
-def _events(lines: Iterator[str]) -> list[tuple[str, dict]]:
-    out, name = [], None
-    for line in lines:
-        if line.startswith("event: "):
-            name = line[7:]
-        elif line.startswith("data: "):
-            out.append((name, json.loads(line[6:])))
-    return out
 
 
 def test_an_uploaded_clip_is_analysed_and_its_progress_streamed(jobs: Jobs, clip: Path) -> None:

@@ -252,16 +252,22 @@ def test_an_analyze_job_runs_its_pipeline_to_done(engine, cfg, data_dir, clip, r
                            "camera": f"job-{job.id.replace('-', '')[:8]}"}
 
 
-def test_cancel_drains_the_pipeline_and_is_cancelled_within_the_limit(engine, cfg, data_dir, clip, running) -> None:
-    spawner = Spawner()
-    runner = _runner(engine, cfg, data_dir, spawner)
+def _cancel_a_running_job(runner, running: list, spawner, clip: Path) -> tuple[object, float]:
+    """Start the runner, submit an analyze job, wait until its pipeline runs, cancel it: (job, seconds cancel took)."""
     running.append(runner.start())
     job = runner.submit("analyze", {"path": str(clip)})
     spawner.started.wait(10)
     _wait(runner.store, job.id, {"running"})
     started = time.monotonic()
     got = runner.cancel(job.id)
-    assert time.monotonic() - started < CANCEL_WAIT_S
+    return got, time.monotonic() - started
+
+
+def test_cancel_drains_the_pipeline_and_is_cancelled_within_the_limit(engine, cfg, data_dir, clip, running) -> None:
+    spawner = Spawner()
+    runner = _runner(engine, cfg, data_dir, spawner)
+    got, took = _cancel_a_running_job(runner, running, spawner, clip)
+    assert took < CANCEL_WAIT_S
     assert (got.state, got.error) == ("cancelled", "cancelled by request")
     assert spawner.children[0].signals == ["INT"]  # it drained: no second signal
     assert got.result["frames"] == 4 and got.result["exit_code"] == 0
@@ -270,13 +276,7 @@ def test_cancel_drains_the_pipeline_and_is_cancelled_within_the_limit(engine, cf
 def test_a_pipeline_that_does_not_stop_is_escalated_to_sigkill(engine, cfg, data_dir, clip, running) -> None:
     spawner = Spawner(drains=False)
     runner = _runner(engine, cfg, data_dir, spawner)
-    running.append(runner.start())
-    job = runner.submit("analyze", {"path": str(clip)})
-    spawner.started.wait(10)
-    _wait(runner.store, job.id, {"running"})
-    started = time.monotonic()
-    got = runner.cancel(job.id)
-    took = time.monotonic() - started
+    got, took = _cancel_a_running_job(runner, running, spawner, clip)
     assert got.state == "cancelled" and spawner.children[0].signals == ["INT", "INT", "KILL"]
     assert DRAIN_S + FORCE_S <= took < CANCEL_WAIT_S  # waited for the drain, then stopped it within the limit
 
