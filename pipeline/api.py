@@ -47,7 +47,7 @@ import secrets
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
@@ -185,6 +185,23 @@ class PipelineLink:
         self.status_max_age_s = status_max_age_s
         self._status: tuple[float, StatusReply] | None = None
         self._status_lock = threading.Lock()
+        self._body: tuple[StatusReply, bytes] | None = None
+
+    def fresh_status(self) -> StatusReply | None:
+        """The kept status reply while it is younger than ``status_max_age_s``, else None; never blocks (an async
+        route answers from it without a thread)."""
+        kept = self._status
+        return kept[1] if kept is not None and time.monotonic() - kept[0] < self.status_max_age_s else None
+
+    def status_body(self, reply: StatusReply, render: Callable[[StatusReply], bytes]) -> bytes:
+        """``render(reply)`` (the JSON body of ``GET /api/status``), computed once per reply: every client polling
+        within ``status_max_age_s`` gets the same bytes."""
+        kept = self._body
+        if kept is not None and kept[0] is reply:
+            return kept[1]
+        body = render(reply)
+        self._body = (reply, body)
+        return body
 
     def current(self) -> dict | None:
         """The running pipeline's run file (``run_id``, ``socket_dir``...), None when none runs."""
@@ -229,12 +246,18 @@ class PipelineLink:
             raise ApiError(503, f"unexpected answer from the supervisor: {type(reply).__name__}")
         return reply
 
-    def latest(self, camera: str, copy: bool = True) -> tuple[LatestFrame | None, tuple[int, int] | None]:
+    def latest(self, camera: str, copy: bool = True, transform: Callable[[np.ndarray], np.ndarray] | None = None
+               ) -> tuple[LatestFrame | None, tuple[int, int] | None]:
         """The newest published frame of ``camera`` and the ring's ``(height, width)``.
 
         Reads the newest ring generation of the camera (a resolution change makes a new one) as a checked
         reader (:meth:`RingReader.latest`). ``(None, None)`` without a pipeline or a ring; ``(None, size)``
         when nothing is published yet or the frame was overwritten on every attempt.
+
+        Args:
+            copy: False: the header only (``frame`` None).
+            transform: instead of a copy, ``frame`` is ``transform(zero-copy read-only view of the slot)`` (a new
+                array, e.g. a scaled frame), kept only when the slot still holds the frame afterwards.
         """
         info = self.current()
         names = camera_rings(str(info["run_id"]), camera) if info else []
@@ -244,8 +267,17 @@ class PipelineLink:
             ring = RingReader.attach(names[-1])
         except RingError:  # the capture stopped between the listing and the attach
             return None, None
+        size = (ring.layout.height, ring.layout.width)
         try:
-            return ring.latest(copy=copy), (ring.layout.height, ring.layout.width)
+            if transform is None:
+                return ring.latest(copy=copy), size
+            head = ring.latest(copy=False)
+            view = ring.view(head.slot, head.seq) if head is not None else None
+            if head is None or view is None:
+                return None, size
+            frame = transform(view)
+            del view
+            return (replace(head, frame=frame) if ring.published(head.slot, head.seq) else None), size
         finally:
             ring.close()
 
@@ -284,8 +316,9 @@ class ApiContext:
             self.alerts = AlertTracker(a.min_rate_fps, a.backlog_frames, a.max_rss_mb, a.grace_s, rate_stages=topology.DATA_PATH)
 
 
-def context(request: Request) -> ApiContext:
-    """FastAPI dependency: the app's :class:`ApiContext`."""
+async def context(request: Request) -> ApiContext:
+    """FastAPI dependency: the app's :class:`ApiContext` (async: a sync dependency would cost every request a
+    hop to the thread pool)."""
     return request.app.state.ctx
 
 

@@ -16,12 +16,16 @@ the newest frame by the pipeline's latency. When that slot was overwritten (or n
 ``facepro serve`` or with the api not in the run) the newest frame of the ring is shown, with the newest
 boxes only when they are at most :data:`STALE_BOXES_S` older than the frame, else without boxes.
 
-Cost bounds. A camera's frame is rendered (boxes drawn, scaled to at most :data:`MAX_WIDTH` pixels wide,
-JPEG-encoded) at most :data:`MAX_FPS` times a second, whatever the number of viewers: they share the
-rendered JPEG. Each client gets at most ``fps`` (≤ :data:`MAX_FPS`) parts a second, never the same frame
-twice, and never a frame older than the one it got last. Nothing is queued per client: a slow client's
-next part is the newest frame when its socket can take it, so the frames in between are dropped. A stream
-ends after :data:`IDLE_END_S` seconds without a new frame (the pipeline stopped); the page reconnects.
+Cost bounds (the api shares the cores with the stages). Nothing is rendered without a viewer. A camera's
+frame is rendered (scaled to at most ``api.stream_max_width`` pixels wide straight from its ring slot, so a
+full frame is never copied when it is scaled; boxes drawn; JPEG-encoded at ``api.stream_quality``) at most
+``api.stream_fps`` times a second, whatever the number of viewers: they share the rendered JPEG. Each
+client gets at most ``fps`` (≤ ``api.stream_fps``) parts a second, never the same frame twice, and never a
+frame older than the one it got last; a client whose camera's rendering is still fresh is answered on the
+event loop, without a thread. Nothing is queued per client: a slow client's next part is the newest frame
+when its socket can take it, so the frames in between are dropped. A stream ends after :data:`IDLE_END_S`
+seconds without a new frame (the pipeline stopped); the page reconnects. The api process itself runs at
+niceness ``api.nice`` (:func:`pipeline.worker`), so on busy cores the stages come first.
 """
 
 from __future__ import annotations
@@ -50,17 +54,18 @@ from pipeline.ring import RingError, RingReader
 
 log = logging.getLogger("facepro.api.live")
 
-#: Most frames a second a camera is rendered, and a client is sent.
-MAX_FPS = 5.0
-#: Frames wider than this are scaled down before encoding, pixels.
-MAX_WIDTH = 1280
+#: Most frames a second a client may ask for (``?fps=``; ``api.stream_fps`` caps it further).
+MAX_FPS = 30.0
+#: Defaults of ``api.stream_fps``, ``api.stream_max_width`` and ``api.stream_quality``.
+STREAM_FPS = 5.0
+MAX_WIDTH = 960
+JPEG_QUALITY = 75
 #: Newest boxes are drawn on a newer frame only when at most this much older than it, seconds.
 STALE_BOXES_S = 0.5
 #: A stream ends after this long without a new frame, seconds.
 IDLE_END_S = 30.0
 #: The api keeps receiving track boxes for this long after the last stream asked for a frame, seconds.
 VIEWER_LEASE_S = 5.0
-JPEG_QUALITY = 75
 BOUNDARY = "frame"
 
 
@@ -183,15 +188,15 @@ def _colour(label: str, name: str | None) -> tuple[int, int, int]:
     return (0, 165, 255) if label == "person" else (200, 200, 200)  # unknown person: orange; other: grey
 
 
-def draw_tracks(frame: np.ndarray, tracks: LiveTracks | None) -> np.ndarray:
+def draw_tracks(frame: np.ndarray, tracks: LiveTracks | None, scale: float = 1.0) -> np.ndarray:
     """Draw each track's box and ``#id name`` (or ``#id label``) on ``frame`` (``(H, W, 3) uint8`` BGR, changed
-    in place); returns ``frame``."""
+    in place); returns ``frame``. ``scale``: the frame's size over the ring's (boxes are in ring pixels)."""
     if tracks is None:
         return frame
     h, w = frame.shape[:2]
     thick = max(1, round(w / 480))
     for tid, box, label, name in zip(tracks.track_ids, tracks.xyxy, tracks.labels, tracks.names):
-        x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+        x1, y1, x2, y2 = (int(round(float(v) * scale)) for v in box)
         x1, x2 = max(0, min(w - 1, x1)), max(0, min(w - 1, x2))
         y1, y2 = max(0, min(h - 1, y1)), max(0, min(h - 1, y2))
         colour = _colour(label, name)
@@ -205,31 +210,53 @@ def draw_tracks(frame: np.ndarray, tracks: LiveTracks | None) -> np.ndarray:
     return frame
 
 
-def read_frame(ring: str, slot: int, seq: int) -> np.ndarray | None:
-    """A copy of frame ``seq`` from ``slot`` of ring segment ``ring`` (checked: None once overwritten or gone)."""
+def scaled(frame: np.ndarray, max_width: int) -> np.ndarray:
+    """``frame`` (``(H, W, 3) uint8``, e.g. a read-only ring view) scaled down (area interpolation) to at most
+    ``max_width`` pixels wide, as a new array; a copy when it is not wider."""
+    if frame.shape[1] <= max_width:
+        return frame.copy()
+    height = max(1, round(frame.shape[0] * max_width / frame.shape[1]))
+    return cv2.resize(frame, (max_width, height), interpolation=cv2.INTER_AREA)
+
+
+def read_frame(ring: str, slot: int, seq: int, max_width: int = MAX_WIDTH) -> tuple[np.ndarray, float] | None:
+    """Frame ``seq`` of ``slot`` of ring segment ``ring``, scaled to at most ``max_width`` pixels wide (:func:`scaled`)
+    straight from the slot (a zero-copy view, checked after: None once overwritten or gone, never torn), and
+    its width over the ring's."""
     try:
         reader = RingReader.attach(ring)
     except RingError:
         return None
     try:
-        return reader.read(slot, seq) if 0 <= slot < reader.layout.slots else None
+        view = reader.view(slot, seq) if 0 <= slot < reader.layout.slots else None
+        frame = scaled(view, max_width) if view is not None else None
+        del view
+        if frame is None or not reader.published(slot, seq):
+            return None
+        return frame, frame.shape[1] / reader.layout.width
     finally:
         reader.close()
 
 
 class LiveView:
-    """Renders the live view of each camera, at most :data:`MAX_FPS` times a second, shared by its viewers.
+    """Renders the live view of each camera, at most ``max_fps`` times a second, shared by its viewers.
 
     Args:
         link: the running pipeline (rings).
         feed: track boxes from recognition, None for frames without boxes.
-        max_fps: renders per camera and second at most.
+        max_fps: renders per camera and second at most (``api.stream_fps``).
+        max_width: frames are scaled to at most this width, pixels (``api.stream_max_width``).
+        quality: JPEG quality, 1..100 (``api.stream_quality``).
     """
 
-    def __init__(self, link: PipelineLink, feed: TrackFeed | None, max_fps: float = MAX_FPS) -> None:
+    def __init__(self, link: PipelineLink, feed: TrackFeed | None, max_fps: float = STREAM_FPS,
+                 max_width: int = MAX_WIDTH, quality: int = JPEG_QUALITY) -> None:
         self.link = link
         self.feed = feed
+        self.max_fps = max_fps
         self.min_interval = 1.0 / max_fps
+        self.max_width = max_width
+        self.quality = quality
         self.renders = 0
         self._cache: dict[str, Rendered] = {}
         self._locks: dict[str, threading.Lock] = {}
@@ -238,6 +265,12 @@ class LiveView:
     def _lock(self, camera: str) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(camera, threading.Lock())
+
+    def fresh(self, camera: str) -> Rendered | None:
+        """The camera's rendering while it is younger than ``1 / max_fps`` s, else None; never blocks (what
+        :meth:`render` would return without rendering)."""
+        cached = self._cache.get(camera)
+        return cached if cached is not None and time.monotonic() - cached.made_at < self.min_interval else None
 
     def render(self, camera: str) -> Rendered | None:
         """The newest rendering of ``camera`` (re-rendered when the cached one is older than ``1 / max_fps`` s
@@ -252,45 +285,45 @@ class LiveView:
             got = self._frame(camera)
             if got is None:
                 return None
-            frame, (index, seq, captured), tracks, exact = got
+            frame, (index, seq, captured), tracks, exact, scale = got
             if cached is not None and index <= cached.frame_index:
                 return cached  # nothing newer (or only an older exact frame): keep the last one
-            rendered = self._encode(frame, index, seq, captured, tracks, exact, now)
+            rendered = self._encode(draw_tracks(frame, tracks, scale), index, seq, captured, tracks, exact, now)
             self._cache[camera] = rendered
             return rendered
 
-    def _frame(self, camera: str) -> tuple[np.ndarray, tuple[int, int, int], LiveTracks | None, bool] | None:
+    def _frame(self, camera: str) -> tuple[np.ndarray, tuple[int, int, int], LiveTracks | None, bool, float] | None:
+        """``(scaled frame, (frame index, seq, captured ns), boxes to draw, exact, frame width / ring width)``."""
         tracks = self.feed.newest(camera) if self.feed is not None else None
         if tracks is not None:
-            frame = read_frame(tracks.ring, tracks.slot, tracks.seq)
-            if frame is not None:
-                return frame, (tracks.frame_index, tracks.seq, tracks.captured_at_ns), tracks, True
-        latest, _ = self.link.latest(camera)
-        if latest is None or latest.frame is None:
+            got = read_frame(tracks.ring, tracks.slot, tracks.seq, self.max_width)
+            if got is not None:
+                return got[0], (tracks.frame_index, tracks.seq, tracks.captured_at_ns), tracks, True, got[1]
+        latest, size = self.link.latest(camera, transform=lambda view: scaled(view, self.max_width))
+        if latest is None or latest.frame is None or size is None:
             return None
         fresh = tracks is not None and 0 <= latest.captured_at_ns - tracks.captured_at_ns <= STALE_BOXES_S * 1e9
-        return latest.frame, (latest.frame_index, latest.seq, latest.captured_at_ns), tracks if fresh else None, False
+        return (latest.frame, (latest.frame_index, latest.seq, latest.captured_at_ns), tracks if fresh else None, False,
+                latest.frame.shape[1] / size[1])
 
     def _encode(self, frame: np.ndarray, index: int, seq: int, captured: int, tracks: LiveTracks | None,
                 exact: bool, now: float) -> Rendered:
-        frame = draw_tracks(np.ascontiguousarray(frame), tracks)
-        if frame.shape[1] > MAX_WIDTH:
-            scale = MAX_WIDTH / frame.shape[1]
-            frame = cv2.resize(frame, (MAX_WIDTH, max(1, round(frame.shape[0] * scale))), interpolation=cv2.INTER_AREA)
-        ok, jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        ok, jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
         if not ok:
             raise ApiError(500, "live view: JPEG encoding failed")
         self.renders += 1
         return Rendered(index, seq, captured, len(tracks) if tracks is not None else 0, exact, jpeg.tobytes(), now)
 
 
-def live_view(request: Request) -> LiveView:
-    """FastAPI dependency: the app's :class:`LiveView`, made on first use over the context's link and feed."""
+async def live_view(request: Request) -> LiveView:
+    """FastAPI dependency: the app's :class:`LiveView`, made on first use over the context's link and feed with
+    the ``api.stream_*`` settings."""
     state = request.app.state
     view = getattr(state, "live_view", None)
     if view is None:
         ctx: ApiContext = state.ctx
-        view = state.live_view = LiveView(ctx.link, ctx.tracks)
+        api = ctx.cfg.api
+        view = state.live_view = LiveView(ctx.link, ctx.tracks, api.stream_fps, api.stream_max_width, api.stream_quality)
     return view
 
 
@@ -316,7 +349,7 @@ async def parts(view: LiveView, camera: str, fps: float, limit: int | None, firs
         elif time.monotonic() - idle_since > IDLE_END_S:
             return
         await asyncio.sleep(1.0 / fps)
-        current = await run_in_threadpool(view.render, camera)
+        current = view.fresh(camera) or await run_in_threadpool(view.render, camera)
 
 
 def _camera(ctx: ApiContext, name: str) -> CameraConfig:
@@ -334,7 +367,8 @@ live = APIRouter(tags=["cameras"])
           "description": "MJPEG: one JPEG part per new frame (headers X-Frame-Index, X-Tracks, X-Exact)"},
     **errors(404, 503)})
 async def stream(name: str = PathParam(min_length=1, max_length=32),
-                 fps: float = Query(MAX_FPS, gt=0, le=MAX_FPS, description="parts per second at most"),
+                 fps: float | None = Query(None, gt=0, le=MAX_FPS, description="parts per second at most (default and "
+                                           "cap: api.stream_fps)"),
                  frames: int | None = Query(None, ge=1, le=1_000_000, description="end after this many parts (default: "
                                             "until the client goes, or no new frame for 30 s)"),
                  ctx: ApiContext = Depends(context), view: LiveView = Depends(live_view)) -> Any:
@@ -346,7 +380,8 @@ async def stream(name: str = PathParam(min_length=1, max_length=32),
     first = await run_in_threadpool(view.render, cam.name)
     if first is None:
         raise ApiError(503, f"camera {cam.name}: no frame available (no pipeline running, or the camera is not delivering)")
-    return StreamingResponse(parts(view, cam.name, fps, frames, first),
+    rate = min(fps or view.max_fps, view.max_fps)
+    return StreamingResponse(parts(view, cam.name, rate, frames, first),
                              media_type=f"multipart/x-mixed-replace; boundary={BOUNDARY}",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 

@@ -16,11 +16,13 @@ from typing import Any
 import cv2
 from fastapi import APIRouter, Depends, Path
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from pipeline.api import ApiContext, ApiError, context
 from pipeline.api_models import (CameraDoc, CamerasDoc, ErrorBody, Health, HealthFailure, ScaleBody, ScaleDoc,
                                  StatusDoc)
 from pipeline.config import CameraConfig
+from pipeline.messages import StatusReply
 from pipeline.metrics import StatusCollector
 from pipeline.status import status_json
 
@@ -62,10 +64,18 @@ def health(ctx: ApiContext = Depends(context)) -> Health:
     return Health(status="ok", mode="pipeline", stages={st.stage: st.state for st in reply.stages})
 
 
+def status_body(reply: StatusReply) -> bytes:
+    """The JSON body of ``GET /api/status`` for ``reply``: :func:`pipeline.status.status_json` as :class:`StatusDoc`."""
+    return StatusDoc.model_validate(status_json(reply)).model_dump_json().encode()
+
+
 @system.get("/api/status", response_model=StatusDoc, responses=errors(503))
-def status(ctx: ApiContext = Depends(context)) -> dict[str, Any]:
+async def status(ctx: ApiContext = Depends(context)) -> Response:
     """Exactly what ``facepro status --json`` prints (per stage: processes, rates, queues, drops, latency, CPU, memory)."""
-    return status_json(ctx.link.status())
+    # polled by every open page: a reply younger than the link's max age is answered on the event loop, its
+    # JSON rendered once; only a new reply goes to a thread (it waits on the supervisor's socket)
+    reply = ctx.link.fresh_status() or await run_in_threadpool(ctx.link.status)
+    return Response(ctx.link.status_body(reply, status_body), media_type="application/json")
 
 
 @system.get("/metrics", response_class=Response, responses={

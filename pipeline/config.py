@@ -326,6 +326,15 @@ class ApiConfig(_Strict):
                               description="bearer token required on every request when set (16 to 512 printable ASCII characters)")
     max_upload_mb: float = Field(50.0, gt=0, le=4096, description="largest request body (uploaded images), MiB; larger ones get 413")
     job_dirs: tuple[Path, ...] = Field((), max_length=64, description="folders analysis jobs may read clips from (reserved for jobs)")
+    job_retention_days: float = Field(30.0, gt=0, le=3650, description="finished jobs (their rows, job folders and "
+                                      "uploads) older than this many days are removed; their events follow storage.retention_days")
+    stream_fps: float = Field(5.0, gt=0, le=30, description="live view: most frames a second a camera is rendered "
+                              "(JPEG-encoded, shared by its viewers) and a viewer is sent")
+    stream_max_width: int = Field(960, ge=160, le=7680, description="live view: wider frames are scaled down to this "
+                                  "width before encoding, pixels")
+    stream_quality: int = Field(75, ge=20, le=95, description="live view: JPEG quality (1-100 scale of libjpeg)")
+    nice: int = Field(5, ge=0, le=19, description="OS niceness of the api process in facepro run (0: as the stages; "
+                      "higher: the stages get the cores first when they are busy, requests wait)")
 
     @model_validator(mode="after")
     def _private_unless_token(self) -> ApiConfig:

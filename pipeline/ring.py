@@ -500,12 +500,14 @@ class LatestFrame:
         frame: ``(H, W, C) uint8`` copy (BGR), or None when only the header was asked for.
         seq, frame_index, captured_at_ns: as in :class:`~pipeline.messages.FrameRef`
             (``captured_at_ns``: wall-clock nanoseconds since the epoch).
+        slot: the slot that held it (for :meth:`RingReader.view`).
     """
 
     frame: np.ndarray | None
     seq: int
     frame_index: int
     captured_at_ns: int
+    slot: int = -1
 
 
 class RingReader(_Ring):
@@ -579,7 +581,7 @@ class RingReader(_Ring):
             index, captured = int(self._headers[slot, _INDEX]), int(self._headers[slot, _CAPTURED])
             frame = self.read(slot, seq) if copy else None
             if (frame is not None or not copy) and self.published(slot, seq):
-                return LatestFrame(frame, seq, index, captured)
+                return LatestFrame(frame, seq, index, captured, slot)
         return None
 
     def view(self, slot: int, seq: int) -> np.ndarray | None:

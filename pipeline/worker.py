@@ -432,10 +432,14 @@ def _version() -> str:
 def _api(cfg: AppConfig, runtime_dir: Path, counters: StageCounters, stop: StopFlag) -> None:
     """The HTTP API process (:mod:`pipeline.api`): uvicorn until SIGTERM. Requests are its counted items; the
     bound port is its ``port`` count (``api.port: 0`` picks a free one). Its face models use one thread. The
-    live view's track boxes arrive from recognition on :func:`pipeline.topology.live_tracks` (:mod:`pipeline.api_live`)."""
+    live view's track boxes arrive from recognition on :func:`pipeline.topology.live_tracks` (:mod:`pipeline.api_live`).
+    It runs at niceness ``api.nice`` (absolute; never raised), so on busy cores the stages get them first."""
     from pipeline.api import bind, create_app, serve
     from pipeline.api_live import TrackFeed
     from pipeline.services import api_context
+
+    if cfg.api.nice > os.nice(0):
+        os.nice(cfg.api.nice - os.nice(0))
 
     info = json.loads((runtime_dir / "run.json").read_text())
     config_path = Path(info["config_path"]) if info.get("config_path") else None

@@ -4,11 +4,15 @@ process: TestClient over the real app, a real ring written by the test, a contro
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import json
 import re
 import tempfile
 import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import cv2
@@ -150,7 +154,7 @@ def test_stream_errors(data_dir: Path, models: Path, videos: Path, supervisor: F
     assert c.get("/api/cameras/nope/stream.mjpeg").status_code == 404
     r = c.get("/api/cameras/door/stream.mjpeg")  # configured, but no ring
     assert r.status_code == 503 and "no frame available" in r.json()["error"]
-    assert c.get("/api/cameras/campus/stream.mjpeg?fps=6").status_code == 422  # at most 5 frames/s
+    assert c.get("/api/cameras/campus/stream.mjpeg?fps=31").status_code == 422  # at most 30 frames/s asked
 
 
 def test_a_token_in_the_query_only_for_the_stream_and_snapshots(data_dir: Path, models: Path, videos: Path,
@@ -179,6 +183,52 @@ def test_boxes_are_drawn_on_the_very_frame_they_belong_to(data_dir: Path, models
     assert g > 150 and g > b + 60 and g > rr + 60, (b, g, rr)
     expected = draw_tracks(frames[2].copy(), _tracks(supervisor, slot, seq, 2))
     assert np.abs(image.astype(int) - expected.astype(int)).mean() < 4  # that frame with those boxes (JPEG noise)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_frames_are_scaled_to_the_stream_width_with_their_boxes(data_dir: Path, models: Path, videos: Path,
+                                                                supervisor: FakeSupervisor, exact: bool) -> None:
+    frames = vtest_frames(videos, 3)
+    slot, seq = supervisor.ring.write(frames[2], frame_index=2, captured_at_ns=T0 + 2 * SEC)
+    feed = TrackFeed(supervisor.socket_dir)
+    tracks = _tracks(supervisor, slot, seq if exact else 999, 2)  # 999: slot overwritten, the newest frame is drawn
+    feed.add(tracks)
+    h, w = frames[2].shape[:2]
+    view = LiveView(_ctx(models, videos).link, feed, max_width=w // 2, quality=90)
+    r = view.render("campus")
+    assert (r.frame_index, r.tracks, r.exact) == (2, 1, exact)
+    image = cv2.imdecode(np.frombuffer(r.jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert image.shape == (h // 2, w // 2, 3)
+    small = cv2.resize(frames[2], (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+    near = (slice(0, 160), slice(0, 80))  # around both boxes: at half (20..70 x 30..150) and at full coordinates
+
+    def error(scale: float) -> float:
+        expected = draw_tracks(small.copy(), tracks, scale=scale)
+        return float(np.abs(image[near].astype(int) - expected[near].astype(int)).mean())
+
+    assert error(0.5) < 7 and error(1.0) > 2 * error(0.5), (error(0.5), error(1.0))  # drawn at half its ring coordinates
+
+
+def test_a_stream_is_capped_at_the_configured_rate(data_dir: Path, models: Path, videos: Path,
+                                                   supervisor: FakeSupervisor) -> None:
+    from pipeline.api_live import live_view
+
+    ctx = _ctx(models, videos, stream_fps=2.0, stream_max_width=320, stream_quality=50)
+    view = asyncio.run(live_view(SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(ctx=ctx)))))
+    assert (view.max_fps, view.min_interval, view.max_width, view.quality) == (2.0, 0.5, 320, 50)
+    frames = vtest_frames(videos, 6)
+    stop = threading.Event()
+    writer = _writer(supervisor, frames, stop)
+    try:
+        t = time.monotonic()
+        with _client(ctx).stream("GET", "/api/cameras/campus/stream.mjpeg?frames=3&fps=30") as r:
+            parts = _parts(r.read())
+        took = time.monotonic() - t
+    finally:
+        stop.set()
+        writer.join()
+    assert len(parts) == 3 and took >= 0.9, took  # 3 parts at 2/s at most: >= 1 s, whatever ?fps asked
+    assert all(img.shape[1] == 320 for *_, img in parts)
 
 
 def test_overwritten_frames_fall_back_to_the_newest_one(data_dir: Path, models: Path, videos: Path,
@@ -267,6 +317,29 @@ def test_status_replies_are_shared_for_their_max_age(data_dir: Path, supervisor:
     assert link.status() is first and len(asked) == 1  # 50 pollers cost the supervisor one status per max age
     link.status_max_age_s = 0.0
     assert link.status() is not first and len(asked) == 2
+
+
+def test_status_within_its_max_age_is_one_request_and_one_rendering(data_dir: Path, models: Path, videos: Path,
+                                                                    supervisor: FakeSupervisor,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.api as api_module
+    import pipeline.api_system as api_system
+    from pipeline.status import status_json
+
+    asked, rendered = [], []
+    real_request, real_body = api_module.request, api_system.status_body
+    monkeypatch.setattr(api_module, "request", lambda *a, **k: asked.append(1) or real_request(*a, **k))
+    monkeypatch.setattr(api_system, "status_body", lambda reply: rendered.append(1) or real_body(reply))
+    ctx = _ctx(models, videos)
+    ctx.link.status_max_age_s = 1000.0
+    assert ctx.link.fresh_status() is None  # nothing asked yet
+    c = _client(ctx)
+    bodies = [c.get("/api/status") for _ in range(5)]
+    assert all(r.status_code == 200 and r.headers["content-type"] == "application/json" for r in bodies)
+    assert len({r.content for r in bodies}) == 1 and (len(asked), len(rendered)) == (1, 1)
+    assert bodies[0].json() == json.loads(json.dumps(status_json(supervisor.reply())))
+    ctx.link.status_max_age_s = 0.0  # too old: asked and rendered again
+    assert c.get("/api/status").status_code == 200 and (len(asked), len(rendered)) == (2, 2)
 
 
 def test_the_api_socket_is_tcp_so_responses_are_not_delayed() -> None:
