@@ -74,8 +74,9 @@ log = logging.getLogger("facepro.api")
 PUBLIC_PATHS: frozenset[str] = frozenset({"/openapi.json", "/"})
 PUBLIC_PREFIXES: tuple[str, ...] = ("/ui/",)
 #: Paths where ``?token=<api.token>`` may stand in for the header (an ``<img>`` cannot send one): the live
-#: stream and event snapshots. Anywhere else a query token is ignored.
-QUERY_TOKEN_PATHS = re.compile(r"^/api/(cameras/[^/]+/stream\.mjpeg|events/[0-9a-f]{32}/snapshot\.jpg)$")
+#: stream, event snapshots and identities' sample faces. Anywhere else a query token is ignored.
+QUERY_TOKEN_PATHS = re.compile(r"^/api/(cameras/[^/]+/stream\.mjpeg|events/[0-9a-f]{32}/snapshot\.jpg"
+                               r"|identities/[^/]+/face\.jpg)$")
 
 
 class ApiError(HTTPException):
@@ -137,8 +138,11 @@ class Backend(Protocol):
     def snapshot_file(self, event_id: str) -> Path | None:
         """The event's snapshot JPEG file (inside the data dir), None when it has none or it is gone."""
 
-    def list_identities(self) -> list[tuple[str, int]]:
-        """``(name, gallery embeddings)`` per identity, by name."""
+    def list_identities(self) -> list[tuple[str, int, bool]]:
+        """``(name, gallery embeddings, has a sample face)`` per identity, by name."""
+
+    def identity_face(self, name: str) -> bytes | None:
+        """The identity's sample face (JPEG bytes), None when it has none or is unknown."""
 
     def enroll(self, name: str, uploads: Sequence[Upload]) -> tuple[int, str]:
         """Enroll every upload for ``name`` (all checked first); returns ``(images enrolled, embedder model)``."""

@@ -253,10 +253,33 @@ def check_image(name: str, data: bytes) -> Upload:
 UPLOAD_ERRORS = errors(400, 413, 415, 503)
 
 
+def face_url(name: str) -> str:
+    """The URL of identity ``name``'s sample face (the name percent-encoded as one path segment)."""
+    from urllib.parse import quote
+
+    return f"/api/identities/{quote(name, safe='')}/face.jpg"
+
+
 @identities.get("/api/identities", response_model=IdentitiesDoc, responses=errors(503))
 def list_identities(ctx: ApiContext = Depends(context)) -> IdentitiesDoc:
-    """Enrolled identities with their number of gallery embeddings, by name (``facepro identities list``)."""
-    return IdentitiesDoc(identities=[IdentityDoc(name=n, embeddings=k) for n, k in ctx.backend.list_identities()])
+    """Enrolled identities with their number of gallery embeddings, by name (``facepro identities list``), and
+    whether each has a sample face (``face_url``)."""
+    return IdentitiesDoc(identities=[IdentityDoc(name=n, embeddings=k, has_face=f, face_url=face_url(n) if f else None)
+                                     for n, k, f in ctx.backend.list_identities()])
+
+
+@identities.get("/api/identities/{name}/face.jpg", response_class=Response, responses={
+    200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}, "description": "JPEG"},
+    **errors(404, 503)})
+def identity_face(name: str = Path(min_length=1, max_length=128), ctx: ApiContext = Depends(context)) -> Response:
+    """The identity's sample face (a 112x112 JPEG cut from an enrollment photo at enrollment); 404 when there is
+    no such identity or it has none (enrolled before FacePro kept samples). With ``api.token`` set, ``?token=``
+    may replace the header (for an ``<img>``)."""
+    data = ctx.backend.identity_face(name)
+    if data is None:
+        raise ApiError(404, f"identity {name!r} has no sample face (no such identity, or it was enrolled before "
+                            "FacePro kept samples: enroll one more photo of it to add one)")
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, no-cache"})
 
 
 @identities.post("/api/identities/{name}/faces", status_code=201, response_model=EnrolledDoc, responses=UPLOAD_ERRORS)

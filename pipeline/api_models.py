@@ -122,6 +122,9 @@ class EventPage(_Body):
 class IdentityDoc(_Body):
     name: str
     embeddings: int = Field(description="gallery embeddings stored")
+    has_face: bool = Field(description="a sample face was stored at enrollment (identities enrolled before "
+                                       "FacePro kept samples have none)")
+    face_url: str | None = Field(description="its JPEG (GET /api/identities/{name}/face.jpg), null when none")
 
 
 class IdentitiesDoc(_Body):

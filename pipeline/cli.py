@@ -225,12 +225,13 @@ def _read_image(path: str):
 
 
 def _enroll_one(analyzer, path: str, face: int | None):
-    """The face to enroll from one image, printed; user errors as :class:`CliError`."""
+    """``(image, the face to enroll)`` of one image, printed; user errors as :class:`CliError`."""
     from stages.enrollment import NoDominantFace, format_box
     from stages.gallery import EnrollmentError, enrollment_face
 
+    image = _read_image(path)
     try:
-        got = enrollment_face(analyzer, _read_image(path), path, face=face)
+        got = enrollment_face(analyzer, image, path, face=face)
     except NoDominantFace as err:
         raise CliError("\n".join((f"{err.summary}; choose one with --face N:", *err.face_lines))) from None
     except EnrollmentError as err:
@@ -238,24 +239,21 @@ def _enroll_one(analyzer, path: str, face: int | None):
     if got.n_faces > 1:
         how = f"chosen with --face {got.index}" if face is not None else f"{got.ratio:.1f}x the next face's size x centrality"
         print(f"{path}: face {got.index} of {got.n_faces}, box {format_box(got.face.xyxy)} ({how})")
-    return got.face.embedding
+    return image, got.face
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from storage.queries import enroll
+    from pipeline.services import store_enrollment
 
     if args.face is not None and len(args.images) > 1:
         raise CliError("--face N chooses a face in one image: enroll that image alone with --face, "
                        "then the others in another call (they add to the same identity)")
     cfg = _config(args)
     analyzer = _analyzer(cfg)
-    vectors = [_enroll_one(analyzer, path, args.face) for path in args.images]
+    faces = [_enroll_one(analyzer, path, args.face) for path in args.images]
     shas = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in args.images]
-    import numpy as np
-
-    enroll(_engine(cfg), args.name, np.stack(vectors).astype(np.float32), analyzer.model_name,
-           [str(Path(p).resolve()) for p in args.images], shas)
-    print(f"enrolled {args.name}: {len(vectors)} image(s) with {analyzer.model_name}")
+    store_enrollment(_engine(cfg), args.name, analyzer.model_name, faces, [str(Path(p).resolve()) for p in args.images], shas)
+    print(f"enrolled {args.name}: {len(faces)} image(s) with {analyzer.model_name}")
     return 0
 
 

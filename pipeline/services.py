@@ -1,8 +1,9 @@
 """What the CLI and the HTTP API do with the database and the face models: one code path for both.
 
-``facepro enroll`` and ``POST /api/identities/{name}/faces`` compute embeddings with
-:func:`enrollment_vectors` (every image must show exactly one face, else nothing is stored) and store them
-with :func:`storage.queries.enroll`; ``facepro identify`` and ``POST /api/recognize`` call
+``facepro enroll``, ``POST /api/identities/{name}/faces`` and enroll jobs find each image's face
+(:func:`stages.gallery.enrollment_face`; every image must show exactly one face, or a dominant one, else
+nothing is stored) and store the faces with :func:`store_enrollment` (their embeddings, and the identity's
+sample face when it has none); ``facepro identify`` and ``POST /api/recognize`` call
 :func:`identify_doc`; ``facepro events --json`` and ``GET /api/events`` print :func:`event_docs`.
 
 This module is wiring (like :mod:`pipeline.cli` and :mod:`pipeline.worker`): it joins ``stages`` and
@@ -40,18 +41,46 @@ def face_analyzer(cfg: AppConfig, threads: int) -> Any:
                                                              strict=cfg.runtime.strict_providers))
 
 
-def enrollment_vectors(analyzer: Any, images: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
-    """The enrollment embedding of each ``(source name, (H, W, 3) uint8 BGR image)``, all checked first.
-
-    Returns:
-        ``(k, d) float32`` unit-norm embeddings, one per image, in order.
+def enrollment_faces(analyzer: Any, images: Sequence[tuple[str, np.ndarray]]) -> list[Any]:
+    """The enrolled face (:class:`stages.face.Face`: box, embedding) of each ``(source name, (H, W, 3) uint8 BGR
+    image)``, all checked first.
 
     Raises:
-        EnrollmentError: an image without a face, or with more than one (the message names it).
+        EnrollmentError: an image without a face, or with several and none dominant (the message names it).
     """
     from stages.gallery import enrollment_embedding
 
-    return np.stack([enrollment_embedding(analyzer, image, source)[0] for source, image in images]).astype(np.float32)
+    return [enrollment_embedding(analyzer, image, source)[1] for source, image in images]
+
+
+def enrollment_vectors(analyzer: Any, images: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
+    """The enrollment embedding of each ``(source name, (H, W, 3) uint8 BGR image)``, all checked first
+    (:func:`enrollment_faces`).
+
+    Returns:
+        ``(k, d) float32`` unit-norm embeddings, one per image, in order.
+    """
+    return np.stack([f.embedding for f in enrollment_faces(analyzer, images)]).astype(np.float32)
+
+
+def store_enrollment(engine: Any, name: str, model: str, faces: Sequence[tuple[np.ndarray, Any]],
+                     image_paths: Sequence[str | None], image_sha256: Sequence[str | None]) -> int:
+    """Store an enrollment: the embedding of each ``(image, its enrolled Face)`` (:func:`storage.queries.enroll`,
+    one transaction) with its image path and SHA-256, and the identity's sample face (:mod:`stages.sample`)
+    cut from the widest of these faces, kept only when the identity has none yet.
+
+    Returns:
+        The identity's id.
+
+    Raises:
+        ValueError: as :func:`storage.queries.enroll`.
+    """
+    from stages.sample import sample_jpeg
+    from storage.queries import enroll
+
+    vectors = np.stack([face.embedding for _, face in faces]).astype(np.float32)
+    image, face = max(faces, key=lambda f: f[1].width)  # the first of the widest
+    return enroll(engine, name, vectors, model, image_paths, image_sha256, sample=sample_jpeg(image, face.xyxy))
 
 
 def identify_doc(engine: Any, analyzer: Any, match_threshold: float, image: np.ndarray) -> dict[str, Any]:
@@ -164,17 +193,22 @@ class StorageBackend:
         return path if path.is_file() else None
 
     # ---------------------------------------------------------- identities
-    def list_identities(self) -> list[tuple[str, int]]:
-        from storage.queries import list_identities
+    def list_identities(self) -> list[tuple[str, int, bool]]:
+        from storage.queries import identity_overview
 
-        return list_identities(self.engine)
+        return identity_overview(self.engine)
+
+    def identity_face(self, name: str) -> bytes | None:
+        from storage.queries import identity_sample
+
+        return identity_sample(self.engine, name)
 
     def enroll(self, name: str, uploads: Sequence[Upload]) -> tuple[int, str]:
-        from storage.queries import check_name, enroll
+        from storage.queries import check_name
 
         check_name(name)
         analyzer = self.analyzer
-        vectors = enrollment_vectors(analyzer, [(u.name, u.image) for u in uploads])
+        faces = enrollment_faces(analyzer, [(u.name, u.image) for u in uploads])
         shas = [hashlib.sha256(u.data).hexdigest() for u in uploads]
         faces = self.folder / "faces"
         faces.mkdir(parents=True, exist_ok=True)
@@ -184,7 +218,7 @@ class StorageBackend:
             if not path.exists():
                 path.write_bytes(u.data)
             paths.append(str(path))
-        enroll(self.engine, name, vectors, analyzer.model_name, paths, shas)
+        store_enrollment(self.engine, name, analyzer.model_name, [(u.image, f) for u, f in zip(uploads, faces)], paths, shas)
         return len(uploads), str(analyzer.model_name)
 
     def delete_identity(self, name: str) -> bool:

@@ -145,6 +145,7 @@ class Identity(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(NAME_LEN), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sample: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)  # JPEG sample face (revision 0007)
 
 
 class FaceEmbedding(Base):

@@ -37,6 +37,8 @@ from storage.models import (
 
 #: Largest ``limit`` accepted by :func:`list_events`.
 MAX_LIMIT = 100_000
+#: Largest identity sample face accepted by :func:`enroll`, bytes (a 112x112 JPEG is a few KiB).
+MAX_SAMPLE_BYTES = 256 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -254,6 +256,7 @@ def enroll(
     model: str,
     image_paths: Sequence[str | None] | None = None,
     image_sha256: Sequence[str | None] | None = None,
+    sample: bytes | None = None,
 ) -> int:
     """Add gallery embeddings to an identity, creating the identity if new.
 
@@ -263,15 +266,21 @@ def enroll(
         model: embedder model name; every embedding of one model must share ``d``.
         image_paths, image_sha256: per-vector source image path and its
             SHA-256 hex digest (None entries allowed; None = all unknown).
+        sample: the identity's sample face (JPEG bytes, :mod:`stages.sample`); stored only when the
+            identity has none yet (its first sample stays), None: nothing changes.
 
     Returns:
         The identity's id.
 
     Raises:
         ValueError: bad name, shape, dtype, non-finite values, list lengths,
+            a sample that is not a JPEG of at most :data:`MAX_SAMPLE_BYTES`,
             or ``d`` differs from the model's embeddings already stored.
     """
     _check_name(name)
+    if sample is not None and (not isinstance(sample, bytes) or sample[:3] != b"\xff\xd8\xff"
+                               or len(sample) > MAX_SAMPLE_BYTES):
+        raise ValueError(f"sample: expected JPEG bytes of at most {MAX_SAMPLE_BYTES} bytes")
     k = getattr(vectors, "shape", (0,))[0]
     image_paths = [None] * k if image_paths is None else list(image_paths)
     image_sha256 = [None] * k if image_sha256 is None else list(image_sha256)
@@ -291,6 +300,8 @@ def enroll(
             for b, p, h in zip(blobs, image_paths, image_sha256)
         ]
         conn.execute(FaceEmbedding.__table__.insert(), rows)
+        if sample is not None:
+            conn.execute(update(Identity).where(Identity.id == identity_id, Identity.sample.is_(None)).values(sample=sample))
     return int(identity_id)
 
 
@@ -354,7 +365,8 @@ def merge_identities(engine: Engine, keep: str, other: str) -> MergeResult:
     Every gallery embedding of ``other`` (any model, with its enrollment
     image path and SHA-256) and every event attributed to ``other`` move to
     ``keep``; ``keep``'s template is then built from both sets (the outlier
-    rule of :class:`stages.gallery.Gallery` applies to the union). Nothing
+    rule of :class:`stages.gallery.Gallery` applies to the union); ``keep``'s
+    sample face stays (``other``'s is taken when ``keep`` has none). Nothing
     changes if any step fails.
 
     Args:
@@ -380,6 +392,8 @@ def merge_identities(engine: Engine, keep: str, other: str) -> MergeResult:
         moved = conn.execute(update(FaceEmbedding).where(FaceEmbedding.identity_id == ids[other])
                              .values(identity_id=ids[keep])).rowcount
         relabelled = conn.execute(update(Event).where(Event.identity_id == ids[other]).values(identity_id=ids[keep])).rowcount
+        theirs = select(Identity.sample).where(Identity.id == ids[other]).scalar_subquery()
+        conn.execute(update(Identity).where(Identity.id == ids[keep], Identity.sample.is_(None)).values(sample=theirs))
         conn.execute(delete(Identity).where(Identity.id == ids[other]))
     return MergeResult(int(moved), int(relabelled))
 
@@ -394,6 +408,24 @@ def list_identities(engine: Engine) -> list[tuple[str, int]]:
     )
     with storage_errors(engine.url, "listing identities"), engine.connect() as conn:
         return [(n, int(c)) for n, c in conn.execute(stmt)]
+
+
+def identity_overview(engine: Engine) -> list[tuple[str, int, bool]]:
+    """``(name, number of gallery embeddings, has a sample face)`` for every identity, sorted by name."""
+    stmt = (
+        select(Identity.name, func.count(FaceEmbedding.id), Identity.sample.is_not(None))
+        .outerjoin(FaceEmbedding, FaceEmbedding.identity_id == Identity.id)
+        .group_by(Identity.id, Identity.name)
+        .order_by(Identity.name)
+    )
+    with storage_errors(engine.url, "listing identities"), engine.connect() as conn:
+        return [(n, int(c), bool(s)) for n, c, s in conn.execute(stmt)]
+
+
+def identity_sample(engine: Engine, name: str) -> bytes | None:
+    """The sample face (JPEG bytes) of identity ``name``; None when it has none or there is no such identity."""
+    with storage_errors(engine.url, "reading a sample face"), engine.connect() as conn:
+        return conn.execute(select(Identity.sample).where(Identity.name == name)).scalar()
 
 
 def count_rows(engine: Engine) -> dict[str, int]:

@@ -71,11 +71,11 @@ def _alembic(url: str, fn, *args) -> None:
 
 
 def test_head_and_history():
-    assert head_revision() == "0006"
+    assert head_revision() == "0007"
     revs = history()
     assert [(r.revision, r.down_revision, r.is_head) for r in revs] == [
         ("0001", None, False), ("0002", "0001", False), ("0003", "0002", False), ("0004", "0003", False),
-        ("0005", "0004", False), ("0006", "0005", True)]
+        ("0005", "0004", False), ("0006", "0005", False), ("0007", "0006", True)]
     assert all(isinstance(r, RevisionInfo) and r.message for r in revs)
 
 
@@ -194,7 +194,7 @@ def test_0006_adds_jobs_and_events_job_id_and_downgrade_removes_them(url, db_pat
         before = _dump(conn, ("events",))
     engine.dispose()
 
-    assert upgrade(url, backup=False) == "0006"
+    assert upgrade(url, backup=False) == head_revision()  # through 0006
     raw = sqlite3.connect(db_path)
     try:
         assert raw.execute("SELECT job_id FROM events").fetchall() == [(None,)]  # old events: not from a job
@@ -218,6 +218,37 @@ def test_0006_adds_jobs_and_events_job_id_and_downgrade_removes_them(url, db_pat
         assert "job_id" not in {c["name"] for c in inspect(engine).get_columns("events")}
         with engine.connect() as conn:
             assert _dump(conn, ("events",)) == before  # the events themselves survive both ways
+    finally:
+        engine.dispose()
+
+
+def test_0007_adds_identity_samples_and_downgrade_keeps_identities_and_embeddings(url, db_path):
+    _alembic(url, command.upgrade, "0006")
+    engine = open_engine(url)
+    with engine.begin() as conn:
+        _event_0004(conn, EV1)  # camera 1, event EV1 of no one
+        conn.execute(text("INSERT INTO identities (id, name, created_at) VALUES (1, 'alice', :t)"), {"t": TS})
+        conn.execute(text("INSERT INTO face_embeddings (identity_id, model, dim, vector, created_at) "
+                          "VALUES (1, 'arc', 2, :v, :t)"), {"v": np.array([1, 2], np.float32).tobytes(), "t": TS})
+        conn.execute(text("UPDATE events SET identity_id = 1"))
+    with engine.connect() as conn:
+        before = _dump(conn, ("identities", "face_embeddings", "events"))
+    engine.dispose()
+
+    assert upgrade(url, backup=False) == "0007"
+    raw = sqlite3.connect(db_path)
+    try:
+        assert raw.execute("SELECT name, sample FROM identities").fetchall() == [("alice", None)]  # enrolled before: none
+        with raw:
+            raw.execute("UPDATE identities SET sample = ? WHERE name = 'alice'", (b"\xff\xd8\xff sample",))
+    finally:
+        raw.close()
+    assert downgrade(url, "0006", backup=False) == "0006"
+    engine = open_engine(url)
+    try:
+        assert "sample" not in {c["name"] for c in inspect(engine).get_columns("identities")}
+        with engine.connect() as conn:  # the table rebuild lost no identity, embedding or event link
+            assert _dump(conn, ("identities", "face_embeddings", "events")) == before
     finally:
         engine.dispose()
 
@@ -328,7 +359,7 @@ def _seed_0001(conn: Connection) -> None:
 
 
 def _dump(conn: Connection, tables: tuple[str, ...], without_id: tuple[str, ...] = (),
-          added: tuple[str, ...] = ("events.job_id",)) -> dict[str, list[tuple]]:
+          added: tuple[str, ...] = ("events.job_id", "identities.sample")) -> dict[str, list[tuple]]:
     """Every row of ``tables``, sorted; the ``id`` column is left out for ``without_id`` (renumbered rows), and
     the columns in ``added`` (``table.column`` of later revisions) are left out."""
     out = {}

@@ -128,13 +128,19 @@ async function loadIdentities() {
   const body = document.querySelector("#identities-table tbody");
   let doc;
   try { doc = await api("/api/identities"); } catch (err) {
-    body.replaceChildren(el("tr", {}, el("td", { colspan: 3, class: "error" }, err.message)));
+    body.replaceChildren(el("tr", {}, el("td", { colspan: 4, class: "error" }, err.message)));
     return;
   }
   body.replaceChildren(...(doc.identities.length ? doc.identities.map((i) => el("tr", { dataset: { identity: i.name } },
-    el("td", {}, i.name), el("td", { class: "num" }, String(i.embeddings)),
+    el("td", {}, sampleFace(i)), el("td", {}, i.name), el("td", { class: "num" }, String(i.embeddings)),
     el("td", {}, el("button", { class: "danger", onclick: () => deleteIdentity(i.name) }, "Delete"))))
-    : [el("tr", {}, el("td", { colspan: 3, class: "muted" }, "nobody enrolled yet"))]));
+    : [el("tr", {}, el("td", { colspan: 4, class: "muted" }, "nobody enrolled yet"))]));
+}
+
+/** An identity's sample face (stored at enrollment), or "none" for identities enrolled before samples were kept. */
+function sampleFace(i) {
+  if (!i.face_url) return el("span", { class: "muted small", title: "enroll one more photo to add a sample" }, "none");
+  return el("img", { class: "face", loading: "lazy", alt: `sample face of ${i.name}`, src: withToken(i.face_url) });
 }
 
 async function deleteIdentity(name) {
