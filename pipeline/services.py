@@ -210,11 +210,11 @@ class StorageBackend:
         analyzer = self.analyzer
         faces = enrollment_faces(analyzer, [(u.name, u.image) for u in uploads])
         shas = [hashlib.sha256(u.data).hexdigest() for u in uploads]
-        faces = self.folder / "faces"
-        faces.mkdir(parents=True, exist_ok=True)
+        folder = self.folder / "faces"
+        folder.mkdir(parents=True, exist_ok=True)
         paths = []
         for u, sha in zip(uploads, shas):
-            path = faces / f"{sha[:16]}-upload{_image_suffix(u.data)}"
+            path = folder / f"{sha[:16]}-upload{_image_suffix(u.data)}"
             if not path.exists():
                 path.write_bytes(u.data)
             paths.append(str(path))

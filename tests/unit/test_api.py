@@ -187,7 +187,9 @@ def test_every_endpoint_answers(api: Api, supervisor: FakeSupervisor, faces: Pat
         ("GET", "/api/identities", {}, 200, "application/json"),
         ("POST", "/api/identities/Joe Biden/faces", {"files": _multipart(faces / "biden/biden.jpg")}, 201, "application/json"),
         ("POST", "/api/recognize", {"files": _multipart(faces / "biden/biden2.jpg", field="file")}, 200, "application/json"),
+        ("GET", "/api/identities/Joe Biden/face.jpg", {}, 200, "image/jpeg"),
         ("DELETE", "/api/identities/Joe Biden", {}, 200, "application/json"),
+        ("GET", "/api/identities/Joe Biden/face.jpg", {}, 404, "application/json"),
         ("GET", "/api/cameras", {}, 200, "application/json"),
         ("GET", "/api/cameras/campus/latest.jpg", {}, 200, "image/jpeg"),
         ("POST", "/api/scale", {"json": {"stage": "detection", "processes": 2}}, 200, "application/json"),
@@ -355,11 +357,14 @@ def test_oversize_bodies_are_refused(api: Api, limit_mb: int, body_mb: int, chun
 def test_restore_when_no_pipeline_runs(api: Api, faces: Path) -> None:
     c = api.client()
     assert c.post("/api/identities/Joe Biden/faces", files=_multipart(faces / "biden/biden.jpg")).status_code == 201
+    sample = c.get("/api/identities/Joe Biden/face.jpg").content
     name = c.post("/api/backups").json()["name"]
     assert c.delete("/api/identities/Joe Biden").status_code == 200
+    assert c.get("/api/identities/Joe Biden/face.jpg").status_code == 404  # went with the identity
     r = c.post(f"/api/backups/{name}/restore")
     assert r.status_code == 200 and r.json()["restored"] == name and r.json()["faces"] == 1
-    assert c.get("/api/identities").json() == {"identities": [{"name": "Joe Biden", "embeddings": 1}]}
+    assert c.get("/api/identities").json() == {"identities": [_identity("Joe Biden", 1)]}
+    assert c.get("/api/identities/Joe Biden/face.jpg").content == sample  # the backup carried the sample
     damaged = api.data_dir / "backups" / "facepro-backup-20000101T000000Z.tar.gz"
     damaged.write_bytes(b"\x1f\x8b not really")
     r = c.post(f"/api/backups/{damaged.name}/restore")
@@ -374,8 +379,7 @@ def test_enroll_two_identities_then_recognize_the_group_photo(api: Api, faces: P
         images = sorted((faces / folder).glob("*.jpg"))
         r = c.post(f"/api/identities/{name}/faces", files=_multipart(*images))
         assert r.status_code == 201 and r.json() == {"name": name, "added": len(images), "model": "mobilefacenet_128d"}
-    assert c.get("/api/identities").json() == {"identities": [{"name": "Barack Obama", "embeddings": 5},
-                                                               {"name": "Joe Biden", "embeddings": 2}]}
+    assert c.get("/api/identities").json() == {"identities": [_identity("Barack Obama", 5), _identity("Joe Biden", 2)]}
     found = c.post("/api/recognize", files=_multipart(faces / "_multi/obama_and_biden.jpg", field="file")).json()["faces"]
     assert sorted(f["identity"] or "" for f in found) == ["", "Barack Obama", "Joe Biden"]  # the third face unknown
     for f in found:
@@ -383,6 +387,53 @@ def test_enroll_two_identities_then_recognize_the_group_photo(api: Api, faces: P
         assert x1 < x2 and y1 < y2 and (f["similarity"] >= 0.4) == (f["identity"] is not None)
     stored = sorted(p.name for p in (api.data_dir / "faces").iterdir())  # kept for backups, named by content
     assert len(stored) == 7 and all(n.endswith("-upload.jpg") for n in stored)
+
+
+def _identity(name: str, embeddings: int, face: bool = True) -> dict:
+    from urllib.parse import quote
+
+    return {"name": name, "embeddings": embeddings, "has_face": face,
+            "face_url": f"/api/identities/{quote(name)}/face.jpg" if face else None}
+
+
+def test_sample_faces_of_identities(api: Api, faces: Path, analyzer) -> None:
+    from storage.db import open_engine
+    from storage.queries import enroll
+
+    c = api.client()
+    r = c.post("/api/identities/Barack Obama/faces", files=_multipart(faces / "obama/obama.jpg", faces / "obama/obama2.jpg"))
+    assert r.status_code == 201
+    engine = open_engine(api.url)
+    enroll(engine, "Old Timer", np.ones((1, 128), np.float32), "mobilefacenet_128d")  # as before samples were kept
+    engine.dispose()
+    assert c.get("/api/identities").json() == {"identities": [_identity("Barack Obama", 2), _identity("Old Timer", 1, False)]}
+    shot = c.get("/api/identities/Barack%20Obama/face.jpg")
+    assert shot.status_code == 200 and shot.headers["content-type"] == "image/jpeg"
+    image = cv2.imdecode(np.frombuffer(shot.content, np.uint8), cv2.IMREAD_COLOR)
+    assert image.shape == (112, 112, 3)
+    found = c.post("/api/recognize", files=[("file", ("sample.jpg", shot.content, "image/jpeg"))]).json()["faces"]
+    assert [f["identity"] for f in found] == ["Barack Obama"]  # the sample shows him
+    for name in ("Old Timer", "Nobody"):
+        r = c.get(f"/api/identities/{name}/face.jpg")
+        assert r.status_code == 404 and "has no sample face" in r.json()["error"]
+    assert c.delete("/api/identities/Barack Obama").status_code == 200
+    assert c.get("/api/identities/Barack Obama/face.jpg").status_code == 404
+
+
+def test_cli_and_api_enrollment_store_the_same_sample(api: Api, faces: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from storage.db import open_engine
+    from storage.queries import identity_sample
+
+    images = [faces / "obama/obama.jpg", faces / "obama/obama2.jpg"]
+    assert main(["enroll", "--config", str(api.cfg_file), "cli", *map(str, images)]) == 0
+    c = api.client()
+    assert c.post("/api/identities/api/faces", files=_multipart(*images)).status_code == 201
+    engine = open_engine(api.url)
+    try:
+        cli = identity_sample(engine, "cli")
+    finally:
+        engine.dispose()
+    assert cli is not None and cli == c.get("/api/identities/api/face.jpg").content  # one enrollment path
 
 
 def test_recognize_equals_facepro_identify(api: Api, faces: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -182,7 +182,7 @@ def test_backup_and_enroll_jobs_reuse_the_routes_code(jobs: Jobs, faces: Path) -
     assert states[backup["id"]][1]["result"]["name"] in [b["name"] for b in c.get("/api/backups").json()["backups"]]
     assert states[good["id"]][1]["result"] == {"name": "Barack Obama", "added": 1, "model": "mobilefacenet_128d"}
     assert states[bad["id"]][0] == "error" and "face" in states[bad["id"]][1]["error"]
-    assert c.get("/api/identities").json()["identities"] == [{"name": "Barack Obama", "embeddings": 1}]
+    assert c.get("/api/identities").json()["identities"] == [{"name": "Barack Obama", "embeddings": 1, "has_face": True, "face_url": "/api/identities/Barack%20Obama/face.jpg"}]
     counts = jobs.counters.extra
     assert counts["jobs_queued"] == 0 and "jobs_running" in counts and "job_frames" in counts
 

@@ -165,6 +165,8 @@ def test_a_token_in_the_query_only_for_the_stream_and_snapshots(data_dir: Path, 
     assert c.get("/api/cameras/campus/stream.mjpeg?frames=1&token=wrong-token-0123456789").status_code == 401
     snap = c.get(f"/api/events/{'ab' * 16}/snapshot.jpg?token={TOKEN}")
     assert snap.status_code in (404, 503) and snap.status_code != 401  # let through; no such event
+    face = c.get(f"/api/identities/Ada/face.jpg?token={TOKEN}")
+    assert face.status_code in (404, 503) and face.status_code != 401  # let through; no such identity
     for path in ("/api/cameras", "/api/events", "/api/cameras/campus/latest.jpg", "/api/status"):
         assert c.get(f"{path}?token={TOKEN}").status_code == 401, path  # elsewhere the header is required
 

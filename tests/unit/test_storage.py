@@ -600,6 +600,8 @@ def test_empty_gallery(engine):
         (dict(image_paths=["x.jpg", "y.jpg"]), "need 1 image_paths"),
         (dict(image_sha256=["abc"]), "64 lowercase hex"),
         (dict(model=""), "model"),
+        (dict(sample=b"PNG not a jpeg"), "sample: expected JPEG"),
+        (dict(sample=b"\xff\xd8\xff" + bytes(256 * 1024)), "sample: expected JPEG bytes of at most"),
     ],
 )
 def test_enroll_rejects_bad_input(engine, kwargs, match):
@@ -608,6 +610,44 @@ def test_enroll_rejects_bad_input(engine, kwargs, match):
     with pytest.raises(ValueError, match=match):
         enroll(engine, **args)
     assert count_rows(engine)["identities"] == 0
+
+
+def test_an_identity_keeps_its_first_sample_face_merge_takes_one_delete_drops_it(engine):
+    sample_lifecycle(engine)
+
+
+@pytest.mark.postgres
+def test_postgres_identity_sample_faces(pg_url):
+    upgrade(pg_url)
+    engine = open_engine(pg_url)
+    try:
+        sample_lifecycle(engine)
+    finally:
+        engine.dispose()
+
+
+def sample_lifecycle(engine) -> None:
+    """Samples through enroll, the listing, merge and delete (on SQLite and PostgreSQL)."""
+    from storage.queries import identity_overview, identity_sample
+
+    one, two, three = (b"\xff\xd8\xff sample " + bytes([i]) for i in (1, 2, 3))
+    vec = np.ones((1, 4), np.float32)
+    enroll(engine, "alice", vec, "m")  # enrolled without a photo (or before samples were kept): none
+    assert identity_sample(engine, "alice") is None
+    enroll(engine, "alice", vec, "m", sample=one)
+    enroll(engine, "alice", vec, "m", sample=two)  # a later enrollment does not replace it
+    enroll(engine, "bob", vec, "m", sample=three)
+    enroll(engine, "carol", vec, "m")
+    assert identity_sample(engine, "alice") == one and identity_sample(engine, "nobody") is None
+    assert identity_overview(engine) == [("alice", 3, True), ("bob", 1, True), ("carol", 1, False)]
+    assert list_identities(engine) == [("alice", 3), ("bob", 1), ("carol", 1)]  # unchanged for the CLI
+
+    merge_identities(engine, "carol", "bob")  # carol had none: bob's comes along
+    merge_identities(engine, "alice", "carol")  # alice keeps hers
+    assert identity_overview(engine) == [("alice", 5, True)] and identity_sample(engine, "alice") == one
+    assert delete_identity(engine, "alice") and identity_sample(engine, "alice") is None
+    enroll(engine, "alice", vec, "m")  # the name again, a new identity: no sample of the old one
+    assert identity_overview(engine) == [("alice", 1, False)]
 
 
 def test_enroll_refuses_a_second_dimension_for_a_model(engine):
