@@ -1,4 +1,4 @@
-"""HTTP API routes of background jobs (:mod:`pipeline.jobs`): submit, list, get, cancel, follow; clip uploads.
+"""HTTP API routes of background jobs (:mod:`pipeline.jobs`): submit, list, get, cancel, delete, follow; clip uploads.
 
 ``POST /api/jobs`` answers at once (202, the job ``queued``); the job runner of the api process runs the
 queue one job at a time. Job states live in the database, so ``GET /api/jobs/{id}`` after a page reload
@@ -89,6 +89,15 @@ class JobsDoc(_Body):
     """``GET /api/jobs``."""
 
     jobs: list[JobDoc] = Field(description="newest first")
+
+
+class JobDeletedDoc(_Body):
+    """``DELETE /api/jobs/{id}``: what went with the job."""
+
+    deleted: str = Field(description="the job's id")
+    events_deleted: int = Field(description="its events deleted (with ?events=true)")
+    events_kept: int = Field(description="its events kept (their snapshots stay in the job's folder)")
+    files: int = Field(description="files and folders removed: its upload, its pipeline's files")
 
 
 class UploadDoc(_Body):
@@ -183,6 +192,22 @@ def cancel_job(job_id: str = Path(pattern=JOB_ID), ctx: ApiContext = Depends(con
     runner = _runner(ctx)
     try:
         return job_doc(runner.cancel(job_id))
+    except KeyError:
+        raise ApiError(404, f"no job {job_id}") from None
+    except JobConflict as err:
+        raise ApiError(409, f"job {job_id}: {err}") from None
+
+
+@jobs.delete("/api/jobs/{job_id}", response_model=JobDeletedDoc, responses=errors(404, 409, 503))
+def delete_job(job_id: str = Path(pattern=JOB_ID),
+               events: bool = Query(False, description="also delete the events its analysis stored"),
+               ctx: ApiContext = Depends(context)) -> dict[str, Any]:
+    """Delete a finished job (done, failed, cancelled): its record, its uploaded clip and its pipeline's files;
+    its events stay (with their snapshots) unless ``?events=true``. 409 for a queued or running job: cancel it
+    first. Finished jobs older than ``api.job_retention_days`` are deleted the same way by the api itself."""
+    runner = _runner(ctx)
+    try:
+        return runner.delete(job_id, events).to_json()
     except KeyError:
         raise ApiError(404, f"no job {job_id}") from None
     except JobConflict as err:

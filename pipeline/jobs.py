@@ -285,12 +285,20 @@ class JobRunner:
             ``job_cpu_percent``), None for none.
         poll_s: how often the thread looks for queued jobs when nobody wakes it, seconds.
         clock: monotonic seconds.
+        cleanup: deletes finished jobs and prunes old ones (:class:`pipeline.job_cleanup.JobCleanup`); its
+            ``prune()`` runs in the thread at the start and every ``prune_every_s`` seconds, between jobs.
+            None: :meth:`delete` is refused.
+        prune_every_s: seconds between two prunes.
     """
 
     def __init__(self, store: JobStore, handlers: Mapping[str, Handler], *,
                  user_errors: Sequence[type[BaseException]] = (), counters: Any = None, poll_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, cleanup: Any = None,
+                 prune_every_s: float = 3600.0) -> None:
         self.store = store
+        self.cleanup = cleanup
+        self.prune_every_s = prune_every_s
+        self._pruned_at = float("-inf")
         self.handlers = dict(handlers)
         self.user_errors = tuple(user_errors)
         self.counters = counters
@@ -359,6 +367,30 @@ class JobRunner:
             self._forget(job_id)
         return job
 
+    def delete(self, job_id: str, events: bool = False) -> Any:
+        """Delete a finished job, its files and (``events``) its events: :meth:`pipeline.job_cleanup.JobCleanup.delete`.
+
+        Raises:
+            KeyError: no such job.
+            JobConflict: it is queued or running (cancel it first), or no cleanup is configured.
+        """
+        if self.cleanup is None:
+            raise JobConflict("jobs cannot be deleted in this process")
+        return self.cleanup.delete(job_id, events)
+
+    def prune(self, force: bool = False) -> Any:
+        """Run the cleanup's retention pass when ``prune_every_s`` has passed since the last one (or ``force``);
+        returns its result, None when not run. A failure is logged (the next pass retries)."""
+        now = self.clock()
+        if self.cleanup is None or (not force and now - self._pruned_at < self.prune_every_s):
+            return None
+        self._pruned_at = now
+        try:
+            return self.cleanup.prune()
+        except Exception:  # noqa: BLE001 - retention never stops the runner
+            log.exception("job retention failed; retried in %.0f s", self.prune_every_s)
+            return None
+
     def cancel_requested(self, job_id: str) -> bool:
         """True once :meth:`cancel` was called for ``job_id`` (until the job is finished)."""
         with self._lock:
@@ -422,6 +454,7 @@ class JobRunner:
                 job = self._next()
                 self._count()
                 if job is None:
+                    self.prune()
                     self.wake.wait(self.poll_s)
                     self.wake.clear()
                     continue

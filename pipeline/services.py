@@ -297,13 +297,18 @@ def api_context(cfg: AppConfig, *, alone: bool, config_path: Path | None, thread
 def job_runner(cfg: AppConfig, backend: StorageBackend, counters: StageCounters | None = None) -> Any:
     """The api's :class:`pipeline.jobs.JobRunner` over the ``jobs`` table of ``backend``'s database: analyze jobs
     run the clip through their own child pipeline (:class:`pipeline.job_analyze.AnalyzeJobs`), backup and enroll
-    jobs call ``backend`` (the routes' code). Not started: :func:`pipeline.api.serve` starts it."""
+    jobs call ``backend`` (the routes' code); finished jobs are deleted and pruned by
+    :class:`pipeline.job_cleanup.JobCleanup` (``api.job_retention_days``). Not started: :func:`pipeline.api.serve`
+    starts it."""
     from pipeline.api_data import check_image
     from pipeline.job_analyze import AnalyzeJobs
+    from pipeline.job_cleanup import PRUNE_EVERY_S, JobCleanup
     from pipeline.jobs import JobRunner, backup_handler, enroll_handler
     from storage.jobs import JobTable
 
     handlers = {"analyze": AnalyzeJobs(cfg, backend.folder, backend.url), "backup": backup_handler(backend),
                 "enroll": enroll_handler(backend, check_image)}
     errors = tuple(cls for cls, _ in backend.errors) + (ApiError,)
-    return JobRunner(JobTable(lambda: backend.engine), handlers, user_errors=errors, counters=counters)
+    table = JobTable(lambda: backend.engine)
+    cleanup = JobCleanup(table, backend.folder, cfg.api.job_retention_days)
+    return JobRunner(table, handlers, user_errors=errors, counters=counters, cleanup=cleanup, prune_every_s=PRUNE_EVERY_S)

@@ -19,13 +19,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Collection
 
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, delete, func, insert, select, update
 
 from storage.db import storage_errors
 from storage.models import JOB_STATES, JOB_TYPES, PATH_LEN, Event, Job, utcnow
 
 #: Largest ``limit`` of :meth:`JobTable.list`.
 MAX_JOBS = 10_000
+#: Events deleted per transaction by :meth:`JobTable.delete_events` (the live writer waits at most one).
+EVENT_CHUNK = 500
+#: Finished states: the only ones :meth:`JobTable.delete` removes.
+FINISHED = ("done", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -180,3 +184,47 @@ class JobTable:
         stmt = select(func.count()).select_from(Event).where(Event.job_id == job_id)
         with storage_errors(self.engine.url, "counting a job's events"), self.engine.connect() as conn:
             return int(conn.execute(stmt).scalar_one())
+
+    def delete(self, job_id: str) -> bool:
+        """Delete the job's row if it is finished (``done``, ``failed``, ``cancelled``); one statement, so a job
+        claimed meanwhile is never deleted. Its events are not touched (:meth:`delete_events`).
+
+        Returns:
+            True when a row was deleted; False when there is none or it is queued or running.
+        """
+        stmt = delete(Job).where(Job.id == job_id, Job.state.in_(FINISHED))
+        with storage_errors(self.engine.url, "deleting a job"), self.engine.begin() as conn:
+            return bool(conn.execute(stmt).rowcount)
+
+    def delete_events(self, job_id: str) -> int:
+        """Delete the events stored with ``events.job_id = job_id`` (with their vectors and snapshot rows, by
+        ``ON DELETE CASCADE``), in transactions of at most :data:`EVENT_CHUNK` events; returns how many. Their
+        snapshot files lie in the job's folder (the caller removes it)."""
+        deleted = 0
+        while True:
+            ids = select(Event.id).where(Event.job_id == job_id).limit(EVENT_CHUNK).scalar_subquery()
+            with storage_errors(self.engine.url, "deleting a job's events"), \
+                    self.engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
+                n = conn.execute(delete(Event).where(Event.id.in_(ids))).rowcount
+            deleted += n
+            if n < EVENT_CHUNK:
+                return deleted
+
+    def finished_before(self, cutoff: datetime, limit: int = 1000) -> list[JobRow]:
+        """Finished jobs that ended (or, without an end time, were created) before ``cutoff`` (aware UTC), oldest
+        first, at most ``limit``."""
+        ended = func.coalesce(Job.ended_at, Job.created_at)
+        stmt = (select(Job).where(Job.state.in_(FINISHED), ended < cutoff)
+                .order_by(ended.asc(), Job.id.asc()).limit(limit))
+        with storage_errors(self.engine.url, "listing old jobs"), self.engine.connect() as conn:
+            return [_row(r._mapping) for r in conn.execute(stmt)]
+
+    def referenced(self, job_ids: Collection[str]) -> set[str]:
+        """The ``job_ids`` that still have a job row or an event (whose snapshot may lie in the job's folder)."""
+        ids, found = sorted(set(job_ids)), set()
+        with storage_errors(self.engine.url, "looking up jobs"), self.engine.connect() as conn:
+            for i in range(0, len(ids), EVENT_CHUNK):
+                part = ids[i:i + EVENT_CHUNK]
+                found.update(conn.execute(select(Job.id).where(Job.id.in_(part))).scalars())
+                found.update(conn.execute(select(Event.job_id).where(Event.job_id.in_(part)).distinct()).scalars())
+        return found

@@ -201,3 +201,69 @@ def test_events_of_a_job_are_filtered_by_its_id(jobs: Jobs) -> None:
     assert [(e["event_id"], e["job_id"]) for e in got] == [(mine, job["id"])]
     assert {e["event_id"]: e["job_id"] for e in c.get("/api/events").json()["events"]} == {mine: job["id"], live: None}
     assert c.get("/api/events?job=nope").status_code == 422
+
+
+def _job_event(jobs: Jobs, job_id: str, snapshot: Path | None = None) -> str:
+    """An event stored by job ``job_id``'s pipeline (its snapshot in the job's folder)."""
+    event_id = uuid.uuid4().hex
+    engine = open_engine(jobs.api.url)
+    w = EventWriter(engine, job_id=job_id)
+    w.add_update(update(event_id, camera=f"job-{job_id[:8]}", ended=True,
+                        snapshot_path=str(snapshot) if snapshot else None))
+    w.flush()
+    engine.dispose()
+    return event_id
+
+
+def _analysed(jobs: Jobs, c: TestClient, clip: Path) -> dict:
+    """An uploaded clip's analyze job, run to done; with one event whose snapshot is in the job's folder."""
+    up = c.post("/api/uploads", files={"file": ("clip.avi", clip.read_bytes(), "video/x-msvideo")}).json()
+    job = c.post("/api/jobs", json={"type": "analyze", "upload": up["upload"]}).json()
+    _finish_when_started(jobs.spawner).join(20)
+    with c.stream("GET", f"/api/jobs/{job['id']}/events") as s:
+        assert _events(s.iter_lines())[-1][0] == "complete"
+    jobs.spawner.started.clear()
+    shots = jobs.api.data_dir / "jobs" / job["id"] / "snapshots"
+    shots.mkdir()
+    (shots / "a.jpg").write_bytes(b"\xff\xd8\xff shot")
+    job["event"] = _job_event(jobs, job["id"], shots / "a.jpg")
+    return job
+
+
+def test_a_finished_job_is_deleted_with_its_files_and_its_events_stay_unless_asked(jobs: Jobs, clip: Path) -> None:
+    c = jobs.client()
+    data = jobs.api.data_dir
+    kept, gone = _analysed(jobs, c, clip), _analysed(jobs, c, clip)
+    folder = data / "jobs" / kept["id"]
+    assert {p.name for p in folder.iterdir()} >= {"config.yaml", "last_run.json", "snapshots", "trt-cache"}
+    (data / "trt-cache" / "engine.bin").write_bytes(b"built")  # the live data dir's, linked from the job's folder
+
+    r = c.delete(f"/api/jobs/{kept['id']}")
+    assert r.status_code == 200 and r.json()["deleted"] == kept["id"]
+    assert (r.json()["events_deleted"], r.json()["events_kept"]) == (0, 1) and r.json()["files"] >= 3
+    assert c.get(f"/api/jobs/{kept['id']}").status_code == 404
+    assert [p.name for p in folder.iterdir()] == ["snapshots"]  # what its kept event shows
+    assert c.get(f"/api/events/{kept['event']}/snapshot.jpg").content == b"\xff\xd8\xff shot"
+    assert (data / "trt-cache" / "engine.bin").read_bytes() == b"built"  # a link is removed, never followed
+
+    r = c.delete(f"/api/jobs/{gone['id']}?events=true")
+    assert (r.status_code, r.json()["events_deleted"], r.json()["events_kept"]) == (200, 1, 0)
+    assert not (data / "jobs" / gone["id"]).exists() and c.get(f"/api/events/{gone['event']}").status_code == 404
+    assert [e["event_id"] for e in c.get("/api/events").json()["events"]] == [kept["event"]]
+    assert c.delete(f"/api/jobs/{gone['id']}").json() == {"error": f"no job {gone['id']}"}
+
+
+def test_an_unfinished_job_must_be_cancelled_before_it_is_deleted(jobs: Jobs, clip: Path) -> None:
+    c = jobs.client(start=False)  # the runner does not run: the job stays queued
+    up = c.post("/api/uploads", files={"file": ("clip.avi", clip.read_bytes(), "video/x-msvideo")}).json()
+    job = c.post("/api/jobs", json={"type": "analyze", "upload": up["upload"]}).json()
+    r = c.delete(f"/api/jobs/{job['id']}")
+    assert r.status_code == 409 and r.json()["error"] == (
+        f"job {job['id']}: a queued job cannot be deleted; cancel it first (POST /api/jobs/{job['id']}/cancel), "
+        "then delete it")
+    assert c.get(f"/api/jobs/{job['id']}").json()["state"] == "queued"
+    assert list((jobs.api.data_dir / "uploads").glob(f"{up['upload']}*"))  # nothing removed
+    assert c.post(f"/api/jobs/{job['id']}/cancel").json()["state"] == "cancelled"
+    assert c.delete(f"/api/jobs/{job['id']}").status_code == 200
+    assert not list((jobs.api.data_dir / "uploads").glob(f"{up['upload']}*"))  # a cancelled job's upload goes too
+    assert c.delete("/api/jobs/not-a-uuid").status_code == 422

@@ -168,6 +168,7 @@ def test_invalid_mqtt_configs_name_the_key(path: str, value: object, error: str)
 def test_api_section_defaults_to_off_and_private() -> None:
     api = parse_config(BASE).api
     assert (api.enabled, api.host, api.port, api.token, api.max_upload_mb, api.job_dirs) == (False, "127.0.0.1", 8080, None, 50.0, ())
+    assert (api.job_retention_days, api.stream_fps, api.stream_max_width, api.stream_quality, api.nice) == (30.0, 5.0, 960, 75, 5)
 
 
 @pytest.mark.parametrize("api, ok", [
@@ -192,6 +193,14 @@ def test_api_binding_anything_but_loopback_requires_a_token(api: dict, ok: bool)
     ("api.max_upload_mb", 0, r"api\.max_upload_mb: Input should be greater than 0"),
     ("api.max_upload_mb", 5000, r"api\.max_upload_mb: Input should be less than or equal to 4096"),
     ("api.hots", "127.0.0.1", r"api\.hots: Extra inputs are not permitted"),
+    ("api.job_retention_days", 0, r"api\.job_retention_days: Input should be greater than 0"),
+    ("api.job_retention_days", 4000, r"api\.job_retention_days: Input should be less than or equal to 3650"),
+    ("api.stream_fps", 0, r"api\.stream_fps: Input should be greater than 0"),
+    ("api.stream_fps", 31, r"api\.stream_fps: Input should be less than or equal to 30"),
+    ("api.stream_max_width", 100, r"api\.stream_max_width: Input should be greater than or equal to 160"),
+    ("api.stream_quality", 99, r"api\.stream_quality: Input should be less than or equal to 95"),
+    ("api.nice", 20, r"api\.nice: Input should be less than or equal to 19"),
+    ("api.nice", -1, r"api\.nice: Input should be greater than or equal to 0"),
     ("api.host", "a b", r"api\.host: String should match pattern"),
 ])
 def test_api_bounds(path: str, value: object, error: str) -> None:

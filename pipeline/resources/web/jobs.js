@@ -1,7 +1,8 @@
 // Jobs panel, against the jobs API (pipeline/api_jobs.py): a clip is uploaded with POST /api/uploads
 // (multipart field "file"; answers {upload, ...}), then queued with POST /api/jobs {"type": "analyze", "upload": id}
 // (answers {id, state}); GET /api/jobs ({"jobs": [...]}), GET /api/jobs/{id} (state queued/running/done/failed/
-// cancelled, progress 0-1, frames done of total, result or error), POST /api/jobs/{id}/cancel. Job states live on
+// cancelled, progress 0-1, frames done of total, result or error), POST /api/jobs/{id}/cancel, DELETE /api/jobs/{id}
+// (a finished job; its events stay). Job states live on
 // the server, so a reload shows them as they are; the ids this tab created are also remembered in localStorage in
 // case the list is paged. GET /api/jobs answering 404: this server has no jobs; the panel says so.
 import { api, el, Poller, showTab, when } from "./app.js";
@@ -47,9 +48,9 @@ function row(job) {
     el("td", {}, el("span", { class: `progress${job.state === "done" ? " done" : ""}` },
       el("span", { class: "bar" }, el("div", { style: `width:${p}%` })), el("span", { class: "pct" }, `${p} %`))),
     el("td", { class: "num" }, frames(job)), el("td", {}, when(job.created_at)), el("td", { class: "wrap" }, outcome(job)),
-    el("td", {}, active ? el("button", { class: "danger", onclick: () => cancel(job.id) }, "Cancel")
-      : job.state === "done" && job.type === "analyze"
-        ? el("button", { onclick: () => openEvents(job) }, "Events") : ""));
+    el("td", { class: "actions" }, ...(active ? [el("button", { class: "danger", onclick: () => cancel(job.id) }, "Cancel")]
+      : [job.state === "done" && job.type === "analyze" ? el("button", { onclick: () => openEvents(job) }, "Events") : "",
+        el("button", { class: "danger", dataset: { action: "delete" }, onclick: () => remove(job) }, "Delete")])));
 }
 
 function render() {
@@ -90,6 +91,19 @@ function unavailable() {
 async function cancel(id) {
   try { await api(`/api/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" }); } catch (err) { alert(err.message); }
   refresh();
+}
+
+async function remove(job) {
+  const events = job.type === "analyze" ? " Its events stay in the Events panel." : "";
+  if (!confirm(`Delete job ${String(job.id).slice(0, 8)} (its record and files)?${events}`)) return;
+  try {
+    await api(`/api/jobs/${encodeURIComponent(job.id)}`, { method: "DELETE" });
+  } catch (err) {
+    if (err.status !== 404) { alert(err.message); return; }
+  }
+  jobs.delete(job.id);
+  localStorage.setItem(KNOWN_KEY, JSON.stringify(known().filter((x) => x !== job.id)));
+  render();
 }
 
 function openEvents(job) {
