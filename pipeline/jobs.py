@@ -25,6 +25,10 @@ can continue it (an analyze job whose pipeline still runs, or ended with a run s
 (:meth:`JobRunner.stop`) interrupts the running job like a cancel and records it ``failed`` ("interrupted:
 the api process stopped"), so ``facepro run`` never leaves a job pipeline behind when it is stopped.
 
+Delete and retention (:meth:`JobRunner.delete`, :meth:`JobRunner.prune`): a finished job is deleted with its
+files by the injected cleanup (:class:`pipeline.job_cleanup.JobCleanup`), whose retention pass the runner's
+thread runs at its start and every ``prune_every_s`` seconds, between jobs.
+
 Job files (:func:`check_job_path`): an analyze job's ``source`` and an enroll job's ``images`` are absolute
 paths of regular files under one of ``api.job_dirs``; ``..`` components and symbolic links (at or below
 the job dir) are refused, and so is any path whose real location is outside its job dir.

@@ -131,7 +131,8 @@ def _polls(page: object) -> int:
     return int(page.get_attribute("#status-table", "data-polls") or 0)  # type: ignore[attr-defined]
 
 
-def test_status_table_charts_stream_and_events(pipeline: tuple[str, Path], page: object, shots: Shots) -> None:
+def test_status_table_charts_stream_and_events(pipeline: tuple[str, Path], page: object, shots: Shots,
+                                               faces: Path) -> None:
     base, _ = pipeline
     page.goto(base + "/")  # type: ignore[attr-defined]
     page.wait_for_function("Number(document.querySelector('#status-table').dataset.polls) >= 1")  # type: ignore[attr-defined]
@@ -160,8 +161,18 @@ def test_status_table_charts_stream_and_events(pipeline: tuple[str, Path], page:
     assert "format=csv" in page.get_attribute("#events-csv", "href")  # type: ignore[attr-defined]
     shots.take(page, "events")
 
+    import httpx
+
+    image = faces / "obama" / "obama.jpg"
+    r = httpx.post(f"{base}/api/identities/Barack Obama/faces", files={"files": (image.name, image.read_bytes(), "image/jpeg")},
+                   timeout=120)
+    assert r.status_code == 201, r.text
     page.click("#tabs button[data-tab=identities]")  # type: ignore[attr-defined]
-    page.wait_for_selector("#identities-table tbody tr")  # type: ignore[attr-defined]
+    page.wait_for_selector("#identities-table tbody tr[data-identity='Barack Obama'] img.face")  # type: ignore[attr-defined]
+    page.wait_for_function("(() => { const i = document.querySelector('#identities-table img.face'); "  # type: ignore[attr-defined]
+                           "return i && i.complete && i.naturalWidth > 0; })()")
+    assert page.eval_on_selector("#identities-table img.face", "i => [i.naturalWidth, i.naturalHeight]") == [112, 112]  # type: ignore[attr-defined]
+    shots.take(page, "identities")
     page.click("#tabs button[data-tab=backups]")  # type: ignore[attr-defined]
     page.click("#backup-create")  # type: ignore[attr-defined]
     page.wait_for_selector("#backups-table tbody tr[data-backup]")  # type: ignore[attr-defined]
@@ -219,7 +230,11 @@ def test_jobs_upload_progress_and_reload(pipeline: tuple[str, Path], page: objec
         shots.take(page, "jobs-unavailable")
         pytest.skip("GET /api/jobs answered 404: this build has no analysis jobs (they land separately); "
                     "the page says 'Jobs not available'")
-    _job_reaches_100_and_survives_a_reload(page, clip, shots, "jobs")
+    job = _job_reaches_100_and_survives_a_reload(page, clip, shots, "jobs")
+    page.on("dialog", lambda dialog: dialog.accept())  # type: ignore[attr-defined]  (the confirm of Delete)
+    page.click(f"#jobs-table tr[data-job='{job}'] button[data-action=delete]")  # type: ignore[attr-defined]
+    page.wait_for_selector(f"#jobs-table tr[data-job='{job}']", state="detached")  # type: ignore[attr-defined]
+    assert _get(f"{base}/api/jobs/{job}")[0] == 404  # gone on the server, not only from the page
 
 
 # ------------------------------------------------- the Jobs panel against the contract
