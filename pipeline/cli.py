@@ -23,7 +23,7 @@ from typing import Callable
 
 import cv2
 
-from pipeline import topology
+from pipeline import identities, topology
 from pipeline.config import (AppConfig, ConfigError, apply_data_dir, data_dir, database_url, default_config_path, load_config,
                              with_sources)
 from pipeline.messages import DROP_REASONS, StatusReply, StatusRequest, ScaleRequest, Ack
@@ -260,21 +260,25 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_identities(args: argparse.Namespace) -> int:
-    from storage.queries import delete_identity, list_identities, merge_identities
+    from storage.queries import delete_identity, list_identities
 
     cfg = _config(args)
     engine = _engine(cfg)
     if args.action == "list":
+        if args.unknown:
+            return identities.print_unknowns(engine, args.json)
         for name, n in list_identities(engine):
             print(f"{name:<32} {n} embedding(s)")
         return 0
-    if args.action == "merge":
+    if args.action in ("merge", "name"):
         if not args.name or not args.other:
-            raise CliError('identities merge needs two names: facepro identities merge KEEP OTHER ("OTHER" goes into "KEEP")')
-        res = merge_identities(engine, args.name, args.other)
-        print(f"merged {args.other} into {args.name}: {res.embeddings} embedding(s) and {res.events} event(s) moved; "
-              f"{args.other} deleted")
-        _remove_entity(cfg, args.other)
+            raise CliError('identities merge needs two names: facepro identities merge KEEP OTHER ("OTHER" goes into "KEEP")'
+                           if args.action == "merge" else 'identities name needs a cluster and a name: facepro identities name unknown-17 "Alice"')
+        if args.action == "name":
+            return identities.print_named(engine, args.name, args.other)
+        print(identities.merge_any(engine, args.name, args.other))
+        if not args.other.startswith("unknown-"):  # an anonymous cluster has no Home Assistant entity
+            _remove_entity(cfg, args.other)
         return 0
     if args.other:
         raise CliError(f"identities delete takes one NAME, got {args.name!r} and {args.other!r} (quote names with spaces)")
@@ -331,14 +335,22 @@ def cmd_events(args: argparse.Namespace) -> int:
     from pipeline.services import event_docs
 
     cfg = _config(args)
+    if args.action == "relabel":
+        from pipeline.identities import print_relabelled
+
+        if not args.event or (args.not_name is None and args.as_name is None):
+            raise CliError("events relabel needs an event id and --not NAME and/or --as NAME: "
+                           'facepro events relabel EVENT --not "Bob" [--as "Carol"]')
+        return print_relabelled(_engine(cfg), cfg, args.event, args.not_name, args.as_name)
     docs = event_docs(_engine(cfg), args.limit, camera=args.camera, identity=args.identity, label=args.label,
-                      method=args.method, since=_when(args.since, "--since"), until=_when(args.until, "--until"))
+                      method=args.method, since=_when(args.since, "--since"), until=_when(args.until, "--until"),
+                      unknown=args.unknown)
     for doc in docs:
         if args.json:
             print(json.dumps(doc))
         else:
             print(f"{doc['started_at']}  {doc['camera']:<10} track {doc['track_id']:<5} {doc['label']:<8} "
-                  f"{doc['identity'] or 'unknown':<20} frames {doc['first_frame']}-{doc['last_frame']}")
+                  f"{doc['identity'] or doc['unknown'] or 'unknown':<20} frames {doc['first_frame']}-{doc['last_frame']}")
     return 0
 
 
@@ -480,14 +492,13 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("images", nargs="+")
     en.add_argument("--face", type=int, metavar="N", help="with several faces in the image, enroll face N (0-based, "
                     "numbered left to right as a refusal lists them); only with one image")
-    ids = add("identities", cmd_identities, "enrolled identities: list | delete NAME | merge KEEP OTHER (OTHER's embeddings and events go to KEEP)")
-    ids.add_argument("action", choices=["list", "delete", "merge"])
-    ids.add_argument("name", nargs="?")
-    ids.add_argument("other", nargs="?", help="merge: the identity merged into NAME and deleted")
+    ids = add("identities", cmd_identities, identities.IDENTITIES_HELP)
+    identities.identities_arguments(ids)
     idf = add("identify", cmd_identify, "name every face in an image")
     idf.add_argument("image")
     idf.add_argument("--json", action="store_true")
-    ev = add("events", cmd_events, "list stored events, newest first")
+    ev = add("events", cmd_events, "list stored events, newest first | relabel EVENT --not NAME [--as NAME]")
+    identities.events_arguments(ev)
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--camera")
     ev.add_argument("--identity")

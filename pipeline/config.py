@@ -154,6 +154,21 @@ class FaceQualityConfig(_Strict):
     max_abs_yaw: float = Field(0.6, gt=0, le=10, description="|nose offset| / eye distance")
 
 
+class UnknownFacesConfig(_Strict):
+    """Anonymous identities ``unknown-<n>`` for faces nobody enrolled (the storage process clusters unnamed
+    person tracks as they end; method and thresholds: ``storage/clustering.py``). Thresholds are cosine
+    similarities in the gallery's space, tighter than ``match_threshold``: one cluster holding two people is
+    worse than one person in two clusters (consolidation and ``facepro identities merge`` join those)."""
+
+    enabled: bool = True
+    cluster_threshold: float = Field(0.45, ge=-1.0, le=1.0, description="similarity of a track's face vector to a cluster centroid needed to join it")
+    merge_threshold: float = Field(0.45, ge=-1.0, le=1.0, description="average centroid similarity at which consolidation merges clusters")
+    min_faces: int = Field(2, ge=1, le=1000, description="quality faces a track needs to be clustered")
+    best_faces: int = Field(5, ge=1, le=1000, description="the track's best faces (detector score) averaged into its vector")
+    min_consistency: float = Field(0.6, ge=0.0, le=1.0, description="norm of the mean of those unit vectors below which the track is noise (its faces disagree)")
+    consolidate_interval_s: float = Field(60.0, ge=1, le=86400, description="how often the storage process merges clusters that came together")
+
+
 class FaceConfig(_Strict):
     detector: OnnxFaceDetectorConfig
     embedder: OnnxFaceEmbedderConfig
@@ -162,6 +177,7 @@ class FaceConfig(_Strict):
     every_n_frames: int = Field(2, ge=1, le=1000, description="run face analysis on every n-th frame of a camera")
     settle_votes: int | None = Field(8, ge=1, le=10_000, description="a person track stops face work once one choice (a name or unknown) holds this many quality face votes and a strict majority; null: never")
     quality: FaceQualityConfig = FaceQualityConfig()
+    unknowns: UnknownFacesConfig = UnknownFacesConfig()
     enroll_dominance: float = Field(2.0, ge=1.0, le=100.0, description="an enrollment photo with several faces enrolls the most prominent one (box area x centrality) only when it is at least this many times the next face's; else the user picks one (facepro enroll --face N)")
 
 

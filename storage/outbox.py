@@ -26,7 +26,11 @@ of Frigate's ``frigate/events`` messages (https://docs.frigate.video/integration
              "top_score": float, "start_time": epoch seconds (float), "end_time": epoch seconds or null,
              "box": [x1, y1, x2, y2] frame pixels, "identity": str or null,
              "sub_label": [identity, similarity] or null, "method": "face" | "reid" | "gait" or null,
-             "has_snapshot": bool, "box_id": str, "seq": int >= 1}
+             "has_snapshot": bool, "unknown": "unknown-<n>" or null, "box_id": str, "seq": int >= 1}
+
+``unknown`` is the anonymous identity of a face nobody enrolled (:mod:`storage.unknowns`); it is set when the
+track ends, so it arrives with the ``end`` message. ``identity`` stays null for it: an identity is always
+an enrolled name (Home Assistant's per-identity sensors follow ``identity`` only).
 
 ``before`` is the event's committed state just before the change (``new``:
 the same as ``after``; its ``seq`` is the previous message's, 0 if none);
@@ -72,10 +76,11 @@ class EventState:
     identity_score: float
     method: str | None
     has_snapshot: bool
+    unknown: str | None = None  # the anonymous cluster, unknown-<n>
 
     def key(self) -> tuple[Any, ...]:
         """What a subscriber acts on: an ``update`` is written when this changes."""
-        return (self.label, self.identity, self.method, self.has_snapshot)
+        return (self.label, self.identity, self.method, self.has_snapshot, self.unknown)
 
 
 def _chunks(values: Iterable[str], size: int = _IN_CHUNK) -> Iterator[list[str]]:
@@ -89,7 +94,7 @@ def event_states(conn: Connection, ids: Iterable[str]) -> dict[str, EventState]:
     stmt = (
         select(Event.id, Camera.name, Event.label, Event.best_score, Event.started_at, Event.ended_at, Event.ended,
                Event.x1, Event.y1, Event.x2, Event.y2, Identity.name, Event.identity_score, Event.method,
-               Event.snapshot_path)
+               Event.snapshot_path, Event.unknown_id)
         .join(Camera, Camera.id == Event.camera_id)
         .outerjoin(Identity, Identity.id == Event.identity_id)
     )
@@ -98,7 +103,7 @@ def event_states(conn: Connection, ids: Iterable[str]) -> dict[str, EventState]:
         for r in conn.execute(stmt.where(Event.id.in_(part))):
             out[r[0]] = EventState(r[0], r[1], r[2], float(r[3]), r[4], r[5], bool(r[6]),
                                    (float(r[7]), float(r[8]), float(r[9]), float(r[10])), r[11], float(r[12]), r[13],
-                                   r[14] is not None)
+                                   r[14] is not None, f"unknown-{r[15]}" if r[15] is not None else None)
     return out
 
 
@@ -114,7 +119,8 @@ def event_json(state: EventState, box_id: str, seq: int, ended: bool | None = No
         "end_time": None if open_ else round(state.ended_at.timestamp(), 6),
         "box": [round(v, 2) for v in state.box], "identity": state.identity,
         "sub_label": [state.identity, round(state.identity_score, 6)] if state.identity is not None else None,
-        "method": state.method, "has_snapshot": state.has_snapshot, "box_id": box_id, "seq": seq,
+        "method": state.method, "has_snapshot": state.has_snapshot, "unknown": state.unknown, "box_id": box_id,
+        "seq": seq,
     }
 
 

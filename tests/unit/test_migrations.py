@@ -35,8 +35,10 @@ from tests.unit.test_storage import pg_url  # noqa: F401  (fixture: a fresh Post
 
 EXPECTED_INDEXES = {
     "events": {"ix_events_camera_id_started_at", "ix_events_identity_id_started_at", "ix_events_started_at",
-               "ix_events_job_id_started_at"},
+               "ix_events_job_id_started_at", "ix_events_unknown_id_started_at"},
     "jobs": {"ix_jobs_state_created_at"},
+    "unknown_clusters": {"ix_unknown_clusters_model"},
+    "face_negatives": {"ix_face_negatives_identity_id", "ix_face_negatives_model_identity_id"},
     "face_embeddings": {"ix_face_embeddings_identity_id", "ix_face_embeddings_model_identity_id"},
     "track_embeddings": set(),  # event_id lookups use the unique (event_id, model, frame_index) since 0004
     "reid_embeddings": set(),
@@ -71,11 +73,11 @@ def _alembic(url: str, fn, *args) -> None:
 
 
 def test_head_and_history():
-    assert head_revision() == "0006"
+    assert head_revision() == "0008"
     revs = history()
     assert [(r.revision, r.down_revision, r.is_head) for r in revs] == [
         ("0001", None, False), ("0002", "0001", False), ("0003", "0002", False), ("0004", "0003", False),
-        ("0005", "0004", False), ("0006", "0005", True)]
+        ("0005", "0004", False), ("0006", "0005", False), ("0008", "0006", True)]
     assert all(isinstance(r, RevisionInfo) and r.message for r in revs)
 
 
@@ -160,7 +162,7 @@ def test_0005_adds_the_mqtt_outbox_and_downgrade_drops_it(url, db_path):
     finally:
         conn.close()
     assert downgrade(url, "0004", backup=False) == "0004"
-    assert _tables(url) == set(TABLES) - {"mqtt_outbox", "jobs"} | {"alembic_version"}  # 0006 (jobs) goes too
+    assert _tables(url) == set(TABLES) - {"mqtt_outbox", "jobs", "unknown_clusters", "face_negatives"} | {"alembic_version"}  # later ones go too
     assert count_rows_0004(url)["cameras"] == 1
     assert upgrade(url, backup=False) == head_revision()
     assert "mqtt_outbox" in _tables(url)
@@ -194,7 +196,7 @@ def test_0006_adds_jobs_and_events_job_id_and_downgrade_removes_them(url, db_pat
         before = _dump(conn, ("events",))
     engine.dispose()
 
-    assert upgrade(url, backup=False) == "0006"
+    assert upgrade(url, backup=False) == head_revision()
     raw = sqlite3.connect(db_path)
     try:
         assert raw.execute("SELECT job_id FROM events").fetchall() == [(None,)]  # old events: not from a job
@@ -328,7 +330,7 @@ def _seed_0001(conn: Connection) -> None:
 
 
 def _dump(conn: Connection, tables: tuple[str, ...], without_id: tuple[str, ...] = (),
-          added: tuple[str, ...] = ("events.job_id",)) -> dict[str, list[tuple]]:
+          added: tuple[str, ...] = ("events.job_id", "events.unknown_id")) -> dict[str, list[tuple]]:
     """Every row of ``tables``, sorted; the ``id`` column is left out for ``without_id`` (renumbered rows), and
     the columns in ``added`` (``table.column`` of later revisions) are left out."""
     out = {}
@@ -581,5 +583,47 @@ def test_upgrade_without_backup_writes_none(url, db_path, two_revisions):
     engine = open_engine(url)
     try:
         assert count_rows(engine)["identities"] == 0
+    finally:
+        engine.dispose()
+
+
+def test_0008_adds_unknown_clusters_negatives_and_events_unknown_id_and_downgrade_removes_them(url, db_path):
+    _alembic(url, command.upgrade, "0006")
+    engine = open_engine(url)
+    with engine.begin() as conn:
+        _event_0004(conn, EV1)
+    with engine.connect() as conn:
+        before = _dump(conn, ("events",))
+    engine.dispose()
+
+    assert upgrade(url, backup=False) == head_revision()
+    raw = sqlite3.connect(db_path)
+    try:
+        assert raw.execute("SELECT unknown_id FROM events").fetchall() == [(None,)]  # old events: in no cluster
+        sql = dict(raw.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"))
+        assert sql["ix_events_unknown_id_started_at"].endswith("WHERE unknown_id IS NOT NULL")
+        assert "ix_events_unknown_id_started_at" in _plan(
+            raw, "SELECT id FROM events WHERE unknown_id = ? ORDER BY started_at DESC", 3)
+        ins = ("INSERT INTO unknown_clusters (model, dim, vector, tracks, first_seen, last_seen, created_at) "
+               "VALUES ('m', 2, :v, :n, :t, :t, :t)")
+        for _ in range(3):
+            raw.execute(ins, {"v": b"\0" * 8, "n": 1, "t": TS})
+        raw.execute("DELETE FROM unknown_clusters WHERE id = 3")
+        raw.execute(ins, {"v": b"\0" * 8, "n": 1, "t": TS})
+        assert [r[0] for r in raw.execute("SELECT id FROM unknown_clusters ORDER BY id")] == [1, 2, 4]  # 3 never again
+        for bad in ({"v": b"\0" * 4, "n": 1, "t": TS}, {"v": b"\0" * 8, "n": 0, "t": TS}):  # vector size; no track
+            with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
+                raw.execute(ins, bad)
+        raw.commit()
+    finally:
+        raw.close()
+
+    assert downgrade(url, "0006", backup=False) == "0006"
+    assert not {"unknown_clusters", "face_negatives"} & _tables(url)
+    engine = open_engine(url)
+    try:
+        assert "unknown_id" not in {c["name"] for c in inspect(engine).get_columns("events")}
+        with engine.connect() as conn:
+            assert _dump(conn, ("events",)) == before  # the events themselves survive both ways
     finally:
         engine.dispose()
