@@ -362,3 +362,75 @@ def test_api_lists_names_and_relabels_as_the_cli_does(api: Api, capsys: pytest.C
     assert main(["identities", "merge", "Alice", "unknown-1", "--config", str(api.cfg_file)]) == 2  # named: gone
     assert "no cluster unknown-1" in capsys.readouterr().err
     engine.dispose()
+
+
+# ------------------------------------------------------------------ the gallery of a running recognition process
+
+
+def test_a_running_recognition_process_reloads_the_gallery_when_names_or_negatives_change(store: Store,
+                                                                                         engine: Engine) -> None:
+    from pipeline.identities import GalleryRefresh
+
+    clock = [0.0]
+    got: list[Gallery] = []
+    refresh = GalleryRefresh(engine, MODEL, 0.4, got.append, interval_s=2.0, clock=lambda: clock[0])
+    event_id = store.track(0)
+    clock[0] = 2.0
+    refresh()
+    assert got == []  # tracks and clusters are not the gallery: nothing to reload
+    name_unknown(engine, _unknown(engine, event_id), "Alice")
+    clock[0] = 3.0
+    refresh()
+    assert got == []  # not due yet
+    clock[0] = 4.0
+    refresh()
+    assert [g.identities for g in got] == [("Alice",)] and refresh.reloads == 1
+    enroll(engine, "Bob", _basis(5)[None, :], MODEL)
+    bob_event = store.track(5, identity="Bob")
+    relabel_event(engine, bob_event, not_name="Bob")
+    clock[0] = 6.0
+    refresh()
+    assert [g.identities for g in got][-1] == ("Alice", "Bob") and got[-1].negatives == 1
+    clock[0] = 8.0
+    refresh()
+    assert refresh.reloads == 2  # unchanged since
+
+
+def test_the_storage_stage_counts_unknowns_and_consolidates_at_its_end(engine: Engine) -> None:
+    from functools import partial
+
+    from storage.stage import StorageStage
+
+    strict = Store(engine, UnknownSettings(threshold=0.99))  # two clusters of one person, merged at the end
+    stage = StorageStage(strict.writer, consolidate=partial(consolidate_clusters, engine, 0.45))
+    event_id = f"{99:032x}"
+    stage.process(None, update(event_id, last=20, ended=True))
+    for f in range(3):
+        stage.process(None, EmbeddingRecord(event_id, "face", MODEL, _near(0, strict.rng), frame_index=f, quality=0.9))
+    other = strict.track(0)
+    stage.finish()
+    assert stage.counts["unknown_tracks"] == 2 and stage.counts["unknown_clusters_created"] == 2
+    assert stage.counts["unknown_clusters_merged"] == 1
+    assert _unknown(engine, event_id) == _unknown(engine, other) == "unknown-1"
+
+
+from tests.unit.test_storage import pg_url  # noqa: E402,F401  (fixture: a fresh PostgreSQL schema)
+
+
+@pytest.mark.postgres
+def test_postgres_clusters_names_and_negatives(pg_url: str) -> None:  # noqa: F811
+    from storage.db import open_engine, upgrade
+
+    upgrade(pg_url)
+    engine = open_engine(pg_url)
+    try:
+        store = Store(engine)
+        a, b, c = store.track(0), store.track(1), store.track(0)
+        assert [_unknown(engine, e) for e in (a, b, c)] == ["unknown-1", "unknown-2", "unknown-1"]
+        assert name_unknown(engine, "unknown-1", "Alice").events == 2
+        res = relabel_event(engine, a, not_name="Alice", assigner=store.assigner)
+        assert (res.identity, res.unknown) == (None, "unknown-3") and load_negatives(engine, MODEL)[0] == ["Alice"]
+        assert consolidate_clusters(engine, 0.45) == 0
+        assert [u.name for u in list_unknowns(engine)] == ["unknown-3", "unknown-2"]
+    finally:
+        engine.dispose()
