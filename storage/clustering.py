@@ -124,7 +124,9 @@ class OnlineClusters:
         counts: ``(k,)`` members of each cluster.
         threshold: cosine similarity to the nearest centroid needed to join it.
 
-    New clusters get keys -1, -2, ... in creation order (the caller maps them to database ids).
+    New clusters get keys -1, -2, ... in creation order (the caller maps them to database ids). One assignment
+    costs one ``(k, d)`` float32 matrix-vector product; the unit centroids are kept, and only the row a track
+    joins is renormalised.
 
     Raises:
         ValueError: shapes that disagree, or repeated keys.
@@ -133,7 +135,7 @@ class OnlineClusters:
     def __init__(self, keys: list[int], sums: np.ndarray, counts: np.ndarray, threshold: float = CLUSTER_THRESHOLD) -> None:
         s = np.asarray(sums, np.float64)
         if s.size == 0:
-            s = s.reshape(0, 0)
+            s = s.reshape(0, s.shape[1] if s.ndim == 2 else 0)
         c = np.asarray(counts, np.int64)
         if s.ndim != 2 or s.shape[0] != len(keys) or c.shape != (len(keys),):
             raise ValueError(f"OnlineClusters: {len(keys)} keys, sums {s.shape}, counts {c.shape}")
@@ -141,16 +143,36 @@ class OnlineClusters:
             raise ValueError("OnlineClusters: keys must be distinct")
         self.threshold = float(threshold)
         self.keys = list(keys)
-        self.sums = s
-        self.counts = c
+        self._sums = s.copy()
+        self._counts = c.copy()
+        self._unit = _unit(s) if len(keys) else np.zeros((0, s.shape[1]), np.float32)
+        self._n = len(keys)
         self._next_new = -1
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return self._n
+
+    @property
+    def sums(self) -> np.ndarray:
+        """``(k, d) float64`` member sums, in :attr:`keys` order."""
+        return self._sums[: self._n]
+
+    @property
+    def counts(self) -> np.ndarray:
+        """``(k,) int64`` members, in :attr:`keys` order."""
+        return self._counts[: self._n]
 
     def centroids(self) -> np.ndarray:
         """``(k, d) float32`` unit centroids, in :attr:`keys` order."""
-        return _unit(self.sums)
+        return self._unit[: self._n]
+
+    def _grow(self, d: int) -> None:
+        if self._sums.shape[1] != d:  # the first cluster fixes d
+            self._sums, self._unit = np.zeros((0, d)), np.zeros((0, d), np.float32)
+        cap = max(16, 2 * self._sums.shape[0])
+        self._sums = np.vstack([self._sums, np.zeros((cap - self._sums.shape[0], d))])
+        self._unit = np.vstack([self._unit, np.zeros((cap - self._unit.shape[0], d), np.float32)])
+        self._counts = np.concatenate([self._counts, np.zeros(cap - self._counts.shape[0], np.int64)])
 
     def assign(self, vector: np.ndarray) -> Assignment:
         """Put one track's ``(d,)`` embedding (normalised here) into a cluster and update that centroid.
@@ -159,22 +181,44 @@ class OnlineClusters:
             ValueError: ``vector`` is not 1-D or its dimension differs from the clusters'.
         """
         v = np.asarray(vector, np.float64)
-        if v.ndim != 1 or (len(self) and v.shape[0] != self.sums.shape[1]):
-            raise ValueError(f"assign: expected a ({self.sums.shape[1] if len(self) else 'd'},) vector, got {v.shape}")
+        if v.ndim != 1 or (self._n and v.shape[0] != self._sums.shape[1]):
+            raise ValueError(f"assign: expected a ({self._sums.shape[1] if self._n else 'd'},) vector, got {v.shape}")
         v = v / max(float(np.linalg.norm(v)), 1e-12)
-        if len(self):
-            sims = self.centroids().astype(np.float64) @ v
+        if self._n:
+            sims = np.einsum("ij,j->i", self._unit[: self._n], v.astype(np.float32))  # no BLAS threads: no wake-up per call
             best = int(np.argmax(sims))
             if sims[best] >= self.threshold:
-                self.sums[best] += v
-                self.counts[best] += 1
+                self._sums[best] += v
+                self._counts[best] += 1
+                self._unit[best] = _unit(self._sums[best])
                 return Assignment(self.keys[best], float(sims[best]), False)
+        if self._n == self._sums.shape[0] or self._sums.shape[1] != v.shape[0]:
+            self._grow(v.shape[0])
         key = self._next_new
         self._next_new -= 1
         self.keys.append(key)
-        self.sums = np.vstack([self.sums.reshape(-1, v.shape[0]), v[None, :]])
-        self.counts = np.append(self.counts, 1)
+        self._sums[self._n], self._counts[self._n], self._unit[self._n] = v, 1, v.astype(np.float32)
+        self._n += 1
         return Assignment(key, 1.0, True)
+
+
+def _linked_components(unit: np.ndarray, threshold: float, chunk: int = 1024) -> np.ndarray:
+    """Connected components (label per row) of the graph linking rows whose cosine similarity exceeds
+    ``threshold``, computed ``chunk`` rows at a time (memory ``chunk x k``, never ``k x k``)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    k = unit.shape[0]
+    rows, cols = [], []
+    for start in range(0, k, chunk):
+        sims = unit[start:start + chunk] @ unit.T
+        i, j = np.nonzero(sims > threshold)
+        keep = start + i < j  # each pair once, no self-links
+        rows.append(start + i[keep])
+        cols.append(j[keep])
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    graph = coo_matrix((np.ones(r.shape[0], np.int8), (r, c)), shape=(k, k))
+    return connected_components(graph, directed=False)[1]
 
 
 def consolidate(centroids: np.ndarray, merge_threshold: float = CLUSTER_THRESHOLD) -> list[list[int]]:
@@ -189,15 +233,28 @@ def consolidate(centroids: np.ndarray, merge_threshold: float = CLUSTER_THRESHOL
     Returns:
         Lists of row indices (ascending) with at least two members, ordered by their first index; rows in no
         list stay as they are. Merge each list into its first (oldest) row.
+
+    Cost: two groups can only reach an average similarity above the threshold if some pair across them is
+    above it, so the agglomerative step runs on each connected component of the "similarity above the
+    threshold" graph separately (the same result as on all rows at once); the graph is built in chunks. Memory
+    stays ``O(1024 k)`` instead of the ``O(k^2)`` distance matrix of one global fit.
     """
     c = np.asarray(centroids, np.float64)
     if c.ndim != 2 or c.shape[0] < 2:
         return []
     from sklearn.cluster import AgglomerativeClustering
 
-    labels = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
-                                     distance_threshold=1.0 - float(merge_threshold)).fit_predict(_unit(c))
-    groups: dict[int, list[int]] = {}
-    for i, label in enumerate(labels):
-        groups.setdefault(int(label), []).append(i)
-    return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: g[0])
+    unit = _unit(c)
+    components = _linked_components(unit, float(merge_threshold))
+    groups: list[list[int]] = []
+    for comp in np.unique(components):
+        idx = np.flatnonzero(components == comp)
+        if idx.shape[0] < 2:
+            continue
+        labels = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
+                                         distance_threshold=1.0 - float(merge_threshold)).fit_predict(unit[idx])
+        for label in np.unique(labels):
+            members = idx[labels == label]
+            if members.shape[0] > 1:
+                groups.append(sorted(int(i) for i in members))
+    return sorted(groups, key=lambda g: g[0])

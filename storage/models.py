@@ -228,7 +228,8 @@ class UnknownCluster(Base):
         CheckConstraint("dim > 0", name="dim_positive"),
         CheckConstraint("length(vector) = dim * 4", name="vector_size"),
         CheckConstraint("tracks >= 1", name="tracks_positive"),
-        Index("ix_unknown_clusters_model", "model"),
+        # the assigner's fingerprint (count, max id, sum of tracks per model) reads this index only
+        Index("ix_unknown_clusters_model_dim_tracks", "model", "dim", "tracks"),
         {"sqlite_autoincrement": True},
     )
 

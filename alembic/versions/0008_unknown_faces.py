@@ -55,7 +55,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_unknown_clusters")),
         sqlite_autoincrement=True,
     )
-    op.create_index(op.f("ix_unknown_clusters_model"), "unknown_clusters", ["model"])
+    op.create_index(op.f("ix_unknown_clusters_model_dim_tracks"), "unknown_clusters", ["model", "dim", "tracks"])
     op.create_table(
         "face_negatives",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -84,5 +84,5 @@ def downgrade() -> None:
     op.drop_index(op.f("ix_face_negatives_model_identity_id"), table_name="face_negatives")
     op.drop_index(op.f("ix_face_negatives_identity_id"), table_name="face_negatives")
     op.drop_table("face_negatives")
-    op.drop_index(op.f("ix_unknown_clusters_model"), table_name="unknown_clusters")
+    op.drop_index(op.f("ix_unknown_clusters_model_dim_tracks"), table_name="unknown_clusters")
     op.drop_table("unknown_clusters")

@@ -186,3 +186,17 @@ def test_the_asset_faces_of_people_nobody_enrolled_give_one_cluster_per_person(a
         assert sorted(len(m) for m in members.values()) == [1] * 11, (seed, members)
         assert len(members) == len(people)
         assert consolidate(clusters.centroids(), CLUSTER_THRESHOLD) == []  # nothing left to merge
+
+
+def test_consolidation_per_linked_component_equals_one_global_fit() -> None:
+    """The component-wise fit (memory O(1024 k)) merges exactly what one global scikit-learn fit merges."""
+    from sklearn.cluster import AgglomerativeClustering
+
+    rng = np.random.default_rng(7)
+    people = _unit(rng.standard_normal((40, D)))
+    centroids = np.stack([_around(people[i % 40], 0.8, rng) for i in range(150)])
+    labels = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
+                                     distance_threshold=1 - 0.45).fit_predict(centroids)
+    expected = sorted((sorted(np.flatnonzero(labels == lab).tolist()) for lab in np.unique(labels)
+                       if (labels == lab).sum() > 1), key=lambda g: g[0])
+    assert consolidate(centroids, 0.45) == expected and len(expected) > 10

@@ -37,7 +37,7 @@ EXPECTED_INDEXES = {
     "events": {"ix_events_camera_id_started_at", "ix_events_identity_id_started_at", "ix_events_started_at",
                "ix_events_job_id_started_at", "ix_events_unknown_id_started_at"},
     "jobs": {"ix_jobs_state_created_at"},
-    "unknown_clusters": {"ix_unknown_clusters_model"},
+    "unknown_clusters": {"ix_unknown_clusters_model_dim_tracks"},
     "face_negatives": {"ix_face_negatives_identity_id", "ix_face_negatives_model_identity_id"},
     "face_embeddings": {"ix_face_embeddings_identity_id", "ix_face_embeddings_model_identity_id"},
     "track_embeddings": set(),  # event_id lookups use the unique (event_id, model, frame_index) since 0004

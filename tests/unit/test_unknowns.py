@@ -434,3 +434,21 @@ def test_postgres_clusters_names_and_negatives(pg_url: str) -> None:  # noqa: F8
         assert [u.name for u in list_unknowns(engine)] == ["unknown-3", "unknown-2"]
     finally:
         engine.dispose()
+
+
+def test_a_failed_commit_leaves_no_trace_in_the_assigners_cached_clusters(store: Store, engine: Engine,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    first = store.track(0)
+    import storage.unknowns as unknowns
+
+    def fail(*args: object, **kw: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(unknowns, "_store_track_vectors", fail)  # fails after the clusters were updated in memory
+    with pytest.raises(RuntimeError):
+        store.track(1)
+    monkeypatch.undo()
+    store.writer.discard()
+    second = store.track(1)  # clusters read again: person 1 is new, person 0's cluster unchanged
+    assert (_unknown(engine, first), _unknown(engine, second)) == ("unknown-1", "unknown-2")
+    assert {u.name: u.tracks for u in list_unknowns(engine)} == {"unknown-1": 1, "unknown-2": 1}
