@@ -110,6 +110,12 @@ class DetectionConfig(_Strict):
                        "batch dimension of 1 runs them one by one")
     batch_timeout_ms: float = Field(5.0, ge=0.0, le=1000.0, description="longest wait for a batch to fill, counted from "
                                     "its first frame, milliseconds; frames already received are batched without waiting")
+    stable_skip: int = Field(1, ge=0, le=10, description="while a camera's last two detector frames found the same "
+                             "objects in nearly the same places (stable_iou), skip the detector on up to this many frames "
+                             "in a row; the tracker holds its tracks over them (DeepStream's nvinfer interval, made "
+                             "adaptive); 0: detect every moving frame")
+    stable_iou: float = Field(0.5, gt=0.0, le=1.0, description="IoU every box of a detector frame needs with its own box "
+                              "in the camera's previous detector frame for the scene to count as stable")
 
 
 class TrackingConfig(_Strict):
@@ -161,6 +167,9 @@ class FaceConfig(_Strict):
     min_face_px: int = Field(16, ge=4, le=1024, description="smaller faces (box width) are ignored")
     every_n_frames: int = Field(2, ge=1, le=1000, description="run face analysis on every n-th frame of a camera")
     settle_votes: int | None = Field(8, ge=1, le=10_000, description="a person track stops face work once one choice (a name or unknown) holds this many quality face votes and a strict majority; null: never")
+    backoff_max_frames: int | None = Field(16, ge=1, le=10_000, description="a person track whose box showed no face "
+                                           "is analysed after every_n_frames, then 2x, 4x ... that many frames, at most "
+                                           "this many but never less than every_n_frames (a found face or a box grown 25 % resets it); null: every face frame")
     quality: FaceQualityConfig = FaceQualityConfig()
     enroll_dominance: float = Field(2.0, ge=1.0, le=100.0, description="an enrollment photo with several faces enrolls the most prominent one (box area x centrality) only when it is at least this many times the next face's; else the user picks one (facepro enroll --face N)")
 
@@ -181,6 +190,10 @@ class OnnxReidConfig(_Strict):
     max_samples: int = Field(64, ge=1, le=100_000, description="samples kept per track for inspection (the mean uses all)")
     min_box_height_px: int = Field(0, ge=0, le=4096, description="lower person boxes are not embedded")
     min_samples: int = Field(3, ge=1, le=1000, description="samples a track needs before it is linked")
+    settle_samples: int | None = Field(8, ge=1, le=100_000, description="after this many samples a track's mean has "
+                                       "settled: the wait between its samples doubles (2x, 4x ... every_n_frames); null: "
+                                       "sample every every_n_frames for the track's whole life")
+    max_interval_frames: int = Field(40, ge=1, le=100_000, description="longest wait between two samples of a settled track, frames (never less than every_n_frames)")
     keep_tracks: int = Field(256, ge=1, le=100_000, description="ended tracks remembered for linking")
 
 
