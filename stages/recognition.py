@@ -27,8 +27,8 @@ model; person silhouettes build a Gait Energy Image per track
 
 A frame the detector skipped because the scene was stable
 (``Detections.held``) holds the tracks (:meth:`CameraTracks.hold`); its boxes
-are a frame old, so it gets no face or Re-ID work and gait only updates its
-background on it.
+are a frame old, so it gets no face, Re-ID or gait work: gait's background
+model sees the detector frames only, like a camera at a lower frame rate.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ class ReidLinker:
 class GaitLinker:
     """Gait per person track: silhouettes every frame, GEI, linking unnamed tracks to earlier named ones.
 
-    Needs every frame of its cameras in order (the background model).
+    Needs the detector frames of its cameras in order (the background model; held frames are left out).
 
     Args:
         cfg: thresholds and sizes.
@@ -249,7 +249,7 @@ class RecognitionStage:
             skip face work (counted as ``behind``).
         max_lag_ms: see ``live_cameras``.
         reid: person Re-ID linker, or None.
-        gait: gait linker, or None (it needs every frame, so frames are copied on every frame then).
+        gait: gait linker, or None (it needs every detector frame, so those are all copied then).
         event_ids: ``(camera, track_id, first_frame, first_seen_ns) -> event id`` for
             :class:`~stages.tracking.CameraTracks` (None: random time-ordered ids).
         journaling: record what each frame changes for :meth:`checkpoint`
@@ -366,12 +366,12 @@ class RecognitionStage:
         return last is None or frame_index - last >= self.face.every_n_frames
 
     def _due(self, det: Detections) -> bool:
-        if not det.valid:
-            return False
+        if not det.valid or det.held:
+            return False  # a held frame's boxes are a frame old: no face, Re-ID or gait work on it
         if self.gait is not None:
-            return True  # the background model needs every frame
+            return True  # the background model needs every detector frame
         if len(det) == 0:
-            return False  # held frames too: no face or Re-ID work on boxes the detector did not look at
+            return False
         cam, idx = det.frame.camera, det.frame.frame_index
         return self._face_frame(cam, idx) or (self.reid is not None and self.reid.due(cam, idx))
 
@@ -412,8 +412,8 @@ class RecognitionStage:
                     out.extend(self._observe(tracks, track, frame, idx, faces if track.track_id in wanted else False))
             if not meta.held and self.reid is not None and persons and self.reid.due(cam, idx):
                 self._reid(tracks, persons, frame, idx)
-            if self.gait is not None:  # a held frame updates the background only: its boxes are a frame old
-                self._gait(tracks, [] if meta.held else persons, frame)
+            if self.gait is not None and not meta.held:
+                self._gait(tracks, persons, frame)
         out.extend(self._ended(transitions))
         return out
 
