@@ -524,10 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("file", nargs="?", help="archive to restore")
     bk.add_argument("--dir", help="backup folder (default: <data dir>/backups)")
     bk.add_argument("--keep", type=int, default=5, help="prune: archives to keep (default: %(default)s)")
-    from pipeline import doctor, install
+    from pipeline import doctor, hubrun, install
 
     install.register(add)
     doctor.register(add)
+    hubrun.register(add)
     return p
 
 
