@@ -302,10 +302,8 @@ class HubStore:
             now = utcnow()
             cameras = self._ids(conn, insert, Camera, {v.camera for v in versions}, now)
             identities = self._ids(conn, insert, Identity, {v.identity for v in versions if v.identity}, now)
-            applied: set[str] = set()
-            for i in range(0, len(versions), CHUNK):
-                rows = [_row(v, cameras, identities) for v in versions[i:i + CHUNK]]
-                applied.update(conn.execute(_upsert(insert, rows)).scalars())
+            rows = [_row(v, cameras, identities) for v in versions]
+            applied = set(conn.execute(_upsert(insert), rows).scalars())  # one cached statement, batched VALUES
             rest = {v.event_id: v.box_id for v in versions if v.event_id not in applied}
             conflicts = _conflicts(conn, rest)
         return WriteResult(len(applied), len(rest) - len(conflicts), conflicts)
@@ -340,10 +338,11 @@ _REPLACED = ("camera_id", "track_id", "label", "started_at", "ended_at", "first_
              "x1", "y1", "x2", "y2", "identity_id", "method", "identity_score", "snapshot_path", "ended", "box_seq")
 
 
-def _upsert(insert: Any, rows: list[dict[str, Any]]) -> Any:
-    """INSERT the rows; on an existing id replace the row only with a newer version of the same box
-    (:meth:`EventVersion.newer_than`, in SQL); RETURNING the ids written."""
-    stmt = insert(Event).values(rows)
+def _upsert(insert: Any) -> Any:
+    """INSERT a row; on an existing id replace the row only with a newer version of the same box
+    (:meth:`EventVersion.newer_than`, in SQL); RETURNING the id when written. Executed with many rows,
+    SQLAlchemy sends them in multi-row VALUES pages ("insertmanyvalues") and gathers the returned ids."""
+    stmt = insert(Event)
     new = stmt.excluded
     newer = or_(and_(new.ended, not_(Event.ended)), and_(Event.ended == new.ended, Event.box_seq < new.box_seq))
     return stmt.on_conflict_do_update(
