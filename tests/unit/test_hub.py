@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine, text
 
-from pipeline.hub import HubSettings, HubSubscriber, Received
+from pipeline.hub import HubSettings, HubSubscriber
 from pipeline.mqtt import BrokerSettings
 from storage.db import StorageError, open_engine, upgrade
 from storage.hub import HubMerge, HubStore, MessageError, WriteResult, parse_message
