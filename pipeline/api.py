@@ -113,6 +113,7 @@ class EventQuery:
     until: datetime | None = None
     before: tuple[datetime, str] | None = None
     job: str | None = None  # only the events of this analysis job (its id)
+    box: str | None = None  # only the events a fleet hub received from this box (its box_id)
 
 
 class Backend(Protocol):

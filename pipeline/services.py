@@ -139,7 +139,7 @@ class StorageBackend:
     def list_events(self, query: EventQuery, limit: int) -> list[dict[str, Any]]:
         return event_docs(self.engine, limit, camera=query.camera, identity=query.identity, label=query.label,
                           method=query.method, since=query.since, until=query.until, before=query.before,
-                          job=query.job)
+                          job=query.job, box=query.box)
 
     def get_event(self, event_id: str) -> dict[str, Any] | None:
         from storage.queries import get_event
@@ -156,6 +156,9 @@ class StorageBackend:
         row = get_event(self.engine, event_id)
         if row is None or row.snapshot_path is None:
             return None
+        if row.box_id is not None:
+            raise ApiError(404, f"event {event_id} was reported by box {row.box_id}: its snapshot stays on that box "
+                           "(a fleet hub receives no snapshots); ask that box's API")
         roots = [self.folder / "snapshots"] + ([self.folder / "jobs" / row.job_id / "snapshots"] if row.job_id else [])
         path = Path(row.snapshot_path).resolve()
         if not any(path.is_relative_to(root.resolve()) for root in roots):

@@ -60,6 +60,8 @@ class EventRow:
         ended: True once the tracker dropped the track.
         job_id: the analysis job whose pipeline stored it (canonical UUID text), None for live cameras.
         has_snapshot: a snapshot path is stored (the file itself may since have been removed by retention).
+        box_id: on a fleet hub, the box that reported the event (its snapshot, if any, stays on that box:
+            ``snapshot_path`` is then ``box:<box_id>``); None for this box's own events.
     """
 
     event_id: str
@@ -78,6 +80,7 @@ class EventRow:
     snapshot_path: str | None
     ended: bool
     job_id: str | None = None
+    box_id: str | None = None
 
     @property
     def has_snapshot(self) -> bool:
@@ -104,13 +107,14 @@ class EventRow:
             "ended": self.ended,
             "job_id": self.job_id,
             "has_snapshot": self.has_snapshot,
+            "box_id": self.box_id,
         }
 
 
 def list_events(engine: Engine, camera: str | None = None, identity: str | None = None, limit: int = 100, *,
                 label: str | None = None, method: str | None = None, since: datetime | None = None,
                 until: datetime | None = None, before: tuple[datetime, str] | None = None,
-                job: str | None = None) -> list[EventRow]:
+                job: str | None = None, box: str | None = None) -> list[EventRow]:
     """Events newest first (by ``started_at``, then event id).
 
     Args:
@@ -123,6 +127,7 @@ def list_events(engine: Engine, camera: str | None = None, identity: str | None 
         before: a keyset cursor ``(started_at, event_id)``: only events after it in this order (the next page
             after that event).
         job: only events stored by this analysis job (its id).
+        box: only events a fleet hub received from this box (its ``box_id``).
 
     Raises:
         ValueError: ``limit`` out of range, or a naive datetime.
@@ -142,7 +147,7 @@ def list_events(engine: Engine, camera: str | None = None, identity: str | None 
     conditions = [(camera, lambda v: Camera.name == v), (identity, lambda v: Identity.name == v),
                   (label, lambda v: Event.label == v), (method, lambda v: Event.method == v),
                   (since, lambda v: Event.started_at >= v), (until, lambda v: Event.started_at < v),
-                  (job, lambda v: Event.job_id == v),
+                  (job, lambda v: Event.job_id == v), (box, lambda v: Event.box_id == v),
                   (before, lambda v: or_(Event.started_at < v[0], and_(Event.started_at == v[0], Event.id < v[1])))]
     for value, condition in conditions:
         if value is not None:
@@ -182,6 +187,7 @@ def _event_row(e: Event, camera: str, identity: str | None) -> EventRow:
         snapshot_path=e.snapshot_path,
         ended=e.ended,
         job_id=e.job_id,
+        box_id=e.box_id,
     )
 
 

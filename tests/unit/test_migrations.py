@@ -35,7 +35,7 @@ from tests.unit.test_storage import pg_url  # noqa: F401  (fixture: a fresh Post
 
 EXPECTED_INDEXES = {
     "events": {"ix_events_camera_id_started_at", "ix_events_identity_id_started_at", "ix_events_started_at",
-               "ix_events_job_id_started_at"},
+               "ix_events_job_id_started_at", "ix_events_box_id_started_at"},
     "jobs": {"ix_jobs_state_created_at"},
     "face_embeddings": {"ix_face_embeddings_identity_id", "ix_face_embeddings_model_identity_id"},
     "track_embeddings": set(),  # event_id lookups use the unique (event_id, model, frame_index) since 0004
@@ -71,11 +71,11 @@ def _alembic(url: str, fn, *args) -> None:
 
 
 def test_head_and_history():
-    assert head_revision() == "0006"
+    assert head_revision() == "0007"
     revs = history()
     assert [(r.revision, r.down_revision, r.is_head) for r in revs] == [
         ("0001", None, False), ("0002", "0001", False), ("0003", "0002", False), ("0004", "0003", False),
-        ("0005", "0004", False), ("0006", "0005", True)]
+        ("0005", "0004", False), ("0006", "0005", False), ("0007", "0006", True)]
     assert all(isinstance(r, RevisionInfo) and r.message for r in revs)
 
 
@@ -194,7 +194,8 @@ def test_0006_adds_jobs_and_events_job_id_and_downgrade_removes_them(url, db_pat
         before = _dump(conn, ("events",))
     engine.dispose()
 
-    assert upgrade(url, backup=False) == "0006"
+    _alembic(url, command.upgrade, "0006")
+    assert current_revision(url) == "0006"
     raw = sqlite3.connect(db_path)
     try:
         assert raw.execute("SELECT job_id FROM events").fetchall() == [(None,)]  # old events: not from a job
@@ -328,7 +329,7 @@ def _seed_0001(conn: Connection) -> None:
 
 
 def _dump(conn: Connection, tables: tuple[str, ...], without_id: tuple[str, ...] = (),
-          added: tuple[str, ...] = ("events.job_id",)) -> dict[str, list[tuple]]:
+          added: tuple[str, ...] = ("events.job_id", "events.box_id", "events.box_seq")) -> dict[str, list[tuple]]:
     """Every row of ``tables``, sorted; the ``id`` column is left out for ``without_id`` (renumbered rows), and
     the columns in ``added`` (``table.column`` of later revisions) are left out."""
     out = {}
