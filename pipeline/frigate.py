@@ -2,8 +2,8 @@
 Frigate, what is published, and the bounded retry queue. No sockets, threads or files here; the ``frigate``
 process (:mod:`pipeline.companion`) wires it to the broker, Frigate's HTTP API and the gallery.
 
-Frigate's event messages (Frigate docs, "MQTT", topic ``frigate/events``): JSON ``{"type": "new" | "update" |
-"end", "before": {...}, "after": {...}}``, ``after`` the tracked object now: ``id`` (e.g.
+Frigate's event messages (Frigate docs, docs/docs/integrations/mqtt.md, topic ``frigate/events``): JSON
+``{"type": "new" | "update" | "end", "before": {...}, "after": {...}}``, ``after`` the tracked object now: ``id`` (e.g.
 ``"1607123955.475377-mxklsc"``), ``camera``, ``label``, ``sub_label`` (null, a name, or ``[name, score]`` since
 0.14), ``top_score``, ``false_positive``, ``has_snapshot``, and the snapshot Frigate keeps for it: since 0.14
 ``snapshot: {"frame_time", "box": [x1, y1, x2, y2] (detect-resolution pixels), "area", "region", "score",
@@ -12,8 +12,8 @@ snapshot *or* when the object changes zones; only the first shows a new snapshot
 
 What is analysed (:class:`EventTracker`): person events of the configured cameras (all when none are
 configured) that are not false positives, whenever their snapshot is one not analysed yet: the ``new`` message,
-every ``update`` whose snapshot frame time changed (without snapshot fields: whose ``top_score`` rose), and the
-``end`` of an event never analysed that has a saved snapshot (a companion started mid-event). Zone changes,
+every ``update`` whose snapshot frame time changed (without snapshot fields: whose ``top_score`` rose), and an
+``end`` with a saved snapshot not analysed yet (e.g. a companion started mid-event). Zone changes,
 repeats and the updates that report a ``sub_label`` (ours included) show no new snapshot and are skipped.
 
 Who is named (:func:`attribute`): the faces of the snapshot that pass the quality gate and whose box centre lies
@@ -24,9 +24,10 @@ face: no_face. Unknown faces are never given the nearest name: the gallery's thr
 (``recognition.face.match_threshold``) decides, as everywhere in FacePro.
 
 Sub labels (:meth:`EventTracker.named`): an event's match is POSTed to ``/api/events/<id>/sub_label`` as
-``{"subLabel": name, "subLabelScore": similarity}`` (Frigate's ``EventsSubLabelBody``: ``subLabel`` at most 100
-characters, ``subLabelScore`` in (0, 1]) once; again only for another name with a higher similarity from a
-better snapshot. A sub_label FacePro did not send (set by hand or by another tool) is left alone.
+``{"subLabel": name, "subLabelScore": similarity}`` (Frigate's API, ``EventsSubLabelBody`` of
+frigate/api/defs/request/events_body.py: ``subLabel`` at most 100 characters, ``subLabelScore`` in (0, 1]) once;
+again only for another name with a higher similarity from a better snapshot. A sub_label FacePro did not send
+(set by hand or by another tool) is left alone.
 """
 
 from __future__ import annotations
