@@ -250,7 +250,10 @@ class FrigateCompanion:
                 self._message(event[1])
             elif event[0] == "connect" and not event[1]:
                 self.connected = True
-                self._logged.discard("broker")
+                if "broker" in self._logged:
+                    self._logged.discard("broker")
+                    if self.last_error.startswith(("broker", "connection to")):
+                        self.last_error = ""
                 log.info("frigate: subscribed to %s on %s", self.settings.events_topic, self.settings.broker)
             elif event[0] == "connect" or event[0] == "unreachable":
                 self._fault("broker", f"broker {self.settings.broker} "

@@ -420,6 +420,9 @@ class AppConfig(_Strict):
         if self.frigate is not None and self.mqtt is None:
             raise ValueError("frigate: needs the mqtt section, the broker Frigate publishes its events on "
                              "(e.g. mqtt: {url: mqtt://HOST:1883})")
+        if self.frigate is not None and self.mqtt is not None and self.frigate.mqtt_prefix == self.mqtt.topic_prefix:
+            raise ValueError(f"frigate.mqtt_prefix and mqtt.topic_prefix are both {self.mqtt.topic_prefix!r}: FacePro's "
+                             "own <prefix>/events would be read as Frigate's; give FacePro another topic_prefix")
         return self
 
     @field_validator("cameras")

@@ -230,3 +230,26 @@ def test_other_cameras_are_not_served(rig) -> None:
     comp.step()
     time.sleep(0.05)
     assert api.gets == [] and comp.snapshot_counts()["frigate_events_seen"] == 1
+
+
+class Refused:
+    is_failure = True
+
+    def __str__(self) -> str:
+        return "Not authorized"
+
+
+def test_broker_faults_are_one_line_until_the_connection_is_back(rig) -> None:
+    comp, client, api = rig({})
+    client.on_disconnect(client, None, None, "Unspecified error", None)
+    comp.step()
+    assert comp.gauges()["frigate_mqtt_connected"] == 0
+    assert comp.last_error == "connection to mqtt://127.0.0.1:1883 lost (Unspecified error); reconnecting"
+    client.on_connect(client, None, None, Refused(), None)
+    comp.step()
+    assert comp.last_error.startswith("broker mqtt://127.0.0.1:1883 refused the connection: Not authorized; retrying")
+    assert client.subscribed == [("frigate/events", 1)]  # no subscription on a refused connection
+    client.connect()
+    comp.step()
+    assert comp.gauges()["frigate_mqtt_connected"] == 1 and comp.last_error == ""
+    assert client.subscribed == [("frigate/events", 1)] * 2  # subscribed again on the new connection

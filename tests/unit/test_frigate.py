@@ -229,6 +229,7 @@ BASE = {"cameras": [], "detection": {"detector": {"path": "d.onnx", "layout": "y
     ({"mqtt": {}, "frigate": {"url": "http://f", "queue": 0}}, "frigate.queue"),
     ({"mqtt": {}, "frigate": {"url": "http://f", "mqtt_prefix": "frigate/#"}}, "frigate.mqtt_prefix"),
     ({"mqtt": {}, "frigate": {"url": "http://f", "sub_label": True}}, "frigate.sub_label: Extra inputs"),
+    ({"mqtt": {"topic_prefix": "frigate"}, "frigate": {"url": "http://f"}}, "both 'frigate'.*another topic_prefix"),
 ])
 def test_frigate_config_errors_name_the_key(change: dict, error: str) -> None:
     with pytest.raises(ConfigError, match=error):
