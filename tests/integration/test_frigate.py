@@ -164,7 +164,7 @@ def test_the_enrolled_persons_events_get_his_sub_label_and_unknown_faces_none(
     assert res.returncode == 0, res.stderr
     rec = Recorder(broker.port, (f"{prefix}/frigate/#",))
     pub = _publisher(broker.port)
-    proc = start_run(cfg)
+    proc, ok = start_run(cfg), False
     try:
         doc = wait_status(proc, 120, lambda d: _frigate_counts(d).get("ready") == 1
                           and _frigate_counts(d).get("frigate_mqtt_connected") == 1)
@@ -186,10 +186,14 @@ def test_the_enrolled_persons_events_get_his_sub_label_and_unknown_faces_none(
         wait_until(lambda: frigate.got(ids["obama"]) == 2 and len(rec.all()) >= 8, 60, "the better snapshot analysed")
         doc = wait_status(proc, 30, lambda d: _frigate_counts(d)["frigate_queued"] == 0
                           and _frigate_counts(d)["frigate_published"] == 8)
+        ok = True
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            summary = finish_run(proc, short_data_dir, timeout_s=90)
+            if ok:
+                summary = finish_run(proc, short_data_dir, timeout_s=90)
+            else:  # show the run's log with the failure
+                print(proc.communicate(timeout=90)[0][-6000:])
         finally:
             rec.close()
             pub.disconnect()
