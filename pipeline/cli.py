@@ -101,6 +101,8 @@ def _model_checks(cfg: AppConfig) -> list[tuple[str, Callable[[], object]]]:
                                       check_model_file(rec.face.embedder.path, "face embedder"),
                                       FaceAnalyzer(rec.face, opts))),
     ]
+    if not cfg.cameras:  # a Frigate companion-only box: only the face models run
+        return checks[1:]
     if rec.reid is not None:
         from stages.reid import ReidEmbedder
 

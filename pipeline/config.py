@@ -306,6 +306,62 @@ class MqttConfig(_Strict):
         return self
 
 
+class FrigateConfig(_Strict):
+    """Frigate companion mode: names the persons of a Frigate NVR's events (the ``frigate`` process).
+
+    The process subscribes to ``<mqtt_prefix>/events`` on the broker of the ``mqtt`` section (required), fetches
+    the snapshot of each person event (new, and updates with a better snapshot) from Frigate's HTTP API, matches
+    its faces against FacePro's gallery behind the face quality gate, publishes the result on
+    ``<mqtt.topic_prefix>/frigate/<camera>`` and POSTs a match back as the event's ``sub_label``. README:
+    "Frigate companion mode".
+    """
+
+    url: str = Field(min_length=1, max_length=2048,
+                     description="Frigate's HTTP API: http[s]://HOST[:PORT][/PATH], e.g. http://frigate:5000")
+    mqtt_prefix: str = Field("frigate", pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$", max_length=128,
+                             description="Frigate's mqtt.topic_prefix: its events arrive on <mqtt_prefix>/events")
+    cameras: tuple[str, ...] = Field((), max_length=256, description="Frigate camera names to serve; empty: all")
+    timeout_s: float = Field(5.0, gt=0, le=60, description="longest wait for one HTTP request to Frigate, seconds")
+    retries: int = Field(4, ge=0, le=20, description="retries of a failed request (unreachable, slow, 5xx, 404) "
+                         "before the event is given up")
+    retry_min_s: float = Field(1.0, gt=0, le=60, description="wait before the first retry, seconds (doubles)")
+    retry_max_s: float = Field(30.0, gt=0, le=600, description="longest wait between retries, seconds")
+    queue: int = Field(32, ge=1, le=10_000, description="requests waiting at most; beyond, the oldest is dropped "
+                       "and counted (frigate_dropped)")
+
+    @field_validator("cameras")
+    @classmethod
+    def _camera_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", n)]
+        if bad:
+            raise ValueError(f"camera names are Frigate's: letters, digits, _ and -, got {', '.join(map(repr, bad))}")
+        return names
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as err:
+            raise ValueError(f"not a URL ({err}): expected http[s]://HOST[:PORT][/PATH]") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r}: expected http[s]://HOST[:PORT][/PATH], e.g. http://frigate:5000")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError(f"{url!r}: no credentials, query or fragment: http[s]://HOST[:PORT][/PATH]")
+        if port == 0:
+            raise ValueError(f"{url!r}: port 0")
+        return url.rstrip("/")
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> FrigateConfig:
+        if self.retry_max_s < self.retry_min_s:
+            raise ValueError(f"retry_max_s ({self.retry_max_s}) must be >= retry_min_s ({self.retry_min_s})")
+        return self
+
+
 def default_box_id() -> str:
     """This machine's name as a ``box_id``: the host name, characters outside ``[A-Za-z0-9_.-]`` as ``-``, 64 at most."""
     name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64]
@@ -355,7 +411,9 @@ class AppConfig(_Strict):
                         description="names this box in every MQTT message (the fleet hub tells boxes apart by it); "
                         "default: the host name")
 
-    cameras: tuple[CameraConfig, ...] = Field(min_length=1)
+    cameras: tuple[CameraConfig, ...] = Field(description="the video sources; may be empty only with a frigate "
+                                              "section (a companion-only box: no capture, detection, recognition "
+                                              "or storage process runs)")
     data_dir: Path | None = Field(None, description="database, snapshots, backups, runtime files (FACEPRO_DATA_DIR wins; default: the per-user data dir)")
     models_dir: Path | None = Field(None, description="folder of the models named model:NAME (default: <data dir>/models)")
     ring: RingConfig = RingConfig()
@@ -366,6 +424,19 @@ class AppConfig(_Strict):
     runtime: RuntimeConfig = RuntimeConfig()
     mqtt: MqttConfig | None = Field(None, description="MQTT out and Home Assistant discovery; off when absent")
     api: ApiConfig = ApiConfig()
+    frigate: FrigateConfig | None = Field(None, description="Frigate companion mode (needs mqtt); off when absent")
+
+    @model_validator(mode="after")
+    def _sources_and_companion(self) -> AppConfig:
+        if not self.cameras and self.frigate is None:
+            raise ValueError("cameras: at least one camera is needed (or a frigate section: a companion-only box)")
+        if self.frigate is not None and self.mqtt is None:
+            raise ValueError("frigate: needs the mqtt section, the broker Frigate publishes its events on "
+                             "(e.g. mqtt: {url: mqtt://HOST:1883})")
+        if self.frigate is not None and self.mqtt is not None and self.frigate.mqtt_prefix == self.mqtt.topic_prefix:
+            raise ValueError(f"frigate.mqtt_prefix and mqtt.topic_prefix are both {self.mqtt.topic_prefix!r}: FacePro's "
+                             "own <prefix>/events would be read as Frigate's; give FacePro another topic_prefix")
+        return self
 
     @field_validator("cameras")
     @classmethod

@@ -54,18 +54,22 @@ def enrollment_vectors(analyzer: Any, images: Sequence[tuple[str, np.ndarray]]) 
     return np.stack([enrollment_embedding(analyzer, image, source)[0] for source, image in images]).astype(np.float32)
 
 
-def identify_doc(engine: Any, analyzer: Any, match_threshold: float, image: np.ndarray) -> dict[str, Any]:
+def identify_doc(engine: Any, analyzer: Any, match_threshold: float, image: np.ndarray,
+                 quality: Any = None) -> dict[str, Any]:
     """Every face of ``image`` (``(H, W, 3) uint8`` BGR) matched against the stored gallery of the analyzer's model:
     ``{"faces": [{"bbox": [x1, y1, x2, y2] (pixels, 0.1 px), "identity": name | None, "similarity": cosine}]}``,
-    best detection score first (``facepro identify --json``)."""
+    best detection score first (``facepro identify --json``). With ``quality`` (a
+    :class:`pipeline.config.FaceQualityConfig`, the Frigate companion's gate) each face also has ``"quality"``:
+    None when it passed, else the reason it failed (it then has no identity)."""
     from stages.gallery import Gallery, identify
     from storage.queries import load_gallery
 
     rows = load_gallery(engine, analyzer.model_name)
     gallery = Gallery(list(rows.names), rows.vectors, threshold=match_threshold, model_name=analyzer.model_name)
-    faces = identify(analyzer, gallery, image)
+    faces = identify(analyzer, gallery, image, quality)
     return {"faces": [{"bbox": [round(float(v), 1) for v in f.xyxy], "identity": f.identity,
-                       "similarity": round(float(f.similarity), 4)} for f in faces]}
+                       "similarity": round(float(f.similarity), 4), **({"quality": f.quality} if quality is not None else {})}
+                      for f in faces]}
 
 
 def event_docs(engine: Any, limit: int, **filters: Any) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ import numpy as np
 from stages.enrollment import EnrollmentError, NoDominantFace, choose_face, pick_subject, reading_order
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.config import FaceQualityConfig
     from stages.face import Face, FaceAnalyzer
 
 __all__ = ["EnrollmentError", "NoDominantFace", "EnrolledFace", "Gallery", "IdentifiedFace", "Match",
@@ -221,12 +222,15 @@ class IdentifiedFace:
         identity: enrolled name or None (unknown).
         similarity: cosine similarity to the best template.
         score: face detection score in [0, 1].
+        quality: why the face failed the quality gate (``"blurry"``, ``"pose"``; :mod:`stages.quality`), None
+            when it passed or no gate was applied. A rejected face is never named.
     """
 
     xyxy: np.ndarray
     identity: str | None
     similarity: float
     score: float
+    quality: str | None = None
 
 
 @dataclass(frozen=True)
@@ -302,8 +306,14 @@ def enrollment_embedding(analyzer: FaceAnalyzer, image: np.ndarray, source: str)
     return got.face.embedding, got.face
 
 
-def identify(analyzer: FaceAnalyzer, gallery: Gallery, image: np.ndarray) -> list[IdentifiedFace]:
+def identify(analyzer: FaceAnalyzer, gallery: Gallery, image: np.ndarray,
+             quality: FaceQualityConfig | None = None) -> list[IdentifiedFace]:
     """Detect every face in an image and match it against the gallery.
+
+    Args:
+        quality: the face quality gate (:func:`stages.quality.assess`: sharpness and pose); a face that fails it
+            gets ``identity=None`` and the reason in ``quality``. None: no gate (faces narrower than
+            ``min_face_px`` are skipped by the analyzer either way).
 
     Returns:
         One :class:`IdentifiedFace` per face found (best detection score first).
@@ -315,4 +325,12 @@ def identify(analyzer: FaceAnalyzer, gallery: Gallery, image: np.ndarray) -> lis
     if not faces:
         return []
     matches = gallery.match(np.stack([f.embedding for f in faces]))
-    return [IdentifiedFace(f.xyxy, m.identity, m.similarity, f.score) for f, m in zip(faces, matches)]
+    if quality is None:
+        return [IdentifiedFace(f.xyxy, m.identity, m.similarity, f.score) for f, m in zip(faces, matches)]
+    from stages.quality import assess
+
+    out = []
+    for f, m in zip(faces, matches):
+        reason = assess(image, f, quality).reason
+        out.append(IdentifiedFace(f.xyxy, m.identity if reason is None else None, m.similarity, f.score, reason))
+    return out

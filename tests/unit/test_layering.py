@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 FRAMEWORK = ["messages", "codec", "transport", "ring", "runner", "config", "metrics",
              "topology", "counters", "processes", "status", "runs", "capture", "journal", "models", "install", "gate",
-             "mqtt", "discovery",
+             "mqtt", "discovery", "frigate", "companion",  # companion: recognize (the gallery) comes injected
              "api", "api_models", "api_system", "api_data",  # the HTTP API: stages/storage come injected (Backend)
              "api_jobs", "jobs", "job_analyze",  # jobs: the jobs table (JobStore) and the backend come injected
              "api_live", "api_page",  # the live view (boxes from recognition over live_tracks) and the web page
