@@ -63,6 +63,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 #: Thresholds of the sweep table (the configured and the zero-false-accept ones are added).
 SWEEP_THRESHOLDS = tuple(round(0.20 + 0.05 * i, 2) for i in range(11))
 
+#: Dominance margins compared by :func:`dominance_table` (``recognition.face.enroll_dominance``).
+DOMINANCE_MARGINS = (1.25, 1.5, 1.6, 1.7, 1.8, 2.0, 2.5, 3.0)
+
 #: Quality-gate settings compared by :func:`gate_sweep`: (min_sharpness, max_abs_yaw).
 GATE_SETTINGS = ((0.0, math.inf), (20.0, math.inf), (40.0, math.inf), (80.0, math.inf),
                  (0.0, 0.4), (0.0, 0.6), (0.0, 0.8), (20.0, 0.6), (40.0, 0.6), (40.0, 0.8))
@@ -154,6 +157,8 @@ class Enrollment:
         failures: one ``{"file", "person", "reason", ...}`` per refused photo; reason
             ``no_face``, ``no_dominant_face`` (with ``faces`` and ``ratio``) or ``quality_gate`` (with ``gate``).
         gate_fails: enrolled photos whose face fails the quality gate (``{"file", "gate", "sharpness", "yaw"}``).
+        ratios: ``{file: (faces found, prominence ratio of the best face over the next)}`` of every
+            photo with a face (ratio ``inf`` for one face).
         seconds: wall time of the face analysis.
     """
 
@@ -162,6 +167,7 @@ class Enrollment:
     embeddings: list[np.ndarray] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
     gate_fails: list[dict] = field(default_factory=list)
+    ratios: dict[str, tuple[int, float]] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -181,14 +187,16 @@ def enroll(analyzer, split: Split, root: Path, gate: FaceQualityConfig, enroll_g
         for path in photos:
             rel, img = str(path.relative_to(root)), read_image(path)
             try:
-                face = enrollment_face(analyzer, img, rel).face
+                got = enrollment_face(analyzer, img, rel)
             except NoDominantFace as err:
+                out.ratios[rel] = (int(err.boxes.shape[0]), _ratio(err, img.shape[:2]))
                 out.failures.append({"file": rel, "person": person, "reason": "no_dominant_face",
-                                     "faces": int(err.boxes.shape[0]), "ratio": _ratio(err, img.shape[:2])})
+                                     "faces": out.ratios[rel][0], "ratio": out.ratios[rel][1]})
                 continue
             except EnrollmentError:
                 out.failures.append({"file": rel, "person": person, "reason": "no_face"})
                 continue
+            face, out.ratios[rel] = got.face, (got.n_faces, got.ratio)
             q = assess(img, face, gate)
             if not q.ok:
                 row = {"file": rel, "gate": q.reason, "sharpness": q.sharpness, "yaw": q.yaw}
@@ -212,6 +220,8 @@ class ProbeFace:
         embedding: ``(d,) float32`` unit-norm, or None.
         reason: why there is no embedding (``no_face``, ``tie``), else None.
         faces: faces found in the photo; width: probe face box width, px.
+        ratio: prominence of the probe face over the next face's (``inf`` for one face, see
+            :func:`stages.enrollment.pick_subject`): the photo could be enrolled at any margin up to it.
         sharpness, yaw: :func:`stages.quality.assess` measures of the probe face (nan without one).
     """
 
@@ -224,6 +234,7 @@ class ProbeFace:
     width: float = math.nan
     sharpness: float = math.nan
     yaw: float = math.nan
+    ratio: float = math.nan
 
 
 def probe(analyzer, split: Split, root: Path, gate: FaceQualityConfig) -> tuple[list[ProbeFace], float]:
@@ -236,14 +247,14 @@ def probe(analyzer, split: Split, root: Path, gate: FaceQualityConfig) -> tuple[
         try:
             got = enrollment_face(analyzer, img, rel, dominance=1.0)
         except NoDominantFace as err:  # two faces of exactly equal prominence
-            out.append(ProbeFace(rel, person, enrolled, None, "tie", int(err.boxes.shape[0])))
+            out.append(ProbeFace(rel, person, enrolled, None, "tie", int(err.boxes.shape[0]), ratio=1.0))
             continue
         except EnrollmentError:
             out.append(ProbeFace(rel, person, enrolled, None, "no_face"))
             continue
         q = assess(img, got.face, gate)
         out.append(ProbeFace(rel, person, enrolled, got.face.embedding, None, got.n_faces, got.face.width,
-                             q.sharpness, q.yaw))
+                             q.sharpness, q.yaw, got.ratio))
     return out, time.perf_counter() - t0
 
 
@@ -356,6 +367,24 @@ def gate_sweep(scored: list[Scored], threshold: float, settings=GATE_SETTINGS) -
     return out
 
 
+def dominance_table(ratios: dict[str, tuple[int, float]], margins=DOMINANCE_MARGINS) -> dict:
+    """How many photos enrollment would refuse at each margin, had every photo been an enrollment photo.
+
+    Args:
+        ratios: ``{file: (faces found, prominence ratio of the best face over the next)}`` of photos with a face.
+
+    Returns:
+        ``{"photos", "several_faces", "refused": {margin: count}, "close": [{"file", "faces", "ratio"}]}``:
+        a photo is refused at margin ``m`` when its ratio is below ``m``; ``close`` lists the photos with
+        several faces and a ratio below the largest margin, lowest first.
+    """
+    multi = {f: r for f, r in ratios.items() if r[0] > 1}
+    close = sorted((f for f, r in multi.items() if r[1] < max(margins)), key=lambda f: multi[f][1])
+    return {"photos": len(ratios), "several_faces": len(multi),
+            "refused": {str(m): sum(r[1] < m for r in multi.values()) for m in margins},
+            "close": [{"file": f, "faces": multi[f][0], "ratio": multi[f][1]} for f in close]}
+
+
 def percentiles(x: np.ndarray) -> dict:
     """``n, mean, min, p1, p5, p25, p50, p75, p95, p99, max`` of a score array (nan when empty)."""
     a = np.asarray(x, np.float64)
@@ -391,6 +420,12 @@ def _enrollment_report(split: Split, en: Enrollment, gallery: Gallery) -> dict:
             "people_not_enrolled": sorted(set(split.enroll) - set(en.names)),
             "gallery_outliers_rejected": [en.files[i] for i in gallery.rejected],
             "ms_per_photo": 1000 * en.seconds / max(photos, 1)}
+
+
+def _probe_row(s: Scored) -> dict:
+    p = s.probe
+    return {"file": p.file, "enrolled": p.enrolled, "faces": p.faces, "ratio": p.ratio, "best": s.best,
+            "similarity": s.best_sim, "own": s.own_sim, "width": p.width, "sharpness": p.sharpness, "yaw": p.yaw}
 
 
 def _listing(scored: list[Scored], threshold: float) -> dict:
@@ -450,9 +485,11 @@ def evaluate_set(analyzer, root: Path, k: int, holdout: float, threshold: float,
         "genuine": percentiles(plain.genuine_own), "impostor": percentiles(plain.impostor_best),
         "histogram": text_histogram(plain.genuine_own, plain.impostor_best),
         "face_width": percentiles(np.array([p.width for p in probes if p.embedding is not None])),
+        "dominance": dominance_table({**en.ratios, **{p.file: (p.faces, p.ratio) for p in probes if p.faces}}),
         "sweep": sweep(plain, SWEEP_THRESHOLDS + (threshold,)),
         "gate_sweep": gate_sweep(scored, threshold),
         "errors_at_threshold": _listing(scored, threshold),
+        "probes": [_probe_row(s) for s in scored],
     }
 
 
@@ -481,6 +518,13 @@ def _print_enrollment(r: dict) -> None:
               f"({', '.join(f['file'] + ' ' + f['gate'] for f in e['gate_would_refuse'][:8])}{' ...' if len(e['gate_would_refuse']) > 8 else ''})")
     if e["gallery_outliers_rejected"]:
         print(f"  gallery outliers rejected: {', '.join(e['gallery_outliers_rejected'])}")
+
+
+def _print_dominance(r: dict) -> None:
+    d = r["dominance"]
+    refused = ", ".join(f"{m}x: {n}" for m, n in d["refused"].items())
+    print(f"enroll_dominance, all {d['photos']} photos with a face as if each were enrolled: {d['several_faces']} have "
+          f"several faces; refused at margin {refused}")
 
 
 def _print_scores(r: dict) -> None:
@@ -534,6 +578,7 @@ def print_set_report(r: dict) -> None:
           f"{' (also on enrollment)' if c['enroll_gate'] else ''}")
     print()
     _print_enrollment(r)
+    _print_dominance(r)
     print()
     rk = r["rank1"]
     print(f"rank-1 (closed set, no threshold): {rk['correct']}/{rk['probes']} ({_pct(rk['correct'] / rk['probes'] if rk['probes'] else math.nan)})")

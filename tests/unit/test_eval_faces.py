@@ -231,3 +231,13 @@ def test_open_set_errors_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.
     assert "FACEPRO_EVAL_FACES" in capsys.readouterr().err
     assert main(["--set", str(tmp_path / "nope")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_dominance_table_counts_photos_below_each_margin() -> None:
+    from scripts.faceset import dominance_table
+
+    ratios = {"a.jpg": (1, math.inf), "b.jpg": (2, 1.1), "c.jpg": (3, 1.75), "d.jpg": (2, 2.0), "e.jpg": (2, 9.0)}
+    t = dominance_table(ratios, margins=(1.5, 2.0, 2.5))
+    assert (t["photos"], t["several_faces"]) == (5, 4)
+    assert t["refused"] == {"1.5": 1, "2.0": 2, "2.5": 3}  # a ratio equal to the margin passes, as in pick_subject
+    assert [c["file"] for c in t["close"]] == ["b.jpg", "c.jpg", "d.jpg"]
