@@ -543,7 +543,8 @@ def _print_sweeps(r: dict) -> None:
         mark = "  <- configured" if m["threshold"] == r["threshold"] else ""
         print(f"{m['threshold']:>10.3f}{m['hits']:>7}{100 * m['hit_rate']:>8.1f}{100 * m['unknown_rate']:>10.1f}"
               f"{m['wrong']:>7}{m['false_accepts']:>11}{mark}")
-    print(f"\nquality gate on probes (refused probes count as unknown); at t={r['threshold']:.3f} | at its zero-false-accept threshold")
+    print(f"\nquality gate on probes (refused: enrolled people's probes it refuses, counted unknown); at t={r['threshold']:.3f} | "
+          "at its zero-false-accept threshold")
     print(f"{'sharp>=':>8}{'|yaw|<=':>8}{'refused':>8}{'hits':>6}{'unk %':>7}{'FA':>4}  |{'t0':>8}{'hits':>6}{'unk %':>7}")
     for g in r["gate_sweep"]:
         a, z = g["at_threshold"], g["zero_fa"]
