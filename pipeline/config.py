@@ -163,7 +163,7 @@ class FaceQualityConfig(_Strict):
 class FaceConfig(_Strict):
     detector: OnnxFaceDetectorConfig
     embedder: OnnxFaceEmbedderConfig
-    match_threshold: float = Field(0.40, ge=-1.0, le=1.0, description="cosine similarity needed to name a face")
+    match_threshold: float = Field(0.50, ge=-1.0, le=1.0, description="cosine similarity needed to name a face (README 'Face calibration': no stranger named on 755 LFW photos)")
     min_face_px: int = Field(16, ge=4, le=1024, description="smaller faces (box width) are ignored")
     every_n_frames: int = Field(2, ge=1, le=1000, description="run face analysis on every n-th frame of a camera")
     settle_votes: int | None = Field(8, ge=1, le=10_000, description="a person track stops face work once one choice (a name or unknown) holds this many quality face votes and a strict majority; null: never")
@@ -171,7 +171,7 @@ class FaceConfig(_Strict):
                                            "is analysed after every_n_frames, then 2x, 4x ... that many frames, at most "
                                            "this many but never less than every_n_frames (a found face or a box grown 25 % resets it); null: every face frame")
     quality: FaceQualityConfig = FaceQualityConfig()
-    enroll_dominance: float = Field(2.0, ge=1.0, le=100.0, description="an enrollment photo with several faces enrolls the most prominent one (box area x centrality) only when it is at least this many times the next face's; else the user picks one (facepro enroll --face N)")
+    enroll_dominance: float = Field(1.5, ge=1.0, le=100.0, description="an enrollment photo with several faces enrolls the most prominent one (box area x centrality) only when it is at least this many times the next face's; else the user picks one (facepro enroll --face N)")
 
 
 class OnnxReidConfig(_Strict):
