@@ -114,6 +114,7 @@ class EventQuery:
     before: tuple[datetime, str] | None = None
     job: str | None = None  # only the events of this analysis job (its id)
     unknown: str | None = None  # only the events of this anonymous identity (unknown-<n>)
+    box: str | None = None  # only the events a fleet hub received from this box (its box_id)
 
 
 class Backend(Protocol):

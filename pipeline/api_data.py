@@ -39,6 +39,7 @@ MAX_PIXELS = 50_000_000
 MAX_PAGE = 10_000
 EVENT_ID = r"^[0-9a-f]{32}$"
 JOB_ID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+BOX_ID = r"^[A-Za-z0-9_.-]{1,64}$"
 BACKUP_NAME = r"^facepro-backup-[0-9A-Za-z-]{1,40}\.tar\.gz$"
 UNKNOWN_NAME = r"^unknown-[1-9][0-9]{0,17}$"
 #: CSV columns of ``GET /api/events?format=csv`` (the JSON keys, ``xyxy`` as four columns).
@@ -116,11 +117,12 @@ def list_events(camera: str | None = Query(None, max_length=64), identity: str |
                 format: Literal["json", "ndjson", "csv"] = "json",  # noqa: A002 - the query parameter's name
                 job: str | None = Query(None, pattern=JOB_ID, description="only the events of this analysis job"),
                 unknown: str | None = Query(None, pattern=UNKNOWN_NAME, description="only the events of this anonymous identity"),
+                box: str | None = Query(None, pattern=BOX_ID, description="fleet hub: only the events of this box"),
                 ctx: ApiContext = Depends(context)) -> Any:
     """Stored events, newest first, filtered; each as ``facepro events --json`` prints it (with the same filters,
     the same events in the same order)."""
     query = EventQuery(camera=camera, identity=identity, label=label, method=method, since=_utc(since), until=_utc(until),
-                       before=decode_cursor(cursor) if cursor else None, job=job, unknown=unknown)
+                       before=decode_cursor(cursor) if cursor else None, job=job, unknown=unknown, box=box)
     docs = ctx.backend.list_events(query, limit + 1)
     nxt = encode_cursor(docs[limit - 1]) if len(docs) > limit else None
     docs = docs[:limit]

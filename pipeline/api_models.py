@@ -112,7 +112,9 @@ class EventDoc(_Body):
     ended: bool
     job_id: str | None = Field(description="the analysis job that stored it (GET /api/jobs/{id}), null for live cameras")
     unknown: str | None = Field(None, description="its anonymous identity unknown-<n> (a face nobody enrolled; identity is then null)")
-    has_snapshot: bool = Field(description="GET /api/events/{event_id}/snapshot.jpg has an image")
+    has_snapshot: bool = Field(description="GET /api/events/{event_id}/snapshot.jpg has an image (on a fleet hub: "
+                               "the box that reported the event has one; the hub itself serves none)")
+    box_id: str | None = Field(description="fleet hub: the box that reported the event; null: this box's own event")
 
 
 class EventPage(_Body):

@@ -101,6 +101,8 @@ def _model_checks(cfg: AppConfig) -> list[tuple[str, Callable[[], object]]]:
                                       check_model_file(rec.face.embedder.path, "face embedder"),
                                       FaceAnalyzer(rec.face, opts))),
     ]
+    if not cfg.cameras:  # a Frigate companion-only box: only the face models run
+        return checks[1:]
     if rec.reid is not None:
         from stages.reid import ReidEmbedder
 
@@ -334,24 +336,42 @@ def _when(text: str | None, flag: str) -> datetime | None:
 def cmd_events(args: argparse.Namespace) -> int:
     from pipeline.services import event_docs
 
-    cfg = _config(args)
     if args.action == "relabel":
-        from pipeline.identities import print_relabelled
-
-        if not args.event or (args.not_name is None and args.as_name is None):
-            raise CliError("events relabel needs an event id and --not NAME and/or --as NAME: "
-                           'facepro events relabel EVENT --not "Bob" [--as "Carol"]')
-        return print_relabelled(_engine(cfg), cfg, args.event, args.not_name, args.as_name)
-    docs = event_docs(_engine(cfg), args.limit, camera=args.camera, identity=args.identity, label=args.label,
+        return _relabel_event(args)
+    engine = _db_engine(args.db) if args.db else _engine(_config(args))
+    docs = event_docs(engine, args.limit, camera=args.camera, identity=args.identity, label=args.label,
                       method=args.method, since=_when(args.since, "--since"), until=_when(args.until, "--until"),
-                      unknown=args.unknown)
+                      unknown=args.unknown, box=args.box)
     for doc in docs:
         if args.json:
             print(json.dumps(doc))
         else:
-            print(f"{doc['started_at']}  {doc['camera']:<10} track {doc['track_id']:<5} {doc['label']:<8} "
+            print(f"{doc['started_at']}  {(doc['box_id'] + '/' if doc['box_id'] else '') + doc['camera']:<10} "
+                  f"track {doc['track_id']:<5} {doc['label']:<8} "
                   f"{doc['identity'] or doc['unknown'] or 'unknown':<20} frames {doc['first_frame']}-{doc['last_frame']}")
     return 0
+
+
+def _relabel_event(args: argparse.Namespace) -> int:
+    """``facepro events relabel EVENT --not NAME [--as NAME]`` on the config's database (the box's own)."""
+    from pipeline.identities import print_relabelled
+
+    if not args.event or (args.not_name is None and args.as_name is None):
+        raise CliError("events relabel needs an event id and --not NAME and/or --as NAME: "
+                       'facepro events relabel EVENT --not "Bob" [--as "Carol"]')
+    if args.db or args.box:
+        raise CliError("events relabel corrects the box's own database (its config); --db and --box only list "
+                       "events: run the relabel on the box that stored the event")
+    cfg = _config(args)
+    return print_relabelled(_engine(cfg), cfg, args.event, args.not_name, args.as_name)
+
+
+def _db_engine(url: str):
+    """An engine on the database ``url`` (``--db``), migrated to the current schema first."""
+    from storage.db import open_engine, upgrade
+
+    upgrade(url)
+    return open_engine(url)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -464,6 +484,22 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 # -------------------------------------------------------------------- parser
+def _add_events(add: Callable[..., argparse.ArgumentParser]) -> None:
+    ev = add("events", cmd_events, "list stored events, newest first | relabel EVENT --not NAME [--as NAME]")
+    identities.events_arguments(ev)
+    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--camera")
+    ev.add_argument("--identity")
+    ev.add_argument("--limit", type=int, default=100)
+    ev.add_argument("--label", help="only this class (person...)")
+    ev.add_argument("--method", choices=["face", "reid", "gait"], help="only events named by this method")
+    ev.add_argument("--since", metavar="TIME", help="only events started at or after this ISO-8601 time (no offset: UTC)")
+    ev.add_argument("--until", metavar="TIME", help="only events started before this ISO-8601 time")
+    ev.add_argument("--box", help="only the events a fleet hub received from this box (its box_id)")
+    ev.add_argument("--db", metavar="URL", help="read this database (e.g. a fleet hub's postgresql://...) instead of "
+                    "the config's")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="facepro", description="FacePro edge video analytics")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -497,16 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     idf = add("identify", cmd_identify, "name every face in an image")
     idf.add_argument("image")
     idf.add_argument("--json", action="store_true")
-    ev = add("events", cmd_events, "list stored events, newest first | relabel EVENT --not NAME [--as NAME]")
-    identities.events_arguments(ev)
-    ev.add_argument("--json", action="store_true")
-    ev.add_argument("--camera")
-    ev.add_argument("--identity")
-    ev.add_argument("--limit", type=int, default=100)
-    ev.add_argument("--label", help="only this class (person...)")
-    ev.add_argument("--method", choices=["face", "reid", "gait"], help="only events named by this method")
-    ev.add_argument("--since", metavar="TIME", help="only events started at or after this ISO-8601 time (no offset: UTC)")
-    ev.add_argument("--until", metavar="TIME", help="only events started before this ISO-8601 time")
+    _add_events(add)
     sv = add("serve", cmd_serve, "run the HTTP API alone over the database (no pipeline needed; README 'HTTP API')")
     sv.add_argument("--host", help="address to bind (default: api.host; anything but loopback requires api.token)")
     sv.add_argument("--port", type=int, help="TCP port (default: api.port; 0: any free port)")
@@ -518,10 +545,11 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("file", nargs="?", help="archive to restore")
     bk.add_argument("--dir", help="backup folder (default: <data dir>/backups)")
     bk.add_argument("--keep", type=int, default=5, help="prune: archives to keep (default: %(default)s)")
-    from pipeline import doctor, install
+    from pipeline import doctor, hubrun, install
 
     install.register(add)
     doctor.register(add)
+    hubrun.register(add)
     return p
 
 

@@ -54,17 +54,22 @@ def enrollment_vectors(analyzer: Any, images: Sequence[tuple[str, np.ndarray]]) 
     return np.stack([enrollment_embedding(analyzer, image, source)[0] for source, image in images]).astype(np.float32)
 
 
-def identify_doc(engine: Any, analyzer: Any, match_threshold: float, image: np.ndarray) -> dict[str, Any]:
+def identify_doc(engine: Any, analyzer: Any, match_threshold: float, image: np.ndarray,
+                 quality: Any = None) -> dict[str, Any]:
     """Every face of ``image`` (``(H, W, 3) uint8`` BGR) matched against the stored gallery of the analyzer's model:
     ``{"faces": [{"bbox": [x1, y1, x2, y2] (pixels, 0.1 px), "identity": name | None, "similarity": cosine}]}``,
-    best detection score first (``facepro identify --json``)."""
+    best detection score first (``facepro identify --json``). The gallery carries its negative examples
+    (:func:`pipeline.identities.gallery_from_db`). With ``quality`` (a :class:`pipeline.config.FaceQualityConfig`,
+    the Frigate companion's gate) each face also has ``"quality"``: None when it passed, else the reason it failed
+    (it then has no identity)."""
     from pipeline.identities import gallery_from_db
     from stages.gallery import identify
 
     gallery = gallery_from_db(engine, analyzer.model_name, match_threshold)  # with its negative examples
-    faces = identify(analyzer, gallery, image)
+    faces = identify(analyzer, gallery, image, quality)
     return {"faces": [{"bbox": [round(float(v), 1) for v in f.xyxy], "identity": f.identity,
-                       "similarity": round(float(f.similarity), 4)} for f in faces]}
+                       "similarity": round(float(f.similarity), 4), **({"quality": f.quality} if quality is not None else {})}
+                      for f in faces]}
 
 
 def event_docs(engine: Any, limit: int, **filters: Any) -> list[dict[str, Any]]:
@@ -139,7 +144,7 @@ class StorageBackend:
     def list_events(self, query: EventQuery, limit: int) -> list[dict[str, Any]]:
         return event_docs(self.engine, limit, camera=query.camera, identity=query.identity, label=query.label,
                           method=query.method, since=query.since, until=query.until, before=query.before,
-                          job=query.job, unknown=query.unknown)
+                          job=query.job, unknown=query.unknown, box=query.box)
 
     def get_event(self, event_id: str) -> dict[str, Any] | None:
         from storage.queries import get_event
@@ -156,6 +161,9 @@ class StorageBackend:
         row = get_event(self.engine, event_id)
         if row is None or row.snapshot_path is None:
             return None
+        if row.box_id is not None:
+            raise ApiError(404, f"event {event_id} was reported by box {row.box_id}: its snapshot stays on that box "
+                           "(a fleet hub receives no snapshots); ask that box's API")
         roots = [self.folder / "snapshots"] + ([self.folder / "jobs" / row.job_id / "snapshots"] if row.job_id else [])
         path = Path(row.snapshot_path).resolve()
         if not any(path.is_relative_to(root.resolve()) for root in roots):

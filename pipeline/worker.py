@@ -181,7 +181,8 @@ def _detection(cfg: AppConfig, t: Transport, n_rec: int, counters: StageCounters
     from stages.detector import ObjectDetector
 
     det = cfg.detection
-    stage = DetectionStage(ObjectDetector(det.detector, _session_options(cfg, "detection", counts)), det.motion, batch=det.batch)
+    stage = DetectionStage(ObjectDetector(det.detector, _session_options(cfg, "detection", counts)), det.motion, batch=det.batch,
+                           stable_skip=det.stable_skip, stable_iou=det.stable_iou)
     inbox = t.credit_inbox([topology.frames(cam.name) for cam in cfg.cameras], window=CREDIT_WINDOW)
     outs = [t.sender(topology.detections(i), hwm=cfg.ring.slots, linger_ms=2000) for i in range(n_rec)]
     route = lambda msg: outs[recognition_index(cfg, msg.frame.camera, n_rec)]  # noqa: E731
@@ -418,6 +419,46 @@ def _mqtt(cfg: AppConfig, t: Transport, runtime_dir: Path, counters: StageCounte
         report()
 
 
+def _frigate(cfg: AppConfig, counters: StageCounters, stop: StopFlag) -> None:
+    """The Frigate companion process (:class:`pipeline.companion.FrigateCompanion`): Frigate's events from the
+    broker, snapshots and sub_labels over Frigate's HTTP API, faces named by :func:`pipeline.services.identify_doc`
+    (the gallery of the database, ``recognition.face.match_threshold``, the face quality gate). Its face models
+    use every core on a box without cameras, one thread beside a pipeline (the stages keep the cores)."""
+    from pipeline.companion import CompanionSettings, FrigateApi, FrigateCompanion, make_client
+    from pipeline.services import face_analyzer, identify_doc
+    from storage.db import StorageError, open_engine
+
+    f, face = cfg.frigate, cfg.recognition.face
+    assert f is not None  # the row is enabled only with a frigate section
+    threads = cfg.runtime.inference_threads or (1 if cfg.cameras else os.cpu_count() or 1)
+    analyzer = face_analyzer(cfg, threads)
+    engine = open_engine(database_url(cfg), busy_timeout_ms=1000)  # a locked database: retried with backoff
+
+    def recognize(image: np.ndarray) -> dict:
+        return identify_doc(engine, analyzer, face.match_threshold, image, face.quality)
+
+    comp = FrigateCompanion(make_client(cfg), FrigateApi(f.url, f.timeout_s), recognize, CompanionSettings.from_config(cfg),
+                            retry_errors=(StorageError,), observe=counters.observe_ms)
+
+    def report() -> None:
+        counts = comp.snapshot_counts()
+        counters.extra.update({**counts, **comp.gauges()})
+        counters.frames_in, counters.frames_out = counts["frigate_snapshots_queued"], counts["frigate_snapshots_fetched"]
+        counters.backlog, counters.last_error = comp.gauges()["frigate_queued"], comp.last_error
+
+    comp.start()
+    counters.extra["ready"] = 1
+    log.info("frigate companion: Frigate at %s, events on %s", f.url, comp.settings.events_topic)
+    try:
+        while not stop.is_set():
+            comp.step()
+            report()
+            time.sleep(0.1)
+    finally:
+        comp.stop(join_s=f.timeout_s + 5.0)
+        report()
+
+
 def _status_doc(socket_dir: Path) -> dict | None:
     """The ``facepro status --json`` document, asked from the supervisor's control endpoint (None: no answer)."""
     from pipeline.messages import StatusReply, StatusRequest
@@ -490,6 +531,7 @@ ENTRIES: dict[str, Callable[[StageContext], None]] = {
                                           RunPaths(c.run_id, c.runtime_dir), c.counts),
     "storage": lambda c: _storage(c.cfg, c.t, c.counters, c.hb, c.stop),
     "mqtt": lambda c: _mqtt(c.cfg, c.t, c.runtime_dir, c.counters, c.stop),
+    "frigate": lambda c: _frigate(c.cfg, c.counters, c.stop),
     "api": lambda c: _api(c.cfg, c.runtime_dir, c.counters, c.stop),
 }
 

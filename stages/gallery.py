@@ -8,12 +8,17 @@ the threshold, otherwise it is unknown (None). Embeddings come from an
 ArcFace-style model (Deng et al. 2019), whose training makes cosine similarity
 the right score.
 
-Threshold calibration (``face.match_threshold``, default 0.40): on the test
-face set (14 single-face images of 5 people, SCRFD-500M + MobileFaceNet-128d)
-leave-one-out similarities of a face to its own identity's template are
->= 0.57 and to any other identity's template <= 0.18, so 0.40 sits in the
-middle of the gap; recalibrate with another embedder (``tests/unit/test_gallery.py``
-measures the gap on the real images).
+Threshold calibration (``face.match_threshold``, default 0.50): on 1456
+LFW news photos (``scripts/eval_faces.py --set``, README "Face
+calibration", SCRFD-500M + MobileFaceNet-128d, ~140 people enrolled) the
+best similarity of a never-enrolled person's face reaches 0.48 with one
+enrollment photo per person and 0.53 with three (at 0.40, 20 of 755
+strangers' photos were named), while 95 % of enrolled people's photos score
+>= 0.43 (one photo) / 0.55 (three) with their own template. 0.50 named 0 or
+1 of the 755 strangers' photos and left 1.8 % of enrolled people's photos
+unknown with three enrollment photos (12 % with one). On the small asset
+set the gap is 0.18-0.57 (``tests/unit/test_gallery.py``). Recalibrate with
+another embedder.
 
 Negative examples (``facepro events relabel EVENT --not Bob``): a face vector
 stored as "not Bob". The rule: a probe is refused Bob when its cosine
@@ -40,6 +45,7 @@ import numpy as np
 from stages.enrollment import EnrollmentError, NoDominantFace, choose_face, pick_subject, reading_order
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.config import FaceQualityConfig
     from stages.face import Face, FaceAnalyzer
 
 __all__ = ["EnrollmentError", "NoDominantFace", "EnrolledFace", "Gallery", "IdentifiedFace", "Match",
@@ -125,7 +131,7 @@ class Gallery:
         self,
         names: Sequence[str],
         embeddings: np.ndarray,
-        threshold: float = 0.40,
+        threshold: float = 0.50,
         outlier_margin: float | None = OUTLIER_MARGIN,
         model_name: str | None = None,
         negatives: tuple[Sequence[str], np.ndarray] | None = None,
@@ -275,12 +281,15 @@ class IdentifiedFace:
         identity: enrolled name or None (unknown).
         similarity: cosine similarity to the best template.
         score: face detection score in [0, 1].
+        quality: why the face failed the quality gate (``"blurry"``, ``"pose"``; :mod:`stages.quality`), None
+            when it passed or no gate was applied. A rejected face is never named.
     """
 
     xyxy: np.ndarray
     identity: str | None
     similarity: float
     score: float
+    quality: str | None = None
 
 
 @dataclass(frozen=True)
@@ -356,8 +365,14 @@ def enrollment_embedding(analyzer: FaceAnalyzer, image: np.ndarray, source: str)
     return got.face.embedding, got.face
 
 
-def identify(analyzer: FaceAnalyzer, gallery: Gallery, image: np.ndarray) -> list[IdentifiedFace]:
+def identify(analyzer: FaceAnalyzer, gallery: Gallery, image: np.ndarray,
+             quality: FaceQualityConfig | None = None) -> list[IdentifiedFace]:
     """Detect every face in an image and match it against the gallery.
+
+    Args:
+        quality: the face quality gate (:func:`stages.quality.assess`: sharpness and pose); a face that fails it
+            gets ``identity=None`` and the reason in ``quality``. None: no gate (faces narrower than
+            ``min_face_px`` are skipped by the analyzer either way).
 
     Returns:
         One :class:`IdentifiedFace` per face found (best detection score first).
@@ -369,4 +384,12 @@ def identify(analyzer: FaceAnalyzer, gallery: Gallery, image: np.ndarray) -> lis
     if not faces:
         return []
     matches = gallery.match(np.stack([f.embedding for f in faces]))
-    return [IdentifiedFace(f.xyxy, m.identity, m.similarity, f.score) for f, m in zip(faces, matches)]
+    if quality is None:
+        return [IdentifiedFace(f.xyxy, m.identity, m.similarity, f.score) for f, m in zip(faces, matches)]
+    from stages.quality import assess
+
+    out = []
+    for f, m in zip(faces, matches):
+        reason = assess(image, f, quality).reason
+        out.append(IdentifiedFace(f.xyxy, m.identity if reason is None else None, m.similarity, f.score, reason))
+    return out

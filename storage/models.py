@@ -29,6 +29,9 @@ Tables (the Alembic migrations in ``alembic/versions`` create exactly these;
   state, progress and result (revision 0006); ``events.job_id`` names the analysis job
   that produced an event (NULL for live cameras). It is not a foreign key: events
   outlive the job rows, and the write path pays no lookup for it.
+- ``events.box_id`` / ``events.box_seq`` (revision 0007): on a fleet hub (``facepro hub``,
+  :mod:`storage.hub`), the box that reported the event and the ``seq`` of its message the
+  row holds; NULL for a box's own events.
 
 Every per-event table (``track_embeddings``, ``reid_embeddings``,
 ``gait_embeddings``, ``snapshots``) references ``events.id`` with
@@ -88,6 +91,7 @@ MODEL_LEN = 128
 PATH_LEN = 1024
 EVENT_ID_LEN = 32
 JOB_ID_LEN = 36
+BOX_ID_LEN = 64
 SHA256_LEN = 64
 
 #: Allowed values of ``events.method`` and of ``EmbeddingRecord.kind``.
@@ -189,6 +193,9 @@ class Event(Base):
         # list_events(job=...) newest first; partial (revision 0006): live events pay no index entry
         Index("ix_events_job_id_started_at", "job_id", "started_at",
               sqlite_where=text("job_id IS NOT NULL"), postgresql_where=text("job_id IS NOT NULL")),
+        # list_events(box=...) newest first; partial (revision 0007): a box's own events pay no index entry
+        Index("ix_events_box_id_started_at", "box_id", "started_at",
+              sqlite_where=text("box_id IS NOT NULL"), postgresql_where=text("box_id IS NOT NULL")),
         # list_events(unknown=...), naming and retention of clusters; partial (revision 0008)
         Index("ix_events_unknown_id_started_at", "unknown_id", "started_at",
               sqlite_where=text("unknown_id IS NOT NULL"), postgresql_where=text("unknown_id IS NOT NULL")),
@@ -213,6 +220,8 @@ class Event(Base):
     snapshot_path: Mapped[str | None] = mapped_column(String(PATH_LEN))
     ended: Mapped[bool] = mapped_column(Boolean)
     job_id: Mapped[str | None] = mapped_column(String(JOB_ID_LEN))  # the analysis job (revision 0006), NULL: live
+    box_id: Mapped[str | None] = mapped_column(String(BOX_ID_LEN))  # hub: the reporting box (0007), NULL: own event
+    box_seq: Mapped[int | None] = mapped_column(Integer)  # hub: seq of the box's message the row holds (0007)
     unknown_id: Mapped[int | None] = mapped_column(Integer)  # its anonymous cluster (revision 0008), not a foreign key
 
 

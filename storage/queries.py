@@ -64,6 +64,8 @@ class EventRow:
         job_id: the analysis job whose pipeline stored it (canonical UUID text), None for live cameras.
         unknown: its anonymous identity ``unknown-<n>`` (a face nobody enrolled, :mod:`storage.unknowns`), else None.
         has_snapshot: a snapshot path is stored (the file itself may since have been removed by retention).
+        box_id: on a fleet hub, the box that reported the event (its snapshot, if any, stays on that box:
+            ``snapshot_path`` is then ``box:<box_id>``); None for this box's own events.
     """
 
     event_id: str
@@ -83,6 +85,7 @@ class EventRow:
     ended: bool
     job_id: str | None = None
     unknown: str | None = None
+    box_id: str | None = None
 
     @property
     def has_snapshot(self) -> bool:
@@ -110,13 +113,14 @@ class EventRow:
             "job_id": self.job_id,
             "unknown": self.unknown,
             "has_snapshot": self.has_snapshot,
+            "box_id": self.box_id,
         }
 
 
 def list_events(engine: Engine, camera: str | None = None, identity: str | None = None, limit: int = 100, *,
                 label: str | None = None, method: str | None = None, since: datetime | None = None,
                 until: datetime | None = None, before: tuple[datetime, str] | None = None,
-                job: str | None = None, unknown: str | None = None) -> list[EventRow]:
+                job: str | None = None, unknown: str | None = None, box: str | None = None) -> list[EventRow]:
     """Events newest first (by ``started_at``, then event id).
 
     Args:
@@ -130,6 +134,7 @@ def list_events(engine: Engine, camera: str | None = None, identity: str | None 
             after that event).
         job: only events stored by this analysis job (its id).
         unknown: only the events of this anonymous identity (``unknown-<n>``; any other string gives ``[]``).
+        box: only events a fleet hub received from this box (its ``box_id``).
 
     Raises:
         ValueError: ``limit`` out of range, or a naive datetime.
@@ -151,6 +156,7 @@ def list_events(engine: Engine, camera: str | None = None, identity: str | None 
                   (since, lambda v: Event.started_at >= v), (until, lambda v: Event.started_at < v),
                   (job, lambda v: Event.job_id == v),
                   (unknown, lambda v: Event.unknown_id == (parse_unknown(v) or -1)),
+                  (box, lambda v: Event.box_id == v),
                   (before, lambda v: or_(Event.started_at < v[0], and_(Event.started_at == v[0], Event.id < v[1])))]
     for value, condition in conditions:
         if value is not None:
@@ -191,6 +197,7 @@ def _event_row(e: Event, camera: str, identity: str | None) -> EventRow:
         ended=e.ended,
         job_id=e.job_id,
         unknown=f"unknown-{e.unknown_id}" if e.unknown_id is not None else None,
+        box_id=e.box_id,
     )
 
 

@@ -1,7 +1,7 @@
 """Unknown faces: anonymous clusters, the event's cluster, negative examples.
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 
 - ``unknown_clusters``: one row per anonymous identity ``unknown-<id>`` (model, the sum of its tracks' unit face
   vectors, track count, first/last seen). ``AUTOINCREMENT`` on SQLite (a PostgreSQL ``SERIAL`` never reuses
@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0008"
-down_revision: Union[str, Sequence[str], None] = "0006"
+down_revision: Union[str, Sequence[str], None] = "0007"
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 

@@ -164,6 +164,30 @@ def test_the_outbox_end_message_carries_the_anonymous_id(store: Store, engine: E
     assert end["after"]["unknown"] == "unknown-1" and end["after"]["identity"] is None
 
 
+def test_a_fleet_hub_stores_a_box_s_anonymous_ids_as_the_box_sent_them(store: Store, engine: Engine, tmp_path) -> None:
+    from storage.db import open_engine, upgrade
+    from storage.hub import HubMerge, HubStore
+
+    events = [store.track(p) for p in (0, 1, 0)] + [store.track(2, ended=False)]
+    with engine.connect() as conn:
+        sent = list(conn.execute(text("SELECT payload FROM mqtt_outbox ORDER BY id")).scalars())
+    hub_url = f"sqlite:///{tmp_path / 'hub.db'}"
+    upgrade(hub_url)
+    hub = open_engine(hub_url)
+    try:
+        merge = HubMerge()
+        for p in sent[::-1]:  # late messages: the end's unknown wins whatever the order
+            merge.add(p.encode())
+        HubStore(hub).write(merge.take())
+        assert [_unknown(hub, e) for e in events] == [_unknown(engine, e) for e in events] == \
+               ["unknown-1", "unknown-2", "unknown-1", None]
+        assert [e.event_id for e in list_events(hub, box="box", unknown="unknown-1")] == [events[2], events[0]]
+        assert list_events(hub, box="other", unknown="unknown-1") == []
+        assert list_unknowns(hub) == []  # the hub has no clusters of its own: naming happens on the box
+    finally:
+        hub.dispose()
+
+
 # ------------------------------------------------------------------ naming and merging
 
 
@@ -360,6 +384,11 @@ def test_api_lists_names_and_relabels_as_the_cli_does(api: Api, capsys: pytest.C
     assert "Alice is enrolled and unknown-2 anonymous; name the cluster instead" in capsys.readouterr().err
     assert main(["identities", "merge", "Alice", "unknown-1", "--config", str(api.cfg_file)]) == 2  # named: gone
     assert "no cluster unknown-1" in capsys.readouterr().err
+    for extra in (["--db", api.url], ["--box", "box-a"]):  # listing options: a relabel corrects the box's own database
+        assert main(["events", "relabel", c, "--not", "Carol", "--config", str(api.cfg_file), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "run the relabel on the box that stored the event" in err and err.count("\n") == 1
+    assert get_event(engine, c).identity == "Carol"  # untouched
     engine.dispose()
 
 
