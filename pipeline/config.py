@@ -163,12 +163,14 @@ class FaceQualityConfig(_Strict):
 class UnknownFacesConfig(_Strict):
     """Anonymous identities ``unknown-<n>`` for faces nobody enrolled (the storage process clusters unnamed
     person tracks as they end; method and thresholds: ``storage/clustering.py``). Thresholds are cosine
-    similarities in the gallery's space, tighter than ``match_threshold``: one cluster holding two people is
-    worse than one person in two clusters (consolidation and ``facepro identities merge`` join those)."""
+    similarities in the gallery's space; by default both are ``match_threshold``: a track joins a cluster only at
+    a similarity that would name it, as the cluster's tracks will be once named (never looser: one cluster
+    holding two people is worse than one person in two clusters, which consolidation and ``facepro identities
+    merge`` join). Measured in README "Unknown faces" (``scripts/eval_unknowns.py``)."""
 
     enabled: bool = True
-    cluster_threshold: float = Field(0.45, ge=-1.0, le=1.0, description="similarity of a track's face vector to a cluster centroid needed to join it")
-    merge_threshold: float = Field(0.45, ge=-1.0, le=1.0, description="average centroid similarity at which consolidation merges clusters")
+    cluster_threshold: float | None = Field(None, ge=-1.0, le=1.0, description="similarity of a track's face vector to a cluster centroid needed to join it; null: recognition.face.match_threshold")
+    merge_threshold: float | None = Field(None, ge=-1.0, le=1.0, description="average centroid similarity at which consolidation merges clusters; null: recognition.face.match_threshold")
     min_faces: int = Field(2, ge=1, le=1000, description="quality faces a track needs to be clustered")
     best_faces: int = Field(5, ge=1, le=1000, description="the track's best faces (detector score) averaged into its vector")
     min_consistency: float = Field(0.6, ge=0.0, le=1.0, description="norm of the mean of those unit vectors below which the track is noise (its faces disagree)")

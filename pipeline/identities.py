@@ -95,14 +95,17 @@ class GalleryRefresh:
 
 def unknown_assigner(cfg: AppConfig) -> Any:
     """The storage process's :class:`storage.unknowns.UnknownAssigner` for ``recognition.face.unknowns``
-    (None when disabled)."""
-    u = cfg.recognition.face.unknowns
+    (None when disabled); a threshold left null is ``recognition.face.match_threshold``."""
+    face = cfg.recognition.face
+    u = face.unknowns
     if not u.enabled:
         return None
     from storage.unknowns import UnknownAssigner, UnknownSettings
 
-    return UnknownAssigner(UnknownSettings(u.cluster_threshold, u.merge_threshold, u.min_faces, u.best_faces,
-                                           u.min_consistency))
+    follow = face.match_threshold  # the thresholds' default: the one that names a face (README "Unknown faces")
+    return UnknownAssigner(UnknownSettings(follow if u.cluster_threshold is None else u.cluster_threshold,
+                                           follow if u.merge_threshold is None else u.merge_threshold,
+                                           u.min_faces, u.best_faces, u.min_consistency))
 
 
 def unknown_docs(engine: Any) -> list[dict[str, Any]]:

@@ -69,11 +69,11 @@ def test_new_clusters_get_keys_minus_one_two_in_creation_order_and_later_tracks_
 
 
 def test_an_open_set_stream_gives_one_cluster_per_person_in_any_order() -> None:
-    """Eight people, each seen in 6 tracks whose vectors lie at cosine 0.75 from the person's own direction
+    """Eight people, each seen in 6 tracks whose vectors lie at cosine 0.8 from the person's own direction
     (random directions in 128-d are nearly orthogonal: people at cosine ~0); tracks arrive shuffled."""
     rng = np.random.default_rng(3)
     people = _unit(rng.standard_normal((8, 128)))
-    tracks = [(p, _around(people[p], 0.75, rng)) for p in range(8) for _ in range(6)]
+    tracks = [(p, _around(people[p], 0.8, rng)) for p in range(8) for _ in range(6)]
     for seed in range(5):
         order = np.random.default_rng(seed).permutation(len(tracks))
         clusters = OnlineClusters([], np.zeros((0, 0)), np.zeros(0, np.int64))

@@ -155,6 +155,24 @@ def test_consolidation_merges_clusters_that_came_together_into_the_oldest(engine
     assert {u.name: u.tracks for u in list_unknowns(engine)} == {"unknown-1": 3, "unknown-4": 1}
 
 
+@pytest.mark.parametrize("face, expected", [
+    ({}, (0.50, 0.50)),  # the default match threshold
+    ({"match_threshold": 0.6}, (0.6, 0.6)),  # recalibrated (another embedder): clustering follows
+    ({"match_threshold": 0.6, "unknowns": {"cluster_threshold": 0.55}}, (0.55, 0.6)),
+    ({"unknowns": {"merge_threshold": 0.7, "cluster_threshold": None}}, (0.50, 0.7)),
+    ({"unknowns": {"enabled": False}}, None),
+])
+def test_the_clustering_thresholds_are_the_match_threshold_unless_set(face: dict, expected: tuple | None) -> None:
+    from pipeline.config import parse_config
+    from pipeline.identities import unknown_assigner
+    from tests.unit.test_config import BASE
+
+    cfg = parse_config({**BASE, "recognition": {"face": {**BASE["recognition"]["face"], **face}}})
+    assigner = unknown_assigner(cfg)
+    got = None if assigner is None else (assigner.settings.threshold, assigner.settings.merge_threshold)
+    assert got == expected
+
+
 def test_the_outbox_end_message_carries_the_anonymous_id(store: Store, engine: Engine) -> None:
     event_id = store.track(0)
     with engine.connect() as conn:
