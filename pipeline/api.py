@@ -114,6 +114,8 @@ class EventQuery:
     until: datetime | None = None
     before: tuple[datetime, str] | None = None
     job: str | None = None  # only the events of this analysis job (its id)
+    unknown: str | None = None  # only the events of this anonymous identity (unknown-<n>)
+    box: str | None = None  # only the events a fleet hub received from this box (its box_id)
 
 
 class Backend(Protocol):
@@ -152,6 +154,16 @@ class Backend(Protocol):
 
     def recognize(self, image: np.ndarray) -> dict[str, Any]:
         """Every face of a ``(H, W, 3) uint8`` BGR image: ``{"faces": [{"bbox", "identity", "similarity"}]}``."""
+
+    def list_unknowns(self) -> list[dict[str, Any]]:
+        """The anonymous identities, most recently seen first (``facepro identities list --unknown --json``)."""
+
+    def name_unknown(self, unknown: str, name: str) -> dict[str, Any]:
+        """Name cluster ``unknown`` (``unknown-<n>``): ``{"unknown", "name", "created", "embeddings", "events"}``;
+        ValueError when it does not exist or the name is bad."""
+
+    def relabel_event(self, event_id: str, not_name: str | None, as_name: str | None) -> dict[str, Any]:
+        """``facepro events relabel``: ``{"event_id", "identity", "unknown", "negative_of", "added_to"}``."""
 
     def list_backups(self) -> list[dict[str, Any]]:
         """The backup archives, newest first (``name``, ``size`` bytes, ``created_at``, ``schema_revision``, ``files``, ``error``)."""

@@ -29,7 +29,8 @@ from pydantic import BeforeValidator
 
 from pipeline.api import ApiContext, ApiError, EventQuery, Upload, context
 from pipeline.api_models import (BackupDoc, BackupsDoc, DeletedDoc, EnrolledDoc, EventDoc, EventPage, IdentitiesDoc,
-                                 IdentityDoc, RecognizeDoc, RestoredDoc)
+                                 IdentityDoc, NameBody, NamedDoc, RecognizeDoc, RelabelBody, RelabelDoc, RestoredDoc,
+                                 UnknownDoc, UnknownsDoc)
 from pipeline.api_system import errors
 
 #: Largest image accepted for enrollment or recognition, pixels (width x height, from the file's header).
@@ -38,7 +39,9 @@ MAX_PIXELS = 50_000_000
 MAX_PAGE = 10_000
 EVENT_ID = r"^[0-9a-f]{32}$"
 JOB_ID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+BOX_ID = r"^[A-Za-z0-9_.-]{1,64}$"
 BACKUP_NAME = r"^facepro-backup-[0-9A-Za-z-]{1,40}\.tar\.gz$"
+UNKNOWN_NAME = r"^unknown-[1-9][0-9]{0,17}$"
 #: CSV columns of ``GET /api/events?format=csv`` (the JSON keys, ``xyxy`` as four columns).
 CSV_COLUMNS: tuple[str, ...] = tuple(k for k in EventDoc.model_fields if k != "xyxy") + ("x1", "y1", "x2", "y2")
 
@@ -113,11 +116,13 @@ def list_events(camera: str | None = Query(None, max_length=64), identity: str |
                 limit: int = Query(100, ge=1, le=MAX_PAGE),
                 format: Literal["json", "ndjson", "csv"] = "json",  # noqa: A002 - the query parameter's name
                 job: str | None = Query(None, pattern=JOB_ID, description="only the events of this analysis job"),
+                unknown: str | None = Query(None, pattern=UNKNOWN_NAME, description="only the events of this anonymous identity"),
+                box: str | None = Query(None, pattern=BOX_ID, description="fleet hub: only the events of this box"),
                 ctx: ApiContext = Depends(context)) -> Any:
     """Stored events, newest first, filtered; each as ``facepro events --json`` prints it (with the same filters,
     the same events in the same order)."""
     query = EventQuery(camera=camera, identity=identity, label=label, method=method, since=_utc(since), until=_utc(until),
-                       before=decode_cursor(cursor) if cursor else None, job=job)
+                       before=decode_cursor(cursor) if cursor else None, job=job, unknown=unknown, box=box)
     docs = ctx.backend.list_events(query, limit + 1)
     nxt = encode_cursor(docs[limit - 1]) if len(docs) > limit else None
     docs = docs[:limit]
@@ -156,6 +161,17 @@ def snapshot(event_id: str = Path(pattern=EVENT_ID), ctx: ApiContext = Depends(c
     if data is None:
         raise ApiError(404, f"event {event_id} has no snapshot (none was taken, or retention removed it)")
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+
+@events.post("/api/events/{event_id}/relabel", response_model=RelabelDoc, responses=errors(400, 404, 503))
+def relabel_event(body: RelabelBody, event_id: str = Path(pattern=EVENT_ID), ctx: ApiContext = Depends(context)) -> Any:
+    """Correct one event (``facepro events relabel``): ``{"not": "Bob"}`` stores its face as a negative example of
+    Bob (a face at least as similar to it as to Bob's template is no longer named Bob; the event becomes
+    unknown if it was Bob's), ``{"as": "Carol"}`` adds its face to Carol and gives the event to Carol; both may
+    be sent. 404: no such event or ``not`` identity; 400: neither field, or the event has no face embedding."""
+    if body.not_ is None and body.as_ is None:
+        raise ApiError(400, "relabel needs 'not' (a wrong name) and/or 'as' (the right one)")
+    return ctx.backend.relabel_event(event_id, body.not_, body.as_)
 
 
 # --------------------------------------------------------------- uploads
@@ -280,6 +296,21 @@ def identity_face(name: str = Path(min_length=1, max_length=128), ctx: ApiContex
         raise ApiError(404, f"identity {name!r} has no sample face (no such identity, or it was enrolled before "
                             "FacePro kept samples: enroll one more photo of it to add one)")
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, no-cache"})
+
+
+@identities.get("/api/unknowns", response_model=UnknownsDoc, responses=errors(503))
+def list_unknowns(ctx: ApiContext = Depends(context)) -> UnknownsDoc:
+    """The anonymous identities (``unknown-<n>``, faces nobody enrolled), most recently seen first, with track and
+    event counts, first/last seen and a sample face (``facepro identities list --unknown``)."""
+    return UnknownsDoc(unknowns=[UnknownDoc(**d) for d in ctx.backend.list_unknowns()])
+
+
+@identities.post("/api/identities/{unknown}/name", response_model=NamedDoc, responses=errors(400, 404, 503))
+def name_unknown(body: NameBody, unknown: str = Path(pattern=UNKNOWN_NAME), ctx: ApiContext = Depends(context)) -> Any:
+    """Name an anonymous identity (``facepro identities name unknown-17 NAME``): its faces become NAME's gallery
+    embeddings (NAME is created, or added to), its events are relabelled NAME, the cluster is deleted. 404: no such
+    cluster; 400: a bad name."""
+    return ctx.backend.name_unknown(unknown, body.name)
 
 
 @identities.post("/api/identities/{name}/faces", status_code=201, response_model=EnrolledDoc, responses=UPLOAD_ERRORS)

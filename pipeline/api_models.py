@@ -111,7 +111,10 @@ class EventDoc(_Body):
     snapshot_path: str | None
     ended: bool
     job_id: str | None = Field(description="the analysis job that stored it (GET /api/jobs/{id}), null for live cameras")
-    has_snapshot: bool = Field(description="GET /api/events/{event_id}/snapshot.jpg has an image")
+    unknown: str | None = Field(None, description="its anonymous identity unknown-<n> (a face nobody enrolled; identity is then null)")
+    has_snapshot: bool = Field(description="GET /api/events/{event_id}/snapshot.jpg has an image (on a fleet hub: "
+                               "the box that reported the event has one; the hub itself serves none)")
+    box_id: str | None = Field(description="fleet hub: the box that reported the event; null: this box's own event")
 
 
 class EventPage(_Body):
@@ -129,6 +132,52 @@ class IdentityDoc(_Body):
 
 class IdentitiesDoc(_Body):
     identities: list[IdentityDoc]
+
+
+class UnknownDoc(_Body):
+    """One anonymous identity (``facepro identities list --unknown --json``)."""
+
+    name: str = Field(description="unknown-<n>: n is never given again")
+    model: str = Field(description="face embedder model of its vectors")
+    tracks: int = Field(description="tracks assigned to it since it was created")
+    events: int = Field(description="its events still stored")
+    first_seen: str
+    last_seen: str
+    sample_event: str | None = Field(description="the sample face: GET /api/events/{sample_event}/snapshot.jpg")
+    sample_snapshot: str | None
+
+
+class UnknownsDoc(_Body):
+    unknowns: list[UnknownDoc] = Field(description="most recently seen first")
+
+
+class NameBody(_Body):
+    """``POST /api/identities/{unknown}/name``."""
+
+    name: str = Field(min_length=1, max_length=128, examples=["Alice"])
+
+
+class NamedDoc(_Body):
+    unknown: str = Field(description="the cluster named (now deleted)")
+    name: str
+    created: bool = Field(description="the identity is new (else the cluster's faces were added to it)")
+    embeddings: int = Field(description="gallery embeddings added")
+    events: int = Field(description="events relabelled")
+
+
+class RelabelBody(_Body):
+    """``POST /api/events/{event_id}/relabel``: at least one of the two."""
+
+    not_: str | None = Field(None, alias="not", min_length=1, max_length=128, description="the event is not this identity")
+    as_: str | None = Field(None, alias="as", min_length=1, max_length=128, description="the event is this identity")
+
+
+class RelabelDoc(_Body):
+    event_id: str
+    identity: str | None = Field(description="its identity afterwards")
+    unknown: str | None = Field(description="its anonymous identity afterwards")
+    negative_of: str | None
+    added_to: str | None
 
 
 class EnrolledDoc(_Body):

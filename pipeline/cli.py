@@ -23,7 +23,7 @@ from typing import Callable
 
 import cv2
 
-from pipeline import topology
+from pipeline import identities, topology
 from pipeline.config import (AppConfig, ConfigError, apply_data_dir, data_dir, database_url, default_config_path, load_config,
                              with_sources)
 from pipeline.messages import DROP_REASONS, StatusReply, StatusRequest, ScaleRequest, Ack
@@ -101,6 +101,8 @@ def _model_checks(cfg: AppConfig) -> list[tuple[str, Callable[[], object]]]:
                                       check_model_file(rec.face.embedder.path, "face embedder"),
                                       FaceAnalyzer(rec.face, opts))),
     ]
+    if not cfg.cameras:  # a Frigate companion-only box: only the face models run
+        return checks[1:]
     if rec.reid is not None:
         from stages.reid import ReidEmbedder
 
@@ -258,21 +260,25 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_identities(args: argparse.Namespace) -> int:
-    from storage.queries import delete_identity, list_identities, merge_identities
+    from storage.queries import delete_identity, list_identities
 
     cfg = _config(args)
     engine = _engine(cfg)
     if args.action == "list":
+        if args.unknown:
+            return identities.print_unknowns(engine, args.json)
         for name, n in list_identities(engine):
             print(f"{name:<32} {n} embedding(s)")
         return 0
-    if args.action == "merge":
+    if args.action in ("merge", "name"):
         if not args.name or not args.other:
-            raise CliError('identities merge needs two names: facepro identities merge KEEP OTHER ("OTHER" goes into "KEEP")')
-        res = merge_identities(engine, args.name, args.other)
-        print(f"merged {args.other} into {args.name}: {res.embeddings} embedding(s) and {res.events} event(s) moved; "
-              f"{args.other} deleted")
-        _remove_entity(cfg, args.other)
+            raise CliError('identities merge needs two names: facepro identities merge KEEP OTHER ("OTHER" goes into "KEEP")'
+                           if args.action == "merge" else 'identities name needs a cluster and a name: facepro identities name unknown-17 "Alice"')
+        if args.action == "name":
+            return identities.print_named(engine, args.name, args.other)
+        print(identities.merge_any(engine, args.name, args.other))
+        if not args.other.startswith("unknown-"):  # an anonymous cluster has no Home Assistant entity
+            _remove_entity(cfg, args.other)
         return 0
     if args.other:
         raise CliError(f"identities delete takes one NAME, got {args.name!r} and {args.other!r} (quote names with spaces)")
@@ -328,16 +334,42 @@ def _when(text: str | None, flag: str) -> datetime | None:
 def cmd_events(args: argparse.Namespace) -> int:
     from pipeline.services import event_docs
 
-    cfg = _config(args)
-    docs = event_docs(_engine(cfg), args.limit, camera=args.camera, identity=args.identity, label=args.label,
-                      method=args.method, since=_when(args.since, "--since"), until=_when(args.until, "--until"))
+    if args.action == "relabel":
+        return _relabel_event(args)
+    engine = _db_engine(args.db) if args.db else _engine(_config(args))
+    docs = event_docs(engine, args.limit, camera=args.camera, identity=args.identity, label=args.label,
+                      method=args.method, since=_when(args.since, "--since"), until=_when(args.until, "--until"),
+                      unknown=args.unknown, box=args.box)
     for doc in docs:
         if args.json:
             print(json.dumps(doc))
         else:
-            print(f"{doc['started_at']}  {doc['camera']:<10} track {doc['track_id']:<5} {doc['label']:<8} "
-                  f"{doc['identity'] or 'unknown':<20} frames {doc['first_frame']}-{doc['last_frame']}")
+            print(f"{doc['started_at']}  {(doc['box_id'] + '/' if doc['box_id'] else '') + doc['camera']:<10} "
+                  f"track {doc['track_id']:<5} {doc['label']:<8} "
+                  f"{doc['identity'] or doc['unknown'] or 'unknown':<20} frames {doc['first_frame']}-{doc['last_frame']}")
     return 0
+
+
+def _relabel_event(args: argparse.Namespace) -> int:
+    """``facepro events relabel EVENT --not NAME [--as NAME]`` on the config's database (the box's own)."""
+    from pipeline.identities import print_relabelled
+
+    if not args.event or (args.not_name is None and args.as_name is None):
+        raise CliError("events relabel needs an event id and --not NAME and/or --as NAME: "
+                       'facepro events relabel EVENT --not "Bob" [--as "Carol"]')
+    if args.db or args.box:
+        raise CliError("events relabel corrects the box's own database (its config); --db and --box only list "
+                       "events: run the relabel on the box that stored the event")
+    cfg = _config(args)
+    return print_relabelled(_engine(cfg), cfg, args.event, args.not_name, args.as_name)
+
+
+def _db_engine(url: str):
+    """An engine on the database ``url`` (``--db``), migrated to the current schema first."""
+    from storage.db import open_engine, upgrade
+
+    upgrade(url)
+    return open_engine(url)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -450,6 +482,22 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 # -------------------------------------------------------------------- parser
+def _add_events(add: Callable[..., argparse.ArgumentParser]) -> None:
+    ev = add("events", cmd_events, "list stored events, newest first | relabel EVENT --not NAME [--as NAME]")
+    identities.events_arguments(ev)
+    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--camera")
+    ev.add_argument("--identity")
+    ev.add_argument("--limit", type=int, default=100)
+    ev.add_argument("--label", help="only this class (person...)")
+    ev.add_argument("--method", choices=["face", "reid", "gait"], help="only events named by this method")
+    ev.add_argument("--since", metavar="TIME", help="only events started at or after this ISO-8601 time (no offset: UTC)")
+    ev.add_argument("--until", metavar="TIME", help="only events started before this ISO-8601 time")
+    ev.add_argument("--box", help="only the events a fleet hub received from this box (its box_id)")
+    ev.add_argument("--db", metavar="URL", help="read this database (e.g. a fleet hub's postgresql://...) instead of "
+                    "the config's")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="facepro", description="FacePro edge video analytics")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -478,22 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("images", nargs="+")
     en.add_argument("--face", type=int, metavar="N", help="with several faces in the image, enroll face N (0-based, "
                     "numbered left to right as a refusal lists them); only with one image")
-    ids = add("identities", cmd_identities, "enrolled identities: list | delete NAME | merge KEEP OTHER (OTHER's embeddings and events go to KEEP)")
-    ids.add_argument("action", choices=["list", "delete", "merge"])
-    ids.add_argument("name", nargs="?")
-    ids.add_argument("other", nargs="?", help="merge: the identity merged into NAME and deleted")
+    ids = add("identities", cmd_identities, identities.IDENTITIES_HELP)
+    identities.identities_arguments(ids)
     idf = add("identify", cmd_identify, "name every face in an image")
     idf.add_argument("image")
     idf.add_argument("--json", action="store_true")
-    ev = add("events", cmd_events, "list stored events, newest first")
-    ev.add_argument("--json", action="store_true")
-    ev.add_argument("--camera")
-    ev.add_argument("--identity")
-    ev.add_argument("--limit", type=int, default=100)
-    ev.add_argument("--label", help="only this class (person...)")
-    ev.add_argument("--method", choices=["face", "reid", "gait"], help="only events named by this method")
-    ev.add_argument("--since", metavar="TIME", help="only events started at or after this ISO-8601 time (no offset: UTC)")
-    ev.add_argument("--until", metavar="TIME", help="only events started before this ISO-8601 time")
+    _add_events(add)
     sv = add("serve", cmd_serve, "run the HTTP API alone over the database (no pipeline needed; README 'HTTP API')")
     sv.add_argument("--host", help="address to bind (default: api.host; anything but loopback requires api.token)")
     sv.add_argument("--port", type=int, help="TCP port (default: api.port; 0: any free port)")
@@ -505,10 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("file", nargs="?", help="archive to restore")
     bk.add_argument("--dir", help="backup folder (default: <data dir>/backups)")
     bk.add_argument("--keep", type=int, default=5, help="prune: archives to keep (default: %(default)s)")
-    from pipeline import doctor, install
+    from pipeline import doctor, hubrun, install
 
     install.register(add)
     doctor.register(add)
+    hubrun.register(add)
     return p
 
 

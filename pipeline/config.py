@@ -110,6 +110,12 @@ class DetectionConfig(_Strict):
                        "batch dimension of 1 runs them one by one")
     batch_timeout_ms: float = Field(5.0, ge=0.0, le=1000.0, description="longest wait for a batch to fill, counted from "
                                     "its first frame, milliseconds; frames already received are batched without waiting")
+    stable_skip: int = Field(1, ge=0, le=10, description="while a camera's last two detector frames found the same "
+                             "objects in nearly the same places (stable_iou), skip the detector on up to this many frames "
+                             "in a row; the tracker holds its tracks over them (DeepStream's nvinfer interval, made "
+                             "adaptive); 0: detect every moving frame")
+    stable_iou: float = Field(0.5, gt=0.0, le=1.0, description="IoU every box of a detector frame needs with its own box "
+                              "in the camera's previous detector frame for the scene to count as stable")
 
 
 class TrackingConfig(_Strict):
@@ -154,15 +160,36 @@ class FaceQualityConfig(_Strict):
     max_abs_yaw: float = Field(0.6, gt=0, le=10, description="|nose offset| / eye distance")
 
 
+class UnknownFacesConfig(_Strict):
+    """Anonymous identities ``unknown-<n>`` for faces nobody enrolled (the storage process clusters unnamed
+    person tracks as they end; method and thresholds: ``storage/clustering.py``). Thresholds are cosine
+    similarities in the gallery's space; by default both are ``match_threshold``: a track joins a cluster only at
+    a similarity that would name it, as the cluster's tracks will be once named (never looser: one cluster
+    holding two people is worse than one person in two clusters, which consolidation and ``facepro identities
+    merge`` join). Measured in README "Unknown faces" (``scripts/eval_unknowns.py``)."""
+
+    enabled: bool = True
+    cluster_threshold: float | None = Field(None, ge=-1.0, le=1.0, description="similarity of a track's face vector to a cluster centroid needed to join it; null: recognition.face.match_threshold")
+    merge_threshold: float | None = Field(None, ge=-1.0, le=1.0, description="average centroid similarity at which consolidation merges clusters; null: recognition.face.match_threshold")
+    min_faces: int = Field(2, ge=1, le=1000, description="quality faces a track needs to be clustered")
+    best_faces: int = Field(5, ge=1, le=1000, description="the track's best faces (detector score) averaged into its vector")
+    min_consistency: float = Field(0.6, ge=0.0, le=1.0, description="norm of the mean of those unit vectors below which the track is noise (its faces disagree)")
+    consolidate_interval_s: float = Field(60.0, ge=1, le=86400, description="how often the storage process merges clusters that came together")
+
+
 class FaceConfig(_Strict):
     detector: OnnxFaceDetectorConfig
     embedder: OnnxFaceEmbedderConfig
-    match_threshold: float = Field(0.40, ge=-1.0, le=1.0, description="cosine similarity needed to name a face")
+    match_threshold: float = Field(0.50, ge=-1.0, le=1.0, description="cosine similarity needed to name a face (README 'Face calibration': no stranger named on 755 LFW photos)")
     min_face_px: int = Field(16, ge=4, le=1024, description="smaller faces (box width) are ignored")
     every_n_frames: int = Field(2, ge=1, le=1000, description="run face analysis on every n-th frame of a camera")
     settle_votes: int | None = Field(8, ge=1, le=10_000, description="a person track stops face work once one choice (a name or unknown) holds this many quality face votes and a strict majority; null: never")
+    backoff_max_frames: int | None = Field(16, ge=1, le=10_000, description="a person track whose box showed no face "
+                                           "is analysed after every_n_frames, then 2x, 4x ... that many frames, at most "
+                                           "this many but never less than every_n_frames (a found face or a box grown 25 % resets it); null: every face frame")
     quality: FaceQualityConfig = FaceQualityConfig()
-    enroll_dominance: float = Field(2.0, ge=1.0, le=100.0, description="an enrollment photo with several faces enrolls the most prominent one (box area x centrality) only when it is at least this many times the next face's; else the user picks one (facepro enroll --face N)")
+    unknowns: UnknownFacesConfig = UnknownFacesConfig()
+    enroll_dominance: float = Field(1.5, ge=1.0, le=100.0, description="an enrollment photo with several faces enrolls the most prominent one (box area x centrality) only when it is at least this many times the next face's; else the user picks one (facepro enroll --face N)")
 
 
 class OnnxReidConfig(_Strict):
@@ -181,6 +208,10 @@ class OnnxReidConfig(_Strict):
     max_samples: int = Field(64, ge=1, le=100_000, description="samples kept per track for inspection (the mean uses all)")
     min_box_height_px: int = Field(0, ge=0, le=4096, description="lower person boxes are not embedded")
     min_samples: int = Field(3, ge=1, le=1000, description="samples a track needs before it is linked")
+    settle_samples: int | None = Field(8, ge=1, le=100_000, description="after this many samples a track's mean has "
+                                       "settled: the wait between its samples doubles (2x, 4x ... every_n_frames); null: "
+                                       "sample every every_n_frames for the track's whole life")
+    max_interval_frames: int = Field(40, ge=1, le=100_000, description="longest wait between two samples of a settled track, frames (never less than every_n_frames)")
     keep_tracks: int = Field(256, ge=1, le=100_000, description="ended tracks remembered for linking")
 
 
@@ -293,6 +324,62 @@ class MqttConfig(_Strict):
         return self
 
 
+class FrigateConfig(_Strict):
+    """Frigate companion mode: names the persons of a Frigate NVR's events (the ``frigate`` process).
+
+    The process subscribes to ``<mqtt_prefix>/events`` on the broker of the ``mqtt`` section (required), fetches
+    the snapshot of each person event (new, and updates with a better snapshot) from Frigate's HTTP API, matches
+    its faces against FacePro's gallery behind the face quality gate, publishes the result on
+    ``<mqtt.topic_prefix>/frigate/<camera>`` and POSTs a match back as the event's ``sub_label``. README:
+    "Frigate companion mode".
+    """
+
+    url: str = Field(min_length=1, max_length=2048,
+                     description="Frigate's HTTP API: http[s]://HOST[:PORT][/PATH], e.g. http://frigate:5000")
+    mqtt_prefix: str = Field("frigate", pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$", max_length=128,
+                             description="Frigate's mqtt.topic_prefix: its events arrive on <mqtt_prefix>/events")
+    cameras: tuple[str, ...] = Field((), max_length=256, description="Frigate camera names to serve; empty: all")
+    timeout_s: float = Field(5.0, gt=0, le=60, description="longest wait for one HTTP request to Frigate, seconds")
+    retries: int = Field(4, ge=0, le=20, description="retries of a failed request (unreachable, slow, 5xx, 404) "
+                         "before the event is given up")
+    retry_min_s: float = Field(1.0, gt=0, le=60, description="wait before the first retry, seconds (doubles)")
+    retry_max_s: float = Field(30.0, gt=0, le=600, description="longest wait between retries, seconds")
+    queue: int = Field(32, ge=1, le=10_000, description="requests waiting at most; beyond, the oldest is dropped "
+                       "and counted (frigate_dropped)")
+
+    @field_validator("cameras")
+    @classmethod
+    def _camera_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", n)]
+        if bad:
+            raise ValueError(f"camera names are Frigate's: letters, digits, _ and -, got {', '.join(map(repr, bad))}")
+        return names
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as err:
+            raise ValueError(f"not a URL ({err}): expected http[s]://HOST[:PORT][/PATH]") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r}: expected http[s]://HOST[:PORT][/PATH], e.g. http://frigate:5000")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError(f"{url!r}: no credentials, query or fragment: http[s]://HOST[:PORT][/PATH]")
+        if port == 0:
+            raise ValueError(f"{url!r}: port 0")
+        return url.rstrip("/")
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> FrigateConfig:
+        if self.retry_max_s < self.retry_min_s:
+            raise ValueError(f"retry_max_s ({self.retry_max_s}) must be >= retry_min_s ({self.retry_min_s})")
+        return self
+
+
 def default_box_id() -> str:
     """This machine's name as a ``box_id``: the host name, characters outside ``[A-Za-z0-9_.-]`` as ``-``, 64 at most."""
     name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64]
@@ -351,7 +438,9 @@ class AppConfig(_Strict):
                         description="names this box in every MQTT message (the fleet hub tells boxes apart by it); "
                         "default: the host name")
 
-    cameras: tuple[CameraConfig, ...] = Field(min_length=1)
+    cameras: tuple[CameraConfig, ...] = Field(description="the video sources; may be empty only with a frigate "
+                                              "section (a companion-only box: no capture, detection, recognition "
+                                              "or storage process runs)")
     data_dir: Path | None = Field(None, description="database, snapshots, backups, runtime files (FACEPRO_DATA_DIR wins; default: the per-user data dir)")
     models_dir: Path | None = Field(None, description="folder of the models named model:NAME (default: <data dir>/models)")
     ring: RingConfig = RingConfig()
@@ -362,6 +451,19 @@ class AppConfig(_Strict):
     runtime: RuntimeConfig = RuntimeConfig()
     mqtt: MqttConfig | None = Field(None, description="MQTT out and Home Assistant discovery; off when absent")
     api: ApiConfig = ApiConfig()
+    frigate: FrigateConfig | None = Field(None, description="Frigate companion mode (needs mqtt); off when absent")
+
+    @model_validator(mode="after")
+    def _sources_and_companion(self) -> AppConfig:
+        if not self.cameras and self.frigate is None:
+            raise ValueError("cameras: at least one camera is needed (or a frigate section: a companion-only box)")
+        if self.frigate is not None and self.mqtt is None:
+            raise ValueError("frigate: needs the mqtt section, the broker Frigate publishes its events on "
+                             "(e.g. mqtt: {url: mqtt://HOST:1883})")
+        if self.frigate is not None and self.mqtt is not None and self.frigate.mqtt_prefix == self.mqtt.topic_prefix:
+            raise ValueError(f"frigate.mqtt_prefix and mqtt.topic_prefix are both {self.mqtt.topic_prefix!r}: FacePro's "
+                             "own <prefix>/events would be read as Frigate's; give FacePro another topic_prefix")
+        return self
 
     @field_validator("cameras")
     @classmethod

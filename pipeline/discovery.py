@@ -90,6 +90,11 @@ class Topics:
         """``<prefix>/<camera>/person`` (camera names are already topic-safe: ``[A-Za-z0-9_-]``)."""
         return f"{self.prefix}/{camera}/person"
 
+    def frigate(self, camera: str) -> str:
+        """``<prefix>/frigate/<Frigate camera>``: the Frigate companion's results (Frigate camera names are
+        topic-safe: ``[A-Za-z0-9_-]``, checked by :func:`pipeline.frigate.parse_event`)."""
+        return f"{self.prefix}/frigate/{camera}"
+
     def identity(self, name: str) -> str:
         """``<prefix>/identities/<name as one level>`` (:func:`topic_level`)."""
         return f"{self.prefix}/identities/{topic_level(name)}"

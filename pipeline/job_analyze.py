@@ -151,6 +151,7 @@ def job_config(cfg: AppConfig, source: Path, camera: str, database: str) -> AppC
         "runtime": cfg.runtime.model_copy(update={"metrics_port": None,
                                                   "inference_threads": cfg.runtime.inference_threads or 1}),
         "api": ApiConfig(),
+        "frigate": None,  # the live pipeline's companion serves Frigate, not a job's
     })
     return parse_config(json.loads(derived.model_dump_json()), "<job config>")
 

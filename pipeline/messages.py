@@ -110,6 +110,9 @@ class Detections:
         detect_ms: wall time of motion gate + detector for this frame, milliseconds.
         valid: False when the frame was overwritten in the ring before the
             detector could copy it (counted as ``overwritten``; ``n`` is 0).
+        held: True when the detector skipped this moving frame because the
+            camera's scene was stable (``detection.stable_skip``; ``n`` is 0):
+            the tracker holds its tracks over it instead of ageing them.
     """
 
     frame: FrameRef
@@ -119,6 +122,7 @@ class Detections:
     motion: bool = True
     detect_ms: float = 0.0
     valid: bool = True
+    held: bool = False
 
     def __post_init__(self) -> None:
         check_array("Detections.xyxy", self.xyxy, np.float32, 2, 4)

@@ -83,18 +83,22 @@ def store_enrollment(engine: Any, name: str, model: str, faces: Sequence[tuple[n
     return enroll(engine, name, vectors, model, image_paths, image_sha256, sample=sample_jpeg(image, face.xyxy))
 
 
-def identify_doc(engine: Any, analyzer: Any, match_threshold: float, image: np.ndarray) -> dict[str, Any]:
+def identify_doc(engine: Any, analyzer: Any, match_threshold: float, image: np.ndarray,
+                 quality: Any = None) -> dict[str, Any]:
     """Every face of ``image`` (``(H, W, 3) uint8`` BGR) matched against the stored gallery of the analyzer's model:
     ``{"faces": [{"bbox": [x1, y1, x2, y2] (pixels, 0.1 px), "identity": name | None, "similarity": cosine}]}``,
-    best detection score first (``facepro identify --json``)."""
-    from stages.gallery import Gallery, identify
-    from storage.queries import load_gallery
+    best detection score first (``facepro identify --json``). The gallery carries its negative examples
+    (:func:`pipeline.identities.gallery_from_db`). With ``quality`` (a :class:`pipeline.config.FaceQualityConfig`,
+    the Frigate companion's gate) each face also has ``"quality"``: None when it passed, else the reason it failed
+    (it then has no identity)."""
+    from pipeline.identities import gallery_from_db
+    from stages.gallery import identify
 
-    rows = load_gallery(engine, analyzer.model_name)
-    gallery = Gallery(list(rows.names), rows.vectors, threshold=match_threshold, model_name=analyzer.model_name)
-    faces = identify(analyzer, gallery, image)
+    gallery = gallery_from_db(engine, analyzer.model_name, match_threshold)  # with its negative examples
+    faces = identify(analyzer, gallery, image, quality)
     return {"faces": [{"bbox": [round(float(v), 1) for v in f.xyxy], "identity": f.identity,
-                       "similarity": round(float(f.similarity), 4)} for f in faces]}
+                       "similarity": round(float(f.similarity), 4), **({"quality": f.quality} if quality is not None else {})}
+                      for f in faces]}
 
 
 def event_docs(engine: Any, limit: int, **filters: Any) -> list[dict[str, Any]]:
@@ -128,6 +132,7 @@ class StorageBackend:
     def __init__(self, cfg: AppConfig, folder: Path, config_path: Path | None, threads: int) -> None:
         from stages.gallery import EnrollmentError
         from storage.backup import BackupError
+        from storage.corrections import NotFoundError
         from storage.db import SchemaError, StorageError
 
         self.cfg = cfg
@@ -135,7 +140,7 @@ class StorageBackend:
         self.folder = folder
         self.config_path = config_path
         self.threads = threads
-        self.errors = ((EnrollmentError, 400), (BackupError, 422), (SchemaError, 409), (StorageError, 503), (ValueError, 400))
+        self.errors = ((NotFoundError, 404), (EnrollmentError, 400), (BackupError, 422), (SchemaError, 409), (StorageError, 503), (ValueError, 400))
         self._engine: Any = None
         self._analyzer: Any = None
         self._lock = threading.Lock()
@@ -168,7 +173,7 @@ class StorageBackend:
     def list_events(self, query: EventQuery, limit: int) -> list[dict[str, Any]]:
         return event_docs(self.engine, limit, camera=query.camera, identity=query.identity, label=query.label,
                           method=query.method, since=query.since, until=query.until, before=query.before,
-                          job=query.job)
+                          job=query.job, unknown=query.unknown, box=query.box)
 
     def get_event(self, event_id: str) -> dict[str, Any] | None:
         from storage.queries import get_event
@@ -185,6 +190,9 @@ class StorageBackend:
         row = get_event(self.engine, event_id)
         if row is None or row.snapshot_path is None:
             return None
+        if row.box_id is not None:
+            raise ApiError(404, f"event {event_id} was reported by box {row.box_id}: its snapshot stays on that box "
+                           "(a fleet hub receives no snapshots); ask that box's API")
         roots = [self.folder / "snapshots"] + ([self.folder / "jobs" / row.job_id / "snapshots"] if row.job_id else [])
         path = Path(row.snapshot_path).resolve()
         if not any(path.is_relative_to(root.resolve()) for root in roots):
@@ -228,6 +236,21 @@ class StorageBackend:
 
     def recognize(self, image: np.ndarray) -> dict[str, Any]:
         return identify_doc(self.engine, self.analyzer, self.cfg.recognition.face.match_threshold, image)
+
+    def list_unknowns(self) -> list[dict[str, Any]]:
+        from pipeline.identities import unknown_docs
+
+        return unknown_docs(self.engine)
+
+    def name_unknown(self, unknown: str, name: str) -> dict[str, Any]:
+        from pipeline.identities import name_doc
+
+        return name_doc(self.engine, unknown, name)
+
+    def relabel_event(self, event_id: str, not_name: str | None, as_name: str | None) -> dict[str, Any]:
+        from pipeline.identities import relabel_doc
+
+        return relabel_doc(self.engine, self.cfg, event_id, not_name, as_name)
 
     # ------------------------------------------------------------- backups
     @property

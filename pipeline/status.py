@@ -41,6 +41,7 @@ def _zeros() -> np.ndarray:
 GAUGES: frozenset[str] = frozenset({
     "ready", "port", "offline", "reorder_waiting_for", "storage_unacked", "lock_wait_ms",
     "mqtt_connected", "outbox_pending", "jobs_queued", "jobs_running", "job_cpu_percent",
+    "frigate_mqtt_connected", "frigate_up", "frigate_queued",
 })
 
 

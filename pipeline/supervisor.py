@@ -20,8 +20,8 @@ final counts are booked from its block before the block is unlinked.
 Shutdown (:class:`ShutdownState`; end of all file sources, SIGINT/SIGTERM,
 or a failure) stops the stages one by one in table order, each draining its
 inbox; storage commits last of the data path, then the mqtt publisher (when
-configured) sends what storage committed, and the api (when enabled) goes
-last, answering health and status while the others drain. A second signal kills everything at once (exit
+configured) sends what storage committed, then the Frigate companion (when
+configured), and the api (when enabled) goes last, answering health and status while the others drain. A second signal kills everything at once (exit
 130). Rescaling (:class:`RescaleState`) follows the row's
 :class:`~pipeline.topology.Rescale`. Whatever happens, the run's segments
 (rings and counter blocks) and runtime directory are removed at exit.
@@ -94,6 +94,7 @@ class ShutdownState(enum.Enum):
     DRAINING_RECOGNITION = "draining recognition"
     DRAINING_STORAGE = "draining storage"
     DRAINING_MQTT = "draining mqtt"
+    DRAINING_FRIGATE = "draining frigate"
     DRAINING_API = "draining api"
     DONE = "done"
 
@@ -193,9 +194,10 @@ class Rescaler:
     processes are spawned, so they are sized for the new count.
     """
 
-    def __init__(self, table: ProcessTable, counts: dict[str, int]) -> None:
+    def __init__(self, table: ProcessTable, counts: dict[str, int], active: tuple[str, ...] = STAGE_NAMES) -> None:
         self.table = table
         self.counts = counts
+        self.active = active  # the rows the config runs
         self.state = RescaleState.IDLE
         self.target: tuple[str, int] | None = None
 
@@ -206,6 +208,8 @@ class Rescaler:
             row = topology.spec(stage)
         except KeyError as err:
             return Ack(ok=False, message=str(err.args[0]))
+        if stage not in self.active:
+            return Ack(ok=False, message=f"{stage} does not run with this config (running: {', '.join(self.active)})")
         old = self.counts.get(stage, 0)
         if row.rescale is Rescale.REPARTITION:
             self.state, self.target = RescaleState.DRAINING_UPSTREAM, (stage, processes)
@@ -283,7 +287,7 @@ class Supervisor:
         self.signals = 0
         self.shutdown = ShutdownState.RUNNING
         self.stage_since = 0.0
-        self.rescaler = Rescaler(self.table, self.counts)
+        self.rescaler = Rescaler(self.table, self.counts, self.stages)
         self.gate = StartGate(topology.DATA_PATH[0], topology.DATA_PATH[1:], clock=self.clock)
         self.transport: Transport | None = None
         self.metrics_port: int | None = None
@@ -463,8 +467,8 @@ class Supervisor:
             self.stage_since = self.clock()
         return True
 
-    def _file_mode(self) -> bool:
-        return all(cam.resolved_mode() == "file" for cam in self.cfg.cameras)
+    def _file_mode(self) -> bool:  # no cameras (a companion-only box): not file mode, it runs until signalled
+        return bool(self.cfg.cameras) and all(cam.resolved_mode() == "file" for cam in self.cfg.cameras)
 
     def _files_done(self) -> bool:
         """True once every camera is a file source whose capture has finished (none waiting for a restart)."""

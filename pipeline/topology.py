@@ -8,14 +8,16 @@ means), the worker entry point (:mod:`pipeline.worker` dispatches by
 publisher) is a new row here plus an entry function in the worker.
 
 Optional rows. A row with ``enabled`` runs only when the config turns it on
-(the ``mqtt`` row: an ``mqtt`` section is present; the ``api`` row:
-``api.enabled``); switched off it has 0 processes and is left out of status
-and the run summary (:func:`active_names`). A row off the data path
+(the ``mqtt`` row: an ``mqtt`` section is present; the ``frigate`` row: a
+``frigate`` section; the ``api`` row: ``api.enabled``); switched off it has 0
+processes and is left out of status and the run summary (:func:`active_names`).
+A config without cameras (a Frigate companion-only box) switches off every row
+of the data path: only the rows off it run. A row off the data path
 (``data_path=False``: the mqtt publisher reads the outbox storage commits, the
 api reads status, rings and the database; neither carries frames) has no
 upstream for queue depths (its depth is its own backlog, e.g. the outbox
-rows not yet acknowledged by the broker), does not hold the live cameras'
-start gate and gets no low-rate alert.
+rows not yet acknowledged by the broker, or the Frigate requests waiting), does
+not hold the live cameras' start gate and gets no low-rate alert.
 
 Endpoints. ZeroMQ endpoint names are built only by the functions of this
 module (:func:`frames`, :func:`detections`, :func:`storage`,
@@ -31,7 +33,8 @@ is switched off).
 
 Drain order is table order (pipeline order): the data path, then mqtt
 (after storage, so the events of the last commits are still published),
-then the api (last: it answers health and status while the others drain).
+then the frigate companion, then the api (last: it answers health and status
+while the others drain).
 Processes are started in the reverse order, so every bound endpoint exists
 before its senders start.
 
@@ -102,7 +105,8 @@ class Resume(enum.Enum):
     FRAMES_AGAIN = "frames_again"  # detection/recognition: frames the predecessor held are reclaimed (counted lost) and new ones flow
     UNACKED_RESENT = "unacked_resent"  # storage: producers re-send every item it had not acknowledged
     OUTBOX_REPLAYED = "outbox_replayed"  # mqtt: every outbox row the broker had not acknowledged is published again
-    FRESH = "fresh"  # api: nothing in flight to carry over, the successor simply starts again
+    FRESH = "fresh"  # api, frigate: nothing carried over (frigate: requests queued in the killed process are lost,
+    #                  the successor serves the events Frigate publishes from then on)
 
 
 class Rescale(enum.Enum):
@@ -128,7 +132,8 @@ class StageSpec:
         ends_with_source: True if a process exiting 0 on its own is a finished
             file source, not a failure (capture).
         enabled: for an optional row, whether the config turns it on (None: always on).
-        data_path: False for a row that carries no frames (module docstring).
+        data_path: False for a row that carries no frames (module docstring); a row on the data path runs only
+            when the config has cameras.
     """
 
     name: str
@@ -143,7 +148,10 @@ class StageSpec:
     data_path: bool = True
 
     def active(self, cfg: AppConfig) -> bool:
-        """True unless the row is optional and ``cfg`` switches it off."""
+        """True unless the row is optional and ``cfg`` switches it off, or it is on the data path and ``cfg``
+        has no cameras."""
+        if self.data_path and not cfg.cameras:
+            return False
         return self.enabled is None or bool(self.enabled(cfg))
 
     def processes(self, cfg: AppConfig) -> int:
@@ -213,6 +221,10 @@ STAGES: tuple[StageSpec, ...] = (
     # publishes the outbox storage commits (reads the database; asks the supervisor's control endpoint for
     # stats); drained after storage, so the events of its last commits are still published
     StageSpec("mqtt", Count.ONE, _none, _none, Resume.OUTBOX_REPLAYED, enabled=_mqtt_configured, data_path=False),
+    # the Frigate companion: frigate/events from the broker, snapshots and sub_labels over Frigate's HTTP API, the
+    # gallery from the database; no endpoint of ours
+    StageSpec("frigate", Count.ONE, _none, _none, Resume.FRESH, enabled=lambda cfg: cfg.frigate is not None,
+              data_path=False),
     # the HTTP API: status over control(), frames read from the rings, the database, track boxes of the live
     # view from recognition (live_tracks, lossy); drained last (it answers health and status while the others drain)
     StageSpec("api", Count.ONE, _api_in, _none, Resume.FRESH, enabled=lambda cfg: cfg.api.enabled, data_path=False),

@@ -181,7 +181,8 @@ def _detection(cfg: AppConfig, t: Transport, n_rec: int, counters: StageCounters
     from stages.detector import ObjectDetector
 
     det = cfg.detection
-    stage = DetectionStage(ObjectDetector(det.detector, _session_options(cfg, "detection", counts)), det.motion, batch=det.batch)
+    stage = DetectionStage(ObjectDetector(det.detector, _session_options(cfg, "detection", counts)), det.motion, batch=det.batch,
+                           stable_skip=det.stable_skip, stable_iou=det.stable_iou)
     inbox = t.credit_inbox([topology.frames(cam.name) for cam in cfg.cameras], window=CREDIT_WINDOW)
     outs = [t.sender(topology.detections(i), hwm=cfg.ring.slots, linger_ms=2000) for i in range(n_rec)]
     route = lambda msg: outs[recognition_index(cfg, msg.frame.camera, n_rec)]  # noqa: E731
@@ -238,22 +239,18 @@ class RunPaths:
 
 def _recognition(cfg: AppConfig, t: Transport, index: int, n_rec: int, counters: StageCounters, hb: Heartbeat,
                  stop: StopFlag, run: RunPaths, counts: topology.Counts | None = None) -> None:
+    from pipeline.identities import GalleryRefresh, gallery_from_db
     from stages.detector import class_names_of
     from stages.face import FaceAnalyzer
-    from stages.gallery import Gallery
     from stages.recognition import RecognitionStage
     from storage.db import open_engine
-    from storage.queries import load_gallery
 
     opts = _session_options(cfg, "recognition", counts)
     class_names = class_names_of(cfg.detection.detector, opts)  # the tracker's labels (YOLOX: no model to open)
     analyzer = FaceAnalyzer(cfg.recognition.face, opts)
     engine = open_engine(database_url(cfg))
-    rows = load_gallery(engine, analyzer.model_name)
-    if rows.skipped:
-        log.warning("identities enrolled only with another face model are ignored: %s; re-enroll them", ", ".join(sorted(rows.skipped)))
-    gallery = Gallery(list(rows.names), rows.vectors, threshold=cfg.recognition.face.match_threshold,
-                      model_name=analyzer.model_name)
+    threshold = cfg.recognition.face.match_threshold
+    gallery = gallery_from_db(engine, analyzer.model_name, threshold)  # with its negative examples
     live = frozenset(c.name for c in cfg.cameras if c.resolved_mode() == "live")
     snap = _snapshot_sink(data_dir() / "snapshots") if cfg.storage.snapshots else None
     reid, gait = _linkers(cfg, opts)
@@ -280,11 +277,17 @@ def _recognition(cfg: AppConfig, t: Transport, index: int, n_rec: int, counters:
         out.service()
         counters.extra.update(storage_unacked=len(out.unacked), storage_resent=out.resent, storage_dropped=out.dropped)
 
+    def use_gallery(new: Any) -> None:  # names given, negatives, enrollments reach the running pipeline
+        stage.gallery = new
+        counters.extra["gallery_reloads"] = refresh.reloads + 1
+
+    refresh = GalleryRefresh(engine, analyzer.model_name, threshold, use_gallery)
+
     def journal(det: object) -> None:
         journals[det.frame.camera].append(det, stage.checkpoint(det))  # type: ignore[attr-defined]
 
     io = RunnerIO(inbox=inbox, route=lambda msg: out, heartbeat=hb, release=True, blocking_send=True,
-                  services=(gauges, *_sharing(cfg, engine, index, n_rec, [("reid", reid), ("gait", gait)], counters)),
+                  services=(gauges, refresh, *_sharing(cfg, engine, index, n_rec, [("reid", reid), ("gait", gait)], counters)),
                   on_exit=wait_for_storage, after_frame=_after_frame(journal if file_mode else None,
                                                                      _live_tracks(cfg, t, stage)))
     _show_providers(counters)
@@ -348,10 +351,13 @@ def _storage(cfg: AppConfig, t: Transport, counters: StageCounters, hb: Heartbea
     from storage.writer import EventWriter
 
     engine = open_engine(database_url(cfg), cache_mb=cfg.storage.cache_mb)
+    from pipeline.identities import unknown_assigner
+
     # an analyze job's pipeline (pipeline.job_analyze) stores its job id in every event it creates
+    unknowns = unknown_assigner(cfg)  # clusters unnamed person tracks into unknown-<n> as they end
     writer = EventWriter(engine, cfg.storage.batch_rows, cfg.storage.batch_ms,
                          outbox_box_id=cfg.box_id if cfg.mqtt is not None else None,
-                         job_id=os.environ.get("FACEPRO_JOB_ID") or None)
+                         job_id=os.environ.get("FACEPRO_JOB_ID") or None, unknowns=unknowns)
     st = cfg.storage
     tasks: list[Callable[[], object]] = []
     if st.retention_days or st.max_total_mb:
@@ -367,7 +373,13 @@ def _storage(cfg: AppConfig, t: Transport, counters: StageCounters, hb: Heartbea
     inbox = t.receiver(topology.storage(), bind=True, hwm=10_000)
     acks = t.publisher(topology.storage_acks())
     io = RunnerIO(inbox=inbox, route=lambda msg: acks, heartbeat=hb, release=False, blocking_send=False)
-    stage = StorageStage(writer, retention, st.retention_interval_s, st.debug_commit_delay_ms / 1000.0)
+    consolidate = None
+    if unknowns is not None:
+        from storage.unknowns import consolidate_clusters
+
+        consolidate = partial(consolidate_clusters, engine, unknowns.settings.merge_threshold)
+    stage = StorageStage(writer, retention, st.retention_interval_s, st.debug_commit_delay_ms / 1000.0,
+                         consolidate, cfg.recognition.face.unknowns.consolidate_interval_s)
     Runner(stage, io, counters, stop).run()
 
 
@@ -404,6 +416,46 @@ def _mqtt(cfg: AppConfig, t: Transport, runtime_dir: Path, counters: StageCounte
             time.sleep(0.1)
     finally:
         pub.stop(abort=stop.hard)
+        report()
+
+
+def _frigate(cfg: AppConfig, counters: StageCounters, stop: StopFlag) -> None:
+    """The Frigate companion process (:class:`pipeline.companion.FrigateCompanion`): Frigate's events from the
+    broker, snapshots and sub_labels over Frigate's HTTP API, faces named by :func:`pipeline.services.identify_doc`
+    (the gallery of the database, ``recognition.face.match_threshold``, the face quality gate). Its face models
+    use every core on a box without cameras, one thread beside a pipeline (the stages keep the cores)."""
+    from pipeline.companion import CompanionSettings, FrigateApi, FrigateCompanion, make_client
+    from pipeline.services import face_analyzer, identify_doc
+    from storage.db import StorageError, open_engine
+
+    f, face = cfg.frigate, cfg.recognition.face
+    assert f is not None  # the row is enabled only with a frigate section
+    threads = cfg.runtime.inference_threads or (1 if cfg.cameras else os.cpu_count() or 1)
+    analyzer = face_analyzer(cfg, threads)
+    engine = open_engine(database_url(cfg), busy_timeout_ms=1000)  # a locked database: retried with backoff
+
+    def recognize(image: np.ndarray) -> dict:
+        return identify_doc(engine, analyzer, face.match_threshold, image, face.quality)
+
+    comp = FrigateCompanion(make_client(cfg), FrigateApi(f.url, f.timeout_s), recognize, CompanionSettings.from_config(cfg),
+                            retry_errors=(StorageError,), observe=counters.observe_ms)
+
+    def report() -> None:
+        counts = comp.snapshot_counts()
+        counters.extra.update({**counts, **comp.gauges()})
+        counters.frames_in, counters.frames_out = counts["frigate_snapshots_queued"], counts["frigate_snapshots_fetched"]
+        counters.backlog, counters.last_error = comp.gauges()["frigate_queued"], comp.last_error
+
+    comp.start()
+    counters.extra["ready"] = 1
+    log.info("frigate companion: Frigate at %s, events on %s", f.url, comp.settings.events_topic)
+    try:
+        while not stop.is_set():
+            comp.step()
+            report()
+            time.sleep(0.1)
+    finally:
+        comp.stop(join_s=f.timeout_s + 5.0)
         report()
 
 
@@ -483,6 +535,7 @@ ENTRIES: dict[str, Callable[[StageContext], None]] = {
                                           RunPaths(c.run_id, c.runtime_dir), c.counts),
     "storage": lambda c: _storage(c.cfg, c.t, c.counters, c.hb, c.stop),
     "mqtt": lambda c: _mqtt(c.cfg, c.t, c.runtime_dir, c.counters, c.stop),
+    "frigate": lambda c: _frigate(c.cfg, c.counters, c.stop),
     "api": lambda c: _api(c.cfg, c.runtime_dir, c.counters, c.stop),
 }
 

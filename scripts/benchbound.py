@@ -1,7 +1,8 @@
 """Bare-inference bound of a pipeline run: the same models on pre-decoded frames, at the schedule the run chose.
 
 The schedule is read from the run summary's counters (:meth:`Schedule.from_summary`): the object detector
-ran on every frame the motion gate let through (detection ``frames_out`` − ``motion_skipped``), SCRFD on
+ran on every frame the motion gate let through and the stable-scene skip did not hold (detection ``frames_out``
+− ``motion_skipped`` − ``stable_skipped``), SCRFD on
 ``face_analyses`` images (``face_analyses_frame`` whole frames, the rest person boxes), the face embedder
 ``face_embed_runs`` times on ``face_embeddings`` aligned faces, OSNet ``reid_runs`` times on ``reid_crops``
 person crops (counters of :class:`stages.recognition.RecognitionStage`).
@@ -69,7 +70,8 @@ class Schedule:
             raise SystemExit("the run summary has face counters but no face_analyses: the pipeline that ran is "
                              "older than the bound's counters (set PYTHONPATH to this checkout)")
         return cls(frames=int(rec["frames_out"]),
-                   detector_runs=int(det["frames_out"]) - int(det["dropped"].get("motion_skipped", 0)),
+                   detector_runs=int(det["frames_out"]) - int(det["dropped"].get("motion_skipped", 0))
+                   - int(det.get("counts", {}).get("stable_skipped", 0)),
                    face_frame_runs=c["face_analyses_frame"], face_region_runs=c["face_analyses"] - c["face_analyses_frame"],
                    face_embeddings=c["face_embeddings"], face_embed_runs=c["face_embed_runs"],
                    reid_crops=c["reid_crops"], reid_runs=c["reid_runs"], parallel=parallel)

@@ -4,7 +4,8 @@
 Pipeline per video: YOLOX-Nano person detection (:class:`stages.detector.ObjectDetector`)
 → ByteTrack tracking (:class:`stages.tracking.CameraTracks`) → OSNet
 embeddings (:class:`stages.reid.ReidEmbedder`, Zhou et al. 2019) of every
-active person track, sampled every ``--sample-every`` video frames
+active person track, sampled every ``--sample-every`` video frames, less often
+once the track has ``--settle-samples`` samples, as the recognition stage does
 (:class:`stages.reid.TrackReid`); a track's Re-ID descriptor is the
 normalised mean of its samples.
 
@@ -62,7 +63,7 @@ import cv2
 import numpy as np
 
 from eval_faces import UsageError, assets_dir, describe, model_path, run_report, threshold_for_far
-from pipeline.config import OnnxDetectorConfig, TrackingConfig
+from pipeline.config import OnnxDetectorConfig, OnnxReidConfig, TrackingConfig
 from stages.detector import ObjectDetector
 from stages.reid import ReidEmbedder, TrackReid, link_tracks, similarity_matrix
 from stages.runtime import SessionOptions
@@ -137,7 +138,8 @@ def run_video(
     """
     cap = open_video(path)
     tracker = CameraTracks("eval", TrackingConfig(), detector.class_names)
-    reid = TrackReid(every_n_frames=args.sample_every, max_samples=100_000)
+    reid = TrackReid(every_n_frames=args.sample_every, max_samples=100_000, settle_samples=args.settle_samples or None,
+                     max_interval=args.max_interval)
     records: dict[int, TrackRecord] = {}
     start, index, processed = time.perf_counter(), -1, 0
     try:
@@ -444,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reid-model", default="osnet_x0_25_msmt17.onnx", help="OSNet ONNX model (default %(default)s)")
     p.add_argument("--stride", type=int, default=1, help="process every n-th frame (default %(default)s)")
     p.add_argument("--sample-every", type=int, default=5, help="Re-ID sample of a track every n video frames (default %(default)s)")
+    p.add_argument("--settle-samples", type=int, default=OnnxReidConfig.model_fields["settle_samples"].default,
+                   help="after this many samples a track is sampled ever less often, as recognition does (0: never; default %(default)s)")
+    p.add_argument("--max-interval", type=int, default=OnnxReidConfig.model_fields["max_interval_frames"].default,
+                   help="longest wait between two samples of a settled track, frames (default %(default)s)")
     p.add_argument("--min-samples", type=int, default=3, help="tracks with fewer Re-ID samples are not linked (default %(default)s)")
     p.add_argument("--min-height", type=float, default=0.0, help="person boxes lower than this many pixels are not embedded (default %(default)s)")
     p.add_argument("--max-frames", type=int, help="stop each video after this many frames")

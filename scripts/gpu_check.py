@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Modules the pipeline imports (distribution names in brackets where they differ).
 NEEDED = ("numpy", "cv2 (opencv-python-headless)", "onnxruntime (onnxruntime-gpu)", "insightface", "trackers",
           "zmq (pyzmq)", "sqlalchemy (SQLAlchemy)", "alembic", "pydantic", "yaml (PyYAML)", "platformdirs",
-          "prometheus_client (prometheus-client)", "psutil", "uuid6", "tqdm")
+          "prometheus_client (prometheus-client)", "psutil", "uuid6", "tqdm", "sklearn (scikit-learn)")
 CUDA = "CUDAExecutionProvider"
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov")
 

@@ -14,10 +14,11 @@ import time
 from typing import Sequence
 
 import numpy as np
+import supervision as sv
 
 from pipeline.config import MotionConfig
 from pipeline.messages import Detections, FrameRef
-from stages.detector import ObjectDetector
+from stages.detector import DetectionResult, ObjectDetector
 from stages.motion import MotionGate
 
 _EMPTY_XYXY = np.zeros((0, 4), np.float32)
@@ -25,10 +26,73 @@ _EMPTY_F = np.zeros(0, np.float32)
 _EMPTY_I = np.zeros(0, np.int32)
 
 
-def empty_detections(ref: FrameRef, *, motion: bool = True, valid: bool = True, detect_ms: float = 0.0) -> Detections:
+def empty_detections(ref: FrameRef, *, motion: bool = True, valid: bool = True, detect_ms: float = 0.0,
+                     held: bool = False) -> Detections:
     """A :class:`Detections` with no objects for ``ref`` (skipped or unreadable frame)."""
     return Detections(frame=ref, xyxy=_EMPTY_XYXY, confidence=_EMPTY_F, class_id=_EMPTY_I,
-                      motion=motion, valid=valid, detect_ms=detect_ms)
+                      motion=motion, valid=valid, detect_ms=detect_ms, held=held)
+
+
+def same_scene(prev_xyxy: np.ndarray, prev_class: np.ndarray, xyxy: np.ndarray, class_id: np.ndarray,
+               min_iou: float) -> bool:
+    """True if two detector results show the same objects in nearly the same places.
+
+    Each box of the new result must have IoU >= ``min_iou`` with a box of the
+    same class in the previous one, one to one (the best match of every new
+    box is a different previous box), and both have as many boxes per class.
+    Two empty results are the same scene.
+
+    Args:
+        prev_xyxy, xyxy: ``(n, 4)`` float boxes ``x1, y1, x2, y2``, pixels.
+        prev_class, class_id: ``(n,)`` int class ids.
+        min_iou: IoU threshold in (0, 1].
+    """
+    if len(xyxy) != len(prev_xyxy) or sorted(class_id.tolist()) != sorted(prev_class.tolist()):
+        return False
+    if len(xyxy) == 0:
+        return True
+    iou = sv.box_iou_batch(np.asarray(xyxy, np.float64), np.asarray(prev_xyxy, np.float64))
+    iou[class_id[:, None] != prev_class[None, :]] = 0.0
+    best = iou.argmax(axis=1)
+    return bool(np.all(iou[np.arange(len(best)), best] >= min_iou)) and len(set(best.tolist())) == len(best)
+
+
+class StableScene:
+    """Per camera: may the detector skip its next moving frame? (``detection.stable_skip``)
+
+    DeepStream's ``nvinfer`` runs the detector every ``interval + 1`` frames and
+    lets its tracker carry the objects in between; here the interval adapts:
+    after a detector frame whose objects match those of the camera's previous
+    detector frame (:func:`same_scene`: same classes, every box's IoU >=
+    ``min_iou`` with its own previous box) up to ``max_skip`` frames are
+    skipped, then the detector looks again. Objects that move fast, arrive or
+    leave change the boxes, so the detector runs on every frame while they do;
+    a new object is seen at most ``max_skip`` frames late.
+
+    Args:
+        max_skip: frames skipped in a row after a stable detector frame (0: never skip).
+        min_iou: IoU a box needs with its previous box for the scene to be stable.
+    """
+
+    def __init__(self, max_skip: int, min_iou: float) -> None:
+        self.max_skip = max_skip
+        self.min_iou = min_iou
+        self._last: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # camera -> its last detector frame's boxes, classes
+        self._allowed: dict[str, int] = {}  # camera -> frames it may still skip
+
+    def take(self, camera: str) -> bool:
+        """True if the camera's next moving frame skips the detector (one of its allowance is used)."""
+        if self._allowed.get(camera, 0) <= 0:
+            return False
+        self._allowed[camera] -= 1
+        return True
+
+    def observe(self, camera: str, xyxy: np.ndarray, class_id: np.ndarray) -> None:
+        """Record a detector frame's result; a stable one allows the next ``max_skip`` frames to skip."""
+        prev = self._last.get(camera)
+        self._last[camera] = (xyxy, class_id)
+        stable = self.max_skip > 0 and prev is not None and same_scene(prev[0], prev[1], xyxy, class_id, self.min_iou)
+        self._allowed[camera] = self.max_skip if stable else 0
 
 
 class DetectionStage:
@@ -64,15 +128,17 @@ class DetectionStage:
             case an earlier frame of the batch kept the detector on, then answered as motion-skipped).
     """
 
-    def __init__(self, detector: ObjectDetector, motion: MotionConfig, batch: int = 1) -> None:
+    def __init__(self, detector: ObjectDetector, motion: MotionConfig, batch: int = 1, stable_skip: int = 0,
+                 stable_iou: float = 0.6) -> None:
         self.detector = detector
         self.motion_cfg = motion
         self.batch = batch
+        self.stable = StableScene(stable_skip, stable_iou)
         self.gates: dict[str, MotionGate] = {}
         self.last_hit: dict[str, int] = {}  # camera -> last frame index with detections (the hold's start)
         self.empty_still: dict[str, int] = {}  # camera -> still frames in a row the hold ran the detector on for nothing
         self.drops = {"motion_skipped": 0}
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int] = {"stable_skipped": 0}
 
     def wants_frame(self, meta: object) -> bool:
         return True
@@ -101,8 +167,11 @@ class DetectionStage:
         if not moving and not self._holding(meta):
             self.drops["motion_skipped"] += 1
             return [empty_detections(meta, motion=False, detect_ms=(time.perf_counter() - t0) * 1e3)]
+        if self.stable.take(meta.camera):
+            self.counts["stable_skipped"] += 1
+            return [empty_detections(meta, held=True, detect_ms=(time.perf_counter() - t0) * 1e3)]
         r = self.detector.detect(frame)
-        self._after_detect(meta, moving, len(r))
+        self._after_detect(meta, moving, r)
         return [Detections(frame=meta, xyxy=r.xyxy, confidence=r.confidence, class_id=r.class_id,
                            detect_ms=(time.perf_counter() - t0) * 1e3)]
 
@@ -133,7 +202,8 @@ class DetectionStage:
                 t0 = time.perf_counter()
                 moving[i] = self._moving(frame, meta)
                 gate_ms[i] = (time.perf_counter() - t0) * 1e3
-        need = self._may_need_detector(frames, refs, moving)
+        held = self._held(frames, refs, moving)
+        need = [i for i in self._may_need_detector(frames, refs, moving) if not held[i]]
         results, share_ms = self._detect(frames, need)
         out = []
         for i, (frame, meta) in enumerate(zip(frames, refs)):
@@ -143,16 +213,31 @@ class DetectionStage:
                 self.drops["motion_skipped"] += 1
                 self.counts["detector_discarded"] += i in results
                 out.append([empty_detections(meta, motion=False, detect_ms=gate_ms[i])])
+            elif held[i]:
+                self.counts["stable_skipped"] += 1
+                out.append([empty_detections(meta, held=True, detect_ms=gate_ms[i])])
             else:
                 r = results[i]
-                self._after_detect(meta, moving[i], len(r))
+                self._after_detect(meta, moving[i], r)
                 out.append([Detections(frame=meta, xyxy=r.xyxy, confidence=r.confidence, class_id=r.class_id,
                                        detect_ms=gate_ms[i] + share_ms)])
         return out
 
-    def _after_detect(self, meta: FrameRef, moving: bool, found: int) -> None:
-        """Update the camera's hold after the detector ran on a frame with ``found`` objects."""
+    def _held(self, frames: Sequence[np.ndarray | None], refs: Sequence[FrameRef], moving: list[bool]) -> list[bool]:
+        """Per frame of a batch: skipped by :class:`StableScene` (only a camera's first frame in the batch can be:
+        the results of its earlier frames in the batch are not known before the batch runs)."""
+        held, seen = [False] * len(refs), set()
+        for i, (frame, meta) in enumerate(zip(frames, refs)):
+            if frame is not None and meta.camera not in seen and (moving[i] or self._holding(meta)):
+                held[i] = self.stable.take(meta.camera)
+            seen.add(meta.camera)
+        return held
+
+    def _after_detect(self, meta: FrameRef, moving: bool, result: DetectionResult) -> None:
+        """Update the camera's hold and stable-scene state after the detector ran on a frame."""
         cam = meta.camera
+        self.stable.observe(cam, result.xyxy, result.class_id)
+        found = len(result)
         if found:
             self.last_hit[cam] = meta.frame_index
         if found or moving:

@@ -8,12 +8,27 @@ the threshold, otherwise it is unknown (None). Embeddings come from an
 ArcFace-style model (Deng et al. 2019), whose training makes cosine similarity
 the right score.
 
-Threshold calibration (``face.match_threshold``, default 0.40): on the test
-face set (14 single-face images of 5 people, SCRFD-500M + MobileFaceNet-128d)
-leave-one-out similarities of a face to its own identity's template are
->= 0.57 and to any other identity's template <= 0.18, so 0.40 sits in the
-middle of the gap; recalibrate with another embedder (``tests/unit/test_gallery.py``
-measures the gap on the real images).
+Threshold calibration (``face.match_threshold``, default 0.50): on 1456
+LFW news photos (``scripts/eval_faces.py --set``, README "Face
+calibration", SCRFD-500M + MobileFaceNet-128d, ~140 people enrolled) the
+best similarity of a never-enrolled person's face reaches 0.48 with one
+enrollment photo per person and 0.53 with three (at 0.40, 20 of 755
+strangers' photos were named), while 95 % of enrolled people's photos score
+>= 0.43 (one photo) / 0.55 (three) with their own template. 0.50 named 0 or
+1 of the 755 strangers' photos and left 1.8 % of enrolled people's photos
+unknown with three enrollment photos (12 % with one). On the small asset
+set the gap is 0.18-0.57 (``tests/unit/test_gallery.py``). Recalibrate with
+another embedder.
+
+Negative examples (``facepro events relabel EVENT --not Bob``): a face vector
+stored as "not Bob". The rule: a probe is refused Bob when its cosine
+similarity to Bob's most similar negative is at least its similarity to Bob's
+template (the probe looks at least as much like the face a person said was not
+Bob as like Bob); the next identity above the threshold that is not refused
+wins, else the probe is unknown. A genuine Bob probe scores ~0.6-0.9 against
+Bob's template and near 0.1-0.3 against another person's face, so a negative
+only refuses faces of the wrongly named person (or of someone who looks more
+like them than like Bob).
 
 Everything here is pure numpy except the helpers that take a
 :class:`stages.face.FaceAnalyzer`.
@@ -30,6 +45,7 @@ import numpy as np
 from stages.enrollment import EnrollmentError, NoDominantFace, choose_face, pick_subject, reading_order
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.config import FaceQualityConfig
     from stages.face import Face, FaceAnalyzer
 
 __all__ = ["EnrollmentError", "NoDominantFace", "EnrolledFace", "Gallery", "IdentifiedFace", "Match",
@@ -47,12 +63,16 @@ class Match:
     Attributes:
         identity: enrolled name, or None when the best cosine similarity is
             below the threshold (open-set "unknown") or the gallery is empty.
-        similarity: best cosine similarity in [-1, 1] over all templates
-            (reported even when unknown; 0.0 for an empty gallery).
+        similarity: cosine similarity to the chosen identity's template; for
+            an unknown probe the best one over all templates (0.0 for an empty
+            gallery).
+        refused: identities above the threshold refused by a negative example,
+            most similar first (see the module docstring).
     """
 
     identity: str | None
     similarity: float
+    refused: tuple[str, ...] = ()
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -97,19 +117,24 @@ class Gallery:
         threshold: cosine similarity needed to name a probe (``face.match_threshold``).
         outlier_margin: see above; ``None`` or ``inf`` disables rejection.
         model_name: embedder that produced the rows (for messages).
+        negatives: ``(names, (n, d) float32 vectors)``: faces each named
+            identity must not be given (module docstring); rows of identities
+            not in the gallery are ignored. None: no negatives.
 
     Raises:
         ValueError: ``embeddings`` is not 2-D, has non-finite values or a
-            row count different from ``len(names)``; a name is empty.
+            row count different from ``len(names)``; a name is empty; the
+            negatives' shape disagrees with their names or the gallery's ``d``.
     """
 
     def __init__(
         self,
         names: Sequence[str],
         embeddings: np.ndarray,
-        threshold: float = 0.40,
+        threshold: float = 0.50,
         outlier_margin: float | None = OUTLIER_MARGIN,
         model_name: str | None = None,
+        negatives: tuple[Sequence[str], np.ndarray] | None = None,
     ) -> None:
         emb = np.asarray(embeddings, dtype=np.float32)
         names = list(names)
@@ -143,6 +168,27 @@ class Gallery:
         self._templates = np.stack(templates).astype(np.float32) if templates else np.zeros((0, self._dim), np.float32)
         self._templates.setflags(write=False)
         self._rejected = tuple(sorted(rejected))
+        self._negatives = self._index_negatives(negatives)
+
+    def _index_negatives(self, negatives: tuple[Sequence[str], np.ndarray] | None) -> dict[int, np.ndarray]:
+        """``{template row: (k, d) unit negative vectors}``."""
+        if negatives is None or len(negatives[0]) == 0:
+            return {}
+        names, vectors = list(negatives[0]), np.asarray(negatives[1], np.float32)
+        if vectors.ndim != 2 or vectors.shape[0] != len(names) or (len(self) and vectors.shape[1] != self._dim):
+            raise ValueError(f"Gallery negatives: {len(names)} names, vectors {vectors.shape}, gallery dimension {self._dim}")
+        row = {name: i for i, name in enumerate(self._identities)}
+        unit = _unit_rows(vectors)
+        out: dict[int, list[np.ndarray]] = {}
+        for name, v in zip(names, unit):
+            if name in row:
+                out.setdefault(row[name], []).append(v)
+        return {i: np.stack(vs) for i, vs in out.items()}
+
+    @property
+    def negatives(self) -> int:
+        """Negative examples in force (of identities in the gallery)."""
+        return sum(v.shape[0] for v in self._negatives.values())
 
     @property
     def identities(self) -> tuple[str, ...]:
@@ -193,9 +239,10 @@ class Gallery:
             probes: ``(m, d) float32`` probe embeddings (normalised here).
 
         Returns:
-            One :class:`Match` per probe: the most similar identity if its
-            cosine similarity >= ``threshold``, else ``identity=None``. An
-            empty gallery gives all unknown.
+            One :class:`Match` per probe: the most similar identity whose
+            cosine similarity >= ``threshold`` and that no negative example
+            refuses (module docstring), else ``identity=None``. An empty
+            gallery gives all unknown.
 
         Raises:
             ValueError: ``probes`` is not 2-D, or its dimension differs from
@@ -204,12 +251,25 @@ class Gallery:
         sims = self.similarities(probes)
         if sims.shape[1] == 0:
             return [Match(None, 0.0) for _ in range(sims.shape[0])]
-        best = np.argmax(sims, axis=1)
-        out = []
-        for i, j in enumerate(best):
-            s = float(sims[i, j])
-            out.append(Match(self._identities[j] if s >= self.threshold else None, s))
-        return out
+        unit = _unit_rows(np.asarray(probes, dtype=np.float32))
+        return [self._match_one(unit[i], sims[i]) for i in range(sims.shape[0])]
+
+    def _match_one(self, probe: np.ndarray, sims: np.ndarray) -> Match:
+        best = int(np.argmax(sims))
+        if not self._negatives or sims[best] < self.threshold:
+            s = float(sims[best])
+            return Match(self._identities[best] if s >= self.threshold else None, s)
+        refused: list[str] = []
+        for j in np.argsort(-sims, kind="stable"):
+            s = float(sims[j])
+            if s < self.threshold:
+                break
+            neg = self._negatives.get(int(j))
+            if neg is not None and float((neg @ probe).max()) >= s:
+                refused.append(self._identities[j])
+                continue
+            return Match(self._identities[j], s, tuple(refused))
+        return Match(None, float(sims[best]), tuple(refused))
 
 
 @dataclass(frozen=True)
@@ -221,12 +281,15 @@ class IdentifiedFace:
         identity: enrolled name or None (unknown).
         similarity: cosine similarity to the best template.
         score: face detection score in [0, 1].
+        quality: why the face failed the quality gate (``"blurry"``, ``"pose"``; :mod:`stages.quality`), None
+            when it passed or no gate was applied. A rejected face is never named.
     """
 
     xyxy: np.ndarray
     identity: str | None
     similarity: float
     score: float
+    quality: str | None = None
 
 
 @dataclass(frozen=True)
@@ -302,8 +365,14 @@ def enrollment_embedding(analyzer: FaceAnalyzer, image: np.ndarray, source: str)
     return got.face.embedding, got.face
 
 
-def identify(analyzer: FaceAnalyzer, gallery: Gallery, image: np.ndarray) -> list[IdentifiedFace]:
+def identify(analyzer: FaceAnalyzer, gallery: Gallery, image: np.ndarray,
+             quality: FaceQualityConfig | None = None) -> list[IdentifiedFace]:
     """Detect every face in an image and match it against the gallery.
+
+    Args:
+        quality: the face quality gate (:func:`stages.quality.assess`: sharpness and pose); a face that fails it
+            gets ``identity=None`` and the reason in ``quality``. None: no gate (faces narrower than
+            ``min_face_px`` are skipped by the analyzer either way).
 
     Returns:
         One :class:`IdentifiedFace` per face found (best detection score first).
@@ -315,4 +384,12 @@ def identify(analyzer: FaceAnalyzer, gallery: Gallery, image: np.ndarray) -> lis
     if not faces:
         return []
     matches = gallery.match(np.stack([f.embedding for f in faces]))
-    return [IdentifiedFace(f.xyxy, m.identity, m.similarity, f.score) for f, m in zip(faces, matches)]
+    if quality is None:
+        return [IdentifiedFace(f.xyxy, m.identity, m.similarity, f.score) for f, m in zip(faces, matches)]
+    from stages.quality import assess
+
+    out = []
+    for f, m in zip(faces, matches):
+        reason = assess(image, f, quality).reason
+        out.append(IdentifiedFace(f.xyxy, m.identity if reason is None else None, m.similarity, f.score, reason))
+    return out

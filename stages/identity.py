@@ -13,7 +13,9 @@ gait (:data:`PRIORITY`):
 
 :class:`TrackIdentity` holds all of that for one track, plus whether its
 snapshot was taken, and says what work the track still needs
-(:meth:`TrackIdentity.needs_face`). The tracker's
+(:meth:`TrackIdentity.needs_face`) and when its next face analysis is due
+(:class:`FaceSchedule`: a track whose box showed no face is looked at less
+and less often). The tracker's
 :class:`~pipeline.messages.TrackUpdate` carries a copy of the decision to
 storage; this object is where it is made.
 """
@@ -75,6 +77,63 @@ class TrackVotes:
 
 
 @dataclass
+class FaceSchedule:
+    """When a track's next face analysis is due: backing off while its box shows no face.
+
+    Face analysis runs on a camera's face frames (every ``face.every_n_frames``
+    detector frames). A track whose analysis found no face in its box (a person
+    seen from behind, too far away, occluded) waits twice as long before the
+    next one: ``every_n``, ``2 every_n``, ``4 every_n`` ... frames, at most
+    ``max_frames``; a found face (even one the quality gate rejects: the face
+    is there) resets the wait to ``every_n``, and so does a box grown by
+    ``regrow`` (1.25: 25 % taller) since the last miss, a person coming closer.
+    The same exponential backoff as a retry policy, applied to the question "is
+    there a face in this box yet?"; it bounds the work spent on tracks that
+    never show a face while a face that appears is looked at within
+    ``max_frames``.
+
+    Args:
+        every_n: frames between face analyses of a track that shows a face (>= 1).
+        max_frames: longest wait after misses, frames (at least ``every_n``); None: no backoff (every face frame).
+        regrow: box height ratio that ends a backoff (> 1).
+
+    Raises:
+        ValueError: ``every_n < 1``, ``max_frames < 1`` or ``regrow <= 1``.
+    """
+
+    every_n: int
+    max_frames: int | None
+    regrow: float = 1.25
+    misses: int = 0
+    last_try: int | None = None
+    miss_height: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.every_n < 1 or (self.max_frames is not None and self.max_frames < 1) or self.regrow <= 1:
+            raise ValueError(f"FaceSchedule: every_n ({self.every_n}) and max_frames ({self.max_frames}) must be >= 1 "
+                             f"(max_frames may be None), regrow ({self.regrow}) > 1")
+
+    @property
+    def wait(self) -> int:
+        """Frames from the last analysis to the next one, after ``misses`` misses in a row."""
+        if self.max_frames is None or self.misses == 0:
+            return self.every_n
+        return max(self.every_n, min(self.max_frames, self.every_n << min(self.misses, 30)))
+
+    def due(self, frame_index: int, box_height: float) -> bool:
+        """True if an analysis of the track is due at ``frame_index`` (its box ``box_height`` pixels tall)."""
+        if self.last_try is None or frame_index - self.last_try >= self.wait:
+            return True
+        return self.misses > 0 and box_height >= self.regrow * self.miss_height
+
+    def tried(self, frame_index: int, found: bool, box_height: float) -> None:
+        """Record an analysis at ``frame_index``: ``found`` a face in the box or not."""
+        self.last_try = frame_index
+        self.misses = 0 if found else self.misses + 1
+        self.miss_height = 0.0 if found else float(box_height)
+
+
+@dataclass
 class TrackIdentity:
     """Everything recognition knows about one open track's identity.
 
@@ -82,11 +141,19 @@ class TrackIdentity:
         votes: its face votes.
         named: the decision in force (None: none was ever taken).
         snapped: True once its snapshot was taken.
+        schedule: when its next face analysis is due (None until the first one: see :meth:`face_schedule`).
     """
 
     votes: TrackVotes = field(default_factory=TrackVotes)
     named: Named | None = None
     snapped: bool = False
+    schedule: FaceSchedule | None = None
+
+    def face_schedule(self, every_n: int, max_frames: int | None) -> FaceSchedule:
+        """The track's :class:`FaceSchedule`, made with these settings on first use."""
+        if self.schedule is None:
+            self.schedule = FaceSchedule(every_n, max_frames)
+        return self.schedule
 
     def needs_face(self, settle_votes: int | None) -> bool:
         """True until the face votes are settled (see :meth:`TrackVotes.settled`)."""

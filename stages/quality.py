@@ -63,9 +63,15 @@ def assess(image: np.ndarray, face: Face, cfg: FaceQualityConfig) -> FaceQuality
     """Measure ``face`` (found in ``image``, ``(H, W, 3) uint8`` BGR) against the gate ``cfg``."""
     sharp = sharpness(align(image, face.kps))
     yaw = yaw_from_keypoints(face.kps)
-    reason = None
+    return FaceQuality(sharpness=sharp, yaw=yaw, reason=gate_reason(sharp, yaw, cfg))
+
+
+def gate_reason(sharp: float, yaw: float, cfg: FaceQualityConfig) -> str | None:
+    """The gate's verdict on measured values: ``"blurry"`` when ``sharp < cfg.min_sharpness``, else
+    ``"pose"`` when ``|yaw| > cfg.max_abs_yaw``, else None (passes). ``sharp`` is :func:`sharpness`
+    (grey levels²), ``yaw`` is :func:`yaw_from_keypoints` (unitless)."""
     if sharp < cfg.min_sharpness:
-        reason = "blurry"
-    elif abs(yaw) > cfg.max_abs_yaw:
-        reason = "pose"
-    return FaceQuality(sharpness=sharp, yaw=yaw, reason=reason)
+        return "blurry"
+    if abs(yaw) > cfg.max_abs_yaw:
+        return "pose"
+    return None

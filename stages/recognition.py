@@ -2,16 +2,21 @@
 
 ``process(frame, Detections)`` receives every frame of the cameras this
 process owns, in frame order (the runner's reorder buffer guarantees it), so
-the ByteTrack state of a camera lives in exactly one place. On every
-``face.every_n_frames``-th frame that has person tracks it looks for a face
-inside each person box (SCRFD), aligns and embeds it, and matches it against
-the enrolled gallery (open-set, cosine similarity ≥ ``face.match_threshold``).
+the ByteTrack state of a camera lives in exactly one place. On a camera's
+face frames (every ``face.every_n_frames`` frames) it looks for a face inside
+each person box that still needs one (SCRFD; one run on the whole frame when
+several do), aligns and embeds it, and matches it against the enrolled
+gallery (open-set, cosine similarity ≥ ``face.match_threshold``). A track
+stops getting face work once its votes are settled (``face.settle_votes``),
+and a box that shows no face is looked at less and less often
+(:class:`~stages.identity.FaceSchedule`, ``face.backoff_max_frames``).
 A track is named by the votes of all its face observations
 (:class:`~stages.identity.TrackVotes`), so one bad frame does not name a person;
 each open track's votes and decision live in one :class:`~stages.identity.TrackIdentity`.
 
 With ``recognition.reid`` configured, person tracks are also sampled with
-OSNet every few frames (:class:`ReidLinker`); a track that has no face
+OSNet every few frames, less often once a track's mean has settled
+(:class:`ReidLinker`, ``reid.settle_samples``); a track that has no face
 identity is linked to an earlier, named track of any camera of this process
 whose mean Re-ID embedding is similar enough, and inherits its identity with
 method ``reid``. Every ended person track's mean Re-ID embedding is stored.
@@ -19,6 +24,11 @@ With ``recognition.gait``, every frame also feeds a per-camera background
 model; person silhouettes build a Gait Energy Image per track
 (:class:`GaitLinker`), which names a track neither face nor Re-ID named
 (method ``gait``) and is stored when the track ends.
+
+A frame the detector skipped because the scene was stable
+(``Detections.held``) holds the tracks (:meth:`CameraTracks.hold`); its boxes
+are a frame old, so it gets no face, Re-ID or gait work: gait's background
+model sees the detector frames only, like a camera at a lower frame rate.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 
@@ -89,22 +99,39 @@ class ReidLinker:
         self.tracks: dict[str, TrackReid] = {}
         self.earlier = EarlierTracks(cfg.keep_tracks)
         self.links = 0
+        self.settled_waits = 0  # person boxes not embedded at a Re-ID frame because their track's mean has settled
+        self._last_frame: dict[str, int] = {}  # camera -> its last Re-ID frame
 
     def remember(self, vector: np.ndarray, named: Named) -> None:
         """Remember a named track ended elsewhere (another recognition process) for linking; ``(d,) float32`` mean."""
         self.earlier.add(vector, named)
 
-    def due(self, frame_index: int) -> bool:
-        return frame_index % self.cfg.every_n_frames == 0
+    def due(self, camera: str, frame_index: int) -> bool:
+        """True if ``frame_index`` is a Re-ID frame of ``camera``: ``every_n_frames`` after its last one (so the
+        tracks due at once share one embedder batch; a held frame only delays it to the next detector frame)."""
+        last = self._last_frame.get(camera)
+        return last is None or frame_index - last >= self.cfg.every_n_frames
+
+    def mark(self, camera: str, frame_index: int) -> None:
+        """Record ``frame_index`` as ``camera``'s last Re-ID frame (a restarted process replaying its journal)."""
+        self._last_frame[camera] = frame_index
+
+    def _camera(self, camera: str) -> TrackReid:
+        if camera not in self.tracks:
+            self.tracks[camera] = TrackReid(self.cfg.every_n_frames, self.cfg.max_samples, self.cfg.settle_samples,
+                                            self.cfg.max_interval_frames)
+        return self.tracks[camera]
 
     def sample(self, camera: str, persons: list[ActiveTrack], frame: np.ndarray, frame_index: int,
                log: list | None = None) -> list[int]:
         """Embed the due person boxes of a frame; returns the track ids that got a sample.
 
         ``log`` (optional) receives ``(track_id, frame_index, (d,) float32 embedding)`` per sample, to journal them."""
-        reid = self.tracks.setdefault(camera, TrackReid(self.cfg.every_n_frames, self.cfg.max_samples))
-        due = [t for t in persons if reid.due(t.track_id, frame_index)
-               and t.xyxy[3] - t.xyxy[1] >= self.cfg.min_box_height_px]
+        reid = self._camera(camera)
+        self._last_frame[camera] = frame_index
+        tall = [t for t in persons if t.xyxy[3] - t.xyxy[1] >= self.cfg.min_box_height_px]
+        due = [t for t in tall if reid.due(t.track_id, frame_index)]
+        self.settled_waits += sum(reid.settled_wait(t.track_id, frame_index) for t in tall)
         if not due:
             return []
         emb = self.embedder.embed(frame, np.stack([t.xyxy for t in due]).astype(np.float32))
@@ -116,8 +143,7 @@ class ReidLinker:
 
     def restore_sample(self, camera: str, track_id: int, frame_index: int, vector: np.ndarray) -> None:
         """Re-add a journaled sample (a restarted process rebuilding its tracks)."""
-        reid = self.tracks.setdefault(camera, TrackReid(self.cfg.every_n_frames, self.cfg.max_samples))
-        reid.add(track_id, vector, frame_index)
+        self._camera(camera).add(track_id, vector, frame_index)
 
     def link(self, camera: str, track_id: int) -> Named | None:
         """The identity of the most similar earlier named track above the threshold, if any."""
@@ -146,7 +172,7 @@ class ReidLinker:
 class GaitLinker:
     """Gait per person track: silhouettes every frame, GEI, linking unnamed tracks to earlier named ones.
 
-    Needs every frame of its cameras in order (the background model).
+    Needs the detector frames of its cameras in order (the background model; held frames are left out).
 
     Args:
         cfg: thresholds and sizes.
@@ -201,6 +227,10 @@ class GaitLinker:
         return sum(g.rejected for g in self.tracks.values())
 
 
+def _height(track: ActiveTrack) -> float:
+    return float(track.xyxy[3] - track.xyxy[1])
+
+
 def _largest(faces: list[Face]) -> Face | None:
     return max(faces, key=lambda f: f.width, default=None)
 
@@ -219,7 +249,7 @@ class RecognitionStage:
             skip face work (counted as ``behind``).
         max_lag_ms: see ``live_cameras``.
         reid: person Re-ID linker, or None.
-        gait: gait linker, or None (it needs every frame, so frames are copied on every frame then).
+        gait: gait linker, or None (it needs every detector frame, so those are all copied then).
         event_ids: ``(camera, track_id, first_frame, first_seen_ns) -> event id`` for
             :class:`~stages.tracking.CameraTracks` (None: random time-ordered ids).
         journaling: record what each frame changes for :meth:`checkpoint`
@@ -227,7 +257,9 @@ class RecognitionStage:
 
     Attributes:
         drops: cumulative ``{"behind": n}``.
-        counts: cumulative counters: ``faces_used``, ``face_rejected_<reason>``, ``face_skipped_settled``; the
+        counts: cumulative counters: ``faces_used``, ``face_rejected_<reason>``, the tracks left out of a face
+            frame's work (``face_skipped_settled``: votes settled; ``face_skipped_backoff``: no face in the box
+            lately) and of a Re-ID frame's (``reid_skipped_settled``: the track's mean has settled); the
             model work done, for the benchmarks' bare-inference bound: ``face_analyses`` (SCRFD runs; of them
             ``face_analyses_frame`` on the whole frame, the rest on a person box), ``face_embeddings`` (faces
             embedded) in ``face_embed_runs`` batches, ``reid_crops`` (person crops embedded with OSNet) in
@@ -266,6 +298,7 @@ class RecognitionStage:
         self.journaling = journaling
         self._changes: list[list] = []  # this frame's journaled changes (see checkpoint)
         self._samples: list[tuple[int, int, np.ndarray]] = []  # this frame's Re-ID samples
+        self._face_frames: dict[str, int] = {}  # camera -> its last face frame
 
     def _tracks(self, camera: str) -> CameraTracks:
         if camera not in self.cameras:
@@ -290,15 +323,24 @@ class RecognitionStage:
     def restore(self, det: Detections, parts: list[bytes]) -> None:
         """Re-apply a journaled frame (see the class docstring); the messages it would send are not sent again."""
         tracks = self._tracks(det.frame.camera)
-        transitions = tracks.update(det.frame.frame_index, det.frame.captured_at_ns, objects_of(det))
+        transitions = self._feed(tracks, det)
         for change in json.loads(parts[0]):
             self._apply(tracks, change, parts[1:])
         self._ended(transitions)
 
     def _apply(self, tracks: CameraTracks, change: list, vectors: list[bytes]) -> None:
         op, track_id = change[0], int(change[1])
+        if op == "fframe":
+            self._face_frames[tracks.camera] = track_id  # camera-level: the frame index in the id's place
+            return
+        if op == "rframe" and self.reid is not None:
+            self.reid.mark(tracks.camera, track_id)
+            return
         ident = self._identity(tracks.camera, track_id)
-        if op == "snap":
+        if op == "tried":
+            ident.face_schedule(self.face.every_n_frames, self.face.backoff_max_frames).tried(
+                int(change[2]), bool(change[3]), float(change[4]))
+        elif op == "snap":
             ident.snapped = True
             if change[3]:
                 tracks.set_snapshot(track_id, change[3])
@@ -311,15 +353,27 @@ class RecognitionStage:
         elif op == "reid" and self.reid is not None:
             self.reid.restore_sample(tracks.camera, track_id, int(change[2]), np.frombuffer(vectors[int(change[3])], np.float32))
 
+    @staticmethod
+    def _feed(tracks: CameraTracks, det: Detections) -> list[Transition]:
+        """Step the camera's tracker with one frame's detections (a held frame holds the tracks)."""
+        if det.held:
+            return tracks.hold(det.frame.frame_index, det.frame.captured_at_ns)
+        return tracks.update(det.frame.frame_index, det.frame.captured_at_ns, objects_of(det))
+
+    def _face_frame(self, camera: str, frame_index: int) -> bool:
+        """True if ``frame_index`` is a face frame of ``camera``: ``face.every_n_frames`` after its last one."""
+        last = self._face_frames.get(camera)
+        return last is None or frame_index - last >= self.face.every_n_frames
+
     def _due(self, det: Detections) -> bool:
-        if not det.valid:
-            return False
+        if not det.valid or det.held:
+            return False  # a held frame's boxes are a frame old: no face, Re-ID or gait work on it
         if self.gait is not None:
-            return True  # the background model needs every frame
+            return True  # the background model needs every detector frame
         if len(det) == 0:
             return False
-        idx = det.frame.frame_index
-        return idx % self.face.every_n_frames == 0 or (self.reid is not None and self.reid.due(idx))
+        cam, idx = det.frame.camera, det.frame.frame_index
+        return self._face_frame(cam, idx) or (self.reid is not None and self.reid.due(cam, idx))
 
     def _behind(self, det: Detections) -> bool:
         if det.frame.camera not in self.live_cameras:
@@ -343,19 +397,22 @@ class RecognitionStage:
     def process(self, frame: np.ndarray | None, meta: object) -> list[object]:
         assert isinstance(meta, Detections)
         tracks = self._tracks(meta.frame.camera)
-        transitions = tracks.update(meta.frame.frame_index, meta.frame.captured_at_ns, objects_of(meta))
+        transitions = self._feed(tracks, meta)
         out: list[object] = [t.message for t in transitions]
-        idx = meta.frame.frame_index
+        cam, idx = tracks.camera, meta.frame.frame_index
         if frame is not None:
             active = tracks.active()
-            if idx % self.face.every_n_frames == 0:
-                faces = self._faces(frame, tracks.camera, active)
-                for track in active:
-                    out.extend(self._observe(tracks, track, frame, idx, faces))
             persons = [t for t in active if t.label == "person"]
-            if self.reid is not None and self.reid.due(idx) and persons:
+            if not meta.held and active and self._face_frame(cam, idx):
+                self._face_frames[cam] = idx
+                self._record("fframe", idx)
+                wanted = {t.track_id for t in active if self._wants_face(cam, t, idx)}
+                faces = self._analyze(frame, None) if len(wanted) >= 2 else None  # one SCRFD run for them all
+                for track in active:
+                    out.extend(self._observe(tracks, track, frame, idx, faces if track.track_id in wanted else False))
+            if not meta.held and self.reid is not None and persons and self.reid.due(cam, idx):
                 self._reid(tracks, persons, frame, idx)
-            if self.gait is not None:
+            if self.gait is not None and not meta.held:
                 self._gait(tracks, persons, frame)
         out.extend(self._ended(transitions))
         return out
@@ -382,8 +439,10 @@ class RecognitionStage:
 
     def _reid(self, tracks: CameraTracks, persons: list[ActiveTrack], frame: np.ndarray, idx: int) -> None:
         sampled = self.reid.sample(tracks.camera, persons, frame, idx, self._samples if self.journaling else None)
+        self._record("rframe", idx)
         self.counts["reid_crops"] += len(sampled)  # person crops embedded with OSNet
         self.counts["reid_runs"] += bool(sampled)  # embedder calls (one batch per frame)
+        self.counts["reid_skipped_settled"] = self.reid.settled_waits
         for track_id in sampled:
             if not self._identity(tracks.camera, track_id).accepts("reid"):
                 continue  # a face decision is never overridden by Re-ID
@@ -391,17 +450,20 @@ class RecognitionStage:
             if linked is not None:
                 self._name(tracks, track_id, linked)
 
-    def _needs_face(self, camera: str, track: ActiveTrack) -> bool:
-        """A person track still needs face work until its votes are settled (``face.settle_votes``)."""
-        ident = self.identities.get((camera, track.track_id))
-        return track.label == "person" and (ident is None or ident.needs_face(self.face.settle_votes))
-
-    def _faces(self, frame: np.ndarray, camera: str, active: list[ActiveTrack]) -> list[Face] | None:
-        """Faces of the whole frame when several person boxes need them (one SCRFD run), else None."""
-        persons = [t for t in active if self._needs_face(camera, t)]
-        if self.analyzer is None or len(persons) < 2:
-            return None
-        return self._analyze(frame, None)
+    def _wants_face(self, camera: str, track: ActiveTrack, frame_index: int) -> bool:
+        """Whether a track gets face analysis in this face frame: a person track whose votes are not settled
+        (``face.settle_votes``) and whose :class:`~stages.identity.FaceSchedule` is due; skips are counted
+        per reason (``face_skipped_settled``, ``face_skipped_backoff``)."""
+        if self.analyzer is None or track.label != "person":
+            return False
+        ident = self._identity(camera, track.track_id)
+        if not ident.needs_face(self.face.settle_votes):
+            self.counts["face_skipped_settled"] += 1  # its name (or unknown) is decided: no SCRFD, no embedding
+            return False
+        if not ident.face_schedule(self.face.every_n_frames, self.face.backoff_max_frames).due(frame_index, _height(track)):
+            self.counts["face_skipped_backoff"] += 1  # its box showed no face lately: looked at less often
+            return False
+        return True
 
     def _analyze(self, frame: np.ndarray, region: np.ndarray | None) -> list[Face]:
         """One face analysis (SCRFD on the whole frame when ``region`` is None, else on the person box
@@ -414,13 +476,18 @@ class RecognitionStage:
         self.counts["face_embed_runs"] += bool(faces)
         return faces
 
-    def _face_of(self, frame: np.ndarray, track: ActiveTrack, faces: list[Face] | None) -> Face | None:
-        """The track's largest face that passes the quality gate (rejections counted per reason)."""
+    def _face_of(self, frame: np.ndarray, track: ActiveTrack, faces: list[Face] | None, ident: TrackIdentity,
+                 frame_index: int) -> Face | None:
+        """The track's largest face that passes the quality gate (rejections counted per reason); the analysis
+        is recorded in the track's face schedule (found a face in the box or not)."""
         if faces is None:
             faces = self._analyze(frame, track.xyxy)
         else:
             faces = [f for f in faces if _centre_inside(f.xyxy, track.xyxy)]
         face = _largest(faces)
+        ident.face_schedule(self.face.every_n_frames, self.face.backoff_max_frames).tried(
+            frame_index, face is not None, _height(track))
+        self._record("tried", track.track_id, frame_index, face is not None, _height(track))
         if face is None:
             return None
         quality = assess(frame, face, self.face.quality)
@@ -431,7 +498,9 @@ class RecognitionStage:
         return face
 
     def _observe(self, tracks: CameraTracks, track: ActiveTrack, frame: np.ndarray, frame_index: int,
-                 faces: list[Face] | None) -> list[object]:
+                 faces: list[Face] | None | Literal[False]) -> list[object]:
+        """Snapshot a new track; then, unless ``faces`` is False (no face work for the track in this frame), its
+        face: from ``faces`` (the whole frame's) or, when None, from an analysis of its box."""
         ident = self._identity(tracks.camera, track.track_id)
         if self.snapshot is not None and not ident.snapped:
             path = self.snapshot(track.event_id, tracks.camera, _crop(frame, track.xyxy))
@@ -439,12 +508,9 @@ class RecognitionStage:
             self._record("snap", track.track_id, track.event_id, path or "")
             if path:
                 tracks.set_snapshot(track.track_id, path)
-        if self.analyzer is None or track.label != "person":
+        if faces is False:
             return []
-        if not self._needs_face(tracks.camera, track):
-            self.counts["face_skipped_settled"] += 1  # its name (or unknown) is decided: no SCRFD, no embedding
-            return []
-        face = self._face_of(frame, track, faces)
+        face = self._face_of(frame, track, faces, ident, frame_index)
         if face is None:
             return []
         match = self.gallery.match(face.embedding[None, :])[0]

@@ -212,21 +212,30 @@ class TrackReid:
     samples count, memory stays bounded); the last ``max_samples`` samples
     are kept for inspection. Sampling policy: :meth:`due` says whether a
     track should be sampled in a frame (its first sighting, then every
-    ``every_n_frames`` frames).
+    ``every_n_frames`` frames; once it has ``settle_samples`` samples its
+    mean has settled and the wait doubles with each further sample:
+    ``2, 4, 8 ... x every_n_frames``, at most ``max_interval`` frames, so a
+    long track keeps adding views, a new pose or lighting, at a falling rate).
 
     Args:
         every_n_frames: frames between samples of one track.
         max_samples: samples kept per track (:meth:`samples`).
+        settle_samples: samples after which the wait grows; None: never (every ``every_n_frames``).
+        max_interval: longest wait, frames (at least ``every_n_frames``; None: ``8 x every_n_frames``).
 
     Raises:
-        ValueError: ``every_n_frames`` or ``max_samples`` < 1.
+        ValueError: ``every_n_frames``, ``max_samples``, ``settle_samples`` or ``max_interval`` < 1.
     """
 
-    def __init__(self, every_n_frames: int = 5, max_samples: int = 64) -> None:
-        if every_n_frames < 1 or max_samples < 1:
-            raise ValueError(f"TrackReid: every_n_frames ({every_n_frames}) and max_samples ({max_samples}) must be >= 1")
+    def __init__(self, every_n_frames: int = 5, max_samples: int = 64, settle_samples: int | None = None,
+                 max_interval: int | None = None) -> None:
+        if min(every_n_frames, max_samples, settle_samples or 1, max_interval or 1) < 1:
+            raise ValueError(f"TrackReid: every_n_frames ({every_n_frames}), max_samples ({max_samples}), settle_samples "
+                             f"({settle_samples}) and max_interval ({max_interval}) must be >= 1")
         self.every_n_frames = every_n_frames
         self.max_samples = max_samples
+        self.settle_samples = settle_samples
+        self.max_interval = max(every_n_frames, max_interval if max_interval is not None else 8 * every_n_frames)
         self._sum: dict[int, np.ndarray] = {}
         self._count: dict[int, int] = {}
         self._samples: dict[int, deque[np.ndarray]] = {}
@@ -243,10 +252,22 @@ class TrackReid:
         """Tracks with at least one sample, in first-sampled order."""
         return tuple(self._sum)
 
+    def interval(self, track_id: int) -> int:
+        """Frames the track waits from its last sample to its next (see the class docstring)."""
+        extra = self._count.get(track_id, 0) - (self.settle_samples or 0) + 1
+        if self.settle_samples is None or extra <= 0:
+            return self.every_n_frames
+        return min(self.max_interval, self.every_n_frames << min(extra, 30))
+
     def due(self, track_id: int, frame_index: int) -> bool:
-        """True if the track has no sample yet or its last one is ``>= every_n_frames`` frames old."""
+        """True if the track has no sample yet or its last one is ``>= interval(track_id)`` frames old."""
         last = self._last_frame.get(track_id)
-        return last is None or frame_index - last >= self.every_n_frames
+        return last is None or frame_index - last >= self.interval(track_id)
+
+    def settled_wait(self, track_id: int, frame_index: int) -> bool:
+        """True if the track would be due at ``frame_index`` but for its settled, longer wait."""
+        last = self._last_frame.get(track_id)
+        return last is not None and self.every_n_frames <= frame_index - last < self.interval(track_id)
 
     def add(self, track_id: int, embeddings: np.ndarray, frame_index: int = -1) -> None:
         """Add samples of one track.

@@ -37,6 +37,7 @@ Kalman step per frame) with ``lost_track_buffer_frames`` used as is. A gap in
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -147,6 +148,7 @@ class CameraTracks:
         self._next_track_id = 1
         self._last_frame: int | None = None
         self._captured_ns: dict[int, int] = {}  # frame_index -> captured_at_ns of recent frames
+        self._stepped: deque[int] = deque(maxlen=cfg.minimum_consecutive_frames + 2)  # recent frames the trackers stepped
 
     # ------------------------------------------------------------------ public
 
@@ -173,6 +175,22 @@ class CameraTracks:
         self._remember_capture_time(index, captured_at_ns)
         sv_det = self._to_supervision(objects) if len(objects) else self._empty_detections()
         updates += self._step(sv_det, index)
+        self._last_frame = index
+        return updates
+
+    def hold(self, frame_index: int, captured_at_ns: int) -> list[Transition]:
+        """A frame the detector skipped because the scene was stable (``Detections.held``): the trackers are not
+        stepped, so tracks neither move nor age; :meth:`active` keeps the boxes of the last detector frame.
+
+        Returns:
+            Transitions of frames missing before this one (aged as in :meth:`update`), usually none.
+
+        Raises:
+            ValueError: ``frame_index`` not after the previous frame's.
+        """
+        index = self._check_frame(frame_index, DetectionResult.empty())
+        updates = [u for i in self._gap_frames(index) for u in self._step(self._empty_detections(), i)]
+        self._captured_ns[index] = captured_at_ns
         self._last_frame = index
         return updates
 
@@ -236,9 +254,10 @@ class CameraTracks:
         return range(start, index)
 
     def _remember_capture_time(self, index: int, captured_at_ns: int) -> None:
-        """Keep capture times of the last frames a new track's first sighting can lie in."""
+        """Keep capture times of the last stepped frames a new track's first sighting can lie in."""
         self._captured_ns[index] = captured_at_ns
-        horizon = index - self._cfg.minimum_consecutive_frames - 1
+        self._stepped.append(index)
+        horizon = self._stepped[0]
         for old in [i for i in self._captured_ns if i < horizon]:
             del self._captured_ns[old]
 
@@ -284,8 +303,10 @@ class CameraTracks:
         # An unconfirmed ByteTrack tracklet is dropped on its first miss, so at
         # confirmation its consecutive-update count spans every frame since it
         # was born: the event starts at that first sighting.
+        # Held frames (see hold) are not steps: count back over the stepped frames.
         tracklet = next(t for t in tracker.tracks if t.tracker_id == tracker_id)
-        first = index - max(0, tracklet.number_of_successful_consecutive_updates - 1)
+        back = max(1, tracklet.number_of_successful_consecutive_updates)
+        first = self._stepped[-back] if back <= len(self._stepped) else index
         first = first if first in self._captured_ns else index
         track_id = self._next_track_id
         self._next_track_id += 1

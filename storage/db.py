@@ -113,13 +113,25 @@ def open_engine(url: str | URL, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS, forei
         StorageError: invalid URL, missing driver, or the SQLite folder cannot be created.
         ValueError: ``busy_timeout_ms < 0`` or ``cache_mb < 1``.
     """
-    u = _parse_url(url)
+    u = _with_installed_driver(_parse_url(url))
     if u.get_backend_name() == "sqlite":
         return _sqlite_engine(u, busy_timeout_ms, foreign_keys, cache_mb)
     try:
         return create_engine(u, pool_pre_ping=True)
     except (ImportError, ArgumentError) as err:
         raise StorageError(f"cannot open {describe(u)}: {err}; install the driver (pip install -e .[postgres])") from None
+
+
+def _with_installed_driver(u: URL) -> URL:
+    """A ``postgresql://`` URL without a driver names psycopg2 when psycopg (SQLAlchemy 2.1's default for
+    it) is not installed but psycopg2 (FacePro's ``postgres`` extra) is; any other URL is returned as is."""
+    if u.drivername != "postgresql":
+        return u
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return u.set(drivername="postgresql+psycopg2")
+    return u
 
 
 def _sqlite_engine(u: URL, busy_timeout_ms: int, foreign_keys: bool, cache_mb: int | None) -> Engine:
@@ -200,6 +212,7 @@ def storage_errors(url: str | URL, what: str) -> Iterator[None]:
         detail = getattr(err, "orig", None) or err
         path = sqlite_path(_parse_url(url)) if "unable to open" in str(detail) else None
         hint = f"; {_unreadable_hint(path, detail)}" if path is not None else ""
+        detail = " ".join(str(detail).split())  # one line (the server's message may span several)
         raise StorageError(f"{what}: database {describe(url)}: {detail}{hint}") from err
 
 

@@ -17,10 +17,21 @@ Tables (the Alembic migrations in ``alembic/versions`` create exactly these;
   written in the transaction that commits the change (only with ``mqtt``
   configured); ``sent_at`` is set on the broker's acknowledgement
   (:mod:`storage.outbox`, revision 0005).
+- ``unknown_clusters``: anonymous identities (``unknown-<id>``) of faces nobody enrolled: the sum of their
+  tracks' unit face vectors (the centroid's direction), track count, first/last seen (revision 0008);
+  ``events.unknown_id`` names an event's cluster. Ids come from an AUTOINCREMENT key (SQLite) or a
+  sequence (PostgreSQL), so a number is never reused. ``events.unknown_id`` is not a foreign key (no
+  table rebuild of ``events`` on SQLite, no lookup on the write path): every code path that deletes a
+  cluster moves or clears its events first (:mod:`storage.unknowns`).
+- ``face_negatives``: face vectors an identity must *not* match (``facepro events relabel EVENT --not NAME``;
+  ``ON DELETE CASCADE`` with the identity; revision 0008).
 - ``jobs``: background jobs of the HTTP API (analyze a clip, backup, enroll) with their
   state, progress and result (revision 0006); ``events.job_id`` names the analysis job
   that produced an event (NULL for live cameras). It is not a foreign key: events
   outlive the job rows, and the write path pays no lookup for it.
+- ``events.box_id`` / ``events.box_seq`` (revision 0007): on a fleet hub (``facepro hub``,
+  :mod:`storage.hub`), the box that reported the event and the ``seq`` of its message the
+  row holds; NULL for a box's own events.
 
 Every per-event table (``track_embeddings``, ``reid_embeddings``,
 ``gait_embeddings``, ``snapshots``) references ``events.id`` with
@@ -80,6 +91,7 @@ MODEL_LEN = 128
 PATH_LEN = 1024
 EVENT_ID_LEN = 32
 JOB_ID_LEN = 36
+BOX_ID_LEN = 64
 SHA256_LEN = 64
 
 #: Allowed values of ``events.method`` and of ``EmbeddingRecord.kind``.
@@ -145,7 +157,7 @@ class Identity(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(NAME_LEN), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    sample: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)  # JPEG sample face (revision 0007)
+    sample: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)  # JPEG sample face (revision 0009)
 
 
 class FaceEmbedding(Base):
@@ -182,6 +194,12 @@ class Event(Base):
         # list_events(job=...) newest first; partial (revision 0006): live events pay no index entry
         Index("ix_events_job_id_started_at", "job_id", "started_at",
               sqlite_where=text("job_id IS NOT NULL"), postgresql_where=text("job_id IS NOT NULL")),
+        # list_events(box=...) newest first; partial (revision 0007): a box's own events pay no index entry
+        Index("ix_events_box_id_started_at", "box_id", "started_at",
+              sqlite_where=text("box_id IS NOT NULL"), postgresql_where=text("box_id IS NOT NULL")),
+        # list_events(unknown=...), naming and retention of clusters; partial (revision 0008)
+        Index("ix_events_unknown_id_started_at", "unknown_id", "started_at",
+              sqlite_where=text("unknown_id IS NOT NULL"), postgresql_where=text("unknown_id IS NOT NULL")),
     )
 
     id: Mapped[str] = mapped_column(String(EVENT_ID_LEN), primary_key=True)
@@ -203,6 +221,56 @@ class Event(Base):
     snapshot_path: Mapped[str | None] = mapped_column(String(PATH_LEN))
     ended: Mapped[bool] = mapped_column(Boolean)
     job_id: Mapped[str | None] = mapped_column(String(JOB_ID_LEN))  # the analysis job (revision 0006), NULL: live
+    box_id: Mapped[str | None] = mapped_column(String(BOX_ID_LEN))  # hub: the reporting box (0007), NULL: own event
+    box_seq: Mapped[int | None] = mapped_column(Integer)  # hub: seq of the box's message the row holds (0007)
+    unknown_id: Mapped[int | None] = mapped_column(Integer)  # its anonymous cluster (revision 0008), not a foreign key
+
+
+class UnknownCluster(Base):
+    """An anonymous identity ``unknown-<id>``: tracks of one unenrolled face (revision 0008, :mod:`storage.unknowns`).
+
+    ``vector`` is the sum of the member tracks' unit face vectors (its direction is the centroid), ``tracks``
+    how many were added. ``sqlite_autoincrement``: an id is never given again, even after its cluster is gone.
+    """
+
+    __tablename__ = "unknown_clusters"
+    __table_args__ = (
+        CheckConstraint("dim > 0", name="dim_positive"),
+        CheckConstraint("length(vector) = dim * 4", name="vector_size"),
+        CheckConstraint("tracks >= 1", name="tracks_positive"),
+        # the assigner's fingerprint (count, max id, sum of tracks per model) reads this index only
+        Index("ix_unknown_clusters_model_dim_tracks", "model", "dim", "tracks"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(MODEL_LEN))
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    tracks: Mapped[int] = mapped_column(Integer)
+    first_seen: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class FaceNegative(Base):
+    """A face vector identity ``identity_id`` must not be given (revision 0008): from ``facepro events relabel
+    EVENT --not NAME``; ``event_id`` is where it came from (no foreign key: the negative outlives the event)."""
+
+    __tablename__ = "face_negatives"
+    __table_args__ = (
+        CheckConstraint("dim > 0", name="dim_positive"),
+        CheckConstraint("length(vector) = dim * 4", name="vector_size"),
+        Index("ix_face_negatives_model_identity_id", "model", "identity_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    identity_id: Mapped[int] = mapped_column(ForeignKey("identities.id", ondelete="CASCADE"), index=True)
+    model: Mapped[str] = mapped_column(String(MODEL_LEN))
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    event_id: Mapped[str | None] = mapped_column(String(EVENT_ID_LEN))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class _EventVector:
@@ -342,6 +410,8 @@ TABLES: tuple[str, ...] = (
     "snapshots",
     "mqtt_outbox",
     "jobs",
+    "unknown_clusters",
+    "face_negatives",
 )
 
 #: The tables whose rows belong to one event (deleted with it by ``ON DELETE CASCADE``).

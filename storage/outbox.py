@@ -26,13 +26,21 @@ of Frigate's ``frigate/events`` messages (https://docs.frigate.video/integration
              "top_score": float, "start_time": epoch seconds (float), "end_time": epoch seconds or null,
              "box": [x1, y1, x2, y2] frame pixels, "identity": str or null,
              "sub_label": [identity, similarity] or null, "method": "face" | "reid" | "gait" or null,
-             "has_snapshot": bool, "box_id": str, "seq": int >= 1}
+             "has_snapshot": bool, "unknown": "unknown-<n>" or null, "box_id": str, "seq": int >= 1,
+             "track_id": int, "first_frame": int, "last_frame": int, "identity_score": float}
+
+``unknown`` is the anonymous identity of a face nobody enrolled (:mod:`storage.unknowns`); it is set when the
+track ends, so it arrives with the ``end`` message. ``identity`` stays null for it: an identity is always
+an enrolled name (Home Assistant's per-identity sensors follow ``identity`` only).
 
 ``before`` is the event's committed state just before the change (``new``:
 the same as ``after``; its ``seq`` is the previous message's, 0 if none);
 ``after`` the state the change committed. ``seq`` numbers the messages of
 one event from 1, so ``(after.id, after.seq)`` identifies a message:
-subscribers drop repeats by it.
+subscribers drop repeats by it. The last four keys (FacePro's own, beyond
+Frigate's shape) let the fleet hub (:mod:`storage.hub`) store the same row as
+the box; ``identity_score`` is the cosine similarity behind the identity
+decision, also when no identity was given.
 
 Reading (the ``mqtt`` process): :class:`OutboxStore` lists unsent rows in
 ``id`` order and sets ``sent_at`` once the broker acknowledged a row. That
@@ -72,10 +80,14 @@ class EventState:
     identity_score: float
     method: str | None
     has_snapshot: bool
+    track_id: int = 0
+    first_frame: int = 0
+    last_frame: int = 0
+    unknown: str | None = None  # the anonymous cluster, unknown-<n>
 
     def key(self) -> tuple[Any, ...]:
         """What a subscriber acts on: an ``update`` is written when this changes."""
-        return (self.label, self.identity, self.method, self.has_snapshot)
+        return (self.label, self.identity, self.method, self.has_snapshot, self.unknown)
 
 
 def _chunks(values: Iterable[str], size: int = _IN_CHUNK) -> Iterator[list[str]]:
@@ -89,7 +101,7 @@ def event_states(conn: Connection, ids: Iterable[str]) -> dict[str, EventState]:
     stmt = (
         select(Event.id, Camera.name, Event.label, Event.best_score, Event.started_at, Event.ended_at, Event.ended,
                Event.x1, Event.y1, Event.x2, Event.y2, Identity.name, Event.identity_score, Event.method,
-               Event.snapshot_path)
+               Event.snapshot_path, Event.track_id, Event.first_frame, Event.last_frame, Event.unknown_id)
         .join(Camera, Camera.id == Event.camera_id)
         .outerjoin(Identity, Identity.id == Event.identity_id)
     )
@@ -98,7 +110,8 @@ def event_states(conn: Connection, ids: Iterable[str]) -> dict[str, EventState]:
         for r in conn.execute(stmt.where(Event.id.in_(part))):
             out[r[0]] = EventState(r[0], r[1], r[2], float(r[3]), r[4], r[5], bool(r[6]),
                                    (float(r[7]), float(r[8]), float(r[9]), float(r[10])), r[11], float(r[12]), r[13],
-                                   r[14] is not None)
+                                   r[14] is not None, int(r[15]), int(r[16]), int(r[17]),
+                                   f"unknown-{r[18]}" if r[18] is not None else None)
     return out
 
 
@@ -114,7 +127,9 @@ def event_json(state: EventState, box_id: str, seq: int, ended: bool | None = No
         "end_time": None if open_ else round(state.ended_at.timestamp(), 6),
         "box": [round(v, 2) for v in state.box], "identity": state.identity,
         "sub_label": [state.identity, round(state.identity_score, 6)] if state.identity is not None else None,
-        "method": state.method, "has_snapshot": state.has_snapshot, "box_id": box_id, "seq": seq,
+        "method": state.method, "has_snapshot": state.has_snapshot, "unknown": state.unknown, "box_id": box_id,
+        "seq": seq, "track_id": state.track_id, "first_frame": state.first_frame, "last_frame": state.last_frame,
+        "identity_score": round(state.identity_score, 6),
     }
 
 

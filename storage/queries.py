@@ -19,6 +19,7 @@ from sqlalchemy import Engine, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from storage.db import StorageError, dialect_insert, storage_errors
+from storage.unknowns import parse_unknown
 from storage.models import (
     EMBEDDING_TABLES,
     MODEL_LEN,
@@ -29,6 +30,7 @@ from storage.models import (
     Camera,
     Event,
     FaceEmbedding,
+    FaceNegative,
     Identity,
     bytes_to_vector,
     utcnow,
@@ -40,6 +42,7 @@ MAX_LIMIT = 100_000
 #: Largest identity sample face accepted by :func:`enroll`, bytes (a 112x112 JPEG is a few KiB).
 MAX_SAMPLE_BYTES = 256 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_RESERVED = re.compile(r"^unknown-[0-9]+$")  # the anonymous clusters' names (storage.unknowns)
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,10 @@ class EventRow:
         snapshot_path: JPEG snapshot path or None.
         ended: True once the tracker dropped the track.
         job_id: the analysis job whose pipeline stored it (canonical UUID text), None for live cameras.
+        unknown: its anonymous identity ``unknown-<n>`` (a face nobody enrolled, :mod:`storage.unknowns`), else None.
         has_snapshot: a snapshot path is stored (the file itself may since have been removed by retention).
+        box_id: on a fleet hub, the box that reported the event (its snapshot, if any, stays on that box:
+            ``snapshot_path`` is then ``box:<box_id>``); None for this box's own events.
     """
 
     event_id: str
@@ -80,6 +86,8 @@ class EventRow:
     snapshot_path: str | None
     ended: bool
     job_id: str | None = None
+    unknown: str | None = None
+    box_id: str | None = None
 
     @property
     def has_snapshot(self) -> bool:
@@ -105,14 +113,16 @@ class EventRow:
             "snapshot_path": self.snapshot_path,
             "ended": self.ended,
             "job_id": self.job_id,
+            "unknown": self.unknown,
             "has_snapshot": self.has_snapshot,
+            "box_id": self.box_id,
         }
 
 
 def list_events(engine: Engine, camera: str | None = None, identity: str | None = None, limit: int = 100, *,
                 label: str | None = None, method: str | None = None, since: datetime | None = None,
                 until: datetime | None = None, before: tuple[datetime, str] | None = None,
-                job: str | None = None) -> list[EventRow]:
+                job: str | None = None, unknown: str | None = None, box: str | None = None) -> list[EventRow]:
     """Events newest first (by ``started_at``, then event id).
 
     Args:
@@ -125,6 +135,8 @@ def list_events(engine: Engine, camera: str | None = None, identity: str | None 
         before: a keyset cursor ``(started_at, event_id)``: only events after it in this order (the next page
             after that event).
         job: only events stored by this analysis job (its id).
+        unknown: only the events of this anonymous identity (``unknown-<n>``; any other string gives ``[]``).
+        box: only events a fleet hub received from this box (its ``box_id``).
 
     Raises:
         ValueError: ``limit`` out of range, or a naive datetime.
@@ -145,6 +157,8 @@ def list_events(engine: Engine, camera: str | None = None, identity: str | None 
                   (label, lambda v: Event.label == v), (method, lambda v: Event.method == v),
                   (since, lambda v: Event.started_at >= v), (until, lambda v: Event.started_at < v),
                   (job, lambda v: Event.job_id == v),
+                  (unknown, lambda v: Event.unknown_id == (parse_unknown(v) or -1)),
+                  (box, lambda v: Event.box_id == v),
                   (before, lambda v: or_(Event.started_at < v[0], and_(Event.started_at == v[0], Event.id < v[1])))]
     for value, condition in conditions:
         if value is not None:
@@ -184,6 +198,8 @@ def _event_row(e: Event, camera: str, identity: str | None) -> EventRow:
         snapshot_path=e.snapshot_path,
         ended=e.ended,
         job_id=e.job_id,
+        unknown=f"unknown-{e.unknown_id}" if e.unknown_id is not None else None,
+        box_id=e.box_id,
     )
 
 
@@ -225,6 +241,9 @@ def _check_name(name: str) -> str:
         raise ValueError(f"identity name: expected a non-empty string, got {name!r}")
     if name != name.strip() or len(name) > NAME_LEN:
         raise ValueError(f"identity name {name!r}: expected at most {NAME_LEN} characters without leading/trailing spaces")
+    if _RESERVED.match(name):
+        raise ValueError(f"identity name {name!r}: names unknown-<number> are the anonymous clusters' "
+                         f"(name one with: facepro identities name {name} NAME)")
     return name
 
 
@@ -334,6 +353,34 @@ def load_gallery(engine: Engine, model: str) -> Gallery:
         return Gallery([], np.zeros((0, 0), np.float32), skipped)
     vectors = np.stack([bytes_to_vector(v, d) for _, d, v in rows])
     return Gallery([n for n, _, _ in rows], vectors, skipped)
+
+
+def load_negatives(engine: Engine, model: str) -> tuple[list[str], np.ndarray]:
+    """The negative examples of one model (``facepro events relabel EVENT --not NAME``): the identity name of
+    each row and the ``(k, d) float32`` vectors (``(0, 0)`` when there are none), in insertion order."""
+    stmt = (select(Identity.name, FaceNegative.dim, FaceNegative.vector)
+            .join(FaceNegative, FaceNegative.identity_id == Identity.id)
+            .where(FaceNegative.model == model).order_by(FaceNegative.id))
+    with storage_errors(engine.url, f"loading the {model!r} negative examples"), engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    if not rows:
+        return [], np.zeros((0, 0), np.float32)
+    try:
+        return [n for n, _, _ in rows], np.stack([bytes_to_vector(v, d) for _, d, v in rows])
+    except ValueError as err:  # mixed dimensions or a damaged blob
+        raise StorageError(f"face_negatives of model {model!r}: {err}; delete and re-create them") from None
+
+
+def gallery_version(engine: Engine, model: str) -> tuple[int, ...]:
+    """A fingerprint of the ``model`` gallery and its negatives: it changes with every enrollment, deletion,
+    merge, naming and negative example (counts, largest ids and the sum of identity ids of both tables).
+    One cheap aggregate query: recognition polls it to reload the gallery while it runs."""
+    parts = []
+    for table in (FaceEmbedding, FaceNegative):
+        parts.append(select(func.count(), func.coalesce(func.max(table.id), 0), func.coalesce(func.sum(table.identity_id), 0))
+                     .where(table.model == model))
+    with storage_errors(engine.url, "reading the gallery version"), engine.connect() as conn:
+        return tuple(int(v) for stmt in parts for v in conn.execute(stmt).one())
 
 
 def delete_identity(engine: Engine, name: str) -> bool:

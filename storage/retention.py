@@ -5,7 +5,8 @@
 face / Re-ID / gait vectors and ``snapshots`` rows; then the snapshot files
 of the deleted events (``snapshots.path`` and ``events.snapshot_path``) that
 lie inside ``snapshot_root`` and that no remaining event references.
-Enrolled identities and their gallery vectors are never deleted.
+Enrolled identities and their gallery vectors are never deleted. An anonymous cluster (``unknown-<n>``,
+:mod:`storage.unknowns`) whose events are all deleted goes with them (its number is never given again).
 
 Sizes (bytes):
     database: SQLite: the bytes the file holds once freed pages are given
@@ -42,6 +43,7 @@ from sqlalchemy import Connection, Engine, and_, delete, func, or_, select
 from sqlalchemy.orm import aliased
 
 from storage.db import StorageError, describe, locked_error, sqlite_path, storage_errors
+from storage.unknowns import prune_empty_clusters
 from storage.models import EVENT_CHILD_TABLES, TABLES, Base, Event, MqttOutbox, Snapshot, utcnow
 
 #: Events deleted per transaction.
@@ -69,6 +71,7 @@ class RetentionResult:
             remaining event, missing, or not removable.
         db_bytes_before, db_bytes_after: database size (see the module doc), bytes.
         snapshot_bytes_before, snapshot_bytes_after: files under ``snapshot_root``, bytes (0 without a root).
+        clusters_deleted: anonymous clusters removed because none of their events is left.
         vacuumed_pages: SQLite pages given back to the file system.
         rounds: size rounds run (0 without ``max_bytes``).
         fits: False only when ``max_bytes`` is set and the total is still
@@ -88,6 +91,7 @@ class RetentionResult:
     vacuumed_pages: int = 0
     rounds: int = 0
     fits: bool = True
+    clusters_deleted: int = 0
 
     @property
     def total_bytes_after(self) -> int:
@@ -154,6 +158,7 @@ def apply_retention(
         rounds, fits = _shrink_to(engine, max_bytes, root, tally)
     elif tally.events:
         tally.vacuumed_pages += _vacuum(engine)
+    clusters = _prune_clusters(engine) if tally.events else 0
     return RetentionResult(
         events_deleted=tally.events,
         embeddings_deleted=tally.embeddings,
@@ -168,7 +173,16 @@ def apply_retention(
         vacuumed_pages=tally.vacuumed_pages,
         rounds=rounds,
         fits=fits,
+        clusters_deleted=clusters,
     )
+
+
+def _prune_clusters(engine: Engine) -> int:
+    """Delete the anonymous clusters whose events are all gone (:func:`storage.unknowns.prune_empty_clusters`)."""
+    with storage_errors(engine.url, "removing empty unknown-face clusters"), engine.connect().execution_options(
+        sqlite_begin="IMMEDIATE"
+    ) as conn, conn.begin():
+        return prune_empty_clusters(conn)
 
 
 def _check_args(max_age_days: float | None, max_bytes: int | None, now: datetime | None) -> None:

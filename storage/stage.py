@@ -17,7 +17,11 @@ Retention (``storage.retention_days`` / ``max_total_mb``, and the pruning
 of sent MQTT outbox rows when ``mqtt`` is configured) runs between batches
 every ``storage.retention_interval_s``. With ``mqtt`` configured the writer
 puts an outbox row in the transaction of each event change (counted in
-``outbox_rows``).
+``outbox_rows``). With an unknown-face assigner on the writer (``recognition.face.unknowns``), ended unnamed
+person tracks are clustered in the commit that ends them (counted as ``unknown_tracks``,
+``unknown_clusters_created``, ``unknown_skipped_*``), and ``consolidate`` (merging clusters that came
+together, counted as ``unknown_clusters_merged``) runs between batches every ``consolidate_interval_s`` and
+once at the end.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ class StorageStage:
     """
 
     def __init__(self, writer: EventWriter, retention: Callable[[], object] | None = None,
-                 retention_interval_s: float = 300.0, commit_delay_s: float = 0.0) -> None:
+                 retention_interval_s: float = 300.0, commit_delay_s: float = 0.0,
+                 consolidate: Callable[[], int] | None = None, consolidate_interval_s: float = 60.0) -> None:
         self.writer = writer
         self.retention = retention
         self.retention_interval_s = retention_interval_s
@@ -53,6 +58,9 @@ class StorageStage:
         self._locked_since: float | None = None
         self._received: dict[str, list[int]] = {}  # producer -> seqs in the pending batch
         self.commit_delay_s = commit_delay_s
+        self.consolidate = consolidate
+        self.consolidate_interval_s = consolidate_interval_s
+        self._next_consolidation = time.monotonic() + consolidate_interval_s
 
     @property
     def backlog(self) -> int:
@@ -85,6 +93,9 @@ class StorageStage:
             self.last_error = ""
             if getattr(self.writer, "outbox_box_id", None) is not None:  # (a test's writer may have no outbox)
                 self.counts["outbox_rows"] = self.writer.outbox_rows
+            unknowns = getattr(self.writer, "unknowns", None)
+            if unknowns is not None:
+                self.counts.update({k: v for k, v in unknowns.counts.as_dict().items() if k != "unknown_clusters_merged"})
         except StorageError as err:
             self.last_error = str(err)
             self._note_lock(err)
@@ -115,7 +126,20 @@ class StorageStage:
                 self.counts["retention_runs"] += 1
             except StorageError as err:
                 self.last_error = f"retention: {err}"
+        if self.consolidate is not None and time.monotonic() >= self._next_consolidation and not self.writer.pending:
+            self._next_consolidation = time.monotonic() + self.consolidate_interval_s
+            self._consolidate()
         return acks
 
+    def _consolidate(self) -> None:
+        try:
+            merged = self.consolidate()  # type: ignore[misc]
+            self.counts["unknown_clusters_merged"] = self.counts.get("unknown_clusters_merged", 0) + int(merged)
+        except StorageError as err:
+            self.last_error = f"consolidating unknown faces: {err}"
+
     def finish(self) -> list[object]:
-        return self._flush()
+        acks = self._flush()
+        if self.consolidate is not None and not self.writer.pending:
+            self._consolidate()
+        return acks

@@ -28,6 +28,9 @@ transaction per :meth:`EventWriter.flush`:
   writes the MQTT outbox rows of the batch's event changes
   (:func:`storage.outbox.record_changes`: new / update / end, compared
   with the rows as they were before the batch).
+- with an ``unknowns`` assigner (:class:`storage.unknowns.UnknownAssigner`), the same transaction clusters
+  the batch's ended person events that have no identity into anonymous ``unknown-<n>`` identities (after
+  the embeddings are inserted, before the outbox rows are written, so an ``end`` message carries the cluster).
 - a writer given a ``job_id`` (the storage process of an analysis job's
   pipeline) stores it in ``events.job_id`` of the events it creates; an
   update never changes it.
@@ -133,6 +136,7 @@ class EventWriter:
         outbox_box_id: write MQTT outbox rows carrying this ``box_id`` with every
             event change; None (no ``mqtt`` config): no outbox rows.
         job_id: the analysis job (canonical UUID text, 36 characters) whose events these are; None for live runs.
+        unknowns: clusters unnamed person tracks as they end (module docstring); None: no clustering.
 
     Raises:
         ValueError: a bound out of range, or a ``job_id`` that is not 36 characters.
@@ -153,6 +157,7 @@ class EventWriter:
         sleep: Callable[[float], None] = time.sleep,
         outbox_box_id: str | None = None,
         job_id: str | None = None,
+        unknowns: Any = None,
     ) -> None:
         if job_id is not None and len(job_id) != JOB_ID_LEN:
             raise ValueError(f"EventWriter.job_id: expected a canonical UUID ({JOB_ID_LEN} characters), got {job_id!r}")
@@ -178,6 +183,7 @@ class EventWriter:
         self.orphan_embeddings = 0
         self.outbox_box_id = outbox_box_id
         self.outbox_rows = 0
+        self.unknowns = unknowns
 
     # ------------------------------------------------------------- buffering
 
@@ -283,9 +289,12 @@ class EventWriter:
             before = event_states(conn, ids) if self.outbox_box_id is not None else None
             _upsert_events(conn, events, cameras, identities, self.job_id)
             _insert_snapshots(conn, snapshots)
-            outbox = record_changes(conn, ids, before, self.outbox_box_id) if before is not None else 0
             kept = _existing_event_embeddings(conn, embeddings, {u.event_id for u in events})
             _insert_embeddings(conn, kept)
+            if self.unknowns is not None:  # ended tracks, and faces that arrived after their track's end
+                self.unknowns.assign(conn, {u.event_id for u in events if u.ended and u.label == "person"}
+                                     | {r.event_id for r, _ in kept if r.kind == "face"})
+            outbox = record_changes(conn, ids, before, self.outbox_box_id) if before is not None else 0
         self.outbox_rows += outbox
         self.unknown_identity += unknown
         self.orphan_embeddings += len(embeddings) - len(kept)

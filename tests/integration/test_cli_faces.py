@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
+from pipeline.config import FaceConfig
 from tests.integration.conftest import identify_faces as _identify
 
 
@@ -23,7 +24,7 @@ def test_enroll_then_identify_group_photo(cfg: str, faces: Path, capsys: pytest.
     for f in found:
         x1, y1, x2, y2 = f["bbox"]
         assert x1 < x2 and y1 < y2
-        assert (f["similarity"] >= 0.4) == (f["identity"] is not None)
+        assert (f["similarity"] >= FaceConfig.model_fields["match_threshold"].default) == (f["identity"] is not None)
     assert all(f["identity"] is None for f in _identify(cfg, faces / "_multi/t1.jpg", capsys))
 
 

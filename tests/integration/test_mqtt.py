@@ -65,7 +65,8 @@ def _stored(data_dir: Path) -> dict[str, dict]:
     try:
         rows = con.execute("SELECT e.id, c.name AS camera, e.label, e.best_score AS score, e.started_at, e.ended_at, "
                            "e.ended, e.x1, e.y1, e.x2, e.y2, i.name AS identity, e.identity_score, e.method, "
-                           "e.snapshot_path FROM events e JOIN cameras c ON c.id = e.camera_id "
+                           "e.snapshot_path, e.track_id, e.first_frame, e.last_frame "
+                           "FROM events e JOIN cameras c ON c.id = e.camera_id "
                            "LEFT JOIN identities i ON i.id = e.identity_id").fetchall()
         unsent = con.execute("SELECT count(*) FROM mqtt_outbox WHERE sent_at IS NULL").fetchone()[0]
     finally:

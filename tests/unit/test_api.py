@@ -384,7 +384,7 @@ def test_enroll_two_identities_then_recognize_the_group_photo(api: Api, faces: P
     assert sorted(f["identity"] or "" for f in found) == ["", "Barack Obama", "Joe Biden"]  # the third face unknown
     for f in found:
         x1, y1, x2, y2 = f["bbox"]
-        assert x1 < x2 and y1 < y2 and (f["similarity"] >= 0.4) == (f["identity"] is not None)
+        assert x1 < x2 and y1 < y2 and (f["similarity"] >= api.config().recognition.face.match_threshold) == (f["identity"] is not None)
     stored = sorted(p.name for p in (api.data_dir / "faces").iterdir())  # kept for backups, named by content
     assert len(stored) == 7 and all(n.endswith("-upload.jpg") for n in stored)
 

@@ -12,9 +12,11 @@ from pipeline.config import parse_config
 from scripts.benchbound import ModelTime, Schedule, bound, inference_parallelism, spread
 
 
-def summary(counts: dict, frames: int = 100, motion_skipped: int = 30) -> dict:
-    return {"stages": {"detection": {"frames_out": frames, "dropped": {"motion_skipped": motion_skipped}},
-                       "recognition": {"frames_out": frames, "counts": counts}}}
+def summary(counts: dict, frames: int = 100, motion_skipped: int = 30, stable_skipped: int | None = None) -> dict:
+    det = {"frames_out": frames, "dropped": {"motion_skipped": motion_skipped}}
+    if stable_skipped is not None:
+        det["counts"] = {"stable_skipped": stable_skipped}
+    return {"stages": {"detection": det, "recognition": {"frames_out": frames, "counts": counts}}}
 
 
 def test_schedule_from_the_run_summary_counters() -> None:
@@ -23,6 +25,7 @@ def test_schedule_from_the_run_summary_counters() -> None:
     assert (s.frames, s.detector_runs, s.face_frame_runs, s.face_region_runs) == (100, 70, 3, 7)
     assert (s.face_embeddings, s.face_embed_runs, s.reid_crops, s.reid_runs, s.parallel) == (6, 5, 12, 4, 2.0)
     assert Schedule.from_summary(summary({}), 1.0).face_frame_runs == 0  # no face work: counters absent = 0
+    assert Schedule.from_summary(summary({}, stable_skipped=20), 1.0).detector_runs == 50  # held frames: no detector
 
 
 def test_a_summary_with_face_work_but_no_work_counters_is_an_older_pipeline() -> None:

@@ -54,6 +54,7 @@ def test_minimal_config_gets_defaults() -> None:
         ("ring.slots", 2, r"ring\.slots"),
         ("storage.cache_mb", 0, r"storage\.cache_mb: Input should be greater than or equal to 1"),
         ("recognition.face.match_threshold", 1.5, r"recognition\.face\.match_threshold"),
+        ("recognition.face.unknowns.cluster_threshold", 1.5, r"recognition\.face\.unknowns\.cluster_threshold"),
         ("recognition.face.detector.input_size", 100, r"multiple of 32"),
         ("recognition.gait", {"embedder": {"type": "torch", "path": "g.pt"}}, r"recognition\.gait\.embedder\.type"),
         ("recognition.gait", {"embedder": {}}, r"recognition\.gait\.embedder\.path: Field required"),

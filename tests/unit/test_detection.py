@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import MotionConfig, OnnxDetectorConfig
 from pipeline.messages import Detections, FrameRef
-from stages.detection import DetectionStage
+from stages.detection import DetectionStage, StableScene, same_scene
 from stages.detector import DetectionResult, ObjectDetector
 from stages.runtime import SessionOptions
 
@@ -171,3 +171,73 @@ def test_an_emptied_scene_releases_the_hold_early(release: int | None, detector_
             ran.append(i)
     assert ran == detector_frames
     assert stage.counts.get("hold_released", 0) == (release is not None)
+
+
+# ------------------------------------------------------------------ stable scenes (the detector skips a frame)
+_A = [10.0, 10.0, 50.0, 90.0]
+_B = [100.0, 20.0, 140.0, 100.0]
+
+
+def _shifted(box: list[float], dx: float) -> list[float]:
+    return [box[0] + dx, box[1], box[2] + dx, box[3]]
+
+
+@pytest.mark.parametrize("prev, cur, classes_prev, classes_cur, expected", [
+    ([], [], [], [], True),                                        # nothing, still nothing
+    ([_A, _B], [_B, _A], [0, 0], [0, 0], True),                    # order does not matter
+    ([_A], [_shifted(_A, 8)], [0], [0], True),                     # 40x80 box moved 8 px: IoU 0.67
+    ([_A], [_shifted(_A, 20)], [0], [0], False),                   # moved 20 px: IoU 0.33
+    ([_A], [_A, _B], [0], [0, 0], False),                          # someone arrived
+    ([_A, _B], [_A], [0, 0], [0], False),                          # someone left
+    ([_A], [_A], [0], [1], False),                                 # another class in the same place
+    ([_A, _shifted(_A, 2)], [_A, _A], [0, 0], [0, 0], False),      # two boxes cannot match the same previous box
+])
+def test_same_scene(prev, cur, classes_prev, classes_cur, expected: bool) -> None:
+    arr = lambda b: np.array(b, np.float32).reshape(-1, 4)  # noqa: E731
+    assert same_scene(arr(prev), np.array(classes_prev, np.int32), arr(cur), np.array(classes_cur, np.int32), 0.5) is expected
+
+
+def test_stable_scene_allows_max_skip_frames_after_a_stable_detector_frame() -> None:
+    one = np.array([_A], np.float32), np.zeros(1, np.int32)
+    moved = np.array([_shifted(_A, 30)], np.float32), np.zeros(1, np.int32)
+    scene = StableScene(max_skip=2, min_iou=0.5)
+    assert not scene.take("c")
+    scene.observe("c", *one)             # first detector frame: nothing to compare with
+    assert not scene.take("c")
+    scene.observe("c", *one)             # same objects in place: the next 2 frames may skip
+    assert [scene.take("c") for _ in range(3)] == [True, True, False]
+    assert not scene.take("other")       # per camera
+    scene.observe("c", *moved)           # the object moved: detect every frame again
+    assert not scene.take("c")
+    off = StableScene(max_skip=0, min_iou=0.5)
+    off.observe("c", *one)
+    off.observe("c", *one)
+    assert not off.take("c")
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_detection_stage_holds_the_frame_after_two_stable_ones(batch: int) -> None:
+    """A marked (moving) scene that does not change: the detector runs on 2 frames, skips 1, runs, skips... with
+    batch 1; every frame still gets exactly one Detections, the skipped ones held (no boxes) and counted."""
+    det = _MarkerDetector()
+    stage = DetectionStage(det, MotionConfig(hold_frames=1000, min_changed_fraction=0.0), batch=batch, stable_skip=1)
+    frames = []
+    for i in range(12):
+        frame = np.full((48, 64, 3), 60, np.uint8)
+        frame[0, 0, 1] = 255
+        frames.append((FrameRef(camera="c", ring="r", slot=i % 8, seq=i + 1, frame_index=i, captured_at_ns=0,
+                                height=48, width=64), frame))
+    out = []
+    for k in range(0, len(frames), batch):
+        chunk = frames[k:k + batch]
+        if batch == 1:
+            out += stage.process(chunk[0][1], chunk[0][0])
+        else:
+            out += [d for ds in stage.process_batch([f for _, f in chunk], [r for r, _ in chunk]) for d in ds]
+    assert [d.frame.frame_index for d in out] == list(range(12))
+    held = [d.frame.frame_index for d in out if d.held]
+    assert all(len(d) == 0 for d in out if d.held) and all(len(d) == 1 for d in out if not d.held)
+    assert stage.counts["stable_skipped"] == len(held) and stage.drops["motion_skipped"] == 0
+    # batch 1: frames 0, 1 detected, 2 held, 3 detected (compared with 1: stable), 4 held ...; a batch can only
+    # hold a camera's first frame in it (the others' results are not known before it runs).
+    assert held == ([2, 4, 6, 8, 10] if batch == 1 else [4, 8])

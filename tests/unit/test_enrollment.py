@@ -123,7 +123,7 @@ def test_no_face_is_an_enrollment_error() -> None:
 def test_margin_is_configured_under_recognition_face(models: Path) -> None:
     kw = {"detector": OnnxFaceDetectorConfig(path=models / "scrfd_500m.onnx"),
           "embedder": OnnxFaceEmbedderConfig(path=models / "mobilefacenet_128d.onnx")}
-    assert FaceConfig(**kw).enroll_dominance == DEFAULT_DOMINANCE == 2.0
+    assert FaceConfig(**kw).enroll_dominance == DEFAULT_DOMINANCE == 1.5
     assert FaceConfig(**kw, enroll_dominance=3).enroll_dominance == 3.0
     for bad in (0.9, 101):
         with pytest.raises((ConfigError, ValueError), match="enroll_dominance"):

@@ -13,7 +13,7 @@ from stages.face import FaceAnalyzer
 from stages.gallery import EnrollmentError, Gallery, Match, enrollment_embedding, identify
 from stages.runtime import SessionOptions
 
-THRESHOLD = 0.40  # FaceConfig.match_threshold default
+THRESHOLD = FaceConfig.model_fields["match_threshold"].default
 FaceSet = tuple[list[str], list[str], np.ndarray]  # identity, file, embedding row per image
 D = 16
 

@@ -411,7 +411,7 @@ def test_postgres_jobs_and_job_events_round_trip_and_0006_downgrades(pg_url) -> 
     finally:
         engine.dispose()
     assert downgrade(pg_url, "0005") == "0005"
-    assert upgrade(pg_url) == head_revision()
+    assert upgrade(pg_url) == head_revision()  # 0006 and the later revisions again
 
 
 def test_the_runner_does_not_spin_while_a_job_runs_and_others_are_queued(engine, cfg, data_dir, clip, running) -> None:

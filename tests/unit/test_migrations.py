@@ -35,8 +35,10 @@ from tests.unit.test_storage import pg_url  # noqa: F401  (fixture: a fresh Post
 
 EXPECTED_INDEXES = {
     "events": {"ix_events_camera_id_started_at", "ix_events_identity_id_started_at", "ix_events_started_at",
-               "ix_events_job_id_started_at"},
+               "ix_events_job_id_started_at", "ix_events_box_id_started_at", "ix_events_unknown_id_started_at"},
     "jobs": {"ix_jobs_state_created_at"},
+    "unknown_clusters": {"ix_unknown_clusters_model_dim_tracks"},
+    "face_negatives": {"ix_face_negatives_identity_id", "ix_face_negatives_model_identity_id"},
     "face_embeddings": {"ix_face_embeddings_identity_id", "ix_face_embeddings_model_identity_id"},
     "track_embeddings": set(),  # event_id lookups use the unique (event_id, model, frame_index) since 0004
     "reid_embeddings": set(),
@@ -71,11 +73,12 @@ def _alembic(url: str, fn, *args) -> None:
 
 
 def test_head_and_history():
-    assert head_revision() == "0007"
+    assert head_revision() == "0009"
     revs = history()
     assert [(r.revision, r.down_revision, r.is_head) for r in revs] == [
         ("0001", None, False), ("0002", "0001", False), ("0003", "0002", False), ("0004", "0003", False),
-        ("0005", "0004", False), ("0006", "0005", False), ("0007", "0006", True)]
+        ("0005", "0004", False), ("0006", "0005", False), ("0007", "0006", False), ("0008", "0007", False),
+        ("0009", "0008", True)]
     assert all(isinstance(r, RevisionInfo) and r.message for r in revs)
 
 
@@ -160,7 +163,7 @@ def test_0005_adds_the_mqtt_outbox_and_downgrade_drops_it(url, db_path):
     finally:
         conn.close()
     assert downgrade(url, "0004", backup=False) == "0004"
-    assert _tables(url) == set(TABLES) - {"mqtt_outbox", "jobs"} | {"alembic_version"}  # 0006 (jobs) goes too
+    assert _tables(url) == set(TABLES) - {"mqtt_outbox", "jobs", "unknown_clusters", "face_negatives"} | {"alembic_version"}  # later ones go too
     assert count_rows_0004(url)["cameras"] == 1
     assert upgrade(url, backup=False) == head_revision()
     assert "mqtt_outbox" in _tables(url)
@@ -194,7 +197,8 @@ def test_0006_adds_jobs_and_events_job_id_and_downgrade_removes_them(url, db_pat
         before = _dump(conn, ("events",))
     engine.dispose()
 
-    assert upgrade(url, backup=False) == head_revision()  # through 0006
+    _alembic(url, command.upgrade, "0006")
+    assert current_revision(url) == "0006"
     raw = sqlite3.connect(db_path)
     try:
         assert raw.execute("SELECT job_id FROM events").fetchall() == [(None,)]  # old events: not from a job
@@ -222,8 +226,8 @@ def test_0006_adds_jobs_and_events_job_id_and_downgrade_removes_them(url, db_pat
         engine.dispose()
 
 
-def test_0007_adds_identity_samples_and_downgrade_keeps_identities_and_embeddings(url, db_path):
-    _alembic(url, command.upgrade, "0006")
+def test_0009_adds_identity_samples_and_downgrade_keeps_identities_and_embeddings(url, db_path):
+    _alembic(url, command.upgrade, "0008")
     engine = open_engine(url)
     with engine.begin() as conn:
         _event_0004(conn, EV1)  # camera 1, event EV1 of no one
@@ -235,7 +239,7 @@ def test_0007_adds_identity_samples_and_downgrade_keeps_identities_and_embedding
         before = _dump(conn, ("identities", "face_embeddings", "events"))
     engine.dispose()
 
-    assert upgrade(url, backup=False) == "0007"
+    assert upgrade(url, backup=False) == "0009"
     raw = sqlite3.connect(db_path)
     try:
         assert raw.execute("SELECT name, sample FROM identities").fetchall() == [("alice", None)]  # enrolled before: none
@@ -243,7 +247,7 @@ def test_0007_adds_identity_samples_and_downgrade_keeps_identities_and_embedding
             raw.execute("UPDATE identities SET sample = ? WHERE name = 'alice'", (b"\xff\xd8\xff sample",))
     finally:
         raw.close()
-    assert downgrade(url, "0006", backup=False) == "0006"
+    assert downgrade(url, "0008", backup=False) == "0008"
     engine = open_engine(url)
     try:
         assert "sample" not in {c["name"] for c in inspect(engine).get_columns("identities")}
@@ -359,7 +363,8 @@ def _seed_0001(conn: Connection) -> None:
 
 
 def _dump(conn: Connection, tables: tuple[str, ...], without_id: tuple[str, ...] = (),
-          added: tuple[str, ...] = ("events.job_id", "identities.sample")) -> dict[str, list[tuple]]:
+          added: tuple[str, ...] = ("events.job_id", "events.box_id", "events.box_seq", "events.unknown_id",
+                                    "identities.sample")) -> dict[str, list[tuple]]:
     """Every row of ``tables``, sorted; the ``id`` column is left out for ``without_id`` (renumbered rows), and
     the columns in ``added`` (``table.column`` of later revisions) are left out."""
     out = {}
@@ -612,5 +617,100 @@ def test_upgrade_without_backup_writes_none(url, db_path, two_revisions):
     engine = open_engine(url)
     try:
         assert count_rows(engine)["identities"] == 0
+    finally:
+        engine.dispose()
+
+
+def test_0008_adds_unknown_clusters_negatives_and_events_unknown_id_and_downgrade_removes_them(url, db_path):
+    _alembic(url, command.upgrade, "0007")  # 0008's parent: the hub's events.box_id / box_seq exist
+    engine = open_engine(url)
+    with engine.begin() as conn:
+        _event_0004(conn, EV1)  # a box's own event
+        _event_0004(conn, EV2)
+        conn.execute(text("UPDATE events SET box_id = 'box-a', box_seq = 3 WHERE id = :id"), {"id": EV2})  # a hub's
+    with engine.connect() as conn:
+        before = _dump(conn, ("events",), added=("events.job_id",))  # box_id and box_seq compared too
+    engine.dispose()
+
+    assert upgrade(url, backup=False) == head_revision()
+    raw = sqlite3.connect(db_path)
+    try:
+        assert raw.execute("SELECT unknown_id FROM events").fetchall() == [(None,), (None,)]  # old events: in no cluster
+        sql = dict(raw.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"))
+        assert sql["ix_events_unknown_id_started_at"].endswith("WHERE unknown_id IS NOT NULL")
+        assert "ix_events_unknown_id_started_at" in _plan(
+            raw, "SELECT id FROM events WHERE unknown_id = ? ORDER BY started_at DESC", 3)
+        ins = ("INSERT INTO unknown_clusters (model, dim, vector, tracks, first_seen, last_seen, created_at) "
+               "VALUES ('m', 2, :v, :n, :t, :t, :t)")
+        for _ in range(3):
+            raw.execute(ins, {"v": b"\0" * 8, "n": 1, "t": TS})
+        raw.execute("DELETE FROM unknown_clusters WHERE id = 3")
+        raw.execute(ins, {"v": b"\0" * 8, "n": 1, "t": TS})
+        assert [r[0] for r in raw.execute("SELECT id FROM unknown_clusters ORDER BY id")] == [1, 2, 4]  # 3 never again
+        for bad in ({"v": b"\0" * 4, "n": 1, "t": TS}, {"v": b"\0" * 8, "n": 0, "t": TS}):  # vector size; no track
+            with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
+                raw.execute(ins, bad)
+        raw.commit()
+    finally:
+        raw.close()
+
+    assert downgrade(url, "0007", backup=False) == "0007"
+    assert not {"unknown_clusters", "face_negatives"} & _tables(url)
+    engine = open_engine(url)
+    try:
+        assert "unknown_id" not in {c["name"] for c in inspect(engine).get_columns("events")}
+        with engine.connect() as conn:
+            # the events themselves survive both ways, the hub's box_id and box_seq with them
+            assert _dump(conn, ("events",), added=("events.job_id",)) == before
+    finally:
+        engine.dispose()
+    raw = sqlite3.connect(db_path)
+    try:  # SQLite rebuilt events to drop the column: 0006's and 0007's partial indexes are still partial
+        sql = dict(raw.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"))
+        assert sql["ix_events_box_id_started_at"].endswith("WHERE box_id IS NOT NULL")
+        assert sql["ix_events_job_id_started_at"].endswith("WHERE job_id IS NOT NULL")
+        assert "ix_events_unknown_id_started_at" not in sql
+    finally:
+        raw.close()
+
+
+@pytest.mark.postgres
+def test_postgres_0008_on_top_of_0007_and_back_keeps_the_hub_columns(pg_url):  # noqa: F811
+    _alembic(pg_url, command.upgrade, "0007")
+    engine = open_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO cameras (id, name, created_at) VALUES (1, 'cam0', :t)"), {"t": TS})
+            for eid, box, seq in ((EV1, None, None), (EV2, "box-a", 3)):  # a box's own event and a hub's
+                conn.execute(
+                    text("INSERT INTO events (id, camera_id, track_id, label, started_at, ended_at, first_frame, "
+                         "last_frame, best_score, x1, y1, x2, y2, identity_score, ended, box_id, box_seq) VALUES "
+                         "(:id, 1, 1, 'person', :t, :t, 0, 5, 0.5, 1, 2, 3, 4, 0, true, :box, :seq)"),
+                    {"id": eid, "t": TS, "box": box, "seq": seq})
+        with engine.connect() as conn:
+            before = _dump(conn, ("events",), added=("events.job_id",))
+    finally:
+        engine.dispose()
+
+    assert upgrade(pg_url) == "0008"
+    engine = open_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT unknown_id FROM events")).all() == [(None,), (None,)]
+            conn.execute(text("UPDATE events SET unknown_id = 4 WHERE id = :id"), {"id": EV2})
+        assert {"unknown_clusters", "face_negatives"} <= set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+    assert downgrade(pg_url, "0007") == "0007"
+    engine = open_engine(pg_url)
+    try:
+        insp = inspect(engine)
+        assert not {"unknown_clusters", "face_negatives"} & set(insp.get_table_names())
+        assert "unknown_id" not in {c["name"] for c in insp.get_columns("events")}
+        indexes = {i["name"]: i for i in insp.get_indexes("events")}
+        assert "ix_events_unknown_id_started_at" not in indexes and "ix_events_box_id_started_at" in indexes
+        with engine.connect() as conn:
+            assert _dump(conn, ("events",), added=("events.job_id",)) == before  # box_id and box_seq kept
     finally:
         engine.dispose()

@@ -30,11 +30,12 @@ def _rows(engine: Engine) -> list[tuple]:
 def _stored(engine: Engine, event_id: str) -> dict:
     """The events row of ``event_id`` with its camera and identity names (what a payload must match)."""
     sql = ("SELECT e.id, c.name, e.label, e.best_score, e.started_at, e.ended_at, e.ended, e.x1, e.y1, e.x2, e.y2, "
-           "i.name, e.identity_score, e.method, e.snapshot_path FROM events e JOIN cameras c ON c.id = e.camera_id "
+           "i.name, e.identity_score, e.method, e.snapshot_path, e.track_id, e.first_frame, e.last_frame "
+           "FROM events e JOIN cameras c ON c.id = e.camera_id "
            "LEFT JOIN identities i ON i.id = e.identity_id WHERE e.id = :id")
     with engine.connect() as conn:
         keys = ("id", "camera", "label", "score", "started_at", "ended_at", "ended", "x1", "y1", "x2", "y2",
-                "identity", "identity_score", "method", "snapshot_path")
+                "identity", "identity_score", "method", "snapshot_path", "track_id", "first_frame", "last_frame")
         return dict(zip(keys, conn.execute(text(sql), {"id": event_id}).one()))
 
 
@@ -57,6 +58,9 @@ def assert_matches_row(after: dict, row: dict, box: str = BOX) -> None:
     assert after["sub_label"] == expected_sub
     assert after["has_snapshot"] is (row["snapshot_path"] is not None)
     assert after["box_id"] == box
+    assert (after["track_id"], after["first_frame"], after["last_frame"]) == (
+        row["track_id"], row["first_frame"], row["last_frame"])
+    assert after["identity_score"] == pytest.approx(row["identity_score"], abs=1e-6)
 
 
 def _writer(engine: Engine, box: str | None = BOX) -> EventWriter:
@@ -85,7 +89,8 @@ def _lifecycle(engine: Engine) -> None:
     new, upd, end = (json.loads(r[3]) for r in rows)
     assert [m["type"] for m in (new, upd, end)] == ["new", "update", "end"]
     assert new["before"] == new["after"] and new["after"]["end_time"] is None and new["after"]["sub_label"] is None
-    assert upd["before"] == new["after"] and upd["after"]["sub_label"] == ["alice", pytest.approx(0.71)]
+    # before: the committed state just before the change (the sighting at frame 12 sent no message of its own)
+    assert upd["before"] == {**new["after"], "last_frame": 12} and upd["after"]["sub_label"] == ["alice", pytest.approx(0.71)]
     assert upd["after"]["seq"] == 2 and end["after"]["seq"] == 3 and end["before"]["seq"] == 2
     assert end["before"]["identity"] == "alice" and end["before"]["end_time"] is None
     assert_matches_row(end["after"], _stored(engine, eid))

@@ -183,6 +183,51 @@ def test_a_settled_track_stops_face_work_and_keeps_its_name(models: Path, faces:
     assert (stage.counts["face_embeddings"], stage.counts["face_embed_runs"]) == (3, 3)
 
 
+def test_a_box_without_a_face_is_analysed_less_and_less_often_and_held_frames_get_none(models: Path, faces: Path) -> None:
+    """Real SCRFD on a real photo: a person box over the photo's lower half (no face in it) is analysed on face
+    frame 2 (a miss), then waits 4, 8, 16, 16 frames (``face.backoff_max_frames``), the sat-out face frames counted
+    as ``face_skipped_backoff``; a box over the face is analysed on every face frame; held frames (the detector
+    skipped them: stale boxes) get no face work at all."""
+    from pipeline.config import FaceConfig, OnnxFaceDetectorConfig, OnnxFaceEmbedderConfig, TrackingConfig
+    from pipeline.messages import Detections, FrameRef
+    from stages.face import FaceAnalyzer
+    from stages.gallery import Gallery
+    from stages.recognition import RecognitionStage
+
+    face = FaceConfig(detector=OnnxFaceDetectorConfig(path=models / "scrfd_500m.onnx"),
+                      embedder=OnnxFaceEmbedderConfig(path=models / "mobilefacenet_128d.onnx"), every_n_frames=2,
+                      backoff_max_frames=16, settle_votes=None)
+    analyzer = FaceAnalyzer(face)
+    frame = cv2.imread(str(faces / "obama" / "obama.jpg"))
+    h, w = frame.shape[:2]
+    (portrait,) = analyzer.analyze(frame)
+    below = [2, min(h - 3, portrait.xyxy[3] + 10), w - 2, h - 2]  # under the chin: never a face
+    around = [max(2.0, portrait.xyxy[0] - 150), 2, min(w - 2.0, portrait.xyxy[2] + 150), h - 2]  # head and shoulders
+
+    def run(box: list, held_every: int | None) -> tuple[list[int], RecognitionStage]:
+        stage = RecognitionStage(TrackingConfig(), face, ("person",), analyzer, Gallery([], np.zeros((0, 128), np.float32), 0.4))
+        tried = []
+        real = analyzer.analyze
+        for i in range(60):
+            ref = FrameRef(camera="c", ring="r", slot=0, seq=i + 1, frame_index=i, captured_at_ns=i, height=h, width=w)
+            held = held_every is not None and i > 3 and i % held_every == 0
+            det = Detections(frame=ref, xyxy=np.zeros((0, 4), np.float32) if held else np.array([box], np.float32),
+                             confidence=np.full(0 if held else 1, 0.9, np.float32), class_id=np.zeros(0 if held else 1, np.int32),
+                             held=held)
+            analyzer.analyze = lambda *a, _i=i, **k: tried.append(_i) or real(*a, **k)  # type: ignore[method-assign]
+            stage.process(frame, det)
+        analyzer.analyze = real  # type: ignore[method-assign]
+        return tried, stage
+
+    tried, stage = run(below, None)
+    assert tried == [2, 6, 14, 30, 46]  # confirmed at frame 2; misses double the wait up to 16 frames
+    assert stage.counts["face_skipped_backoff"] == (59 - 2) // 2 + 1 - len(tried)
+    tried, stage = run(around, None)
+    assert tried == list(range(2, 60, 2)) and stage.counts["face_skipped_backoff"] == 0
+    tried, stage = run(around, 2)  # every even frame from 4 on is held
+    assert tried == [2] + list(range(5, 60, 2))  # the face frame 4 is held: it moves to the next detector frame, 5
+
+
 def test_reid_work_is_counted_per_crop_and_per_batch(models: Path, faces: Path) -> None:
     """Two person tracks on a real photo, Re-ID every 2nd frame: each due frame is one OSNet batch of both
     crops (``reid_runs``, ``reid_crops``: scripts/bench_e2e.py's bare-inference bound reads them)."""

@@ -205,6 +205,24 @@ def test_track_reid_samples_and_mean() -> None:
         reid.mean(7)
 
 
+@pytest.mark.parametrize("settle, samples, expected_waits", [
+    (None, 12, [5] * 12),                                  # no settling: every 5 frames for life
+    (8, 12, [5] * 7 + [10, 20, 40, 40, 40]),               # settled at its 8th sample: the wait doubles up to 40
+    (1, 4, [10, 20, 40, 40]),
+])
+def test_track_reid_sampling_slows_once_the_mean_has_settled(settle, samples: int, expected_waits: list) -> None:
+    reid = TrackReid(every_n_frames=5, settle_samples=settle, max_interval=40)
+    frame, waits = 0, []
+    for _ in range(samples):
+        reid.add(3, np.ones(4, np.float32), frame_index=frame)
+        wait = reid.interval(3)
+        assert not reid.due(3, frame + wait - 1) and reid.due(3, frame + wait)
+        assert reid.settled_wait(3, frame + 5) is (wait > 5)  # a plain Re-ID frame it sits out only when settled
+        waits.append(wait)
+        frame += wait
+    assert waits == expected_waits
+
+
 def test_track_reid_rejects_bad_samples() -> None:
     reid = TrackReid()
     reid.add(1, np.ones(4, np.float32))

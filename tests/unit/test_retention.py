@@ -244,6 +244,7 @@ def test_db_stats_counts_rows_and_measures_files(engine, db_path, snap_root):
     assert stats["rows"] == {
         "cameras": 1, "identities": 0, "face_embeddings": 0, "events": 2,
         "track_embeddings": 2, "reid_embeddings": 2, "gait_embeddings": 2, "snapshots": 2, "mqtt_outbox": 0, "jobs": 0,
+        "unknown_clusters": 0, "face_negatives": 0,
     }
     assert stats["files"] == {
         "db": db_path.stat().st_size,

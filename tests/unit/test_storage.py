@@ -853,6 +853,7 @@ def test_postgres_upgrade_writer_and_queries_round_trip(pg_url):
         assert count_rows(engine) == {
             "cameras": 2, "identities": 0, "face_embeddings": 0, "events": 2,
             "track_embeddings": 1, "reid_embeddings": 1, "gait_embeddings": 0, "snapshots": 1, "mqtt_outbox": 0, "jobs": 0,
+            "unknown_clusters": 0, "face_negatives": 0,
         }
     finally:
         engine.dispose()

@@ -107,6 +107,25 @@ def test_repartition_drains_upstream_then_the_stage_then_restarts_both() -> None
     assert table.of("capture")[0].handle.signals == [] and table.of("storage")[0].handle.signals == []  # kept running
 
 
+def test_a_companion_only_box_runs_its_rows_until_signalled_and_scales_nothing_absent(tmp_path: Path) -> None:
+    sup = Supervisor(_cfg(0, 1, 1, frigate=True), tmp_path, clock=FakeClock())
+    spawner = FakeSpawner()
+    sup.table.spawner = spawner
+    for row in topology.start_order():
+        for i in range(sup.counts[row.name]):
+            sup.table.spawn(row.name, i)
+    assert sorted(s for s, _, _ in spawner.started) == ["frigate", "mqtt"]
+    assert not sup._file_mode() and not sup._files_done()  # no file source to end the run: it runs until signalled
+    ack = sup.scale("detection", 2)
+    assert not ack.ok and "detection does not run with this config (running: mqtt, frigate)" in ack.message
+    assert [s.stage for s in sup.status().stages] == ["mqtt", "frigate"]
+    sup._begin_shutdown()
+    for stage in ("mqtt", "frigate"):  # the data path's states pass at once, then the two rows drain in order
+        assert not sup._advance_shutdown() and sup.shutdown is ShutdownState.draining(stage)
+        _exit(sup.table, stage)
+    assert sup._advance_shutdown() and sup.shutdown is ShutdownState.DONE
+
+
 def test_fixed_and_unknown_stages_are_not_scaled() -> None:
     counts = {"capture": 1, "detection": 1, "recognition": 1, "storage": 1}
     r = Rescaler(ProcessTable(FakeSpawner(), FakeClock()), counts)

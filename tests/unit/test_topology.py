@@ -16,9 +16,11 @@ TRANSPORT_CALLS = {"sender", "receiver", "publisher", "subscriber", "dispatcher"
                    "endpoint"}
 
 
-def _cfg(cameras: int = 3, det: int = 2, rec: int = 2, api: bool = False, mqtt: bool = False) -> AppConfig:
+def _cfg(cameras: int = 3, det: int = 2, rec: int = 2, api: bool = False, mqtt: bool = False,
+         frigate: bool = False) -> AppConfig:
     return AppConfig.model_validate({
-        **({"mqtt": {}} if mqtt else {}),
+        **({"mqtt": {}} if mqtt or frigate else {}),
+        **({"frigate": {"url": "http://frigate:5000"}} if frigate else {}),
         "cameras": [{"name": f"cam{i}", "source": f"/v/{i}.mp4", "mode": "file"} for i in range(cameras)],
         "detection": {"processes": det, "detector": {"type": "onnx", "path": "d.onnx", "layout": "yolox"}},
         "recognition": {"processes": rec, "face": {"detector": {"type": "onnx", "path": "f.onnx"},
@@ -27,13 +29,16 @@ def _cfg(cameras: int = 3, det: int = 2, rec: int = 2, api: bool = False, mqtt: 
 
 
 def test_rows_in_pipeline_order_with_their_counts() -> None:
-    assert topology.STAGE_NAMES == ("capture", "detection", "recognition", "storage", "mqtt", "api")
+    assert topology.STAGE_NAMES == ("capture", "detection", "recognition", "storage", "mqtt", "frigate", "api")
     assert topology.DATA_PATH == ("capture", "detection", "recognition", "storage")
     assert topology.initial_counts(_cfg(3, 2, 4)) == {"capture": 3, "detection": 2, "recognition": 4, "storage": 1,
-                                                      "mqtt": 0, "api": 0}  # no mqtt section, api off: neither runs
+                                                      "mqtt": 0, "frigate": 0, "api": 0}  # optional rows off
     assert topology.initial_counts(_cfg(1, 1, 1, api=True))["api"] == 1
     assert topology.initial_counts(_cfg(3, 2, 4, mqtt=True))["mqtt"] == 1
-    assert [s.name for s in topology.start_order()] == ["api", "mqtt", "storage", "recognition", "detection", "capture"]
+    assert topology.initial_counts(_cfg(3, 2, 4, frigate=True))["frigate"] == 1
+    assert [s.name for s in topology.start_order()] == ["api", "frigate", "mqtt", "storage", "recognition", "detection",
+                                                        "capture"]
+    assert topology.spec("frigate").resume is topology.Resume.FRESH and topology.upstream("frigate") is None
     assert topology.upstream("recognition") == "detection" and topology.upstream("capture") is None
     assert topology.upstream("api") is None and topology.upstream("mqtt") is None  # off the data path: no queue behind
     assert topology.spec("mqtt").resume is topology.Resume.OUTBOX_REPLAYED
@@ -61,9 +66,23 @@ def test_the_optional_rows_run_only_when_enabled(api: bool, mqtt: bool) -> None:
     assert rec_out == ("storage",) + (("live-tracks",) if api else ())  # no live view, nothing published
 
 
+@pytest.mark.parametrize("cameras, api, expected", [
+    (0, False, ("mqtt", "frigate")),  # a companion-only box: no data path, the broker rows alone
+    (0, True, ("mqtt", "frigate", "api")),
+    (2, False, ("capture", "detection", "recognition", "storage", "mqtt", "frigate")),  # companion beside cameras
+])
+def test_a_config_without_cameras_runs_only_the_rows_off_the_data_path(cameras: int, api: bool,
+                                                                       expected: tuple[str, ...]) -> None:
+    cfg = _cfg(cameras, api=api, frigate=True)
+    assert topology.active_names(cfg) == expected
+    counts = topology.initial_counts(cfg)
+    assert {name for name, n in counts.items() if n} == set(expected)
+    assert counts["capture"] == len(cfg.cameras) and topology.spec("frigate").inboxes(cfg, 0, counts) == ()
+
+
 def test_every_inbox_is_some_outbox_and_names_come_from_the_table() -> None:
-    cfg = _cfg(api=True, mqtt=True)
-    counts = {"capture": 3, "detection": 2, "recognition": 2, "storage": 1, "mqtt": 1, "api": 1}
+    cfg = _cfg(api=True, mqtt=True, frigate=True)
+    counts = {"capture": 3, "detection": 2, "recognition": 2, "storage": 1, "mqtt": 1, "frigate": 1, "api": 1}
     ins, outs = set(), set()
     for row in topology.STAGES:
         for i in range(counts[row.name]):
@@ -75,10 +94,11 @@ def test_every_inbox_is_some_outbox_and_names_come_from_the_table() -> None:
 
 
 def test_counts_argument_round_trip() -> None:
-    counts = {"capture": 1, "detection": 4, "recognition": 2, "storage": 1, "mqtt": 0, "api": 1}
+    counts = {"capture": 1, "detection": 4, "recognition": 2, "storage": 1, "mqtt": 0, "frigate": 1, "api": 1}
     assert topology.parse_counts(topology.format_counts(counts)) == counts
     for bad in ("capture=1", "capture=x,detection=1,recognition=1,storage=1,api=0", "capture=1,detection=1,recognition=1,storage=1",
-                "capture=1,detection=1,recognition=1,storage=1,mqtt=0,api=0,jobs=1"):
+                "capture=1,detection=1,recognition=1,storage=1,mqtt=0,api=0",  # frigate missing
+                "capture=1,detection=1,recognition=1,storage=1,mqtt=0,frigate=0,api=0,jobs=1"):
         with pytest.raises(ValueError):
             topology.parse_counts(bad)
 

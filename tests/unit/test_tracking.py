@@ -157,6 +157,28 @@ def test_gap_in_frame_index_ages_tracks(next_frame, boxes, expect_ended):
     assert out[0].last_frame == (4 if expect_ended else next_frame)
 
 
+def test_held_frames_neither_move_nor_age_tracks():
+    """A frame the detector skipped for a stable scene (Detections.held) is no tracker step: 40 held frames (more
+    than the 30-frame lost buffer) end nothing, the active boxes stay those of the last detector frame, and a track
+    confirmed across held frames starts at its first sighting."""
+    tracks = CameraTracks(CAM, CFG, COCO80, update_every_frames=1)
+    frames = []
+    for i in range(0, 10, 2):  # detector every other frame, held in between
+        frames.append(("det", _dets(i, [_walker(i)])))
+        frames.append(("held", i + 1))
+    out = []
+    for kind, f in frames:
+        out += _msgs(tracks.update(*f) if kind == "det" else tracks.hold(f, _ns(f)))
+    assert out[0].first_frame == 0 and out[0].first_seen_ns == _ns(0)  # confirmed at frame 4 (3rd detector frame)
+    held = [m for i in range(10, 50) for m in _msgs(tracks.hold(i, _ns(i)))]
+    assert held == [] and [a.track_id for a in tracks.active()] == [1]
+    np.testing.assert_allclose(tracks.active()[0].xyxy, _walker(8))
+    after = _msgs(tracks.update(*_dets(50, [_walker(9)])))
+    assert [(u.track_id, u.ended, u.last_frame) for u in after] == [(1, False, 50)]
+    with pytest.raises(ValueError, match="not after the previous frame"):
+        tracks.hold(50, _ns(50))
+
+
 def test_identity_and_snapshot_ride_on_the_next_update():
     tracks = CameraTracks(CAM, CFG, COCO80, update_every_frames=100)
     _feed(tracks, [_dets(i, [_walker(i)]) for i in range(4)])

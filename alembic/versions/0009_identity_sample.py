@@ -1,7 +1,7 @@
 """An identity's sample face.
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0009
+Revises: 0008
 
 - ``identities.sample``: a small JPEG of the identity's face (:mod:`stages.sample`: 112x112, a few KiB), cut
   from an enrollment photo when the identity got its first embeddings with a photo; NULL for identities
@@ -17,8 +17,8 @@ from typing import Sequence, Union
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0007"
-down_revision: Union[str, Sequence[str], None] = "0006"
+revision: str = "0009"
+down_revision: Union[str, Sequence[str], None] = "0008"
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
