@@ -290,6 +290,8 @@ class MqttPublisher:
         if now >= self._due["pending"]:
             self._due["pending"] = now + PENDING_REFRESH_S
             self.pending = self._try(self.store.pending, "counting the outbox", self.pending)
+            if self.pending > len(self._flights) + len(self._to_mark):
+                self._cursor = 0  # unsent rows not in flight: read the outbox from its start again (none is stranded)
 
     def stop(self, abort: Callable[[], bool] = lambda: False) -> None:
         """Publish what is left (for up to ``drain_timeout_s``, also waiting for a reconnection), then
@@ -412,7 +414,9 @@ class MqttPublisher:
         room = WINDOW - len(self._flights)
         if room <= 0:
             return
-        for row in self._try(lambda: self.store.unsent(self._cursor, room), "reading the outbox", []):
+        flying = {f.row_id for f in self._flights.values()} | set(self._to_mark)
+        rows = self._try(lambda: self.store.unsent(self._cursor, room + len(flying)), "reading the outbox", [])
+        for row in (r for r in rows if r.id not in flying):
             if not self._publish(row.id, row.payload, now):
                 return
             self._cursor = row.id
@@ -426,7 +430,8 @@ class MqttPublisher:
         for mid, flight in list(self._flights.items()):
             if now - flight.since >= RESEND_AFTER_S:
                 del self._flights[mid]
-                self._publish(flight.row_id, flight.payload, now)
+                if not self._publish(flight.row_id, flight.payload, now):  # paho refused it now: again later
+                    self._flights[-flight.row_id] = _Flight(flight.row_id, flight.payload, now)
 
     def _periodic(self, now: float) -> None:
         if self.stats is not None and now >= self._due["stats"]:
