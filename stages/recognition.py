@@ -323,7 +323,7 @@ class RecognitionStage:
     def restore(self, det: Detections, parts: list[bytes]) -> None:
         """Re-apply a journaled frame (see the class docstring); the messages it would send are not sent again."""
         tracks = self._tracks(det.frame.camera)
-        transitions = self._feed(tracks, det)
+        transitions = feed_tracker(tracks, det)
         for change in json.loads(parts[0]):
             self._apply(tracks, change, parts[1:])
         self._ended(transitions)
@@ -352,13 +352,6 @@ class RecognitionStage:
             tracks.set_identity(track_id, change[2], change[3], float(change[4]))
         elif op == "reid" and self.reid is not None:
             self.reid.restore_sample(tracks.camera, track_id, int(change[2]), np.frombuffer(vectors[int(change[3])], np.float32))
-
-    @staticmethod
-    def _feed(tracks: CameraTracks, det: Detections) -> list[Transition]:
-        """Step the camera's tracker with one frame's detections (a held frame holds the tracks)."""
-        if det.held:
-            return tracks.hold(det.frame.frame_index, det.frame.captured_at_ns)
-        return tracks.update(det.frame.frame_index, det.frame.captured_at_ns, objects_of(det))
 
     def _face_frame(self, camera: str, frame_index: int) -> bool:
         """True if ``frame_index`` is a face frame of ``camera``: ``face.every_n_frames`` after its last one."""
@@ -397,7 +390,7 @@ class RecognitionStage:
     def process(self, frame: np.ndarray | None, meta: object) -> list[object]:
         assert isinstance(meta, Detections)
         tracks = self._tracks(meta.frame.camera)
-        transitions = self._feed(tracks, meta)
+        transitions = feed_tracker(tracks, meta)
         out: list[object] = [t.message for t in transitions]
         cam, idx = tracks.camera, meta.frame.frame_index
         if frame is not None:
@@ -451,9 +444,8 @@ class RecognitionStage:
                 self._name(tracks, track_id, linked)
 
     def _wants_face(self, camera: str, track: ActiveTrack, frame_index: int) -> bool:
-        """Whether a track gets face analysis in this face frame: a person track whose votes are not settled
-        (``face.settle_votes``) and whose :class:`~stages.identity.FaceSchedule` is due; skips are counted
-        per reason (``face_skipped_settled``, ``face_skipped_backoff``)."""
+        """A person track gets face analysis in this face frame unless its votes are settled or its
+        :class:`~stages.identity.FaceSchedule` waits (``face_skipped_settled``, ``face_skipped_backoff``)."""
         if self.analyzer is None or track.label != "person":
             return False
         ident = self._identity(camera, track.track_id)
@@ -478,8 +470,7 @@ class RecognitionStage:
 
     def _face_of(self, frame: np.ndarray, track: ActiveTrack, faces: list[Face] | None, ident: TrackIdentity,
                  frame_index: int) -> Face | None:
-        """The track's largest face that passes the quality gate (rejections counted per reason); the analysis
-        is recorded in the track's face schedule (found a face in the box or not)."""
+        """The track's largest face passing the quality gate; the try goes into its face schedule."""
         if faces is None:
             faces = self._analyze(frame, track.xyxy)
         else:
@@ -544,6 +535,14 @@ class RecognitionStage:
     def finish(self) -> list[object]:
         transitions = [t for tracks in self.cameras.values() for t in tracks.finish()]
         return [t.message for t in transitions] + self._ended(transitions)
+
+
+def feed_tracker(tracks: CameraTracks, det: Detections) -> list[Transition]:
+    """Step the camera's tracker with one frame's detections (a held frame holds the tracks: see
+    :meth:`CameraTracks.hold`); returns its transitions."""
+    if det.held:
+        return tracks.hold(det.frame.frame_index, det.frame.captured_at_ns)
+    return tracks.update(det.frame.frame_index, det.frame.captured_at_ns, objects_of(det))
 
 
 def objects_of(det: Detections) -> DetectionResult:
