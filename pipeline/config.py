@@ -86,6 +86,10 @@ class OnnxDetectorConfig(_Strict):
     confidence: float = Field(0.35, ge=0.0, le=1.0, description="minimum detection score")
     nms_iou: float = Field(0.45, gt=0.0, le=1.0, description="IoU above which NMS suppresses a box")
     classes: tuple[str, ...] = Field(("person",), min_length=1, description="COCO class names to keep")
+    canvas: Literal["fit", "fixed"] = Field("fit", description="fit: letterbox each image only up to the next multiple of "
+                                            "32 pixels (a 16:9 frame runs at 416x256, not 416x416; the model's input height "
+                                            "and width are freed at load, and a model that cannot take it falls back to fixed "
+                                            "with a log line); fixed: the model's declared input size")
 
 
 class MotionConfig(_Strict):
@@ -98,6 +102,20 @@ class MotionConfig(_Strict):
     background_alpha: float = Field(0.05, gt=0.0, le=1.0, description="running-average weight of a new frame")
     hold_frames: int = Field(30, ge=0, le=10_000, description="keep detecting this many frames after the last detection, motion or not (people standing still)")
     release_after_empty: int | None = Field(5, ge=1, le=10_000, description="end the hold early after this many still frames in a row in which the detector found nothing (the scene emptied); null: hold the full hold_frames")
+
+
+class RegionConfig(_Strict):
+    """Motion regions: the detector runs on crops around motion boxes and the camera's last objects (Frigate's
+    regions), at the whole frame's scale, when they cost less than the whole frame (see :mod:`stages.regions`)."""
+
+    enabled: bool = Field(True, description="detect on motion regions when cheaper; needs detection.detector.canvas: fit")
+    margin: float = Field(0.25, ge=0.0, le=2.0, description="each box grows on every side by this fraction of its longer side")
+    min_margin_px: int = Field(16, ge=0, le=1000, description="... and by at least this many frame pixels")
+    max_area: float = Field(0.6, gt=0.0, le=1.0, description="use regions only while their canvases add up to at most this "
+                            "fraction of the whole frame's canvas")
+    max_regions: int = Field(4, ge=1, le=32, description="more regions than this in a frame: detect the whole frame")
+    edge_tol_px: float = Field(4.0, ge=0.0, le=100.0, description="an object this close to a crop side inside the frame may "
+                               "be cut: the whole frame is detected again")
 
 
 class DetectionConfig(_Strict):
@@ -116,6 +134,7 @@ class DetectionConfig(_Strict):
                              "adaptive); 0: detect every moving frame")
     stable_iou: float = Field(0.5, gt=0.0, le=1.0, description="IoU every box of a detector frame needs with its own box "
                               "in the camera's previous detector frame for the scene to count as stable")
+    regions: RegionConfig = RegionConfig()
 
 
 class TrackingConfig(_Strict):

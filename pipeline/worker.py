@@ -182,7 +182,7 @@ def _detection(cfg: AppConfig, t: Transport, n_rec: int, counters: StageCounters
 
     det = cfg.detection
     stage = DetectionStage(ObjectDetector(det.detector, _session_options(cfg, "detection", counts)), det.motion, batch=det.batch,
-                           stable_skip=det.stable_skip, stable_iou=det.stable_iou)
+                           stable_skip=det.stable_skip, stable_iou=det.stable_iou, regions=det.regions)
     inbox = t.credit_inbox([topology.frames(cam.name) for cam in cfg.cameras], window=CREDIT_WINDOW)
     outs = [t.sender(topology.detections(i), hwm=cfg.ring.slots, linger_ms=2000) for i in range(n_rec)]
     route = lambda msg: outs[recognition_index(cfg, msg.frame.camera, n_rec)]  # noqa: E731

@@ -31,6 +31,16 @@ Per round it also prints:
   ``--max-frames`` are reported, not checked;
 - per stage p50 / p99 processing time (the run summary's last window).
 
+``--variant LABEL:KEY=VALUE[,KEY=VALUE...]`` (repeatable) also runs the
+pipeline with those config keys changed (dotted paths, YAML values, e.g.
+``no-regions:detection.regions.enabled=false`` or
+``fixed:detection.detector.canvas=fixed,detection.regions.enabled=false``)
+in every round, right after the main pipeline run, and prints its frames/s,
+its ratio to the loop and the main pipeline's ratio to it: what one setting
+is worth, measured side by side. Each pipeline run also prints its detector
+work: frames detected on motion regions and the canvas area the detector ran
+on as a share of the model's declared input size on every detector frame.
+
 In ``--json``, each round also has ``runs_on`` (what each model of the
 pipeline ran on, e.g. ``face detector scrfd_500m.onnx on CUDA``) and the wall
 clock windows (``time.time()``, s) of its loop and pipeline runs.
@@ -43,7 +53,7 @@ videos. ``--json`` prints one document with all of it.
 
 Usage: ``FACEPRO_ASSETS=../shared python scripts/bench_e2e.py [VIDEO ...] [--rounds 3] [--cameras 1]
 [--resize 1920x1080] [--max-frames N] [--providers CUDAExecutionProvider,CPUExecutionProvider]
-[--processes D,R] [--baseline-events 27] [--eval] [--json]``
+[--processes D,R] [--baseline-events 27] [--variant LABEL:KEY=VALUE,...] [--eval] [--json]``
 """
 
 from __future__ import annotations
@@ -183,6 +193,49 @@ def person_events(data_dir: Path) -> dict[str, int]:
     return {name: int(n) for name, n in rows}
 
 
+def parse_variant(text: str) -> tuple[str, dict[str, object]]:
+    """``"label:a.b=1,c=false"`` → ``("label", {"a.b": 1, "c": False})`` (values parsed as YAML).
+
+    Raises:
+        argparse.ArgumentTypeError: no label, or an item without ``=``.
+    """
+    import yaml
+
+    label, sep, rest = text.partition(":")
+    items = [i for i in rest.split(",") if i]
+    if not sep or not label or not items or any("=" not in i for i in items):
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected LABEL:KEY=VALUE[,KEY=VALUE...]")
+    return label, {k.strip(): yaml.safe_load(v) for k, v in (i.split("=", 1) for i in items)}
+
+
+def with_overrides(tree: dict, overrides: dict[str, object]) -> dict:
+    """A deep copy of ``tree`` with each dotted key set (missing levels created)."""
+    out = json.loads(json.dumps(tree))
+    for dotted, value in overrides.items():
+        node = out
+        *path, last = dotted.split(".")
+        for key in path:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return out
+
+
+def detector_work(summary: dict) -> dict:
+    """The detection stage's region counters of a run: frames detected on regions, and the canvas area run as
+    a share of the model's declared input on every detector frame (``area``; None when not counted)."""
+    c = summary["stages"]["detection"].get("counts", {})
+    fixed = int(c.get("detector_kpx_fixed", 0))
+    return {"region_frames": int(c.get("region_frames", 0)), "region_retried": int(c.get("region_retried", 0)),
+            "area": round(int(c.get("detector_kpx", 0)) / fixed, 3) if fixed else None}
+
+
+def variant_round(label: str, tree: dict, sources: list[Source], args: argparse.Namespace, loop: float, main: float) -> dict:
+    """One pipeline run of a ``--variant``: its frames/s, ratio to the loop, the main pipeline's ratio to it, checks."""
+    summary, fps, _ = pipeline_round(tree)
+    return {"label": label, "pipeline_fps": round(fps, 2), "ratio": round(fps / loop, 3), "main_over_variant": round(main / fps, 3),
+            "detector": detector_work(summary), "checks": check_events(sources, summary["after"], args.baseline_events)}
+
+
 def pipeline_round(tree: dict) -> tuple[dict, float, float]:
     """Run ``facepro run`` on ``tree``; returns (run summary with ``after`` = person events per camera,
     frames/s over the active period, frames/s of the whole run including start-up and drain)."""
@@ -277,7 +330,8 @@ def one_round(args: argparse.Namespace, sources: list[Source], tree: dict, model
     t2 = time.time()
     schedule = Schedule.from_summary(summary, inference_parallelism(parse_config(tree)))
     b = bound(schedule, time_models(models, frames, schedule, args.bound_calls), pipe)
-    return {"loop_fps": round(loop, 2), "pipeline_fps": round(pipe, 2), "ratio": round(pipe / loop, 3),
+    variants = [variant_round(label, with_overrides(tree, over), sources, args, loop, pipe) for label, over in args.variant]
+    return {"variants": variants, "detector": detector_work(summary),"loop_fps": round(loop, 2), "pipeline_fps": round(pipe, 2), "ratio": round(pipe / loop, 3),
             "whole_run_ratio": round(pipe_whole / loop_whole, 3), "frames": n, "loop_faces": faces,
             "pipeline_frames": summary["stages"]["recognition"]["frames_out"], "complete": summary.get("complete"),
             "pipeline_events": int(summary.get("events", 0)), "checks": check_events(sources, summary["after"], args.baseline_events),
@@ -301,6 +355,17 @@ def print_round(i: int, r: dict) -> None:
                        + ("" if c["ok"] is None else f" ({c['check']}: {'PASS' if c['ok'] else 'FAIL'})") for c in r["checks"])
     print(f"  person events: {checks}")
     print("  p50/p99 ms per item: " + ", ".join(f"{st} {v['p50']}/{v['p99']}" for st, v in r["latency_ms"].items()))
+    print(f"  detector: {_work(r['detector'])}")
+    for v in r["variants"]:
+        checks = ", ".join(f"{c['camera']} {c['person_events']}" + ("" if c["ok"] is None else f" {'PASS' if c['ok'] else 'FAIL'}")
+                           for c in v["checks"])
+        print(f"  variant {v['label']}: pipeline {v['pipeline_fps']:.1f} fps, ratio to loop {v['ratio']:.2f}; "
+              f"main pipeline / variant {v['main_over_variant']:.2f}; {_work(v['detector'])}; person events {checks}")
+
+
+def _work(d: dict) -> str:
+    area = f"{100 * d['area']:.0f} %" if d["area"] is not None else "-"
+    return f"{d['region_frames']} frames on motion regions ({d['region_retried']} retried whole), canvas area {area} of the fixed input"
 
 
 def medians(rounds: list[dict]) -> dict:
@@ -312,7 +377,19 @@ def medians(rounds: list[dict]) -> dict:
             "median_ratio": med(lambda r: r["ratio"]), "median_whole_run_ratio": med(lambda r: r["whole_run_ratio"]),
             "median_bound_fps": statistics.median([r["bound"]["fps"] or 0.0 for r in rounds]),
             "median_share": statistics.median(shares) if shares else None,
-            "target_ratio": 1.8, "checks_ok": all(oks) if oks else None}
+            "target_ratio": 1.8, "checks_ok": all(oks) if oks else None, "variants": _variant_medians(rounds)}
+
+
+def _variant_medians(rounds: list[dict]) -> dict:
+    """Per ``--variant`` label: median frames/s, median main-pipeline / variant ratio, every check passed."""
+    out = {}
+    for label in [v["label"] for v in rounds[0]["variants"]] if rounds else []:
+        runs = [v for r in rounds for v in r["variants"] if v["label"] == label]
+        oks = [c["ok"] for v in runs for c in v["checks"] if c["ok"] is not None]
+        out[label] = {"median_fps": statistics.median(v["pipeline_fps"] for v in runs),
+                      "median_main_over_variant": statistics.median(v["main_over_variant"] for v in runs),
+                      "checks_ok": all(oks) if oks else None}
+    return out
 
 
 def print_summary(doc: dict) -> None:
@@ -322,6 +399,9 @@ def print_summary(doc: dict) -> None:
     print(f"median: loop {doc['median_loop_fps']:.1f} fps, pipeline {doc['median_pipeline_fps']:.1f} fps, "
           f"ratio {doc['median_ratio']:.2f}, whole runs {doc['median_whole_run_ratio']:.2f} (target >= 1.8); "
           f"bound {doc['median_bound_fps']:.1f} fps, pipeline share {share}; person-event checks {verdict}")
+    for label, v in doc.get("variants", {}).items():
+        print(f"variant {label}: median {v['median_fps']:.1f} fps; main pipeline / variant {v['median_main_over_variant']:.2f} "
+              f"(checks {'PASS' if v['checks_ok'] else 'n/a' if v['checks_ok'] is None else 'FAIL'})")
     for key, ev in (doc.get("eval") or {}).items():
         print(f"eval {key}: " + ", ".join(f"{k} {v}" for k, v in ev.items() if k != "unchanged")
               + f" (README: {EVAL_REFERENCE[key]}; {'unchanged' if ev.get('unchanged') else 'CHANGED'})")
@@ -344,6 +424,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--baseline-events", type=int, default=27, help="vtest's person events before issue 12's work")
     ap.add_argument("--bound-calls", type=int, default=200, help="timed calls per model for the bound (the rest scaled)")
     ap.add_argument("--frames-budget-mb", type=int, default=2048, help="decoded frames kept for the bound, MiB")
+    ap.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="LABEL:KEY=VALUE,...",
+                    help="also run the pipeline with these config keys changed, every round (repeatable)")
     ap.add_argument("--eval", action="store_true", help="also run scripts/eval_faces.py and scripts/eval_reid.py")
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of the lines")
     args = ap.parse_args(argv)

@@ -2,7 +2,9 @@
 
 The schedule is read from the run summary's counters (:meth:`Schedule.from_summary`): the object detector
 ran on every frame the motion gate let through and the stable-scene skip did not hold (detection ``frames_out``
-− ``motion_skipped`` − ``stable_skipped``), SCRFD on
+− ``motion_skipped`` − ``stable_skipped``) on canvases adding up to ``detector_kpx`` thousand pixels (motion
+regions make them smaller than whole frames: the detector's time per whole-frame call, measured here, is scaled
+by that area, its cost being linear in the canvas area on CPU), SCRFD on
 ``face_analyses`` images (``face_analyses_frame`` whole frames, the rest person boxes), the face embedder
 ``face_embed_runs`` times on ``face_embeddings`` aligned faces, OSNet ``reid_runs`` times on ``reid_crops``
 person crops (counters of :class:`stages.recognition.RecognitionStage`).
@@ -42,6 +44,7 @@ class Schedule:
         face_frame_runs / face_region_runs: SCRFD calls on a whole frame / on a person box.
         face_embeddings / face_embed_runs: faces embedded, in this many batches.
         reid_crops / reid_runs: person crops embedded with OSNet, in this many batches.
+        detector_kpx: thousands of canvas pixels the detector ran on (0: not counted, whole frames assumed).
         parallel: the divisor of the summed model times (CPU cores used, or GPU inference processes).
     """
 
@@ -54,6 +57,7 @@ class Schedule:
     reid_crops: int
     reid_runs: int
     parallel: float
+    detector_kpx: int = 0
 
     @classmethod
     def from_summary(cls, summary: dict, parallel: float) -> Schedule:
@@ -74,7 +78,8 @@ class Schedule:
                    - int(det.get("counts", {}).get("stable_skipped", 0)),
                    face_frame_runs=c["face_analyses_frame"], face_region_runs=c["face_analyses"] - c["face_analyses_frame"],
                    face_embeddings=c["face_embeddings"], face_embed_runs=c["face_embed_runs"],
-                   reid_crops=c["reid_crops"], reid_runs=c["reid_runs"], parallel=parallel)
+                   reid_crops=c["reid_crops"], reid_runs=c["reid_runs"], parallel=parallel,
+                   detector_kpx=int(det.get("counts", {}).get("detector_kpx", 0)))
 
 
 def inference_parallelism(cfg: AppConfig, cpu_count: int | None = None) -> float:
@@ -141,8 +146,10 @@ class BoundModels:
         self.reid = ReidEmbedder(reid.path, for_model(opts, reid.providers)) if reid is not None else None
 
 
-def _time_detector(models: BoundModels, frames: list[np.ndarray], calls: int, cap: int) -> tuple[ModelTime, list]:
-    """Time the object detector; returns its time and ``(frame, (n, 4) person boxes)`` of the timed frames."""
+def _time_detector(models: BoundModels, frames: list[np.ndarray], calls: int, cap: int,
+                   kpx: int = 0) -> tuple[ModelTime, list]:
+    """Time the object detector on whole frames, scaled to ``kpx`` thousand canvas pixels in all when given;
+    returns its time and ``(frame, (n, 4) person boxes)`` of the timed frames."""
     idx = spread(len(frames), min(calls, cap))
     found = []
 
@@ -153,6 +160,9 @@ def _time_detector(models: BoundModels, frames: list[np.ndarray], calls: int, ca
             found.append((frames[i], boxes))
 
     ms = mean_ms(run, [(i,) for i in idx])
+    if kpx and calls and idx:
+        whole_px = float(np.mean([np.prod(models.detector.canvas(frames[i].shape[:2])[0]) for i in idx]))
+        ms *= kpx * 1000.0 / (calls * whole_px)  # the run's mean canvas area per call / a whole frame's
     return ModelTime(calls, len(idx), ms), found
 
 
@@ -203,7 +213,7 @@ def _time_embedders(models: BoundModels, frames: list[np.ndarray], persons: list
 def time_models(models: BoundModels, frames: list[np.ndarray], s: Schedule, cap: int = 200) -> dict[str, ModelTime]:
     """Each model's time at the schedule ``s`` on the decoded ``frames`` (at most ``cap`` timed calls per
     model, the rest scaled)."""
-    det, persons = _time_detector(models, frames, s.detector_runs, cap)
+    det, persons = _time_detector(models, frames, s.detector_runs, cap, s.detector_kpx)
     whole, region, aligned = _time_face_detector(models, frames, persons, s, cap)
     face, reid = _time_embedders(models, frames, persons, aligned, s, cap)
     return {"object_detector": det, "face_detector_frame": whole, "face_detector_box": region,

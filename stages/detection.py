@@ -16,10 +16,11 @@ from typing import Sequence
 import numpy as np
 import supervision as sv
 
-from pipeline.config import MotionConfig
+from pipeline.config import MotionConfig, RegionConfig
 from pipeline.messages import Detections, FrameRef
 from stages.detector import DetectionResult, ObjectDetector
-from stages.motion import MotionGate
+from stages.motion import MotionGate, MotionResult
+from stages.regions import RegionDetector
 
 _EMPTY_XYXY = np.zeros((0, 4), np.float32)
 _EMPTY_F = np.zeros(0, np.float32)
@@ -129,8 +130,9 @@ class DetectionStage:
     """
 
     def __init__(self, detector: ObjectDetector, motion: MotionConfig, batch: int = 1, stable_skip: int = 0,
-                 stable_iou: float = 0.6) -> None:
+                 stable_iou: float = 0.6, regions: RegionConfig = RegionConfig(enabled=False)) -> None:
         self.detector = detector
+        self.regions = RegionDetector(detector, regions, detector.input_hw)
         self.motion_cfg = motion
         self.batch = batch
         self.stable = StableScene(stable_skip, stable_iou)
@@ -138,7 +140,7 @@ class DetectionStage:
         self.last_hit: dict[str, int] = {}  # camera -> last frame index with detections (the hold's start)
         self.empty_still: dict[str, int] = {}  # camera -> still frames in a row the hold ran the detector on for nothing
         self.drops = {"motion_skipped": 0}
-        self.counts: dict[str, int] = {"stable_skipped": 0}
+        self.counts: dict[str, int] = {"stable_skipped": 0, **self.regions.counts}
 
     def wants_frame(self, meta: object) -> bool:
         return True
@@ -155,22 +157,29 @@ class DetectionStage:
     def _holding(self, meta: FrameRef) -> bool:
         return meta.frame_index - self.last_hit.get(meta.camera, -10**9) <= self.motion_cfg.hold_frames
 
-    def _moving(self, frame: np.ndarray, meta: FrameRef) -> bool:
-        return self.gates.setdefault(meta.camera, MotionGate(self.motion_cfg)).process(frame).moving
+    def _gate(self, frame: np.ndarray, meta: FrameRef) -> MotionResult:
+        return self.gates.setdefault(meta.camera, MotionGate(self.motion_cfg)).process(frame)
+
+    def _run(self, frames: Sequence[np.ndarray], refs: Sequence[FrameRef], motion: Sequence[MotionResult]) -> list[DetectionResult]:
+        """The detector on frames (on their motion regions where cheaper); the region counters copied to :attr:`counts`."""
+        found = self.regions.detect(frames, [r.camera for r in refs], [m.boxes for m in motion])
+        self.counts.update(self.regions.counts)
+        return found
 
     def process(self, frame: np.ndarray | None, meta: object) -> list[Detections]:
         assert isinstance(meta, FrameRef)
         t0 = time.perf_counter()
         if frame is None:
             return [empty_detections(meta, valid=False)]
-        moving = self._moving(frame, meta)
+        motion = self._gate(frame, meta)
+        moving = motion.moving
         if not moving and not self._holding(meta):
             self.drops["motion_skipped"] += 1
             return [empty_detections(meta, motion=False, detect_ms=(time.perf_counter() - t0) * 1e3)]
         if self.stable.take(meta.camera):
             self.counts["stable_skipped"] += 1
             return [empty_detections(meta, held=True, detect_ms=(time.perf_counter() - t0) * 1e3)]
-        r = self.detector.detect(frame)
+        r = self._run([frame], [meta], [motion])[0]
         self._after_detect(meta, moving, r)
         return [Detections(frame=meta, xyxy=r.xyxy, confidence=r.confidence, class_id=r.class_id,
                            detect_ms=(time.perf_counter() - t0) * 1e3)]
@@ -196,15 +205,17 @@ class DetectionStage:
             raise ValueError(f"process_batch: {len(frames)} frames for {len(metas)} messages")
         assert all(isinstance(m, FrameRef) for m in metas)
         refs: list[FrameRef] = list(metas)  # type: ignore[arg-type]
-        moving, gate_ms = [False] * len(refs), [0.0] * len(refs)
+        gated: list[MotionResult | None] = [None] * len(refs)
+        gate_ms = [0.0] * len(refs)
         for i, (frame, meta) in enumerate(zip(frames, refs)):
             if frame is not None:
                 t0 = time.perf_counter()
-                moving[i] = self._moving(frame, meta)
+                gated[i] = self._gate(frame, meta)
                 gate_ms[i] = (time.perf_counter() - t0) * 1e3
+        moving = [g is not None and g.moving for g in gated]
         held = self._held(frames, refs, moving)
         need = [i for i in self._may_need_detector(frames, refs, moving) if not held[i]]
-        results, share_ms = self._detect(frames, need)
+        results, share_ms = self._detect(frames, refs, gated, need)
         out = []
         for i, (frame, meta) in enumerate(zip(frames, refs)):
             if frame is None:
@@ -263,14 +274,15 @@ class DetectionStage:
                 hit[meta.camera] = max(hit.get(meta.camera, meta.frame_index), meta.frame_index)
         return need
 
-    def _detect(self, frames: Sequence[np.ndarray | None], need: list[int]) -> tuple[dict, float]:
+    def _detect(self, frames: Sequence[np.ndarray | None], refs: Sequence[FrameRef], gated: Sequence[MotionResult | None],
+                need: list[int]) -> tuple[dict, float]:
         """Detector results by position for the frames at ``need`` (one batch), and each one's share of its time, ms."""
         for key in ("detector_batches", "detector_batch_frames", "detector_runs", "detector_discarded"):
             self.counts.setdefault(key, 0)
         if not need:
             return {}, 0.0
         runs, t0 = self.detector.session_runs, time.perf_counter()
-        found = self.detector.detect_batch([frames[i] for i in need])  # type: ignore[misc]
+        found = self._run([frames[i] for i in need], [refs[i] for i in need], [gated[i] for i in need])  # type: ignore[misc]
         share_ms = (time.perf_counter() - t0) * 1e3 / len(need)
         self.counts["detector_batches"] += 1
         self.counts["detector_batch_frames"] += len(need)

@@ -16,6 +16,17 @@ Two output layouts are supported (``detection.detector.layout`` in the config):
 
 All boxes are ``xyxy`` = ``x1, y1, x2, y2`` in pixels, float32.
 
+Canvas size (``detection.detector.canvas``): ``fixed`` letterboxes every image
+into the model's declared input (416x416 for the asset YOLOX-Nano); ``fit``
+pads it only up to the next multiple of the head's largest stride (32), as
+Ultralytics' ``LetterBox(auto=True)`` and YOLOv5's rectangular inference do,
+so a 16:9 frame costs a 416x256 run instead of 416x416. A model exported with
+a fixed input size has its height and width made symbolic in memory at load
+(the file is not changed); :class:`ObjectDetector` then runs one probe on a
+non-square input and falls back to ``fixed`` (with a log line) when the graph
+cannot take it (e.g. a YOLOv8 export whose head reshapes to its 8400 anchors).
+Crops (motion regions) run at a given scale on canvases fitted the same way.
+
 Batches (:meth:`ObjectDetector.detect_batch`): a model whose input batch
 dimension is dynamic (``[N, 3, H, W]``, e.g. YOLOX ``export_onnx.py --dynamic``)
 runs a ``[B, 3, H, W]`` input once; one with a fixed batch size ``k`` (the asset
@@ -25,6 +36,8 @@ YOLOX-Nano: 1) runs in chunks of ``k``. Output ``[B, ...]`` as above, per image.
 from __future__ import annotations
 
 import ast
+import logging
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -57,6 +70,8 @@ STRIDES: tuple[int, ...] = (8, 16, 32)
 
 _WHAT = "object detector"
 
+log = logging.getLogger("facepro.detector")
+
 
 # --------------------------------------------------------------------------- letterbox
 
@@ -78,7 +93,8 @@ class Letterbox:
     pad_y: int
 
 
-def letterbox(image: np.ndarray, size_hw: tuple[int, int], pad_value: int = 114, *, center: bool = False) -> Letterbox:
+def letterbox(image: np.ndarray, size_hw: tuple[int, int], pad_value: int = 114, *, center: bool = False,
+              scale: float | None = None) -> Letterbox:
     """Resize ``image`` to fit ``size_hw`` keeping the aspect ratio, padding the rest.
 
     The image is placed at the top-left corner (YOLOX's official
@@ -90,6 +106,9 @@ def letterbox(image: np.ndarray, size_hw: tuple[int, int], pad_value: int = 114,
         size_hw: canvas ``(height, width)`` in pixels.
         pad_value: grey level of the padding, 0–255.
         center: centre the image instead of the top-left placement.
+        scale: input pixels per image pixel to use instead of the largest that
+            fits (a crop runs at its whole frame's scale); the resized image
+            must fit the canvas.
 
     Returns:
         The :class:`Letterbox` canvas with its scale and offsets.
@@ -102,13 +121,43 @@ def letterbox(image: np.ndarray, size_hw: tuple[int, int], pad_value: int = 114,
     if out_h <= 0 or out_w <= 0:
         raise ValueError(f"letterbox size_hw: expected positive (height, width), got {size_hw}")
     h, w = image.shape[:2]
-    scale = min(out_h / h, out_w / w)
+    if scale is None:
+        scale = min(out_h / h, out_w / w)
+    elif not scale > 0 or round(w * scale) > out_w or round(h * scale) > out_h:
+        raise ValueError(f"letterbox scale: {scale} does not fit a {w}x{h} image into a {out_w}x{out_h} canvas")
     new_w, new_h = min(out_w, max(1, round(w * scale))), min(out_h, max(1, round(h * scale)))
     pad_x, pad_y = ((out_w - new_w) // 2, (out_h - new_h) // 2) if center else (0, 0)
     canvas = np.full((out_h, out_w, 3), pad_value, dtype=np.uint8)
     resized = image if (new_w, new_h) == (w, h) else cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     canvas[pad_y : pad_y + new_h, pad_x : pad_x + new_w] = resized
     return Letterbox(image=canvas, scale=float(scale), pad_x=pad_x, pad_y=pad_y)
+
+
+def fit_canvas(image_hw: tuple[int, int], max_hw: tuple[int, int], scale: float | None = None,
+               stride: int = STRIDES[-1]) -> tuple[tuple[int, int], float]:
+    """The smallest stride-aligned canvas for an image at a scale (Ultralytics ``LetterBox(auto=True)``).
+
+    Args:
+        image_hw: the image's ``(height, width)``, pixels.
+        max_hw: the model's declared input ``(height, width)``: the default scale
+            fits the image into it, and no canvas is larger.
+        scale: canvas pixels per image pixel; None: ``min(max_h / h, max_w / w)``.
+        stride: the head's largest stride; canvas sides are multiples of it.
+
+    Returns:
+        ``((canvas_h, canvas_w), scale)``.
+
+    Raises:
+        ValueError: a non-positive size or scale.
+    """
+    h, w = image_hw
+    if h <= 0 or w <= 0 or max_hw[0] <= 0 or max_hw[1] <= 0:
+        raise ValueError(f"fit_canvas: expected positive sizes, got image {image_hw} and input {max_hw}")
+    s = min(max_hw[0] / h, max_hw[1] / w) if scale is None else scale
+    if not s > 0:
+        raise ValueError(f"fit_canvas scale: expected a positive number, got {scale}")
+    side = [min(m, max(stride, math.ceil(round(v * s) / stride) * stride)) for v, m in zip((h, w), max_hw)]
+    return (side[0], side[1]), float(s)
 
 
 def boxes_to_frame(xyxy: np.ndarray, lb: Letterbox, frame_hw: tuple[int, int]) -> np.ndarray:
@@ -301,6 +350,42 @@ def _check_frame(frame: Any, what: str) -> None:
         raise ValueError(f"{what}: image is empty (shape {frame.shape})")
 
 
+def _pad_to(image: np.ndarray, hw: tuple[int, int], pad_value: int = 114) -> np.ndarray:
+    """``image`` padded at the bottom and right to ``hw`` (unchanged when it has that size)."""
+    h, w = image.shape[:2]
+    if (h, w) == tuple(hw):
+        return image
+    return cv2.copyMakeBorder(image, 0, hw[0] - h, 0, hw[1] - w, cv2.BORDER_CONSTANT, value=(pad_value,) * 3)
+
+
+def free_input_hw(path: Path, grid_rows: int) -> bytes:
+    """The model at ``path`` as ONNX bytes whose input height and width (and output dims equal to ``grid_rows``,
+    the anchor count of the declared input) are symbolic, so ONNX Runtime accepts other canvas sizes.
+
+    Only the declared shapes change (the ONNX graph's ``value_info`` shape hints are dropped and re-inferred);
+    whether the graph really computes on another size is for the caller to probe.
+
+    Raises:
+        ModelError: the file is not a readable ONNX model.
+    """
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+    except Exception as err:  # onnx raises DecodeError and others
+        raise ModelError(f"{_WHAT} model {path} could not be read as ONNX ({type(err).__name__}: {err})") from None
+    for dim, name in zip(model.graph.input[0].type.tensor_type.shape.dim[2:], ("height", "width")):
+        dim.ClearField("dim_value")
+        dim.dim_param = name
+    for output in model.graph.output:
+        for dim in output.type.tensor_type.shape.dim:
+            if dim.dim_value == grid_rows:
+                dim.ClearField("dim_value")
+                dim.dim_param = "anchors"
+    del model.graph.value_info[:]
+    return model.SerializeToString()
+
+
 def _metadata_names(session: Any, path: Path) -> tuple[str, ...] | None:
     raw = session.get_modelmeta().custom_metadata_map.get("names")
     if raw is None:
@@ -382,7 +467,8 @@ class ObjectDetector:
 
     def __init__(self, cfg: OnnxDetectorConfig, opts: SessionOptions = SessionOptions()) -> None:
         self._cfg = cfg
-        self._session = open_session(cfg.type, cfg.path, _WHAT, for_model(opts, cfg.providers))
+        opts = for_model(opts, cfg.providers)
+        self._session = open_session(cfg.type, cfg.path, _WHAT, opts)
         path = Path(cfg.path)
         shape = expect_input(self._session, _WHAT, path, rank=4)
         if _static_dim(shape[2]) is None or _static_dim(shape[3]) is None:
@@ -395,6 +481,35 @@ class ObjectDetector:
         self._names = names or COCO80
         _check_output(self._session, path, cfg.layout, self._input_hw, len(self._names), self._batch_dim)
         self._wanted = _class_ids(cfg.classes, self._names)
+        self.fits = cfg.canvas == "fit" and self._open_fitting(path, opts)
+
+    def _open_fitting(self, path: Path, opts: SessionOptions) -> bool:
+        """Replace the session by one whose input height and width are free, if the graph runs on a non-square
+        canvas (probed once); False (the fixed session kept, one log line) when it cannot or on TensorRT."""
+        if self._session.get_providers()[0] == "TensorrtExecutionProvider":
+            log.info("%s %s: canvas fit off on TensorRT (an engine per input shape); fixed %s", _WHAT, path.name, self._input_hw)
+            return False
+        cells = len(yolo_grid(self._input_hw)[0])
+        session = open_session(self._cfg.type, path, _WHAT, opts, transform=lambda p: free_input_hw(p, cells))
+        probe_hw = (max(STRIDES[-1], self._input_hw[0] // 2 // STRIDES[-1] * STRIDES[-1]), self._input_hw[1])
+        blob = np.zeros((self._batch_dim or 1, 3, *probe_hw), np.float32)
+        import onnxruntime as ort
+
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # the failure is reported below, in one line
+        try:
+            out = session.run(None, {self._input_name: blob}, quiet)[0]
+            raw = out[:1]
+            _ = decode_yolox(raw, probe_hw) if self._yolox else decode_yolov8(raw)
+            if (self._yolox and raw.shape[1] != len(yolo_grid(probe_hw)[0])) or (not self._yolox and raw.shape[2] != len(yolo_grid(probe_hw)[0])):
+                raise ValueError(f"output shape {list(out.shape)}")
+        except Exception as err:  # onnxruntime raises its own Fail types; a wrong output size is a ValueError
+            log.warning("%s %s: the model does not run on a %dx%d canvas (%s); detection.detector.canvas fit falls back "
+                        "to the fixed %dx%d input", _WHAT, path.name, probe_hw[1], probe_hw[0], str(err).splitlines()[0][:160],
+                        self._input_hw[1], self._input_hw[0])
+            return False
+        self._session = session
+        return True
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -410,6 +525,13 @@ class ObjectDetector:
     def batch_dim(self) -> int | None:
         """The model input's fixed batch size (1 for the asset YOLOX-Nano), or None when it is dynamic."""
         return self._batch_dim
+
+    def canvas(self, image_hw: tuple[int, int], scale: float | None = None) -> tuple[tuple[int, int], float]:
+        """The model input ``((height, width), scale)`` an image of ``image_hw`` pixels runs on: the declared input
+        size, or with :attr:`fits` the stride-aligned fit (:func:`fit_canvas`); ``scale`` as there."""
+        if self.fits:
+            return fit_canvas(image_hw, self._input_hw, scale)
+        return self._input_hw, (min(self._input_hw[0] / image_hw[0], self._input_hw[1] / image_hw[1]) if scale is None else scale)
 
     def detect(self, frame: np.ndarray) -> DetectionResult:
         """Detect the configured classes in one frame.
@@ -427,40 +549,52 @@ class ObjectDetector:
             ModelError: the model answered with another number of images than its batch size.
         """
         _check_frame(frame, "ObjectDetector.detect frame")
-        lb = self._letterbox(frame)
-        blob = cv2.dnn.blobFromImage(lb.image, self._scale, swapRB=self._swap_rb)
-        return self._result(self._run_batch(blob), lb, frame.shape[:2])
+        return self.detect_batch([frame])[0]
 
-    def detect_batch(self, frames: Sequence[np.ndarray]) -> list[DetectionResult]:
-        """Detect the configured classes in several frames (of any sizes and cameras) at once.
+    def detect_batch(self, frames: Sequence[np.ndarray], scales: Sequence[float | None] | None = None) -> list[DetectionResult]:
+        """Detect the configured classes in several frames or crops (of any sizes and cameras) at once.
 
-        Each frame is letterboxed on its own, the canvases are stacked into one
-        ``(B, 3, H, W) float32`` input, and decoding and NMS run per image.
-        With a dynamic batch dimension the model runs once for all ``B``
-        frames; with a fixed one of size ``k`` it runs ``ceil(B / k)`` times
-        (for ``k = 1``, like the asset YOLOX-Nano, once per frame), the last
-        run padded with blank images whose outputs are discarded.
+        Each image is letterboxed on its own (its :meth:`canvas`); canvases of
+        one model run are padded to the largest of them (bottom and right, pad
+        value 114) and stacked into one ``(B, 3, H, W) float32`` input, and
+        decoding and NMS run per image. With a dynamic batch dimension the
+        model runs once for all ``B`` images; with a fixed one of size ``k`` it
+        runs ``ceil(B / k)`` times (for ``k = 1``, like the asset YOLOX-Nano,
+        once per image), the last run padded with blank images whose outputs are discarded.
 
         Args:
             frames: ``(H_i, W_i, 3) uint8`` BGR images; may be empty.
+            scales: per image, canvas pixels per image pixel, or None for the
+                largest that fits the model input (a crop passes its frame's scale
+                so objects keep the size they have in the whole frame).
 
         Returns:
-            One :class:`DetectionResult` per frame, in order, each exactly what
-            :meth:`detect` returns for that frame (up to float rounding of the
-            batched inference): ``xyxy`` boxes in that frame's pixels.
+            One :class:`DetectionResult` per image, in order, each exactly what
+            :meth:`detect` returns for that image (up to float rounding of the
+            batched inference): ``xyxy`` boxes in that image's pixels.
 
         Raises:
-            ValueError: a frame is not an ``(H, W, 3) uint8`` array (the message gives its position).
+            ValueError: an image is not an ``(H, W, 3) uint8`` array (the message gives its position),
+                or ``scales`` has another length.
             ModelError: the model answered a batch with another number of images.
         """
         for i, frame in enumerate(frames):
             _check_frame(frame, f"ObjectDetector.detect_batch frame {i}")
-        if not frames:
-            return []
-        boxes = [self._letterbox(frame) for frame in frames]
-        blob = cv2.dnn.blobFromImages([lb.image for lb in boxes], self._scale, swapRB=self._swap_rb)
-        raw = self._run_batch(blob)
-        return [self._result(raw[i : i + 1], lb, frame.shape[:2]) for i, (lb, frame) in enumerate(zip(boxes, frames))]
+        if scales is not None and len(scales) != len(frames):
+            raise ValueError(f"ObjectDetector.detect_batch: {len(scales)} scales for {len(frames)} images")
+        boxes = []
+        for frame, scale in zip(frames, scales or [None] * len(frames)):
+            canvas_hw, s = self.canvas(frame.shape[:2], scale)
+            boxes.append(letterbox(frame, canvas_hw, center=not self._yolox, scale=s))
+        out: list[DetectionResult] = []
+        step = self._batch_dim or max(1, len(boxes))
+        for start in range(0, len(boxes), step):
+            chunk = boxes[start : start + step]
+            hw = (max(lb.image.shape[0] for lb in chunk), max(lb.image.shape[1] for lb in chunk))
+            images = [_pad_to(lb.image, hw) for lb in chunk]
+            raw = self._run_batch(cv2.dnn.blobFromImages(images, self._scale, swapRB=self._swap_rb))
+            out += [self._result(raw[i : i + 1], lb, frames[start + i].shape[:2], hw) for i, lb in enumerate(chunk)]
+        return out
 
     @property
     def _yolox(self) -> bool:
@@ -473,9 +607,6 @@ class ObjectDetector:
     @property
     def _swap_rb(self) -> bool:
         return not self._yolox
-
-    def _letterbox(self, frame: np.ndarray) -> Letterbox:
-        return letterbox(frame, self._input_hw, center=not self._yolox)
 
     def _run_batch(self, blob: np.ndarray) -> np.ndarray:
         """Model outputs for a ``(B, 3, H, W)`` input, in chunks of the model's fixed batch size (padded)."""
@@ -493,9 +624,9 @@ class ObjectDetector:
             outs.append(out[:n])
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
-    def _result(self, raw: np.ndarray, lb: Letterbox, frame_hw: tuple[int, int]) -> DetectionResult:
+    def _result(self, raw: np.ndarray, lb: Letterbox, frame_hw: tuple[int, int], input_hw: tuple[int, int]) -> DetectionResult:
         """Decode, filter and NMS one image's ``(1, ...)`` model output; boxes mapped back to frame pixels."""
-        xyxy, scores, class_ids = decode_yolox(raw, self._input_hw) if self._yolox else decode_yolov8(raw)
+        xyxy, scores, class_ids = decode_yolox(raw, input_hw) if self._yolox else decode_yolov8(raw)
         mask = (scores >= self._cfg.confidence) & np.isin(class_ids, self._wanted)
         xyxy, scores, class_ids = xyxy[mask], scores[mask], class_ids[mask]
         keep = nms_per_class(xyxy, scores, class_ids, self._cfg.nms_iou)

@@ -120,7 +120,7 @@ def check_model_file(path: Path | str, what: str) -> Path:
     return p.resolve()
 
 
-def _onnx_session(path: Path, what: str, opts: SessionOptions) -> Any:
+def _onnx_session(path: Path, what: str, opts: SessionOptions, transform: Callable[[Path], bytes] | None = None) -> Any:
     try:
         import onnxruntime as ort
     except ImportError as err:  # pragma: no cover - depends on install profile
@@ -131,7 +131,8 @@ def _onnx_session(path: Path, what: str, opts: SessionOptions) -> Any:
     so.log_severity_level = 3  # errors only: SCRFD's declared output sizes warn on every other input size
     chosen, missing = choose_providers(opts.providers, ort.get_available_providers(), opts.strict, what)
     try:
-        session = ort.InferenceSession(str(path), sess_options=so, providers=_with_options(chosen, opts))
+        model: str | bytes = str(path) if transform is None else transform(path)
+        session = ort.InferenceSession(model, sess_options=so, providers=_with_options(chosen, opts))
     except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ModelError(f"{what} model {path} could not be loaded by ONNX Runtime ({type(err).__name__}: {err}); {MODEL_HELP}") from None
     ran = session.get_providers()[0]
@@ -151,11 +152,12 @@ def _with_options(providers: list[str], opts: SessionOptions) -> list[Any]:
     return [(p, trt) if p == "TensorrtExecutionProvider" else p for p in providers]
 
 
-#: Backend registry: config ``type`` → session factory ``(path, what, options) -> session``.
-BACKENDS: dict[str, Callable[[Path, str, SessionOptions], Any]] = {"onnx": _onnx_session}
+#: Backend registry: config ``type`` → session factory ``(path, what, options, transform) -> session``.
+BACKENDS: dict[str, Callable[..., Any]] = {"onnx": _onnx_session}
 
 
-def open_session(backend: str, path: Path | str, what: str, opts: SessionOptions = SessionOptions()) -> Any:
+def open_session(backend: str, path: Path | str, what: str, opts: SessionOptions = SessionOptions(),
+                 transform: Callable[[Path], bytes] | None = None) -> Any:
     """Open an inference session for a model file.
 
     Args:
@@ -163,13 +165,14 @@ def open_session(backend: str, path: Path | str, what: str, opts: SessionOptions
         path: model file.
         what: human name of the model for messages (``"object detector"``).
         opts: threads and providers.
+        transform: builds the model bytes to load from the file (e.g. with free input sizes); None loads the file.
 
     Raises:
         ModelError: unknown backend, missing/empty/invalid model file.
     """
     if backend not in BACKENDS:
         raise ModelError(f"{what}: unknown model backend {backend!r}; known: {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[backend](check_model_file(path, what), what, opts)
+    return BACKENDS[backend](check_model_file(path, what), what, opts, transform)
 
 
 def expect_input(session: Any, what: str, path: Path | str, rank: int, channels: int = 3) -> tuple[Any, ...]:

@@ -21,6 +21,7 @@ class _MarkerDetector:
     """Finds one box in a frame whose pixel (0, 0) is green-marked (value 255 in channel 1); counts calls."""
 
     input_hw = (8, 8)
+    fits = False  # a fixed canvas: no motion regions
 
     def __init__(self) -> None:
         self.session_runs = 0
@@ -36,7 +37,10 @@ class _MarkerDetector:
         self.session_runs += 1
         return self._one(frame)
 
-    def detect_batch(self, frames) -> list[DetectionResult]:
+    def canvas(self, image_hw, scale=None):
+        return self.input_hw, 1.0
+
+    def detect_batch(self, frames, scales=None) -> list[DetectionResult]:
         self.session_runs += 1
         self.batches.append(len(frames))
         return [self._one(f) for f in frames]

@@ -390,7 +390,7 @@ def test_fixed_batch_yolox_runs_a_batch_frame_by_frame_with_the_same_results(yol
 
 def test_dynamic_batch_yolox_runs_once_per_batch_with_the_same_results(models, tmp_path, vtest_batch):
     path = _dynamic_batch_copy(models / "yolox_nano.onnx", tmp_path / "yolox_nano_dynamic.onnx")
-    det = ObjectDetector(OnnxDetectorConfig(path=path, layout="yolox"), ONE_THREAD)
+    det = ObjectDetector(OnnxDetectorConfig(path=path, layout="yolox", canvas="fixed"), ONE_THREAD)
     assert det.batch_dim is None
     single = [det.detect(f) for f in vtest_batch]
     runs = det.session_runs
