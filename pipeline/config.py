@@ -116,6 +116,12 @@ class RegionConfig(_Strict):
     max_regions: int = Field(4, ge=1, le=32, description="more regions than this in a frame: detect the whole frame")
     edge_tol_px: float = Field(4.0, ge=0.0, le=100.0, description="an object this close to a crop side inside the frame may "
                                "be cut: the whole frame is detected again")
+    min_side: int = Field(160, ge=0, le=4096, description="regions grow to at least this many model-input pixels wide and "
+                          "high (the detector needs context around small objects)")
+    remember: int = Field(8, ge=1, le=1000, description="the objects of a camera's last this many detector frames stay in its "
+                          "regions (someone standing still, or missed once)")
+    whole_every: int = Field(10, ge=1, le=10_000, description="every this many detector frames of a camera one runs on the "
+                             "whole frame, whatever moved (1: always whole)")
 
 
 class DetectionConfig(_Strict):

@@ -2,9 +2,11 @@
 
 Frigate's approach (``frigate/util/object.py``: motion boxes grown into
 regions, only those crops detected): a detector frame's region boxes are the
-motion gate's changed areas plus the camera's objects of its last detector
-frame (so people who stand still, or move only a little, stay inside a
-crop). Each box is grown by a margin, overlapping grown boxes are merged until
+motion gate's changed areas plus the camera's objects of its last
+``remember`` detector frames (so people who stand still, or move only a
+little, stay inside a crop even when one frame misses them), and every
+``whole_every``-th detector frame of a camera runs whole, as Frigate
+re-checks stationary objects, so nothing outside the regions stays unseen for long. Each box is grown by a margin, overlapping grown boxes are merged until
 the regions are disjoint, and each region is cropped and run at the scale of
 the whole frame, on a canvas fitted to it (:func:`stages.detector.fit_canvas`):
 objects keep the size in pixels the detector sees them at on the whole frame,
@@ -23,6 +25,7 @@ fit``); with a fixed canvas every crop would cost a whole frame's run.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -44,7 +47,8 @@ class CanvasDetector(Protocol):
     def detect_batch(self, frames: Sequence[np.ndarray], scales: Sequence[float | None] | None = None) -> list[DetectionResult]: ...
 
 
-def grow_and_merge(boxes: np.ndarray, frame_hw: tuple[int, int], margin: float, min_margin_px: int) -> list[Region]:
+def grow_and_merge(boxes: np.ndarray, frame_hw: tuple[int, int], margin: float, min_margin_px: int,
+                   min_side_px: float = 0.0) -> list[Region]:
     """Grow boxes by a margin and merge overlapping ones into disjoint regions.
 
     Args:
@@ -52,6 +56,8 @@ def grow_and_merge(boxes: np.ndarray, frame_hw: tuple[int, int], margin: float, 
         frame_hw: the frame's ``(height, width)``; regions are clipped to it.
         margin: each side grows by ``margin`` times the box's longer side ...
         min_margin_px: ... but by at least this many pixels.
+        min_side_px: grown boxes narrower or lower than this grow about their centre to it (moved inside
+            the frame where it ends), so an object keeps some context around it.
 
     Returns:
         Disjoint (non-overlapping) integer regions, sorted by ``(y1, x1)``; empty for no boxes.
@@ -60,8 +66,9 @@ def grow_and_merge(boxes: np.ndarray, frame_hw: tuple[int, int], margin: float, 
     rects: list[list[int]] = []
     for x1, y1, x2, y2 in np.asarray(boxes, np.float64).reshape(-1, 4):
         grow = max(margin * max(x2 - x1, y2 - y1), float(min_margin_px))
-        r = [max(0, int(np.floor(x1 - grow))), max(0, int(np.floor(y1 - grow))),
-             min(w, int(np.ceil(x2 + grow))), min(h, int(np.ceil(y2 + grow)))]
+        x1, x2 = _at_least(x1 - grow, x2 + grow, min_side_px, w)
+        y1, y2 = _at_least(y1 - grow, y2 + grow, min_side_px, h)
+        r = [max(0, int(np.floor(x1))), max(0, int(np.floor(y1))), min(w, int(np.ceil(x2))), min(h, int(np.ceil(y2)))]
         if r[0] < r[2] and r[1] < r[3]:
             rects.append(r)
     merged = True
@@ -78,6 +85,16 @@ def grow_and_merge(boxes: np.ndarray, frame_hw: tuple[int, int], margin: float, 
             if merged:
                 break
     return sorted((tuple(r) for r in rects), key=lambda r: (r[1], r[0]))  # type: ignore[misc]
+
+
+def _at_least(lo: float, hi: float, side: float, limit: int) -> tuple[float, float]:
+    """The span ``lo..hi`` widened about its centre to ``side`` (at most ``limit``), shifted into ``0..limit``."""
+    if hi - lo >= side:
+        return lo, hi
+    side = min(side, float(limit))
+    lo = (lo + hi - side) / 2
+    lo = min(max(0.0, lo), limit - side)
+    return lo, lo + side
 
 
 def touches_inner_side(xyxy: np.ndarray, region: Region, frame_hw: tuple[int, int], tol_px: float) -> bool:
@@ -117,7 +134,8 @@ class RegionDetector:
         self.detector = detector
         self.settings = settings
         self._fixed_px = fixed_hw[0] * fixed_hw[1]
-        self.last: dict[str, np.ndarray] = {}  # camera -> (n, 4) boxes of its last detector frame
+        self.last: dict[str, deque[np.ndarray]] = {}  # camera -> (n, 4) boxes of its last `remember` detector frames
+        self.since_whole: dict[str, int] = {}  # camera -> detector frames since its last whole one
         self.counts = {"region_frames": 0, "region_crops": 0, "region_retried": 0, "detector_kpx": 0, "detector_kpx_fixed": 0}
         self._px = 0  # canvas pixels not yet counted in whole kpx
         self._px_fixed = 0
@@ -133,12 +151,13 @@ class RegionDetector:
         s = self.settings
         if not (s.enabled and self.detector.fits) or motion_boxes is None:
             return None
-        boxes = np.concatenate((np.asarray(motion_boxes, np.float32).reshape(-1, 4),
-                                self.last.get(camera, np.zeros((0, 4), np.float32))))
-        regions = grow_and_merge(boxes, frame_hw, s.margin, s.min_margin_px)
+        if self.since_whole.get(camera, s.whole_every) + 1 >= s.whole_every:
+            return None
+        boxes = np.concatenate([np.asarray(motion_boxes, np.float32).reshape(-1, 4), *self.last.get(camera, ())])
+        (fh, fw), scale = self.detector.canvas(frame_hw)
+        regions = grow_and_merge(boxes, frame_hw, s.margin, s.min_margin_px, s.min_side / scale)
         if not regions or len(regions) > s.max_regions:
             return None
-        (fh, fw), scale = self.detector.canvas(frame_hw)
         cost = sum(np.prod(self.detector.canvas((r[3] - r[1], r[2] - r[0]), scale)[0]) for r in regions)
         return regions if cost <= s.max_area * fh * fw else None
 
@@ -175,8 +194,9 @@ class RegionDetector:
             out[i] = result
             self.counts["region_retried"] += 1
         self._count(frames, plans, images, scales, retry)
-        for camera, result in zip(cameras, out):
-            self.last[camera] = result.xyxy
+        for camera, plan, result in zip(cameras, plans, out):
+            self.last.setdefault(camera, deque(maxlen=self.settings.remember)).append(result.xyxy)
+            self.since_whole[camera] = self.since_whole.get(camera, 0) + 1 if plan is not None else 0
         return out
 
     def _join(self, parts: list[DetectionResult], plan: list[Region], frame_hw: tuple[int, int]) -> DetectionResult | None:
