@@ -526,6 +526,12 @@ class ObjectDetector:
         """The model input's fixed batch size (1 for the asset YOLOX-Nano), or None when it is dynamic."""
         return self._batch_dim
 
+    @property
+    def crops_pay(self) -> bool:
+        """True if crops of any size are cheap to run: the canvas fits and the model runs on the CPU (on a GPU each
+        new input shape may be tuned or compiled anew: cuDNN's algorithm search, a TensorRT engine)."""
+        return self.fits and self._session.get_providers()[0] == "CPUExecutionProvider"
+
     def canvas(self, image_hw: tuple[int, int], scale: float | None = None) -> tuple[tuple[int, int], float]:
         """The model input ``((height, width), scale)`` an image of ``image_hw`` pixels runs on: the declared input
         size, or with :attr:`fits` the stride-aligned fit (:func:`fit_canvas`); ``scale`` as there."""

@@ -20,7 +20,9 @@ Two rules keep the result the same as the whole frame's:
   object: the whole frame runs again for that frame (``region_retried``).
 
 Regions need a detector whose canvas fits the image (``detection.detector.canvas:
-fit``); with a fixed canvas every crop would cost a whole frame's run.
+fit``; with a fixed canvas every crop would cost a whole frame's run) and that
+runs on the CPU (on a GPU, cuDNN tunes and TensorRT builds per input shape,
+and crops come in many shapes; whole frames there are cheap anyway).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ Region = tuple[int, int, int, int]
 class CanvasDetector(Protocol):
     """What :class:`RegionDetector` needs of :class:`stages.detector.ObjectDetector`."""
 
-    fits: bool
+    crops_pay: bool
 
     def canvas(self, image_hw: tuple[int, int], scale: float | None = None) -> tuple[tuple[int, int], float]: ...
 
@@ -119,7 +121,8 @@ class RegionDetector:
     """Detector runs on motion regions (or whole frames), with per-camera memory of the last objects.
 
     Args:
-        detector: the object detector (regions are used only when its canvas fits, ``detector.fits``).
+        detector: the object detector (regions are used only when crops pay, ``detector.crops_pay``: its canvas
+            fits and it runs on the CPU).
         settings: the region rules (``detection.regions``).
         fixed_hw: the model's declared input ``(height, width)``, for ``detector_kpx_fixed``.
 
@@ -149,7 +152,7 @@ class RegionDetector:
             motion_boxes: ``(n, 4)`` changed areas in frame pixels, or None (the whole frame changed).
         """
         s = self.settings
-        if not (s.enabled and self.detector.fits) or motion_boxes is None:
+        if not (s.enabled and self.detector.crops_pay) or motion_boxes is None:
             return None
         if self.since_whole.get(camera, s.whole_every) + 1 >= s.whole_every:
             return None

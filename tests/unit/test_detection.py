@@ -21,7 +21,7 @@ class _MarkerDetector:
     """Finds one box in a frame whose pixel (0, 0) is green-marked (value 255 in channel 1); counts calls."""
 
     input_hw = (8, 8)
-    fits = False  # a fixed canvas: no motion regions
+    crops_pay = False  # a fixed canvas: no motion regions
 
     def __init__(self) -> None:
         self.session_runs = 0

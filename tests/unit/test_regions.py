@@ -78,7 +78,7 @@ def test_fitted_yolox_finds_what_the_fixed_one_finds(models, videos, video, canv
     path = models / "yolox_nano.onnx"
     fixed = ObjectDetector(OnnxDetectorConfig(path=path, layout="yolox", canvas="fixed"), ONE_THREAD)
     fitted = ObjectDetector(OnnxDetectorConfig(path=path, layout="yolox"), ONE_THREAD)
-    assert not fixed.fits and fitted.fits
+    assert not fixed.fits and fitted.fits and fitted.crops_pay and not fixed.crops_pay
     frames = _frames(videos, video, range(0, 400, 20))
     assert fitted.canvas(frames[0].shape[:2])[0] == canvas
     a, b = [fixed.detect(f) for f in frames], [fitted.detect(f) for f in frames]
@@ -133,7 +133,7 @@ def test_touches_inner_side(box, cut):
 class _Recorder:
     """A fitted fake detector: one box per image where a bright (255) block is, at its bounding box; records calls."""
 
-    fits = True
+    crops_pay = True
     input_hw = (64, 64)
 
     def __init__(self) -> None:
@@ -231,9 +231,10 @@ def test_objects_of_the_last_frames_are_remembered():
     assert len(rd.plan("c", (120, 160), np.zeros((0, 4), np.float32))) == 1  # the first place is forgotten
 
 
-def test_a_fixed_canvas_never_uses_regions():
+def test_no_regions_where_crops_do_not_pay():
+    """A fixed canvas (every crop costs a whole run) or a GPU provider (a tuning per new shape)."""
     det = _Recorder()
-    det.fits = False
+    det.crops_pay = False
     rd = RegionDetector(det, SETTINGS, det.input_hw)
     assert rd.plan("c", (120, 160), np.array([[58, 38, 82, 82]], np.float32)) is None
 
