@@ -186,14 +186,21 @@ class GaitLinker:
         self.silhouettes: dict[str, CameraSilhouettes] = {}
         self.tracks: dict[str, TrackGait] = {}
         self.earlier = EarlierTracks(cfg.keep_tracks)
+        self.still_skipped = 0  # still frames without persons that did not update a background
 
     def remember(self, vector: np.ndarray, named: Named) -> None:
         """Remember a named track ended elsewhere (another recognition process) for linking; ``(d,) float32`` GEI embedding."""
         self.earlier.add(vector, named)
 
-    def observe(self, camera: str, persons: list[ActiveTrack], frame: np.ndarray) -> list[int]:
-        """Update the camera's background; add each person's silhouette; returns tracks whose GEI just became ready."""
+    def observe(self, camera: str, persons: list[ActiveTrack], frame: np.ndarray, still: bool = False) -> list[int]:
+        """Update the camera's background; add each person's silhouette; returns tracks whose GEI just became ready.
+
+        A ``still`` frame (the motion gate found no change) without persons leaves the background as it is:
+        it would only confirm it (counted in :attr:`still_skipped`)."""
         sil = self.silhouettes.setdefault(camera, CameraSilhouettes(self.cfg.width_px))
+        if still and not persons:
+            self.still_skipped += 1
+            return []
         sil.update(frame)
         gait = self.tracks.setdefault(camera, TrackGait(self.cfg.min_frames))
         ready = []
@@ -406,7 +413,7 @@ class RecognitionStage:
             if not meta.held and self.reid is not None and persons and self.reid.due(cam, idx):
                 self._reid(tracks, persons, frame, idx)
             if self.gait is not None and not meta.held:
-                self._gait(tracks, persons, frame)
+                self._gait(tracks, persons, frame, still=not meta.motion)
         out.extend(self._ended(transitions))
         return out
 
@@ -421,14 +428,15 @@ class RecognitionStage:
             tracks.set_identity(track_id, named.identity, named.method, named.score)
             self._record("name", track_id, named.identity, named.method, named.score)
 
-    def _gait(self, tracks: CameraTracks, persons: list[ActiveTrack], frame: np.ndarray) -> None:
-        for track_id in self.gait.observe(tracks.camera, persons, frame):
+    def _gait(self, tracks: CameraTracks, persons: list[ActiveTrack], frame: np.ndarray, still: bool) -> None:
+        for track_id in self.gait.observe(tracks.camera, persons, frame, still):
             if not self._identity(tracks.camera, track_id).accepts("gait"):
                 continue  # face or Re-ID already decided
             linked = self.gait.link(tracks.camera, track_id)
             if linked is not None:
                 self._name(tracks, track_id, linked)
         self.counts["gait_silhouettes_rejected"] = self.gait.rejected
+        self.counts["gait_still_skipped"] = self.gait.still_skipped
 
     def _reid(self, tracks: CameraTracks, persons: list[ActiveTrack], frame: np.ndarray, idx: int) -> None:
         sampled = self.reid.sample(tracks.camera, persons, frame, idx, self._samples if self.journaling else None)

@@ -211,3 +211,20 @@ def test_gait_linker_stores_and_links_with_the_configured_embedder(tmp_path: Pat
         linker.observe("cam", [track(2)], frame)
     named = linker.link("cam", 2)
     assert named is not None and named.identity == "Alice" and named.method == "gait"
+
+
+def test_a_still_frame_without_persons_leaves_the_background_alone():
+    """The motion gate found no change and nobody is tracked: MOG2 is not fed (it would only confirm the
+    background); with a person, or with motion, it is."""
+    linker = GaitLinker(GaitConfig(width_px=64))
+    frame = np.full((48, 64, 3), 90, np.uint8)
+    linker.observe("cam", [], frame)
+    sil = linker.silhouettes["cam"]
+    calls = []
+    feed = sil.update
+    sil.update = lambda f: (calls.append(1), feed(f))  # type: ignore[method-assign]
+    assert linker.observe("cam", [], frame, still=True) == [] and calls == [] and linker.still_skipped == 1
+    linker.observe("cam", [], frame, still=False)
+    person = ActiveTrack(track_id=1, event_id=f"{1:032x}", xyxy=np.array([10, 5, 30, 45], np.float32), label="person")
+    linker.observe("cam", [person], frame, still=True)
+    assert len(calls) == 2 and linker.still_skipped == 1
