@@ -115,6 +115,9 @@ class DetectionStage:
     (``detection.batch``): motion gating per camera first, then one
     :meth:`~stages.detector.ObjectDetector.detect_batch` over the frames that
     need the detector; the results are those of :meth:`process` on each frame in turn.
+    With motion regions active (``detection.regions`` on the CPU, :class:`~stages.regions.RegionDetector`)
+    a batch is answered frame by frame: each frame's regions depend on the previous frame's objects, and
+    crops of many shapes would not share a model run anyway.
 
     Args:
         detector: the object detector.
@@ -203,6 +206,8 @@ class DetectionStage:
         """
         if len(frames) != len(metas):
             raise ValueError(f"process_batch: {len(frames)} frames for {len(metas)} messages")
+        if self.regions.active:  # crops of many shapes share no model run: frame by frame, each planned on the last
+            return [self.process(frame, meta) for frame, meta in zip(frames, metas)]
         assert all(isinstance(m, FrameRef) for m in metas)
         refs: list[FrameRef] = list(metas)  # type: ignore[arg-type]
         gated: list[MotionResult | None] = [None] * len(refs)

@@ -143,6 +143,11 @@ class RegionDetector:
         self._px = 0  # canvas pixels not yet counted in whole kpx
         self._px_fixed = 0
 
+    @property
+    def active(self) -> bool:
+        """True if frames may run on regions (``enabled`` and the detector's crops pay)."""
+        return self.settings.enabled and self.detector.crops_pay
+
     def plan(self, camera: str, frame_hw: tuple[int, int], motion_boxes: np.ndarray | None) -> list[Region] | None:
         """The regions to detect on for one frame, or None for the whole frame.
 
@@ -152,7 +157,7 @@ class RegionDetector:
             motion_boxes: ``(n, 4)`` changed areas in frame pixels, or None (the whole frame changed).
         """
         s = self.settings
-        if not (s.enabled and self.detector.crops_pay) or motion_boxes is None:
+        if not self.active or motion_boxes is None:
             return None
         if self.since_whole.get(camera, s.whole_every) + 1 >= s.whole_every:
             return None

@@ -245,3 +245,27 @@ def test_detection_stage_holds_the_frame_after_two_stable_ones(batch: int) -> No
     # batch 1: frames 0, 1 detected, 2 held, 3 detected (compared with 1: stable), 4 held ...; a batch can only
     # hold a camera's first frame in it (the others' results are not known before it runs).
     assert held == ([2, 4, 6, 8, 10] if batch == 1 else [4, 8])
+
+
+def test_with_motion_regions_a_batch_is_answered_as_frame_by_frame(models: Path, videos: Path) -> None:
+    """Regions depend on the previous frame's objects: a batch runs frame by frame, with the same answers."""
+    from pipeline.config import RegionConfig
+
+    cap = cv2.VideoCapture(str(videos / "one-by-one-person-detection.mp4"))
+    script = []
+    for i in range(140):
+        ok, frame = cap.read()
+        assert ok
+        if i >= 60:
+            script.append((FrameRef(camera="hall", ring="r", slot=i % 8, seq=i + 1, frame_index=i, captured_at_ns=0,
+                                    height=frame.shape[0], width=frame.shape[1]), frame))
+    cap.release()
+    detector = ObjectDetector(OnnxDetectorConfig(path=models / "yolox_nano.onnx", layout="yolox"), SessionOptions(threads=1))
+    one = DetectionStage(detector, MotionConfig(), regions=RegionConfig())
+    expected = [one.process(frame, ref)[0] for ref, frame in script]
+    many = DetectionStage(detector, MotionConfig(), batch=4, regions=RegionConfig())
+    got = [a[0] for start in range(0, len(script), 4)
+           for a in many.process_batch([f for _, f in script[start : start + 4]], [r for r, _ in script[start : start + 4]])]
+    assert one.counts["region_frames"] >= 20  # the person walking in ran on regions
+    assert [_key(d) for d in got] == [_key(d) for d in expected]
+    assert many.counts == one.counts
