@@ -489,26 +489,25 @@ class ObjectDetector:
         if self._session.get_providers()[0] == "TensorrtExecutionProvider":
             log.info("%s %s: canvas fit off on TensorRT (an engine per input shape); fixed %s", _WHAT, path.name, self._input_hw)
             return False
-        cells = len(yolo_grid(self._input_hw)[0])
-        session = open_session(self._cfg.type, path, _WHAT, opts, transform=lambda p: free_input_hw(p, cells))
-        probe_hw = (max(STRIDES[-1], self._input_hw[0] // 2 // STRIDES[-1] * STRIDES[-1]), self._input_hw[1])
-        blob = np.zeros((self._batch_dim or 1, 3, *probe_hw), np.float32)
         import onnxruntime as ort
 
+        cells = len(yolo_grid(self._input_hw)[0])
+        probe_hw = (max(STRIDES[-1], self._input_hw[0] // 2 // STRIDES[-1] * STRIDES[-1]), self._input_hw[1])
+        blob = np.zeros((self._batch_dim or 1, 3, *probe_hw), np.float32)
         quiet = ort.RunOptions()
         quiet.log_severity_level = 4  # the failure is reported below, in one line
         try:
+            session = open_session(self._cfg.type, path, _WHAT, opts, transform=lambda p: free_input_hw(p, cells))
             out = session.run(None, {self._input_name: blob}, quiet)[0]
-            raw = out[:1]
-            _ = decode_yolox(raw, probe_hw) if self._yolox else decode_yolov8(raw)
-            if (self._yolox and raw.shape[1] != len(yolo_grid(probe_hw)[0])) or (not self._yolox and raw.shape[2] != len(yolo_grid(probe_hw)[0])):
+            if out.ndim != 3 or out.shape[1 if self._yolox else 2] != len(yolo_grid(probe_hw)[0]):
                 raise ValueError(f"output shape {list(out.shape)}")
-        except Exception as err:  # onnxruntime raises its own Fail types; a wrong output size is a ValueError
+        except Exception as err:  # ModelError, onnxruntime's own Fail types; a wrong output size is a ValueError
             log.warning("%s %s: the model does not run on a %dx%d canvas (%s); detection.detector.canvas fit falls back "
                         "to the fixed %dx%d input", _WHAT, path.name, probe_hw[1], probe_hw[0], str(err).splitlines()[0][:160],
                         self._input_hw[1], self._input_hw[0])
             return False
         self._session = session
+        log.info("%s %s: canvas fit (the declared %dx%d input at most)", _WHAT, path.name, self._input_hw[1], self._input_hw[0])
         return True
 
     @property

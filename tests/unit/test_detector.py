@@ -406,6 +406,7 @@ def test_toy_model_batches_in_chunks_of_its_batch_dim(tmp_path, batch_dim, n, ru
     path = _toy_yolox(tmp_path / "toy.onnx", batch_dim)
     det = ObjectDetector(OnnxDetectorConfig(path=path, layout="yolox", confidence=0.2, classes=tuple(COCO80)), ONE_THREAD)
     assert det.batch_dim == (None if batch_dim == "N" else batch_dim)
+    assert not det.fits  # its MatMul takes only the declared 32x32 input: the probe fell back to the fixed canvas
     rng = np.random.default_rng(1)
     frames = [rng.integers(0, 256, (24 + 8 * i, 40, 3), dtype=np.uint8) for i in range(n)]
     batched = det.detect_batch(frames)
