@@ -492,7 +492,8 @@ class ObjectDetector:
         import onnxruntime as ort
 
         cells = len(yolo_grid(self._input_hw)[0])
-        probe_hw = (max(STRIDES[-1], self._input_hw[0] // 2 // STRIDES[-1] * STRIDES[-1]), self._input_hw[1])
+        half = max(STRIDES[-1], self._input_hw[0] // 2 // STRIDES[-1] * STRIDES[-1])
+        probe_hw = (half if half != self._input_hw[0] else half + STRIDES[-1], self._input_hw[1])  # another height
         blob = np.zeros((self._batch_dim or 1, 3, *probe_hw), np.float32)
         quiet = ort.RunOptions()
         quiet.log_severity_level = 4  # the failure is reported below, in one line
