@@ -435,8 +435,7 @@ class RecognitionStage:
             linked = self.gait.link(tracks.camera, track_id)
             if linked is not None:
                 self._name(tracks, track_id, linked)
-        self.counts["gait_silhouettes_rejected"] = self.gait.rejected
-        self.counts["gait_still_skipped"] = self.gait.still_skipped
+        self.counts["gait_silhouettes_rejected"], self.counts["gait_still_skipped"] = self.gait.rejected, self.gait.still_skipped
 
     def _reid(self, tracks: CameraTracks, persons: list[ActiveTrack], frame: np.ndarray, idx: int) -> None:
         sampled = self.reid.sample(tracks.camera, persons, frame, idx, self._samples if self.journaling else None)
