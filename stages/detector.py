@@ -463,6 +463,8 @@ class ObjectDetector:
     Attributes:
         session_runs: inference session runs so far (one per :meth:`detect`, one
             per model batch in :meth:`detect_batch`).
+        fits: True when canvases fit each image (``cfg.canvas == "fit"`` and the
+            model took a free input height and width, see the module docstring).
     """
 
     def __init__(self, cfg: OnnxDetectorConfig, opts: SessionOptions = SessionOptions()) -> None:
