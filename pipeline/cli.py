@@ -108,7 +108,7 @@ def _model_checks(cfg: AppConfig) -> list[tuple[str, Callable[[], object]]]:
 
         from stages.runtime import for_model
 
-        checks.append(("recognition.reid.path", lambda: ReidEmbedder(rec.reid.path, for_model(opts, rec.reid.providers))))  # type: ignore[union-attr]
+        checks.append(("recognition.reid.path", lambda: ReidEmbedder(rec.reid.path, for_model(opts, rec.reid.providers, rec.reid.graph_optimization))))  # type: ignore[union-attr]
     if rec.gait is not None and rec.gait.embedder is not None:
         from stages.gait import gait_embedder
 

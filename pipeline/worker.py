@@ -219,7 +219,7 @@ def _linkers(cfg: AppConfig, opts: Any) -> tuple[Any, Any]:
 
         from stages.runtime import for_model
 
-        reid = ReidLinker(ReidEmbedder(cfg.recognition.reid.path, for_model(opts, cfg.recognition.reid.providers)),
+        reid = ReidLinker(ReidEmbedder(cfg.recognition.reid.path, for_model(opts, cfg.recognition.reid.providers, cfg.recognition.reid.graph_optimization)),
                           cfg.recognition.reid)
     if cfg.recognition.gait is not None:
         from stages.gait import gait_embedder

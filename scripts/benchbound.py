@@ -143,7 +143,7 @@ class BoundModels:
         self.person = self.detector.class_names.index("person") if "person" in self.detector.class_names else -1
         self.faces = FaceAnalyzer(cfg.recognition.face, opts)
         reid = cfg.recognition.reid
-        self.reid = ReidEmbedder(reid.path, for_model(opts, reid.providers)) if reid is not None else None
+        self.reid = ReidEmbedder(reid.path, for_model(opts, reid.providers, reid.graph_optimization)) if reid is not None else None
 
 
 def _time_detector(models: BoundModels, frames: list[np.ndarray], calls: int, cap: int,

@@ -66,7 +66,7 @@ from eval_faces import UsageError, assets_dir, describe, model_path, run_report,
 from pipeline.config import OnnxDetectorConfig, OnnxReidConfig, TrackingConfig
 from stages.detector import ObjectDetector
 from stages.reid import ReidEmbedder, TrackReid, link_tracks, similarity_matrix
-from stages.runtime import SessionOptions
+from stages.runtime import SessionOptions, for_model
 from stages.tracking import CameraTracks
 
 #: The six people of one-by-one-person-detection.mp4, video frames (asset README; approximate).
@@ -298,7 +298,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     assets = assets_dir(args.assets)
     opts = SessionOptions(threads=args.threads)
     detector = ObjectDetector(OnnxDetectorConfig(path=model_path(assets, args.detector), layout="yolox"), opts)
-    embedder = ReidEmbedder(model_path(assets, args.reid_model), opts)
+    embedder = ReidEmbedder(model_path(assets, args.reid_model),
+                            for_model(opts, None, OnnxReidConfig.model_fields["graph_optimization"].default))  # as the pipeline
     report: dict = {"detector": Path(args.detector).name, "reid_model": embedder.model_name, "stride": args.stride,
                     "sample_every": args.sample_every, "min_samples": args.min_samples, "target_far": args.far}
 

@@ -271,3 +271,21 @@ def test_link_rejects_mixed_dimensions() -> None:
         link_tracks({1: np.ones(4)}, {2: np.ones(3)})
     with pytest.raises(ValueError, match="different lengths"):
         link_tracks({1: np.ones(4), 2: np.ones(3)}, {3: np.ones(4)})
+
+
+@pytest.mark.parametrize("level, ort_level", [("all", "ORT_ENABLE_ALL"), ("extended", "ORT_ENABLE_EXTENDED"), ("basic", "ORT_ENABLE_BASIC")])
+def test_graph_optimization_level_reaches_the_session_and_keeps_the_embeddings(models, level, ort_level):
+    """``recognition.reid.graph_optimization`` (extended by default: OSNet's depthwise convolutions run slower
+    under 'all''s NCHWc layout) sets the session's level; the embeddings are the same to float rounding."""
+    import onnxruntime as ort
+
+    from pipeline.config import OnnxReidConfig
+    from stages.runtime import SessionOptions, for_model
+
+    assert OnnxReidConfig(path=models / "osnet_x0_25_msmt17.onnx").graph_optimization == "extended"
+    frame = np.random.default_rng(0).integers(0, 256, (360, 480, 3), dtype=np.uint8)
+    boxes = np.array([[10, 20, 90, 300], [200, 40, 260, 200]], np.float32)
+    base = ReidEmbedder(models / "osnet_x0_25_msmt17.onnx", SessionOptions(threads=1))
+    emb = ReidEmbedder(models / "osnet_x0_25_msmt17.onnx", for_model(SessionOptions(threads=1), None, level))
+    assert emb.session.get_session_options().graph_optimization_level == getattr(ort.GraphOptimizationLevel, ort_level)
+    np.testing.assert_allclose(emb.embed(frame, boxes), base.embed(frame, boxes), atol=1e-4)
