@@ -402,7 +402,11 @@ class AnalyzeJobs:
 
     def _outcome(self, ctl: JobControl, paths: JobPaths, code: int, total: int | None) -> dict[str, Any]:
         summary = read_summary(paths) or {}
-        frames = int(summary.get("stages", {}).get("capture", {}).get("frames_out", ctl.frames_done))
+        stages = summary.get("stages", {})
+        frames = int(stages.get("capture", {}).get("frames_out", ctl.frames_done))
+        through = int(stages.get("recognition", {}).get("frames_out", 0))
+        if through > ctl.frames_done:  # the run went on after the last poll: a stopped job shows what it did
+            ctl.report(through, total, force=True)
         result = {"events": ctl.count_events(), "frames": frames, "exit_code": code, "run_id": summary.get("run_id"),
                   "wall_s": summary.get("wall_s"), "camera": camera_name(ctl.job.id)}
         if ctl.cancel_requested:

@@ -253,7 +253,10 @@ def test_two_boxes_one_hub_killed_mid_run_stores_the_union_once(pg_url: str, bro
             assert rows[eid]["box_id"] == box
             assert rows[eid]["has_snapshot"] == row["has_snapshot"]
             assert same_event(rows[eid], row), (rows[eid], row)
-        paged = _api_pages(port)
+        try:
+            paged = _api_pages(port)
+        except OSError as err:  # seen once under a loaded full-suite run (a reset): keep what the hub said
+            raise AssertionError(f"hub API on port {port}: {err!r}; hub output:\n{hub.text[-3000:]}") from err
         assert len(paged) == len(set(paged)) == len(union) and set(paged) == set(union)  # none twice
         for box in boxes:
             assert set(_api_pages(port, box=box)) == set(stored[box])
