@@ -6,7 +6,9 @@ Steps (each prints what it found; nothing is downloaded):
 1. **Install**: with a ``.whl/`` folder in the checkout (ignored by git; wheels
    for that machine's Python), ``onnxruntime`` is uninstalled when an
    ``onnxruntime_gpu`` wheel is there, and every wheel of the folder is
-   installed with ``pip install --no-index --find-links .whl``; without it, the
+   installed with ``pip install --no-index --no-deps`` (carry each missing
+   dependency as its own wheel; the machine's own packages, e.g.
+   ``opencv-python-headless``, satisfy the rest); without it, the
    commands that fill it are printed. Then every module the pipeline imports
    is checked (a missing one ends the check, exit 2, naming it).
 2. **CUDA**: prints ``onnxruntime.get_device()`` and
@@ -17,8 +19,8 @@ Steps (each prints what it found; nothing is downloaded):
 3. **Benchmarks**: ``nvidia-smi dmon -s u -d 1`` (GPU utilisation, %, every
    second) runs in the background while ``scripts/bench_e2e.py --rounds 1
    --json`` runs with each ``--cameras`` count (the asset videos in turn,
-   ``--resize``d, first ``--max-frames`` frames), on CPU then on GPU
-   (``--gpu-providers``). Detection and recognition get ``cameras // 4``
+   ``--resize``d, first ``--max-frames`` frames), on GPU (``--gpu-providers``)
+   for every count first, then on CPU, so a short lease measures the GPU. Detection and recognition get ``cameras // 4``
    processes each (1 to 4). A run that would start after ``--budget-s`` is
    skipped (said so).
 4. **Summary**: one line per run: cameras, provider, pipeline and loop
@@ -78,7 +80,7 @@ def install(wheels: Path) -> None:
         return
     if any(w.name.startswith("onnxruntime_gpu") for w in found):
         sh([sys.executable, "-m", "pip", "uninstall", "-y", "onnxruntime"])
-    res = sh([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels), *map(str, found)])
+    res = sh([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", *map(str, found)])
     print(res.stdout[-2000:] + res.stderr[-2000:] if res.returncode else f"installed {len(found)} wheel(s)")
 
 
@@ -140,9 +142,13 @@ def cuda_check(models: list[Path]) -> bool | None:
             first = sess.get_providers()[0]
             assert first == CUDA, f"runs on {first}, not {CUDA}"
             feeds = {i.name: np.zeros(_dummy_shape(i.shape), np.float32) for i in sess.get_inputs()}
-            t0 = time.perf_counter()
-            sess.run(None, feeds)
-            print(f"{path.name}: {first}, first run {(time.perf_counter() - t0) * 1e3:.0f} ms")
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                sess.run(None, feeds)
+                times.append((time.perf_counter() - t0) * 1e3)
+            print(f"{path.name}: {first}, runs on {_dummy_shape(sess.get_inputs()[0].shape)}: "
+                  + ", ".join(f"{t:.1f}" for t in times) + " ms")
         except Exception as err:  # noqa: BLE001 - every model is tried and reported
             print(f"{path.name}: CUDA check FAILED: {err}")
             ok = False
@@ -261,26 +267,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--bound-calls", type=int, default=100, help="timed calls per model for the bare-inference bound")
     ap.add_argument("--gpu-providers", default=f"{CUDA},CPUExecutionProvider")
     ap.add_argument("--budget-s", type=float, default=420, help="no benchmark starts after this many seconds of them")
+    ap.add_argument("--grace-s", type=float, default=120, help="a benchmark still running this long after the budget is stopped")
     ap.add_argument("--wheels", default=str(ROOT / ".whl"), help="wheel folder to install from (default: .whl)")
     ap.add_argument("--skip-install", action="store_true")
     return ap.parse_args(argv)
 
 
-def run_benchmarks(args: argparse.Namespace, videos: list[Path], cuda: str) -> list[dict]:
-    """Every (cameras, provider) run in order, CPU then GPU per camera count, within ``--budget-s``; the GPU
-    runs only when the CUDA check said ``cuda == "ok"``."""
+def run_benchmarks(args: argparse.Namespace, videos: list[Path], cuda: str, partial: Path | None = None) -> list[dict]:
+    """Every (provider, cameras) run in order, GPU for every camera count then CPU, within ``--budget-s``;
+    the GPU runs only when the CUDA check said ``cuda == "ok"``. A run started at budget time ``t`` is stopped
+    at ``--budget-s + --grace-s``; the results so far are rewritten to ``partial`` after each run."""
     started, results = time.monotonic(), []
-    for cameras in (int(c) for c in args.cameras.split(",") if c.strip()):
-        for provider, providers in (("CPU", "CPUExecutionProvider"), ("GPU", args.gpu_providers)):
+    counts = [int(c) for c in args.cameras.split(",") if c.strip()]
+    for provider, providers in (("GPU", args.gpu_providers), ("CPU", "CPUExecutionProvider")):
+        for cameras in counts:
             left = args.budget_s - (time.monotonic() - started)
             if provider == "GPU" and cuda != "ok":
                 doc = {"skipped": f"{cuda}: skipped"}
             elif left <= 0:
                 doc = {"skipped": f"skipped: the {args.budget_s:.0f} s budget is spent"}
             else:
-                doc = bench(args, videos, cameras, providers, left + 120)
+                doc = bench(args, videos, cameras, providers, left + args.grace_s)
             results.append({"cameras": cameras, "provider": provider, "doc": doc})
             print(json.dumps({k: v for k, v in results[-1].items()})[:600], flush=True)
+            if partial is not None:  # what a lease cut short still brings back
+                partial.write_text(json.dumps(results, indent=1))
     return results
 
 
@@ -306,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     videos = sorted(p for p in (assets / "data" / "videos").iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
     dmon = Dmon(out / "dmon.log")
     try:
-        results = run_benchmarks(args, videos, cuda)
+        results = run_benchmarks(args, videos, cuda, out / "partial.json")
     finally:
         dmon.stop()
     lines = summary_lines(results, dmon.samples())

@@ -140,6 +140,7 @@ def _onnx_session(path: Path, what: str, opts: SessionOptions, transform: Callab
                                    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                                    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[opts.graph_optimization]
     chosen, missing = choose_providers(opts.providers, ort.get_available_providers(), opts.strict, what)
+    preload_gpu_libraries(ort, chosen)
     try:
         model: str | bytes = str(path) if transform is None else transform(path)
         session = ort.InferenceSession(model, sess_options=so, providers=_with_options(chosen, opts))
@@ -147,19 +148,61 @@ def _onnx_session(path: Path, what: str, opts: SessionOptions, transform: Callab
         raise ModelError(f"{what} model {path} could not be loaded by ONNX Runtime ({type(err).__name__}: {err}); {MODEL_HELP}") from None
     ran = session.get_providers()[0]
     RUNNING_ON[f"{what} {path.name}"] = ran
-    if missing:
+    if ran != chosen[0]:
+        failed = (f"{what} {path.name}: {chosen[0]} is in this ONNX Runtime but did not load (its CUDA / cuDNN "
+                  f"libraries were not found: pip install 'onnxruntime-gpu[cuda,cudnn]', or put them on LD_LIBRARY_PATH); "
+                  f"running on {ran}")
+        if opts.strict:
+            raise ModelError(failed + "; runtime.strict_providers is set")
+        log.warning("%s", failed)
+    elif missing:
         log.warning("%s %s: %s not available in this ONNX Runtime; running on %s", what, path.name, ", ".join(missing), ran)
     else:
         log.info("%s %s runs on %s", what, path.name, ran)
     return session
 
 
+_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+_preloaded: list[bool] = []
+
+
+def preload_gpu_libraries(ort: Any, providers: list[str]) -> None:
+    """Load the CUDA and cuDNN libraries of the ``nvidia-*`` wheels once per process when a GPU provider is chosen.
+
+    ``onnxruntime-gpu`` (1.21 and later) finds the libraries of ``pip install
+    'onnxruntime-gpu[cuda,cudnn]'`` only through ``onnxruntime.preload_dlls()``
+    (ONNX Runtime's CUDA EP documentation, "Preload DLLs"); system libraries on
+    ``LD_LIBRARY_PATH`` need nothing. A failure is logged, not raised: the session
+    then reports what really runs.
+    """
+    if _preloaded or not any(p in _GPU_PROVIDERS for p in providers) or not hasattr(ort, "preload_dlls"):
+        return
+    _preloaded.append(True)
+    try:
+        ort.preload_dlls()
+    except Exception as err:  # noqa: BLE001 - reported; what runs is checked after the session opens
+        log.warning("onnxruntime.preload_dlls() failed (%s); CUDA / cuDNN must then be on LD_LIBRARY_PATH", err)
+
+
+#: CUDA provider options: cuDNN's heuristic picks a convolution algorithm at once. The default exhaustive search
+#: benchmarks every algorithm at each new input shape, and the pipeline's shapes vary (fitted detector canvases,
+#: SCRFD's per-person input sizes, face / Re-ID batch sizes).
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
+
+
 def _with_options(providers: list[str], opts: SessionOptions) -> list[Any]:
-    """Provider entries for ONNX Runtime: TensorRT gets its engine cache in ``opts.cache_dir``."""
-    if opts.cache_dir is None:
-        return list(providers)
-    trt = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(opts.cache_dir), "trt_fp16_enable": True}
-    return [(p, trt) if p == "TensorrtExecutionProvider" else p for p in providers]
+    """Provider entries for ONNX Runtime: CUDA gets :data:`CUDA_OPTIONS`, TensorRT its engine cache in
+    ``opts.cache_dir`` (when set)."""
+    out: list[Any] = []
+    for p in providers:
+        if p == "CUDAExecutionProvider":
+            out.append((p, dict(CUDA_OPTIONS)))
+        elif p == "TensorrtExecutionProvider" and opts.cache_dir is not None:
+            out.append((p, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(opts.cache_dir),
+                            "trt_fp16_enable": True}))
+        else:
+            out.append(p)
+    return out
 
 
 #: Backend registry: config ``type`` → session factory ``(path, what, options, transform) -> session``.

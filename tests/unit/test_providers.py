@@ -51,7 +51,8 @@ def test_strict_providers_refuse_and_a_per_model_list_overrides_the_runtime_one(
 def test_tensorrt_gets_its_engine_cache_in_the_data_dir(tmp_path: Path) -> None:
     got = rt._with_options([TRT, CUDA, CPU], rt.SessionOptions(cache_dir=tmp_path / "trt-cache"))
     assert got[0][0] == TRT and got[0][1]["trt_engine_cache_path"] == str(tmp_path / "trt-cache")
-    assert got[1:] == [CUDA, CPU]
+    assert got[1:] == [(CUDA, {"cudnn_conv_algo_search": "HEURISTIC"}), CPU]
+    assert rt._with_options([TRT, CPU], rt.SessionOptions()) == [TRT, CPU]  # no cache dir: ONNX Runtime's defaults
 
 
 class _Dist:
@@ -69,3 +70,59 @@ def test_two_onnxruntime_packages_are_detected(installed: list[str], warns: bool
     assert bool(msg) is warns
     if warns:
         assert "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu" in msg
+
+
+class _FakeSession:
+    """An InferenceSession whose GPU provider failed to load (ONNX Runtime then silently runs on the CPU)."""
+
+    def __init__(self, model: str, sess_options: object = None, providers: list | None = None) -> None:
+        self.requested = providers
+
+    def get_providers(self) -> list[str]:
+        return [CPU]
+
+
+class _FakeOrt:
+    """The parts of the ``onnxruntime`` module ``_onnx_session`` uses, on a GPU build without CUDA libraries."""
+
+    GraphOptimizationLevel = type("L", (), {"ORT_ENABLE_ALL": 99, "ORT_ENABLE_EXTENDED": 2, "ORT_ENABLE_BASIC": 1})
+    SessionOptions = type("SO", (), {})
+    InferenceSession = _FakeSession
+
+    def __init__(self) -> None:
+        self.preloads = 0
+
+    def get_available_providers(self) -> list[str]:
+        return [CUDA, CPU]
+
+    def preload_dlls(self) -> None:
+        self.preloads += 1
+
+
+@pytest.mark.parametrize("strict, error", [(False, None), (True, "runtime.strict_providers is set")])
+def test_an_available_gpu_provider_that_does_not_load_is_reported_and_refused_when_strict(
+        models: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, strict: bool, error: str | None) -> None:
+    fake = _FakeOrt()
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", fake)
+    monkeypatch.setattr(rt, "_preloaded", [])
+    opts = rt.SessionOptions(providers=(CUDA, CPU), strict=strict)
+    with caplog.at_level(logging.WARNING, logger="facepro.runtime"):
+        if error:
+            with pytest.raises(rt.ModelError, match=error):
+                rt.open_session("onnx", models / "osnet_x0_25_msmt17.onnx", "re-id", opts)
+        else:
+            rt.open_session("onnx", models / "osnet_x0_25_msmt17.onnx", "re-id", opts)
+            rt.open_session("onnx", models / "osnet_x0_25_msmt17.onnx", "re-id", opts)
+            assert "CUDAExecutionProvider is in this ONNX Runtime but did not load" in caplog.text
+            assert rt.RUNNING_ON["re-id osnet_x0_25_msmt17.onnx"] == CPU
+    assert fake.preloads == 1  # once per process, before the first GPU session
+
+
+def test_cpu_sessions_never_preload_gpu_libraries(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeOrt()
+    monkeypatch.setattr(rt, "_preloaded", [])
+    rt.preload_gpu_libraries(fake, [CPU])
+    assert fake.preloads == 0
+    rt.preload_gpu_libraries(fake, [TRT, CUDA, CPU])
+    rt.preload_gpu_libraries(fake, [CUDA, CPU])
+    assert fake.preloads == 1
