@@ -315,6 +315,10 @@ class RuntimeConfig(_Strict):
                                        "CPU is always the last resort")
     strict_providers: bool = Field(False, description="a requested provider that is not available is an error "
                                    "instead of a warning and the next one (CPU last)")
+    static_shapes: Literal["auto", "on", "off"] = Field(
+        "auto", description="keep model inputs to a few fixed shapes (declared detector canvas, square SCRFD input, "
+        "batches padded to powers of two, each run once at start); auto: on GPU providers, where every new shape "
+        "costs about a second of cuDNN planning (or a TensorRT engine)")
 
 
 class MqttConfig(_Strict):

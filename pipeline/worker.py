@@ -143,7 +143,8 @@ def _session_options(cfg: AppConfig, stage: str, counts: topology.Counts | None 
     from stages.runtime import SessionOptions
 
     return SessionOptions(threads=thread_budget(cfg, stage=stage, counts=counts), providers=cfg.runtime.providers,
-                          strict=cfg.runtime.strict_providers, cache_dir=data_dir() / "trt-cache")
+                          strict=cfg.runtime.strict_providers, cache_dir=data_dir() / "trt-cache",
+                          static_shapes={"auto": None, "on": True, "off": False}[cfg.runtime.static_shapes])
 
 
 def _show_providers(counters: StageCounters) -> None:

@@ -180,6 +180,8 @@ def bench(args: argparse.Namespace, videos: list[Path], cameras: int, providers:
            "--ring-slots", str(args.ring_slots), "--bound-calls", str(args.bound_calls)]
     cmd += ["--resize", args.resize] if args.resize else []
     cmd += ["--providers", providers] if providers else []
+    if providers and CUDA in providers and args.gpu_batch > 1 and cameras > 1:  # DeepStream's muxer: frames of all cameras
+        cmd += ["--variant", f"batch{args.gpu_batch}:detection.batch={args.gpu_batch}"]
     started = time.time()
     try:
         res = sh(cmd, env=bench_env(), cwd=ROOT, timeout=max(30.0, timeout_s))
@@ -253,7 +255,8 @@ def summary_lines(results: list[dict], samples: list[tuple[float, float]]) -> li
         lines.append(f"{r['cameras']:>4} {r['provider']:<8} {rd['pipeline_fps']:>9.1f} {rd['loop_fps']:>9.1f} "
                      f"{rd['ratio']:>6.2f} {b['fps'] or 0:>10.1f} {share:>6} {util(samples, rd.get('pipeline_window')):>10} "
                      f"{util(samples, rd.get('loop_window')):>10}  {p99:<23}"
-                     f"{ {True: 'yes', False: 'NO', None: 'n/a'}[doc['checks_ok']]}")
+                     f"{ {True: 'yes', False: 'NO', None: 'n/a'}[doc['checks_ok']]}"
+                     + "".join(f"  {v['label']}: {v['pipeline_fps']:.1f} fps" for v in rd.get("variants") or []))
     return lines
 
 
@@ -270,6 +273,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--grace-s", type=float, default=120, help="a benchmark still running this long after the budget is stopped")
     ap.add_argument("--wheels", default=str(ROOT / ".whl"), help="wheel folder to install from (default: .whl)")
     ap.add_argument("--skip-install", action="store_true")
+    ap.add_argument("--only", choices=("both", "gpu", "cpu"), default="both", help="which providers to benchmark")
+    ap.add_argument("--gpu-batch", type=int, default=8, help="GPU runs with several cameras also run a variant with "
+                    "this detection.batch (1: none)")
     return ap.parse_args(argv)
 
 
@@ -280,6 +286,8 @@ def run_benchmarks(args: argparse.Namespace, videos: list[Path], cuda: str, part
     started, results = time.monotonic(), []
     counts = [int(c) for c in args.cameras.split(",") if c.strip()]
     for provider, providers in (("GPU", args.gpu_providers), ("CPU", "CPUExecutionProvider")):
+        if args.only not in ("both", provider.lower()):
+            continue
         for cameras in counts:
             left = args.budget_s - (time.monotonic() - started)
             if provider == "GPU" and cuda != "ok":

@@ -21,6 +21,7 @@ from pipeline.messages import Detections, FrameRef
 from stages.detector import DetectionResult, ObjectDetector
 from stages.motion import MotionGate, MotionResult
 from stages.regions import RegionDetector
+from stages.runtime import buckets
 
 _EMPTY_XYXY = np.zeros((0, 4), np.float32)
 _EMPTY_F = np.zeros(0, np.float32)
@@ -154,8 +155,9 @@ class DetectionStage:
         h, w = self.detector.input_hw
         blank = np.zeros((h, w, 3), np.uint8)
         self.detector.detect(blank)
-        if self.batch > 1:
-            self.detector.detect_batch([blank] * self.batch)
+        sizes = buckets(self.batch) if getattr(self.detector, "static", False) else [self.batch]
+        for n in (n for n in sizes if n > 1):  # static shapes: every padded batch size runs once here
+            self.detector.detect_batch([blank] * n)
 
     def _holding(self, meta: FrameRef) -> bool:
         return meta.frame_index - self.last_hit.get(meta.camera, -10**9) <= self.motion_cfg.hold_frames

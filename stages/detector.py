@@ -48,7 +48,7 @@ import numpy as np
 
 from pipeline.config import OnnxDetectorConfig
 from pipeline.messages import check_array, check_rows
-from stages.runtime import ModelError, SessionOptions, expect_input, open_session, for_model
+from stages.runtime import ModelError, SessionOptions, bucket, expect_input, for_model, open_session, static_shapes
 
 #: The 80 COCO class names in the order used by YOLOX and YOLOv8 (index = class id).
 COCO80: tuple[str, ...] = (
@@ -358,30 +358,43 @@ def _pad_to(image: np.ndarray, hw: tuple[int, int], pad_value: int = 114) -> np.
     return cv2.copyMakeBorder(image, 0, hw[0] - h, 0, hw[1] - w, cv2.BORDER_CONSTANT, value=(pad_value,) * 3)
 
 
-def free_input_hw(path: Path, grid_rows: int) -> bytes:
+def free_input_hw(path: Path, grid_rows: int, *, hw: bool = True, batch: bool = False) -> bytes:
     """The model at ``path`` as ONNX bytes whose input height and width (and output dims equal to ``grid_rows``,
-    the anchor count of the declared input) are symbolic, so ONNX Runtime accepts other canvas sizes.
+    the anchor count of the declared input) are symbolic, so ONNX Runtime accepts other canvas sizes; with
+    ``batch`` (and ``hw`` False: only the batch) the batch dimension of the input and outputs instead.
 
-    Only the declared shapes change (the ONNX graph's ``value_info`` shape hints are dropped and re-inferred);
-    whether the graph really computes on another size is for the caller to probe.
+    Only the declared shapes change (the ONNX graph's ``value_info`` shape hints are dropped and re-inferred),
+    and for ``batch`` the target shapes of Reshape nodes that start with a literal 1 (YOLOX's ``[1, 85, -1]``)
+    start with 0, which ONNX Reshape reads as "the input's own dimension" (``allowzero`` 0, ONNX operator
+    spec). Whether the graph really computes on another size is for the caller to probe.
 
     Raises:
         ModelError: the file is not a readable ONNX model.
     """
     import onnx
+    from onnx import numpy_helper
 
     try:
         model = onnx.load(str(path))
     except Exception as err:  # onnx raises DecodeError and others
         raise ModelError(f"{_WHAT} model {path} could not be read as ONNX ({type(err).__name__}: {err})") from None
-    for dim, name in zip(model.graph.input[0].type.tensor_type.shape.dim[2:], ("height", "width")):
-        dim.ClearField("dim_value")
-        dim.dim_param = name
+    names = ("batch" if batch else None, None) + (("height", "width") if hw else (None, None))  # N, C, H, W
+    for dim, name in zip(model.graph.input[0].type.tensor_type.shape.dim, names):
+        if name:
+            dim.ClearField("dim_value")
+            dim.dim_param = name
     for output in model.graph.output:
-        for dim in output.type.tensor_type.shape.dim:
-            if dim.dim_value == grid_rows:
+        for i, dim in enumerate(output.type.tensor_type.shape.dim):
+            if (hw and dim.dim_value == grid_rows) or (batch and i == 0):
                 dim.ClearField("dim_value")
-                dim.dim_param = "anchors"
+                dim.dim_param = "anchors" if i else "batch"
+    if batch:
+        shapes = {n.input[1] for n in model.graph.node if n.op_type == "Reshape" and len(n.input) > 1
+                  and not any(a.name == "allowzero" and a.i for a in n.attribute)}
+        for init in model.graph.initializer:
+            value = numpy_helper.to_array(init)
+            if init.name in shapes and value.ndim == 1 and len(value) > 1 and value[0] == 1:
+                init.CopyFrom(numpy_helper.from_array(np.concatenate(([0], value[1:])).astype(value.dtype), init.name))
     del model.graph.value_info[:]
     return model.SerializeToString()
 
@@ -465,6 +478,9 @@ class ObjectDetector:
             per model batch in :meth:`detect_batch`).
         fits: True when canvases fit each image (``cfg.canvas == "fit"`` and the
             model took a free input height and width, see the module docstring).
+        static: inputs keep to a few shapes (:func:`stages.runtime.static_shapes`, on GPUs):
+            the declared canvas, and a model declared with batch 1 gets a free batch
+            dimension (when probed equal) with batches padded to :func:`~stages.runtime.bucket` sizes.
     """
 
     def __init__(self, cfg: OnnxDetectorConfig, opts: SessionOptions = SessionOptions()) -> None:
@@ -483,7 +499,29 @@ class ObjectDetector:
         self._names = names or COCO80
         _check_output(self._session, path, cfg.layout, self._input_hw, len(self._names), self._batch_dim)
         self._wanted = _class_ids(cfg.classes, self._names)
-        self.fits = cfg.canvas == "fit" and self._open_fitting(path, opts)
+        self.static = static_shapes(self._session, opts)
+        self.fits = not self.static and cfg.canvas == "fit" and self._open_fitting(path, opts)
+        if self.static and self._batch_dim == 1:
+            self._open_free_batch(path, opts)
+
+    def _open_free_batch(self, path: Path, opts: SessionOptions) -> None:
+        """With static shapes, replace a batch-1 session by one with a free batch dimension if two images at once
+        give each one's own output (probed once on random images); else batches stay one image a run (one log line)."""
+        blob = np.random.default_rng(0).uniform(0, 255, (2, 3, *self._input_hw)).astype(np.float32)
+        cells = len(yolo_grid(self._input_hw)[0])
+        try:
+            session = open_session(self._cfg.type, path, _WHAT, opts, transform=lambda p: free_input_hw(p, cells, hw=False, batch=True))
+            both = session.run(None, {self._input_name: blob})[0]
+            apart = np.concatenate([self._session.run(None, {self._input_name: blob[i : i + 1]})[0] for i in range(2)])
+            if both.shape != apart.shape or np.abs(both - apart).max() > 1e-2 * max(1.0, float(np.abs(apart).max())):
+                raise ValueError("two images at once do not give each one's own output")
+        except Exception as err:  # ModelError, onnxruntime's own Fail types, the ValueError above
+            log.warning("%s %s: no free batch dimension (%s); batches run one image at a time", _WHAT, path.name,
+                        str(err).splitlines()[0][:160])
+            return
+        self._session, self._batch_dim = session, None
+        log.info("%s %s: static shapes, the declared %dx%d canvas, batches padded to powers of two", _WHAT, path.name,
+                 self._input_hw[1], self._input_hw[0])
 
     def _open_fitting(self, path: Path, opts: SessionOptions) -> bool:
         """Replace the session by one whose input height and width are free, if the graph runs on a non-square
@@ -618,7 +656,7 @@ class ObjectDetector:
 
     def _run_batch(self, blob: np.ndarray) -> np.ndarray:
         """Model outputs for a ``(B, 3, H, W)`` input, in chunks of the model's fixed batch size (padded)."""
-        step = self._batch_dim or len(blob)
+        step = self._batch_dim or (bucket(len(blob)) if self.static else len(blob))
         outs = []
         for start in range(0, len(blob), step):
             chunk = blob[start : start + step]

@@ -38,10 +38,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import FaceConfig, OnnxFaceDetectorConfig, OnnxFaceEmbedderConfig
-from stages.runtime import ModelError, SessionOptions, expect_input, open_session, expect_embedding_output, for_model
+from stages.runtime import (ModelError, SessionOptions, bucket, buckets, expect_embedding_output, expect_input, for_model,
+                            open_session, pad_rows, static_shapes)
 
 #: Side of the aligned face crop in pixels (ArcFace convention).
 ALIGNED_SIZE = 112
+#: With static shapes, the face batch sizes up to this many faces run once when the embedder opens.
+WARM_FACES = 8
 
 #: SCRFD ONNX exports with keypoints have 9 (3 strides) or 15 (5 strides) outputs.
 _SCRFD_KPS_OUTPUTS = (9, 15)
@@ -131,12 +134,14 @@ class FaceDetector:
                 f"{what} model {cfg.path} has a fixed input of {fixed[1]}x{fixed[0]} pixels but "
                 f"face.detector.input_size is {cfg.input_size}; set input_size to {fixed[1]} or use a model with dynamic input size"
             )
-        self._fixed_input = len(fixed) == 2
+        self._fixed_input = len(fixed) == 2 or static_shapes(self.session, opts)
         # model_file=None: InsightFace then uses this very session for every
         # input size instead of opening extra sessions of its own.
         self._scrfd = SCRFD(model_file=None, session=self.session)
         if not self._scrfd.use_kps:  # pragma: no cover - guarded by the output count above
             raise ModelError(f"{what} model {cfg.path} predicts no keypoints; alignment needs SCRFD with keypoints (*_kps/_bnkps)")
+        if static_shapes(self.session, opts):  # the one square input runs once here, not on a camera's first face
+            self.detect(np.zeros((cfg.input_size, cfg.input_size, 3), np.uint8))
 
     def input_size_for(self, height: int, width: int) -> tuple[int, int]:
         """Network input ``(width, height)`` in pixels used for an image of this size.
@@ -145,7 +150,8 @@ class FaceDetector:
         as a square letterbox); for models with dynamic input the short side
         is then rounded up to a multiple of 32 instead of padded to a square,
         which skips inference on padding (measured with SCRFD-500M on one
-        thread: 1.3x faster on a 1280x886 image, 2.5x on a 200x500 person box). Fixed-size models always get their fixed size.
+        thread: 1.3x faster on a 1280x886 image, 2.5x on a 200x500 person box). Fixed-size models, and every
+        model with static shapes (:func:`stages.runtime.static_shapes`, on GPUs), always get the square.
         """
         s = self.cfg.input_size
         if self._fixed_input or height <= 0 or width <= 0:
@@ -268,7 +274,10 @@ class FaceEmbedder:
         d = expect_embedding_output(self.session, what, cfg.path)
         self._arcface = ArcFaceONNX(model_file=str(cfg.path), session=self.session)
         self._batched = not (isinstance(shape[0], int) and shape[0] == 1)
+        self._static = self._batched and static_shapes(self.session, opts)
         self._dim = int(d) if isinstance(d, int) else int(self._run(np.zeros((1, 112, 112, 3), np.uint8)).shape[1])
+        for n in buckets(WARM_FACES) if self._static else ():  # each padded batch size runs once here
+            self._run(np.zeros((n, ALIGNED_SIZE, ALIGNED_SIZE, 3), np.uint8))
 
     @property
     def dim(self) -> int:
@@ -281,6 +290,8 @@ class FaceEmbedder:
         return Path(self.cfg.path).stem
 
     def _run(self, aligned: np.ndarray) -> np.ndarray:
+        if self._static:  # padded to a bucket size: blank crops, their rows dropped
+            return np.asarray(self._arcface.get_feat(list(pad_rows(aligned, bucket(len(aligned))))), np.float32)[: len(aligned)]
         if self._batched:
             return np.asarray(self._arcface.get_feat(list(aligned)), dtype=np.float32)
         return np.concatenate([np.asarray(self._arcface.get_feat([a]), dtype=np.float32) for a in aligned])

@@ -52,7 +52,8 @@ import cv2
 import numpy as np
 
 from pipeline.config import OnnxReidConfig  # noqa: F401  (re-exported: the Re-ID settings)
-from stages.runtime import ModelError, SessionOptions, expect_embedding_output, open_session
+from stages.runtime import (ModelError, SessionOptions, bucket, buckets, expect_embedding_output, open_session, pad_rows,
+                            static_shapes)
 
 #: OSNet input size ``(height, width)`` in pixels (torchreid's default person crop).
 INPUT_HW: tuple[int, int] = (256, 128)
@@ -66,6 +67,8 @@ DEFAULT_LINK_THRESHOLD = 0.935
 
 #: Boxes are embedded in chunks of at most this many crops (bounds the input tensor to ~50 MB).
 MAX_BATCH = 128
+#: With static shapes, the batch sizes up to this many crops run once when the model opens (larger ones on first use).
+WARM_CROPS = 16
 
 _WHAT = "Re-ID embedder"
 
@@ -136,7 +139,10 @@ class ReidEmbedder:
             raise ModelError(
                 f"{_WHAT} model {self.path}: fixed batch size {self._fixed_batch}; export it with a dynamic batch (or batch 1)"
             )
+        self._static = self._fixed_batch is None and static_shapes(self.session, opts)
         self._dim = int(d) if isinstance(d, int) else int(self._run(np.zeros((1, 3, *INPUT_HW), np.float32)).shape[1])
+        for n in buckets(WARM_CROPS) if self._static else ():  # each padded batch size runs once here
+            self._run(np.zeros((n, 3, *INPUT_HW), np.float32))
 
     @property
     def dim(self) -> int:
@@ -183,6 +189,8 @@ class ReidEmbedder:
     def _run(self, batch: np.ndarray) -> np.ndarray:
         if self._fixed_batch == 1:
             return np.concatenate([self.session.run(None, {self._input_name: batch[i : i + 1]})[0] for i in range(len(batch))])
+        if self._static:  # padded to a bucket size: blank crops, their rows dropped
+            return np.asarray(self.session.run(None, {self._input_name: pad_rows(batch, bucket(len(batch)))})[0])[: len(batch)]
         return np.asarray(self.session.run(None, {self._input_name: batch})[0])
 
     def embed(self, frame: np.ndarray, boxes: np.ndarray) -> np.ndarray:

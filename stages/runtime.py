@@ -45,6 +45,8 @@ class SessionOptions:
         graph_optimization: ONNX Runtime's graph optimisation level (``all`` adds the CPU's
             NCHWc layout transforms: 1.7-2.2x faster for YOLOX, SCRFD and MobileFaceNet here,
             1.6x slower for OSNet's depthwise convolutions; see ``recognition.reid.graph_optimization``).
+        static_shapes: keep model inputs to a few fixed shapes (see :func:`static_shapes`); None: when the
+            session runs on a GPU provider (``runtime.static_shapes: auto``).
     """
 
     threads: int = 1
@@ -52,12 +54,48 @@ class SessionOptions:
     strict: bool = False
     cache_dir: Path | None = None
     graph_optimization: Literal["all", "extended", "basic"] = "all"
+    static_shapes: bool | None = None
 
 
 #: What each model opened in this process really runs on: ``"<what> <file>" -> provider`` (for status and the log).
 RUNNING_ON: dict[str, str] = {}
 
 log = logging.getLogger("facepro.runtime")
+
+
+def static_shapes(session: Any, opts: SessionOptions) -> bool:
+    """True when a model's inputs should keep to a few fixed shapes: ``opts.static_shapes`` when set, else when
+    ``session`` runs on a GPU provider (its first provider is not the CPU's).
+
+    On ONNX Runtime's CUDA provider every new input shape costs about a second
+    (cuDNN plans the convolutions again; measured with ``scripts/gpu_check.py``
+    on an H200: SCRFD-500M 942 ms a call on 10 person crops of new sizes, 2.6 ms
+    on a repeated one), and TensorRT builds an engine per shape. With static
+    shapes the detector keeps its declared canvas, SCRFD a square input, and
+    batches are padded to :func:`bucket` sizes, each run once at start.
+    """
+    if opts.static_shapes is not None:
+        return opts.static_shapes
+    return session.get_providers()[0] != "CPUExecutionProvider"
+
+
+def bucket(n: int) -> int:
+    """The batch size ``n`` items run at with static shapes: the next power of two (1, 2, 4, 8...)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def buckets(largest: int) -> list[int]:
+    """Every :func:`bucket` size a batch of 1 to ``largest`` items can run at (warm-up runs each once)."""
+    return sorted({bucket(n) for n in range(1, max(1, largest) + 1)})
+
+
+def pad_rows(x: Any, n: int) -> Any:
+    """``x`` (an array of ``len(x) <= n`` rows) with zero rows appended up to ``n`` rows."""
+    import numpy as np
+
+    if len(x) >= n:
+        return x
+    return np.concatenate((x, np.zeros((n - len(x), *x.shape[1:]), x.dtype)))
 
 
 def for_model(opts: SessionOptions, providers: tuple[str, ...] | None,

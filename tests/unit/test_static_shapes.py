@@ -1,0 +1,137 @@
+"""Static shapes (``runtime.static_shapes``, on by default on GPUs): few input shapes, same answers.
+
+On ONNX Runtime's CUDA provider each new input shape costs about a second, so
+there the detector keeps its declared canvas with a free, padded batch
+dimension, SCRFD a square input, and embedders pad their batches to powers of
+two. Forced on here (CPU), every answer must equal the dynamic-shape one.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.config import OnnxDetectorConfig, OnnxFaceDetectorConfig, OnnxFaceEmbedderConfig
+from stages import runtime as rt
+from stages.detector import ObjectDetector, free_input_hw
+from stages.face import FaceDetector, FaceEmbedder, align
+from stages.reid import ReidEmbedder
+
+STATIC = rt.SessionOptions(threads=1, static_shapes=True)
+DYNAMIC = rt.SessionOptions(threads=1, static_shapes=False)
+
+
+@pytest.mark.parametrize("n, expected", [(1, 1), (2, 2), (3, 4), (4, 4), (5, 8), (9, 16), (16, 16), (17, 32)])
+def test_bucket_is_the_next_power_of_two(n: int, expected: int) -> None:
+    assert rt.bucket(n) == expected
+
+
+@pytest.mark.parametrize("largest, expected", [(1, [1]), (2, [1, 2]), (5, [1, 2, 4, 8]), (8, [1, 2, 4, 8])])
+def test_buckets_lists_every_padded_size(largest: int, expected: list[int]) -> None:
+    assert rt.buckets(largest) == expected
+
+
+def test_pad_rows_appends_zero_rows_and_keeps_full_batches() -> None:
+    x = np.ones((3, 2), np.float32)
+    padded = rt.pad_rows(x, 4)
+    assert padded.shape == (4, 2) and padded.dtype == np.float32 and (padded[3] == 0).all() and (padded[:3] == 1).all()
+    assert rt.pad_rows(x, 3) is x
+
+
+def _frames(videos: Path, n: int) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(videos / "vtest.avi"))
+    out = []
+    for i in range(200):
+        ok, frame = cap.read()
+        assert ok
+        if i % 50 == 10:
+            out.append(frame)
+    cap.release()
+    return out[:n]
+
+
+def test_the_yolox_batch_dimension_is_freed_and_a_padded_batch_equals_one_by_one(models: Path, videos: Path) -> None:
+    cfg = OnnxDetectorConfig(path=models / "yolox_nano.onnx", layout="yolox")
+    static, dynamic = ObjectDetector(cfg, STATIC), ObjectDetector(cfg, DYNAMIC)
+    assert static.static and not static.fits and static.batch_dim is None  # declared batch 1, freed after the probe
+    assert dynamic.fits and dynamic.batch_dim == 1
+    frames = _frames(videos, 3)
+    runs = static.session_runs
+    batched = static.detect_batch(frames)
+    assert static.session_runs == runs + 1  # three frames, one run padded to four
+    fixed = ObjectDetector(cfg.model_copy(update={"canvas": "fixed"}), DYNAMIC)
+    for got, frame in zip(batched, frames):
+        want = fixed.detect(frame)  # the same declared canvas, one frame a run
+        assert len(got) == len(want) > 0
+        np.testing.assert_allclose(got.xyxy, want.xyxy, atol=0.05)
+        np.testing.assert_allclose(got.confidence, want.confidence, atol=1e-4)
+
+
+def test_freeing_the_batch_rewrites_only_leading_ones_of_reshape_targets(models: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(free_input_hw(models / "yolox_nano.onnx", 3549, hw=False, batch=True))
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, 416, 416]
+    targets = {n.input[1] for n in model.graph.node if n.op_type == "Reshape"}
+    values = [numpy_helper.to_array(i).tolist() for i in model.graph.initializer if i.name in targets]
+    assert values == [[0, 85, -1]] * 3
+
+
+def test_a_model_whose_batch_cannot_be_freed_keeps_batches_one_by_one(models: Path, videos: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    cfg = OnnxDetectorConfig(path=models / "yolox_nano.onnx", layout="yolox")
+    with caplog.at_level(logging.WARNING, logger="facepro"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr("stages.detector.free_input_hw", lambda p, rows, hw=True, batch=False: p.read_bytes())  # unchanged
+        det = ObjectDetector(cfg, STATIC)
+    assert det.batch_dim == 1 and "no free batch dimension" in caplog.text
+    frames = _frames(videos, 2)
+    runs = det.session_runs
+    assert [len(r) for r in det.detect_batch(frames)] == [len(det.detect(f)) for f in frames]
+    assert det.session_runs == runs + 4  # two one by one in the batch, two alone
+
+
+def test_scrfd_runs_on_its_square_input_and_finds_the_same_faces(models: Path, faces: Path) -> None:
+    cfg = OnnxFaceDetectorConfig(path=models / "scrfd_500m.onnx")
+    static, dynamic = FaceDetector(cfg, STATIC), FaceDetector(cfg, DYNAMIC)
+    assert static.input_size_for(200, 500) == (cfg.input_size, cfg.input_size)
+    assert dynamic.input_size_for(200, 500) != (cfg.input_size, cfg.input_size)
+    image = cv2.imread(str(faces / "_multi" / "kit_with_rose.jpg"))
+    got, want = static.detect(image), dynamic.detect(image)
+    assert len(got) == len(want) == 2
+    np.testing.assert_allclose(got.xyxy, want.xyxy, atol=2.0)  # the same scale; only the padding differs
+
+
+def test_padded_face_and_reid_batches_give_the_unpadded_embeddings(models: Path, faces: Path, videos: Path) -> None:
+    image = cv2.imread(str(faces / "_multi" / "t1.jpg"))
+    found = FaceDetector(OnnxFaceDetectorConfig(path=models / "scrfd_500m.onnx"), DYNAMIC).detect(image)
+    crops = np.stack([align(image, k) for k in found.kps[:5]])
+    cfg = OnnxFaceEmbedderConfig(path=models / "mobilefacenet_128d.onnx")
+    np.testing.assert_allclose(FaceEmbedder(cfg, STATIC).embed(crops), FaceEmbedder(cfg, DYNAMIC).embed(crops), atol=1e-5)
+    frame = _frames(videos, 1)[0]
+    boxes = np.array([[10, 20, 90, 220], [200, 50, 260, 200], [300, 100, 380, 330]], np.float32)
+    path = models / "osnet_x0_25_msmt17.onnx"
+    got, want = ReidEmbedder(path, STATIC).embed(frame, boxes), ReidEmbedder(path, DYNAMIC).embed(frame, boxes)
+    assert got.shape == want.shape == (3, 512)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("setting, expected", [(True, True), (False, False), (None, False)])  # None: auto, CPU here
+def test_static_shapes_follow_the_setting_or_the_provider(models: Path, setting: bool | None, expected: bool) -> None:
+    opts = rt.SessionOptions(threads=1, static_shapes=setting)
+    session = rt.open_session("onnx", models / "osnet_x0_25_msmt17.onnx", "re-id", opts)
+    assert rt.static_shapes(session, opts) is expected
+
+
+def test_a_gpu_session_gets_static_shapes_by_default() -> None:
+    class GpuSession:
+        def get_providers(self) -> list[str]:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    assert rt.static_shapes(GpuSession(), rt.SessionOptions()) is True
+    assert rt.static_shapes(GpuSession(), rt.SessionOptions(static_shapes=False)) is False
