@@ -139,8 +139,10 @@ class CaptureSettings:
         wait_for_release: file mode (every frame processed) vs live mode (never wait).
         max_fps: pace reads to at most this rate (None: as fast as the source gives).
         reconnect_s: live mode: wait before reopening a failed source.
-        start_gate: live mode: deliver nothing before the supervisor opened the start gate
-            (:mod:`pipeline.gate`), so no frame is lost while the other stages load their models.
+        start_gate: deliver nothing before the supervisor opened the start gate (:mod:`pipeline.gate`):
+            in live mode no frame is lost while the other stages load and warm their models; in file mode
+            the first frames' latency and the run's active time leave that out (on a GPU, each new input
+            shape's first run takes about a second).
         owner_pid: pid written into ring names (the supervisor's: a ring lives as long as its run, across
             capture restarts; another run's clean-up removes it only once that pid is gone). 0: this process.
     """
@@ -351,7 +353,7 @@ class CaptureLoop:
             self.counters.last_error = str(err)
 
     def _wait_for_gate(self, timeout_s: float = 300.0) -> None:
-        """Live mode: beat until the supervisor sets ``GO`` in this process's counter block (or ``timeout_s``)."""
+        """Beat until the supervisor sets ``GO`` in this process's counter block (or ``timeout_s``)."""
         block = getattr(self.counters, "block", None)
         deadline = time.monotonic() + timeout_s
         while block is not None and not block.ints[W_GO] and time.monotonic() < deadline:
@@ -363,7 +365,7 @@ class CaptureLoop:
 
     def run(self) -> None:
         """Capture until end of file (then drain) or until stopped."""
-        if self.s.start_gate and not self.s.wait_for_release:
+        if self.s.start_gate:
             self._wait_for_gate()
         self.adopt()
         period = 1.0 / self.s.max_fps if self.s.max_fps else 0.0

@@ -168,7 +168,7 @@ def _capture(cfg: AppConfig, t: Transport, run_id: str, index: int, counters: St
                                release_timeout_s=cfg.ring.release_timeout_s,
                                wait_for_release=cam.resolved_mode() == "file", max_fps=cam.max_fps,
                                reconnect_s=cam.reconnect_s, owner_pid=os.getppid(),
-                               start_gate=cam.resolved_mode() == "live")
+                               start_gate=True)
     CaptureLoop(source, settings, sender, counters, hb, stop).run()
 
 

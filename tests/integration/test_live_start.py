@@ -36,3 +36,15 @@ def test_live_cameras_lose_nothing_at_start_or_at_a_reopen(videos: Path, models:
         assert dropped == {}, (name, stages[name]["dropped"])  # no queue_full, behind, overwritten or lost
     assert stages["capture"]["frames_out"] >= 2 * FRAMES + 2  # both cameras passed their end and were reopened
     assert stages["recognition"]["frames_out"] == stages["capture"]["frames_out"]
+
+
+def test_file_cameras_also_wait_for_the_stages_to_be_ready(videos: Path, models: Path, short_data_dir: Path) -> None:
+    """A file's first frame is read once every stage has loaded and warmed its models, so the run's active time
+    (first frame to the last processed) measures processing, not loading; every frame still arrives."""
+    clip = write_clip(videos / "vtest.avi", short_data_dir / "clip.avi", 20)
+    cfg = save_config(pipeline_config(models, {"cam1": clip}), short_data_dir / "cfg.yaml")
+    summary = finish_run(start_run(cfg), short_data_dir)
+    stages = summary["stages"]
+    assert stages["capture"]["counts"]["waited_for_gate_ms"] > 0  # held back while detection and recognition loaded
+    assert stages["recognition"]["frames_out"] == stages["capture"]["frames_out"] == 20
+    assert summary["active_s"] < summary["wall_s"]
