@@ -14,21 +14,29 @@ Steps (each prints what it found; nothing is downloaded):
 2. **CUDA**: prints ``onnxruntime.get_device()`` and
    ``get_available_providers()``; opens each model of the demo config with
    ``CUDAExecutionProvider`` first, asserts ``session.get_providers()[0] ==
-   'CUDAExecutionProvider'`` and runs it once on zeros. Without ``nvidia-smi``
-   or the provider: "no GPU: skipped", and the GPU runs are skipped.
-3. **Benchmarks**: ``nvidia-smi dmon -s u -d 1`` (GPU utilisation, %, every
+   'CUDAExecutionProvider'`` and runs it three times on zeros (ms each: the
+   first run of a shape is the slow one). Without ``nvidia-smi`` or the
+   provider: "no GPU: skipped", and the GPU runs are skipped.
+3. **New-shape probe** (``--no-probe`` skips it): first and second run of
+   SCRFD at three new input sizes and of MobileFaceNet at four new batch sizes,
+   once per :data:`PROBES` setting (lazy or eager CUDA module loading; cuDNN's
+   heuristic, default or exhaustive algorithm search), each in its own process.
+4. **Benchmarks**: ``nvidia-smi dmon -s u -d 1`` (GPU utilisation, %, every
    second) runs in the background while ``scripts/bench_e2e.py --rounds 1
    --json`` runs with each ``--cameras`` count (the asset videos in turn,
    ``--resize``d, first ``--max-frames`` frames), on GPU (``--gpu-providers``)
-   for every count first, then on CPU, so a short lease measures the GPU. Detection and recognition get ``cameras // 4``
-   processes each (1 to 4). A run that would start after ``--budget-s`` is
-   skipped (said so).
-4. **Summary**: one line per run: cameras, provider, pipeline and loop
+   for every count first, then on CPU (``--only`` keeps one), so a short lease
+   measures the GPU. Detection and recognition get ``cameras // 4`` processes
+   each (1 to 4); GPU runs of several cameras also run a ``detection.batch``
+   variant (``--gpu-batch``, 8). A run that would start after ``--budget-s``
+   is skipped (said so), one still running ``--grace-s`` after it is stopped.
+5. **Summary**: one line per run: cameras, provider, pipeline and loop
    frames/s, ratio, bound frames/s and the pipeline's share, GPU utilisation
    mean / max (dmon's ``sm`` column during that run), p99 per stage (ms, the
-   run summary's last window). Written with every result and the dmon log
-   under ``$OUT`` when set, else ``./gpu-results`` (``results.json``,
-   ``dmon.log``, ``summary.txt``).
+   run summary's last window), the variant's frames/s. Written with every
+   result and the dmon log under ``$OUT`` when set, else ``./gpu-results``
+   (``results.json``, ``dmon.log``, ``summary.txt``; ``partial.json`` after
+   each run).
 
 Usage on the GPU machine, from the checkout (models and videos carried in an
 ignored folder, e.g. ``.assets``)::
@@ -36,6 +44,13 @@ ignored folder, e.g. ``.assets``)::
     FACEPRO_ASSETS=.assets PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py
     # here, tiny and CPU only, to prove the flow:
     FACEPRO_ASSETS=../shared python3 scripts/gpu_check.py --cameras 1,2 --max-frames 100 --resize ''
+
+A machine without an index and a 64 MiB limit on what travels (this
+workplace's device machines): the ``onnxruntime-gpu`` wheel (256 MB) goes
+unpacked, as ``tar | xz -9`` (203 MB) split into four parts carried by four
+calls of one warm lease, then ``pip uninstall -y onnxruntime`` and the tree
+untarred into ``sysconfig.get_paths()["purelib"]``; the commands are in the
+README ("GPU check").
 
 Exit status: 0 when every step that could run passed, 1 when the CUDA check
 or a benchmark failed, 2 when the install is incomplete.
@@ -273,6 +288,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--grace-s", type=float, default=120, help="a benchmark still running this long after the budget is stopped")
     ap.add_argument("--wheels", default=str(ROOT / ".whl"), help="wheel folder to install from (default: .whl)")
     ap.add_argument("--skip-install", action="store_true")
+    ap.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
+                    help="time new input shapes on CUDA under each PROBES setting before the benchmarks")
     ap.add_argument("--only", choices=("both", "gpu", "cpu"), default="both", help="which providers to benchmark")
     ap.add_argument("--gpu-batch", type=int, default=8, help="GPU runs with several cameras also run a variant with "
                     "this detection.batch (1: none)")
@@ -322,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     res = sh([sys.executable, str(Path(__file__).resolve()), "--cuda-only"], env=bench_env(), cwd=ROOT)
     print(res.stdout + res.stderr[-2000:])
     cuda = {0: "ok", 3: "no GPU"}.get(res.returncode, "CUDA check failed")
+    if cuda == "ok" and args.probe:
+        run_probes()
     videos = sorted(p for p in (assets / "data" / "videos").iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
     dmon = Dmon(out / "dmon.log")
     try:
@@ -336,6 +355,50 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+#: New-shape probe settings: (label, extra environment, cuDNN convolution algorithm search).
+PROBES = (("lazy+heuristic", {}, "HEURISTIC"), ("eager+heuristic", {"CUDA_MODULE_LOADING": "EAGER"}, "HEURISTIC"),
+          ("lazy+default", {}, "DEFAULT"), ("lazy+exhaustive", {}, "EXHAUSTIVE"))
+
+
+def shape_probe(search: str) -> None:
+    """Print the first and second run (ms) of SCRFD-500M at three new input sizes and of MobileFaceNet at four
+    new batch sizes on CUDA with this cuDNN ``search``: what one new input shape costs (issue 12: about a second
+    a shape on an H200 with onnxruntime-gpu 1.31, CUDA 13)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    assets = Path(os.environ["FACEPRO_ASSETS"]) / "models"
+    cases = (("scrfd_500m.onnx", [(1, 3, 640, 640), (1, 3, 384, 640), (1, 3, 224, 384)]),
+             ("mobilefacenet_128d.onnx", [(1, 3, 112, 112), (2, 3, 112, 112), (3, 3, 112, 112), (5, 3, 112, 112)]))
+    for name, shapes in cases:
+        t0 = time.perf_counter()
+        so = ort.SessionOptions()
+        so.log_severity_level = 3  # SCRFD's declared output sizes warn at every other input size
+        sess = ort.InferenceSession(str(assets / name), sess_options=so,
+                                    providers=[(CUDA, {"cudnn_conv_algo_search": search}), "CPUExecutionProvider"])
+        runs = [f"open {(time.perf_counter() - t0) * 1e3:.0f}"]
+        for shape in shapes:
+            feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+            times = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                sess.run(None, feed)
+                times.append((time.perf_counter() - t0) * 1e3)
+            runs.append(f"{'x'.join(map(str, shape[:1] + shape[2:]))}: {times[0]:.0f}/{times[1]:.1f}")
+        print(f"  {name} ({sess.get_providers()[0]}): " + ", ".join(runs) + " ms (first/second run)", flush=True)
+
+
+def run_probes() -> None:
+    """:func:`shape_probe` in a child process per :data:`PROBES` setting (module loading is read at CUDA start)."""
+    for label, env, search in PROBES:
+        print(f"new-shape probe, {label}:", flush=True)
+        res = sh([sys.executable, str(Path(__file__).resolve()), "--shape-probe", search], env={**bench_env(), **env},
+                 cwd=ROOT, timeout=120)
+        print(res.stdout + (res.stderr[-800:] if res.returncode else ""), flush=True)
+
+
 def cuda_only() -> int:
     """The CUDA step alone, in a child process with :func:`bench_env` (exit 0 CUDA runs, 3 no GPU, 1 failed)."""
     assets = Path(os.environ["FACEPRO_ASSETS"])
@@ -344,4 +407,6 @@ def cuda_only() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--shape-probe"]:
+        sys.exit(shape_probe(sys.argv[2]))
     sys.exit(cuda_only() if sys.argv[1:] == ["--cuda-only"] else main())
