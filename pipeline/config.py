@@ -318,7 +318,7 @@ class RuntimeConfig(_Strict):
     static_shapes: Literal["auto", "on", "off"] = Field(
         "auto", description="keep model inputs to a few fixed shapes (declared detector canvas, square SCRFD input, "
         "batches padded to powers of two, each run once at start); auto: on GPU providers, where every new shape "
-        "costs about a second of cuDNN planning (or a TensorRT engine)")
+        "costs about a second (measured on CUDA) or a TensorRT engine")
 
 
 class MqttConfig(_Strict):

@@ -68,9 +68,10 @@ def static_shapes(session: Any, opts: SessionOptions) -> bool:
     ``session`` runs on a GPU provider (its first provider is not the CPU's).
 
     On ONNX Runtime's CUDA provider every new input shape costs about a second
-    (cuDNN plans the convolutions again; measured with ``scripts/gpu_check.py``
-    on an H200: SCRFD-500M 942 ms a call on 10 person crops of new sizes, 2.6 ms
-    on a repeated one), and TensorRT builds an engine per shape. With static
+    (measured with ``scripts/gpu_check.py`` on an H200: SCRFD-500M 942 ms a call
+    on 10 person crops of new sizes, 2.6 ms on a repeated one; whether cuDNN's
+    planning or lazy kernel loading is not pinned down yet, the script's shape
+    probe tells them apart), and TensorRT builds an engine per shape. With static
     shapes the detector keeps its declared canvas, SCRFD a square input, and
     batches are padded to :func:`bucket` sizes, each run once at start.
     """
@@ -187,8 +188,8 @@ def _onnx_session(path: Path, what: str, opts: SessionOptions, transform: Callab
     ran = session.get_providers()[0]
     RUNNING_ON[f"{what} {path.name}"] = ran
     if ran != chosen[0]:
-        failed = (f"{what} {path.name}: {chosen[0]} is in this ONNX Runtime but did not load (its CUDA / cuDNN "
-                  f"libraries were not found: pip install 'onnxruntime-gpu[cuda,cudnn]', or put them on LD_LIBRARY_PATH); "
+        failed = (f"{what} {path.name}: {chosen[0]} is in this ONNX Runtime but did not load (its libraries, CUDA / "
+                  f"cuDNN / TensorRT, were not found: pip install 'onnxruntime-gpu[cuda,cudnn]', or put them on LD_LIBRARY_PATH); "
                   f"running on {ran}")
         if opts.strict:
             raise ModelError(failed + "; runtime.strict_providers is set")
