@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -58,7 +59,10 @@ def test_api_process_of_a_run_then_serve_over_its_database(clip: Path, models: P
         cli = json.loads(facepro("status", "--json", check=True).stdout)
         pick = lambda d: [(s["stage"], s["processes"], s["pids"]) for s in d["stages"]]  # noqa: E731 (rates move)
         assert status == 200 and pick(json.loads(body)) == pick(cli) and json.loads(body)["run_id"] == cli["run_id"]
-        status, body = _get(base, "/api/cameras/campus/latest.jpg")
+        deadline = time.monotonic() + 30  # the camera delivers once the start gate opens, just after the api is ready
+        while (got := _get(base, "/api/cameras/campus/latest.jpg"))[0] == 503 and time.monotonic() < deadline:
+            time.sleep(0.2)  # 503 "no frame available ... try again" until the first frame
+        status, body = got
         assert status == 200, body
         frame = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
         assert frame.shape == (360, 480, 3)  # the camera's frame size
