@@ -157,11 +157,7 @@ def cuda_check(models: list[Path]) -> bool | None:
             first = sess.get_providers()[0]
             assert first == CUDA, f"runs on {first}, not {CUDA}"
             feeds = {i.name: np.zeros(_dummy_shape(i.shape), np.float32) for i in sess.get_inputs()}
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                sess.run(None, feeds)
-                times.append((time.perf_counter() - t0) * 1e3)
+            times = timed_runs(sess, feeds, 3)
             print(f"{path.name}: {first}, runs on {_dummy_shape(sess.get_inputs()[0].shape)}: "
                   + ", ".join(f"{t:.1f}" for t in times) + " ms")
         except Exception as err:  # noqa: BLE001 - every model is tried and reported
@@ -360,7 +356,17 @@ PROBES = (("lazy+heuristic", {}, "HEURISTIC"), ("eager+heuristic", {"CUDA_MODULE
           ("lazy+default", {}, "DEFAULT"), ("lazy+exhaustive", {}, "EXHAUSTIVE"))
 
 
-def shape_probe(search: str) -> None:
+def timed_runs(sess, feeds: dict, n: int) -> list[float]:
+    """Milliseconds of ``n`` runs of ``sess`` on ``feeds``, in order (the first run of a shape is the slow one)."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def shape_probe(search: str) -> int:
     """Print the first and second run (ms) of SCRFD-500M at three new input sizes and of MobileFaceNet at four
     new batch sizes on CUDA with this cuDNN ``search``: what one new input shape costs (issue 12: about a second
     a shape on an H200 with onnxruntime-gpu 1.31, CUDA 13)."""
@@ -381,21 +387,22 @@ def shape_probe(search: str) -> None:
         runs = [f"open {(time.perf_counter() - t0) * 1e3:.0f}"]
         for shape in shapes:
             feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-            times = []
-            for _ in range(2):
-                t0 = time.perf_counter()
-                sess.run(None, feed)
-                times.append((time.perf_counter() - t0) * 1e3)
+            times = timed_runs(sess, feed, 2)
             runs.append(f"{'x'.join(map(str, shape[:1] + shape[2:]))}: {times[0]:.0f}/{times[1]:.1f}")
         print(f"  {name} ({sess.get_providers()[0]}): " + ", ".join(runs) + " ms (first/second run)", flush=True)
+    return 0
 
 
 def run_probes() -> None:
     """:func:`shape_probe` in a child process per :data:`PROBES` setting (module loading is read at CUDA start)."""
     for label, env, search in PROBES:
         print(f"new-shape probe, {label}:", flush=True)
-        res = sh([sys.executable, str(Path(__file__).resolve()), "--shape-probe", search], env={**bench_env(), **env},
-                 cwd=ROOT, timeout=120)
+        try:
+            res = sh([sys.executable, str(Path(__file__).resolve()), "--shape-probe", search], env={**bench_env(), **env},
+                     cwd=ROOT, timeout=120)
+        except subprocess.TimeoutExpired:
+            print("  timed out after 120 s (the benchmarks still run)", flush=True)
+            continue
         print(res.stdout + (res.stderr[-800:] if res.returncode else ""), flush=True)
 
 

@@ -134,13 +134,14 @@ class FaceDetector:
                 f"{what} model {cfg.path} has a fixed input of {fixed[1]}x{fixed[0]} pixels but "
                 f"face.detector.input_size is {cfg.input_size}; set input_size to {fixed[1]} or use a model with dynamic input size"
             )
-        self._fixed_input = len(fixed) == 2 or static_shapes(self.session, opts)
+        static = static_shapes(self.session, opts)
+        self._fixed_input = len(fixed) == 2 or static
         # model_file=None: InsightFace then uses this very session for every
         # input size instead of opening extra sessions of its own.
         self._scrfd = SCRFD(model_file=None, session=self.session)
         if not self._scrfd.use_kps:  # pragma: no cover - guarded by the output count above
             raise ModelError(f"{what} model {cfg.path} predicts no keypoints; alignment needs SCRFD with keypoints (*_kps/_bnkps)")
-        if static_shapes(self.session, opts):  # the one square input runs once here, not on a camera's first face
+        if static:  # the one square input runs once here, not on a camera's first face
             self.detect(np.zeros((cfg.input_size, cfg.input_size, 3), np.uint8))
 
     def input_size_for(self, height: int, width: int) -> tuple[int, int]:

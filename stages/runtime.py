@@ -91,7 +91,8 @@ def buckets(largest: int) -> list[int]:
 
 
 def pad_rows(x: Any, n: int) -> Any:
-    """``x`` (an array of ``len(x) <= n`` rows) with zero rows appended up to ``n`` rows."""
+    """``x`` (an ``(m, ...)`` array, ``m <= n``) with zero rows of its dtype appended: ``(n, ...)``; ``x`` itself
+    when ``m >= n``."""
     import numpy as np
 
     if len(x) >= n:
