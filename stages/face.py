@@ -43,7 +43,8 @@ from stages.runtime import (ModelError, SessionOptions, bucket, buckets, expect_
 
 #: Side of the aligned face crop in pixels (ArcFace convention).
 ALIGNED_SIZE = 112
-#: With static shapes, the face batch sizes up to this many faces run once when the embedder opens.
+#: With static shapes, the face batch sizes up to this many faces run once when the embedder opens; larger batches
+#: run in chunks of this size, so no shape is new at run time.
 WARM_FACES = 8
 
 #: SCRFD ONNX exports with keypoints have 9 (3 strides) or 15 (5 strides) outputs.
@@ -291,8 +292,10 @@ class FaceEmbedder:
         return Path(self.cfg.path).stem
 
     def _run(self, aligned: np.ndarray) -> np.ndarray:
-        if self._static:  # padded to a bucket size: blank crops, their rows dropped
-            return np.asarray(self._arcface.get_feat(list(pad_rows(aligned, bucket(len(aligned))))), np.float32)[: len(aligned)]
+        if self._static:  # chunks of warmed sizes, padded to a bucket size: blank crops, their rows dropped
+            return np.concatenate([
+                np.asarray(self._arcface.get_feat(list(pad_rows(c, bucket(len(c))))), np.float32)[: len(c)]
+                for c in (aligned[i : i + WARM_FACES] for i in range(0, len(aligned), WARM_FACES))])
         if self._batched:
             return np.asarray(self._arcface.get_feat(list(aligned)), dtype=np.float32)
         return np.concatenate([np.asarray(self._arcface.get_feat([a]), dtype=np.float32) for a in aligned])
@@ -388,15 +391,31 @@ class FaceAnalyzer:
         Raises:
             ValueError: wrong image or region.
         """
+        dets = self.find(image, region_xyxy, min_face_px)
+        if not len(dets):
+            return []
+        emb = self.embedder.embed(np.stack([align(image, k) for k in dets.kps]))
+        return [
+            Face(xyxy=dets.xyxy[i].copy(), score=float(dets.score[i]), kps=dets.kps[i].copy(), embedding=emb[i])
+            for i in range(len(dets))
+        ]
+
+    def find(self, image: np.ndarray, region_xyxy: np.ndarray | None = None, min_face_px: int | None = None) -> FaceDetections:
+        """Detect the faces :meth:`analyze` would embed, without embedding them (a caller that embeds only the
+        faces it uses, or the faces of several images in one batch, aligns with :func:`align` and embeds with
+        :attr:`embedder`).
+
+        Args: as :meth:`analyze`.
+
+        Returns:
+            :class:`FaceDetections` of the faces at least ``min_face_px`` wide, best score first; the number
+            left out as too small is :attr:`last_small`.
+
+        Raises:
+            ValueError: wrong image or region.
+        """
         dets = self.detector.detect(image, region_xyxy)
         min_w = self.cfg.min_face_px if min_face_px is None else min_face_px
-        keep = [i for i in range(len(dets)) if dets.xyxy[i, 2] - dets.xyxy[i, 0] >= min_w]
-        self.last_small = len(dets) - len(keep)  # faces skipped as too small by the last call
-        if not keep:
-            return []
-        crops = np.stack([align(image, dets.kps[i]) for i in keep])
-        emb = self.embedder.embed(crops)
-        return [
-            Face(xyxy=dets.xyxy[i].copy(), score=float(dets.score[i]), kps=dets.kps[i].copy(), embedding=emb[j])
-            for j, i in enumerate(keep)
-        ]
+        keep = dets.xyxy[:, 2] - dets.xyxy[:, 0] >= min_w
+        self.last_small = int(len(dets) - keep.sum())  # faces skipped as too small by the last call
+        return FaceDetections(dets.xyxy[keep], dets.score[keep], dets.kps[keep])

@@ -61,8 +61,14 @@ def sharpness(aligned: np.ndarray) -> float:
 
 def assess(image: np.ndarray, face: Face, cfg: FaceQualityConfig) -> FaceQuality:
     """Measure ``face`` (found in ``image``, ``(H, W, 3) uint8`` BGR) against the gate ``cfg``."""
-    sharp = sharpness(align(image, face.kps))
-    yaw = yaw_from_keypoints(face.kps)
+    return assess_aligned(align(image, face.kps), face.kps, cfg)
+
+
+def assess_aligned(aligned: np.ndarray, kps: np.ndarray, cfg: FaceQualityConfig) -> FaceQuality:
+    """:func:`assess` of a face already aligned: ``aligned`` ``(112, 112, 3) uint8`` BGR from
+    :func:`~stages.face.align`, ``kps`` its ``(5, 2)`` keypoints ``x, y`` in image pixels."""
+    sharp = sharpness(aligned)
+    yaw = yaw_from_keypoints(kps)
     return FaceQuality(sharpness=sharp, yaw=yaw, reason=gate_reason(sharp, yaw, cfg))
 
 

@@ -36,7 +36,8 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from typing import Callable, Literal
+from collections.abc import Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -45,13 +46,13 @@ from collections import OrderedDict
 from pipeline.config import FaceConfig, GaitConfig, OnnxReidConfig, TrackingConfig
 from pipeline.messages import Detections, EmbeddingRecord
 from stages.detector import DetectionResult
-from stages.face import Face, FaceAnalyzer
+from stages.face import FaceAnalyzer
 from stages.gait import CameraSilhouettes, GaitEmbedder, GeiEmbedder, TrackGait
 from stages.gallery import Gallery
 from stages.identity import Named, TrackIdentity
-from stages.quality import assess
+from stages.recognition_work import FacePick, FrameJournal, FrameWork, boxes_of, embed_wave, end_tracks, pick_faces, waves
 from stages.reid import ReidEmbedder, TrackReid, link_tracks
-from stages.tracking import ActiveTrack, CameraTracks, TrackState, Transition
+from stages.tracking import ActiveTrack, CameraTracks, Transition
 
 #: ``(event_id, camera, image (h, w, 3) uint8 BGR) -> path or None``: stores a JPEG snapshot.
 SnapshotSink = Callable[[str, str, np.ndarray], "str | None"]
@@ -127,14 +128,24 @@ class ReidLinker:
         """Embed the due person boxes of a frame; returns the track ids that got a sample.
 
         ``log`` (optional) receives ``(track_id, frame_index, (d,) float32 embedding)`` per sample, to journal them."""
+        due = self.due_tracks(camera, persons, frame_index)
+        if not due:
+            return []
+        return self.add(camera, due, self.embedder.embed(frame, boxes_of(due)), frame_index, log)
+
+    def due_tracks(self, camera: str, persons: list[ActiveTrack], frame_index: int) -> list[ActiveTrack]:
+        """Mark ``frame_index`` as ``camera``'s Re-ID frame and return its person tracks due for a sample (tall
+        enough, their :class:`~stages.reid.TrackReid` interval passed); the rest are counted in ``settled_waits``."""
         reid = self._camera(camera)
         self._last_frame[camera] = frame_index
         tall = [t for t in persons if t.xyxy[3] - t.xyxy[1] >= self.cfg.min_box_height_px]
-        due = [t for t in tall if reid.due(t.track_id, frame_index)]
         self.settled_waits += sum(reid.settled_wait(t.track_id, frame_index) for t in tall)
-        if not due:
-            return []
-        emb = self.embedder.embed(frame, np.stack([t.xyxy for t in due]).astype(np.float32))
+        return [t for t in tall if reid.due(t.track_id, frame_index)]
+
+    def add(self, camera: str, due: list[ActiveTrack], emb: np.ndarray, frame_index: int, log: list | None = None) -> list[int]:
+        """Add one ``(d,) float32`` unit embedding per track of ``due`` (rows of ``emb``, ``(len(due), d)``) as its
+        sample at ``frame_index``; returns their track ids. ``log``: as :meth:`sample`."""
+        reid = self._camera(camera)
         for t, e in zip(due, emb):
             reid.add(t.track_id, e, frame_index)
             if log is not None:
@@ -238,10 +249,6 @@ def _height(track: ActiveTrack) -> float:
     return float(track.xyxy[3] - track.xyxy[1])
 
 
-def _largest(faces: list[Face]) -> Face | None:
-    return max(faces, key=lambda f: f.width, default=None)
-
-
 class RecognitionStage:
     """Tracks, events, face recognition and snapshots for the cameras of one recognition process.
 
@@ -302,9 +309,7 @@ class RecognitionStage:
         self.gait = gait
         self.drops = {"behind": 0}
         self.event_ids = event_ids
-        self.journaling = journaling
-        self._changes: list[list] = []  # this frame's journaled changes (see checkpoint)
-        self._samples: list[tuple[int, int, np.ndarray]] = []  # this frame's Re-ID samples
+        self.journal = FrameJournal(journaling)
         self._face_frames: dict[str, int] = {}  # camera -> its last face frame
 
     def _tracks(self, camera: str) -> CameraTracks:
@@ -315,17 +320,10 @@ class RecognitionStage:
     def _identity(self, camera: str, track_id: int) -> TrackIdentity:
         return self.identities.setdefault((camera, track_id), TrackIdentity())
 
-    def _record(self, *change: object) -> None:
-        if self.journaling:
-            self._changes.append(list(change))
-
     # ------------------------------------------------------------- resuming
     def checkpoint(self, det: Detections) -> list[bytes]:
         """The changes handling ``det`` made (JSON list, then one float32 buffer per Re-ID sample); then forgotten."""
-        changes, samples = self._changes, self._samples
-        self._changes, self._samples = [], []
-        changes += [["reid", track_id, frame_index, i] for i, (track_id, frame_index, _) in enumerate(samples)]
-        return [json.dumps(changes).encode(), *(np.ascontiguousarray(v, np.float32).tobytes() for _, _, v in samples)]
+        return self.journal.take((det.frame.camera, det.frame.frame_index))
 
     def restore(self, det: Detections, parts: list[bytes]) -> None:
         """Re-apply a journaled frame (see the class docstring); the messages it would send are not sent again."""
@@ -333,7 +331,7 @@ class RecognitionStage:
         transitions = feed_tracker(tracks, det)
         for change in json.loads(parts[0]):
             self._apply(tracks, change, parts[1:])
-        self._ended(transitions)
+        end_tracks(transitions, self.identities, (self.reid, self.gait))
 
     def _apply(self, tracks: CameraTracks, change: list, vectors: list[bytes]) -> None:
         op, track_id = change[0], int(change[1])
@@ -395,26 +393,74 @@ class RecognitionStage:
         return True
 
     def process(self, frame: np.ndarray | None, meta: object) -> list[object]:
-        assert isinstance(meta, Detections)
-        tracks = self._tracks(meta.frame.camera)
-        transitions = feed_tracker(tracks, meta)
-        out: list[object] = [t.message for t in transitions]
-        cam, idx = tracks.camera, meta.frame.frame_index
-        if frame is not None:
-            active = tracks.active()
-            persons = [t for t in active if t.label == "person"]
-            if not meta.held and active and self._face_frame(cam, idx):
-                self._face_frames[cam] = idx
-                self._record("fframe", idx)
-                wanted = {t.track_id for t in active if self._wants_face(cam, t, idx)}
-                faces = self._analyze(frame, None) if len(wanted) >= 2 else None  # one SCRFD run for them all
-                for track in active:
-                    out.extend(self._observe(tracks, track, frame, idx, faces if track.track_id in wanted else False))
-            if not meta.held and self.reid is not None and persons and self.reid.due(cam, idx):
-                self._reid(tracks, persons, frame, idx)
-            if self.gait is not None and not meta.held:
-                self._gait(tracks, persons, frame, still=not meta.motion)
-        out.extend(self._ended(transitions))
+        """Handle one frame (``meta``: its :class:`Detections`); returns the messages to send."""
+        return self.process_batch([frame], [meta])[0]
+
+    def process_batch(self, frames: Sequence[np.ndarray | None], metas: Sequence[object]) -> list[list[object]]:
+        """:meth:`process` for several frames in frame order (``recognition.batch``): in waves of at most one frame
+        per camera, each wave's face chips and Re-ID crops run in one embedder batch each
+        (:mod:`stages.recognition_work`); the messages equal those of :meth:`process` frame by frame up to the
+        float rounding of batched inference.
+
+        Args:
+            frames: per frame ``(H, W, 3) uint8`` BGR, or None where it was not read.
+            metas: the frames' :class:`Detections`, in order.
+
+        Returns:
+            The messages of each frame, in order.
+
+        Raises:
+            ValueError: ``frames`` and ``metas`` differ in length.
+        """
+        if len(frames) != len(metas):
+            raise ValueError(f"process_batch: {len(frames)} frames for {len(metas)} messages")
+        assert all(isinstance(m, Detections) for m in metas)
+        self.journal.clear()  # frames of an earlier batch that were never checkpointed (discarded duplicates)
+        out: list[list[object]] = []
+        for wave in waves([m.frame.camera for m in metas]):  # type: ignore[attr-defined]
+            works = [self._plan(frames[i], metas[i]) for i in wave]  # type: ignore[arg-type]
+            embed_wave(works, self.analyzer, self.reid.embedder if self.reid is not None else None, self.counts)
+            out.extend(self._apply_work(w) for w in works)
+        return out
+
+    def _plan(self, frame: np.ndarray | None, det: Detections) -> FrameWork:
+        """Step 1 (:mod:`stages.recognition_work`): the tracker, then the face and Re-ID work the frame gets."""
+        tracks = self._tracks(det.frame.camera)
+        work = FrameWork(det, frame, tracks, feed_tracker(tracks, det))
+        if frame is None or det.held:
+            return work  # a held frame's boxes are a frame old: no face, Re-ID or gait work on it
+        cam, idx = tracks.camera, det.frame.frame_index
+        work.active = tracks.active()
+        if work.active and self._face_frame(cam, idx):
+            work.face_frame = True
+            wanted = [t for t in work.active if self._wants_face(cam, t, idx)]
+            if wanted:
+                work.picks = pick_faces(self.analyzer, frame, wanted, self.face.min_face_px, self.face.quality, self.counts)
+        persons = work.persons
+        if self.reid is not None and persons and self.reid.due(cam, idx):
+            work.reid_frame = True
+            work.reid_due = self.reid.due_tracks(cam, persons, idx)
+            if work.reid_due:
+                work.reid_input = self.reid.embedder.preprocess(frame, boxes_of(work.reid_due))
+        return work
+
+    def _apply_work(self, work: FrameWork) -> list[object]:
+        """Step 3: votes, names, snapshots, Re-ID samples and links, gait and ended tracks of one planned frame;
+        its journal changes are kept for :meth:`checkpoint`."""
+        tracks, det = work.tracks, work.det
+        cam, idx = tracks.camera, det.frame.frame_index
+        out: list[object] = [t.message for t in work.transitions]
+        if work.face_frame:
+            self._face_frames[cam] = idx
+            self.journal.record("fframe", idx)
+            for track in work.active:
+                out.extend(self._observe(tracks, track, work.frame, idx, work.picks.get(track.track_id)))
+        if work.reid_frame:
+            self._reid(tracks, work, idx)
+        if self.gait is not None and work.frame is not None and not det.held:
+            self._gait(tracks, work.persons, work.frame, still=not det.motion)
+        out.extend(end_tracks(work.transitions, self.identities, (self.reid, self.gait)))
+        self.journal.keep((cam, idx))
         return out
 
     def active(self, camera: str) -> list[ActiveTrack]:
@@ -426,7 +472,7 @@ class RecognitionStage:
     def _name(self, tracks: CameraTracks, track_id: int, named: Named) -> None:
         if self._identity(tracks.camera, track_id).decide(named):
             tracks.set_identity(track_id, named.identity, named.method, named.score)
-            self._record("name", track_id, named.identity, named.method, named.score)
+            self.journal.record("name", track_id, named.identity, named.method, named.score)
 
     def _gait(self, tracks: CameraTracks, persons: list[ActiveTrack], frame: np.ndarray, still: bool) -> None:
         for track_id in self.gait.observe(tracks.camera, persons, frame, still):
@@ -437,11 +483,10 @@ class RecognitionStage:
                 self._name(tracks, track_id, linked)
         self.counts["gait_silhouettes_rejected"], self.counts["gait_still_skipped"] = self.gait.rejected, self.gait.still_skipped
 
-    def _reid(self, tracks: CameraTracks, persons: list[ActiveTrack], frame: np.ndarray, idx: int) -> None:
-        sampled = self.reid.sample(tracks.camera, persons, frame, idx, self._samples if self.journaling else None)
-        self._record("rframe", idx)
-        self.counts["reid_crops"] += len(sampled)  # person crops embedded with OSNet
-        self.counts["reid_runs"] += bool(sampled)  # embedder calls (one batch per frame)
+    def _reid(self, tracks: CameraTracks, work: FrameWork, idx: int) -> None:
+        sampled = self.reid.add(tracks.camera, work.reid_due, work.reid_emb, idx, self.journal.samples if self.journal.on else None) \
+            if work.reid_due else []
+        self.journal.record("rframe", idx)
         self.counts["reid_skipped_settled"] = self.reid.settled_waits
         for track_id in sampled:
             if not self._identity(tracks.camera, track_id).accepts("reid"):
@@ -464,84 +509,41 @@ class RecognitionStage:
             return False
         return True
 
-    def _analyze(self, frame: np.ndarray, region: np.ndarray | None) -> list[Face]:
-        """One face analysis (SCRFD on the whole frame when ``region`` is None, else on the person box
-        ``region``; the kept faces embedded in one batch), counted for the benchmarks' bare-inference bound."""
-        faces = self.analyzer.analyze(frame, region_xyxy=region, min_face_px=self.face.min_face_px)
-        self.counts["face_rejected_small"] += self.analyzer.last_small
-        self.counts["face_analyses"] += 1
-        self.counts["face_analyses_frame"] += region is None
-        self.counts["face_embeddings"] += len(faces)
-        self.counts["face_embed_runs"] += bool(faces)
-        return faces
-
-    def _face_of(self, frame: np.ndarray, track: ActiveTrack, faces: list[Face] | None, ident: TrackIdentity,
-                 frame_index: int) -> Face | None:
-        """The track's largest face passing the quality gate; the try goes into its face schedule."""
-        if faces is None:
-            faces = self._analyze(frame, track.xyxy)
-        else:
-            faces = [f for f in faces if _centre_inside(f.xyxy, track.xyxy)]
-        face = _largest(faces)
-        ident.face_schedule(self.face.every_n_frames, self.face.backoff_max_frames).tried(
-            frame_index, face is not None, _height(track))
-        self._record("tried", track.track_id, frame_index, face is not None, _height(track))
-        if face is None:
-            return None
-        quality = assess(frame, face, self.face.quality)
-        if not quality.ok:
-            self.counts[f"face_rejected_{quality.reason}"] += 1
-            return None
-        self.counts["faces_used"] += 1
-        return face
-
     def _observe(self, tracks: CameraTracks, track: ActiveTrack, frame: np.ndarray, frame_index: int,
-                 faces: list[Face] | None | Literal[False]) -> list[object]:
-        """Snapshot a new track; then, unless ``faces`` is False (no face work for the track in this frame), its
-        face: from ``faces`` (the whole frame's) or, when None, from an analysis of its box."""
+                 pick: FacePick | None) -> list[object]:
+        """Snapshot a new track; then, with a ``pick`` (the track got face work in this frame), put the try into
+        its face schedule and, when its face passed the quality gate, vote with the face's gallery match."""
         ident = self._identity(tracks.camera, track.track_id)
         if self.snapshot is not None and not ident.snapped:
             path = self.snapshot(track.event_id, tracks.camera, _crop(frame, track.xyxy))
             ident.snapped = True
-            self._record("snap", track.track_id, track.event_id, path or "")
+            self.journal.record("snap", track.track_id, track.event_id, path or "")
             if path:
                 tracks.set_snapshot(track.track_id, path)
-        if faces is False:
+        if pick is None:
             return []
-        face = self._face_of(frame, track, faces, ident, frame_index)
-        if face is None:
+        ident.face_schedule(self.face.every_n_frames, self.face.backoff_max_frames).tried(
+            frame_index, pick.found, _height(track))
+        self.journal.record("tried", track.track_id, frame_index, pick.found, _height(track))
+        if pick.quality is None or pick.embedding is None:
+            if pick.quality is not None:
+                self.counts[f"face_rejected_{pick.quality.reason}"] += 1
             return []
-        match = self.gallery.match(face.embedding[None, :])[0]
+        self.counts["faces_used"] += 1
+        match = self.gallery.match(pick.embedding[None, :])[0]
         decided = ident.face_vote(match.identity, float(match.similarity))
-        self._record("vote", track.track_id, match.identity, float(match.similarity))
+        self.journal.record("vote", track.track_id, match.identity, float(match.similarity))
         if decided is not None:  # re-send only when the decision changes
             self._name(tracks, track.track_id, decided)
         return [EmbeddingRecord(event_id=track.event_id, kind="face", model=self.analyzer.model_name,
-                                vector=face.embedding.astype(np.float32), frame_index=frame_index, quality=face.score)]
-
-    def _ended(self, transitions: list[Transition]) -> list[object]:
-        """Drop the identity state of tracks that were removed; returns their stored Re-ID and gait embeddings."""
-        extra: list[object] = []
-        for t in transitions:
-            if t.state is not TrackState.REMOVED:
-                continue
-            msg = t.message
-            ident = self.identities.pop((msg.camera, msg.track_id), None)
-            if msg.label != "person":
-                continue
-            named = ident.named if ident is not None else None
-            for linker in (self.reid, self.gait):
-                rec = linker.end(msg.camera, msg.track_id, msg.event_id, named) if linker is not None else None
-                if rec is not None:
-                    extra.append(rec)
-        return extra
+                                vector=pick.embedding.astype(np.float32), frame_index=frame_index, quality=pick.score)]
 
     def tick(self, now_ns: int) -> list[object]:
         return []
 
     def finish(self) -> list[object]:
         transitions = [t for tracks in self.cameras.values() for t in tracks.finish()]
-        return [t.message for t in transitions] + self._ended(transitions)
+        return [t.message for t in transitions] + end_tracks(transitions, self.identities, (self.reid, self.gait))
 
 
 def feed_tracker(tracks: CameraTracks, det: Detections) -> list[Transition]:
@@ -557,12 +559,6 @@ def objects_of(det: Detections) -> DetectionResult:
     if not (det.motion and det.valid and len(det)):
         return DetectionResult.empty()
     return DetectionResult(det.xyxy, det.confidence, det.class_id)
-
-
-def _centre_inside(inner: np.ndarray, outer: np.ndarray) -> bool:
-    """True if the centre of box ``inner`` lies in box ``outer`` (both x1, y1, x2, y2 pixels)."""
-    cx, cy = (inner[0] + inner[2]) / 2, (inner[1] + inner[3]) / 2
-    return bool(outer[0] <= cx <= outer[2] and outer[1] <= cy <= outer[3])
 
 
 def _crop(frame: np.ndarray, xyxy: np.ndarray, pad: float = 0.1) -> np.ndarray:

@@ -67,7 +67,8 @@ DEFAULT_LINK_THRESHOLD = 0.935
 
 #: Boxes are embedded in chunks of at most this many crops (bounds the input tensor to ~50 MB).
 MAX_BATCH = 128
-#: With static shapes, the batch sizes up to this many crops run once when the model opens (larger ones on first use).
+#: With static shapes, the batch sizes up to this many crops run once when the model opens; larger batches run in
+#: chunks of this size, so no shape is new at run time.
 WARM_CROPS = 16
 
 _WHAT = "Re-ID embedder"
@@ -189,8 +190,10 @@ class ReidEmbedder:
     def _run(self, batch: np.ndarray) -> np.ndarray:
         if self._fixed_batch == 1:
             return np.concatenate([self.session.run(None, {self._input_name: batch[i : i + 1]})[0] for i in range(len(batch))])
-        if self._static:  # padded to a bucket size: blank crops, their rows dropped
-            return np.asarray(self.session.run(None, {self._input_name: pad_rows(batch, bucket(len(batch)))})[0])[: len(batch)]
+        if self._static:  # chunks of warmed sizes, padded to a bucket size: blank crops, their rows dropped
+            return np.concatenate([
+                np.asarray(self.session.run(None, {self._input_name: pad_rows(c, bucket(len(c)))})[0])[: len(c)]
+                for c in (batch[i : i + WARM_CROPS] for i in range(0, len(batch), WARM_CROPS))])
         return np.asarray(self.session.run(None, {self._input_name: batch})[0])
 
     def embed(self, frame: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -206,7 +209,23 @@ class ReidEmbedder:
         Raises:
             ValueError: see :meth:`preprocess`.
         """
-        batch = self.preprocess(frame, boxes)
+        return self.embed_batch(self.preprocess(frame, boxes))
+
+    def embed_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Embed preprocessed crops (of one frame or several: recognition batches crops across cameras).
+
+        Args:
+            batch: ``(n, 3, 256, 128) float32`` from :meth:`preprocess` (``n`` may be 0).
+
+        Returns:
+            ``(n, d) float32`` unit-norm embeddings, run in chunks of at most ``MAX_BATCH`` crops.
+
+        Raises:
+            ValueError: ``batch`` is not ``(n, 3, 256, 128) float32``.
+        """
+        if batch.dtype != np.float32 or batch.shape[1:] != (3, *INPUT_HW):
+            raise ValueError(f"ReidEmbedder batch: expected an (n, 3, {INPUT_HW[0]}, {INPUT_HW[1]}) float32 array, "
+                             f"got {batch.dtype} {batch.shape}")
         if len(batch) == 0:
             return np.zeros((0, self._dim), np.float32)
         emb = np.concatenate([self._run(batch[i : i + MAX_BATCH]) for i in range(0, len(batch), MAX_BATCH)])

@@ -112,9 +112,15 @@ class _FakeReidEmbedder:
 
     model_name = "fake-reid"
 
-    def embed(self, frame: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        v = np.concatenate([boxes, boxes[:, ::-1]], axis=1).astype(np.float32) + 1.0
+    def preprocess(self, frame: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        return np.asarray(boxes, np.float32)  # the "crops" are the boxes themselves
+
+    def embed_batch(self, batch: np.ndarray) -> np.ndarray:
+        v = np.concatenate([batch, batch[:, ::-1]], axis=1).astype(np.float32) + 1.0
         return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    def embed(self, frame: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        return self.embed_batch(self.preprocess(frame, boxes))
 
 
 def _stage(tmp_path: Path, snaps: list) -> RecognitionStage:
