@@ -278,6 +278,10 @@ class RecognitionConfig(_Strict):
     reid: OnnxReidConfig | None = None
     gait: GaitConfig | None = None
     max_lag_ms: float = Field(2000, gt=0, le=600_000, description="skip face work on frames older than this (live mode)")
+    batch: int = Field(1, ge=1, le=64, description="frames (of any cameras) handled together: the face chips and Re-ID "
+                       "crops of one frame per camera run in one embedder batch each (a GPU gain); 1 = frame by frame")
+    batch_timeout_ms: float = Field(5.0, ge=0.0, le=1000.0, description="longest wait for a batch to fill, counted from "
+                                    "its first frame, milliseconds; frames already received are batched without waiting")
 
 
 class StorageConfig(_Strict):

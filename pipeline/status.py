@@ -282,11 +282,13 @@ def run_summary(run_id: str, wall_s: float, views: Mapping[str, StageView], acti
 
 
 def batch_summary(counts: Mapping[str, int]) -> str:
-    """One line on detection batching from a stage's summed counts (``detection.batch`` > 1), or ``""`` without it.
+    """One line on a stage's batching from its summed counts (``detection.batch`` or ``recognition.batch`` > 1), or
+    ``""`` without it.
 
-    Uses the runner's ``batches`` / ``batch_frames`` / ``batch_timeouts`` and the detection stage's
-    ``detector_batches`` / ``detector_batch_frames`` / ``detector_runs`` / ``detector_discarded``;
-    mean sizes are frames per batch.
+    Uses the runner's ``batches`` / ``batch_frames`` / ``batch_timeouts``, the detection stage's
+    ``detector_batches`` / ``detector_batch_frames`` / ``detector_runs`` / ``detector_discarded`` and the
+    recognition stage's ``face_embed_runs`` / ``face_embeddings`` and ``reid_runs`` / ``reid_crops``;
+    mean sizes are frames per batch, crops per embedder run.
     """
     batches = counts.get("batches", 0)
     if not batches:
@@ -297,4 +299,7 @@ def batch_summary(counts: Mapping[str, int]) -> str:
     if det:
         line += (f"; to the detector: {det}, mean {counts.get('detector_batch_frames', 0) / det:.2f} frames, "
                  f"{counts.get('detector_runs', 0)} model runs, {counts.get('detector_discarded', 0)} discarded")
+    for runs, items, what in (("face_embed_runs", "face_embeddings", "face embedder"), ("reid_runs", "reid_crops", "Re-ID")):
+        if counts.get(runs, 0):
+            line += f"; {what}: {counts[runs]} runs, mean {counts.get(items, 0) / counts[runs]:.2f} crops"
     return line

@@ -292,7 +292,9 @@ def _recognition(cfg: AppConfig, t: Transport, index: int, n_rec: int, counters:
                   on_exit=wait_for_storage, after_frame=_after_frame(journal if file_mode else None,
                                                                      _live_tracks(cfg, t, stage)))
     _show_providers(counters)
-    Runner(stage, io, counters, stop, reorderer=reorderer).run()
+    rec = cfg.recognition  # batch > 1: face and Re-ID crops of several cameras' frames in one embedder run
+    batcher = Batcher(rec.batch, rec.batch_timeout_ms / 1000.0) if rec.batch > 1 else None
+    Runner(stage, io, counters, stop, reorderer=reorderer, batcher=batcher).run()
 
 
 def _live_tracks(cfg: AppConfig, t: Transport, stage: Any) -> Callable[[object], None] | None:

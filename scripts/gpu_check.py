@@ -27,9 +27,10 @@ Steps (each prints what it found; nothing is downloaded):
    ``--resize``d, first ``--max-frames`` frames), on GPU (``--gpu-providers``)
    for every count first, then on CPU (``--only`` keeps one), so a short lease
    measures the GPU. Detection and recognition get ``cameras // 4`` processes
-   each (1 to 4); GPU runs of several cameras also run a ``detection.batch``
-   variant (``--gpu-batch``, 8). A run that would start after ``--budget-s``
-   is skipped (said so), one still running ``--grace-s`` after it is stopped.
+   each (1 to 4); GPU runs of several cameras also run a variant with
+   ``detection.batch`` and ``recognition.batch`` (``--gpu-batch``, 8). A run
+   that would start after ``--budget-s`` is skipped (said so), one still
+   running ``--grace-s`` after it is stopped.
 5. **Summary**: one line per run: cameras, provider, pipeline and loop
    frames/s, ratio, bound frames/s and the pipeline's share, GPU utilisation
    mean / max (dmon's ``sm`` column during that run), p99 per stage (ms, the
@@ -192,7 +193,8 @@ def bench(args: argparse.Namespace, videos: list[Path], cameras: int, providers:
     cmd += ["--resize", args.resize] if args.resize else []
     cmd += ["--providers", providers] if providers else []
     if providers and CUDA in providers and args.gpu_batch > 1 and cameras > 1:  # DeepStream's muxer: frames of all cameras
-        cmd += ["--variant", f"batch{args.gpu_batch}:detection.batch={args.gpu_batch}"]
+        b = args.gpu_batch  # recognition too: one frame per camera and wave, face and Re-ID crops in one run each
+        cmd += ["--variant", f"batch{b}:detection.batch={b},recognition.batch={b}"]
     started = time.time()
     try:
         res = sh(cmd, env=bench_env(), cwd=ROOT, timeout=max(30.0, timeout_s))
@@ -288,7 +290,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="time new input shapes on CUDA under each PROBES setting before the benchmarks")
     ap.add_argument("--only", choices=("both", "gpu", "cpu"), default="both", help="which providers to benchmark")
     ap.add_argument("--gpu-batch", type=int, default=8, help="GPU runs with several cameras also run a variant with "
-                    "this detection.batch (1: none)")
+                    "this detection.batch and recognition.batch (1: none)")
     return ap.parse_args(argv)
 
 
