@@ -17,7 +17,12 @@ Steps (each prints what it found; nothing is downloaded):
    'CUDAExecutionProvider'`` and runs it three times on zeros (ms each: the
    first run of a shape is the slow one). Without ``nvidia-smi`` or the
    provider: "no GPU: skipped", and the GPU runs are skipped.
-3. **New-shape probe** (``--no-probe`` skips it): first and second run of
+3. **Copy probe**, then the **new-shape probe** (``--no-probe`` skips both).
+   The copy probe times YOLOX-Nano (one frame) and OSNet (16 crops) three
+   ways: ``session.run`` on a numpy input, IOBinding with the input already on
+   the GPU and the output left there, and with the output copied back; the
+   difference is the most IOBinding could save a run (on the CPU provider
+   without a GPU, to prove the flow). The shape probe: first and second run of
    SCRFD at three new input sizes and of MobileFaceNet at four new batch sizes,
    once per :data:`PROBES` setting (lazy or eager CUDA module loading; cuDNN's
    heuristic, default or exhaustive algorithm search), each in its own process.
@@ -338,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     print(res.stdout + res.stderr[-2000:])
     cuda = {0: "ok", 3: "no GPU"}.get(res.returncode, "CUDA check failed")
     if cuda == "ok" and args.probe:
+        run_copy_probe("cuda")
         run_probes()
+    elif args.probe:
+        run_copy_probe("cpu")  # the flow, on the CPU provider
     videos = sorted(p for p in (assets / "data" / "videos").iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
     dmon = Dmon(out / "dmon.log")
     try:
@@ -395,6 +403,71 @@ def shape_probe(search: str) -> int:
     return 0
 
 
+#: Copy-probe inputs: (model file, input shape). YOLOX-Nano's one frame on its canvas, OSNet's 16 person crops.
+COPY_CASES = (("yolox_nano.onnx", (1, 3, 416, 416)), ("osnet_x0_25_msmt17.onnx", (16, 3, 256, 128)))
+
+
+def _median_ms(fn, n: int) -> float:
+    """Median milliseconds of ``n`` calls of ``fn`` after one untimed call."""
+    fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[n // 2]
+
+
+def copy_probe(device: str, n: int = 30) -> int:
+    """What copying inputs and outputs between host and device costs, to decide on ONNX Runtime IOBinding (issue 12).
+
+    Per :data:`COPY_CASES` model, median of ``n`` runs (ms): ``run`` (``session.run`` on a numpy input: the copy to
+    the device and the output back included, what FacePro does), ``bound`` (IOBinding: input already on
+    ``device``, output left there: the computation alone) and ``bound+out`` (input on the device, output copied
+    to the host). ``run - bound`` is the most IOBinding could save a run. ``device``: ``cuda`` (CUDA provider)
+    or ``cpu`` (the CPU provider, to prove the flow without a GPU)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls") and device == "cuda":
+        ort.preload_dlls()
+    providers = [CUDA, "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    assets = Path(os.environ["FACEPRO_ASSETS"]) / "models"
+    for name, shape in COPY_CASES:
+        sess = ort.InferenceSession(str(assets / name), providers=providers)
+        inp, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
+        x = np.random.default_rng(0).uniform(0, 255, shape).astype(np.float32)
+        if isinstance(sess.get_inputs()[0].shape[0], int) and sess.get_inputs()[0].shape[0] != shape[0]:
+            x = x[: sess.get_inputs()[0].shape[0]]  # a fixed batch dimension
+        on_device = ort.OrtValue.ortvalue_from_numpy(x, device, 0)
+        bound = sess.io_binding()
+        bound.bind_ortvalue_input(inp, on_device)
+        bound.bind_output(out, device)
+        back = sess.io_binding()
+        back.bind_ortvalue_input(inp, on_device)
+        back.bind_output(out, "cpu")
+        ms = {"run": _median_ms(lambda: sess.run(None, {inp: x}), n),
+              "bound": _median_ms(lambda: sess.run_with_iobinding(bound), n),
+              "bound+out": _median_ms(lambda: sess.run_with_iobinding(back), n)}
+        mb = x.nbytes / 2**20
+        print(f"  {name} ({sess.get_providers()[0]}), input {'x'.join(map(str, x.shape))} ({mb:.1f} MiB): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in ms.items())
+              + f" ms; copies at most {max(0.0, ms['run'] - ms['bound']):.2f} ms a run"
+              f" ({max(0.0, ms['run'] - ms['bound']) / ms['run']:.0%})", flush=True)
+    return 0
+
+
+def run_copy_probe(device: str) -> None:
+    """:func:`copy_probe` in a child process, reported like the shape probe."""
+    print(f"copy probe ({device}):", flush=True)
+    try:
+        res = sh([sys.executable, str(Path(__file__).resolve()), "--copy-probe", device], env=bench_env(), cwd=ROOT, timeout=120)
+    except subprocess.TimeoutExpired:
+        print("  timed out after 120 s (the benchmarks still run)", flush=True)
+        return
+    print(res.stdout + (res.stderr[-800:] if res.returncode else ""), flush=True)
+
+
 def run_probes() -> None:
     """:func:`shape_probe` in a child process per :data:`PROBES` setting (module loading is read at CUDA start)."""
     for label, env, search in PROBES:
@@ -418,4 +491,6 @@ def cuda_only() -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--shape-probe"]:
         sys.exit(shape_probe(sys.argv[2]))
+    if sys.argv[1:2] == ["--copy-probe"]:
+        sys.exit(copy_probe(sys.argv[2]))
     sys.exit(cuda_only() if sys.argv[1:] == ["--cuda-only"] else main())

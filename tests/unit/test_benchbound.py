@@ -87,3 +87,18 @@ def test_eval_numbers_count_as_unchanged_within_the_readme_precision() -> None:
 
     assert _same(0.5785, 0.578) and not _same(0.5795, 0.578) and not _same(None, 0.578)
     assert _same("14/14", "14/14") and not _same(5, 6)
+
+
+def test_copy_probe_times_each_model_three_ways_on_the_cpu_provider(models: Path, capsys: pytest.CaptureFixture,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/gpu_check.py's copy probe (the IOBinding question) runs here on the CPU provider: per model, a numpy
+    run, a run on an input bound in place with the output left there, and one with the output copied back."""
+    from scripts.gpu_check import COPY_CASES, copy_probe
+
+    monkeypatch.setenv("FACEPRO_ASSETS", str(models.parent))
+    assert copy_probe("cpu", n=3) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(COPY_CASES)
+    for (name, shape), line in zip(COPY_CASES, lines):
+        assert line.strip().startswith(f"{name} (CPUExecutionProvider), input {'x'.join(map(str, shape))}")
+        assert all(f"{k} " in line for k in ("run", "bound", "bound+out")) and "copies at most" in line
