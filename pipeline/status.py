@@ -287,8 +287,8 @@ def batch_summary(counts: Mapping[str, int]) -> str:
 
     Uses the runner's ``batches`` / ``batch_frames`` / ``batch_timeouts``, the detection stage's
     ``detector_batches`` / ``detector_batch_frames`` / ``detector_runs`` / ``detector_discarded`` and the
-    recognition stage's ``face_embed_runs`` / ``face_embeddings`` and ``reid_runs`` / ``reid_crops``;
-    mean sizes are frames per batch, crops per embedder run.
+    recognition stage's ``face_detector_runs`` / ``face_analyses``, ``face_embed_runs`` / ``face_embeddings``
+    and ``reid_runs`` / ``reid_crops``; mean sizes are frames per batch, images or crops per model run.
     """
     batches = counts.get("batches", 0)
     if not batches:
@@ -299,7 +299,9 @@ def batch_summary(counts: Mapping[str, int]) -> str:
     if det:
         line += (f"; to the detector: {det}, mean {counts.get('detector_batch_frames', 0) / det:.2f} frames, "
                  f"{counts.get('detector_runs', 0)} model runs, {counts.get('detector_discarded', 0)} discarded")
-    for runs, items, what in (("face_embed_runs", "face_embeddings", "face embedder"), ("reid_runs", "reid_crops", "Re-ID")):
+    for runs, items, what, unit in (("face_detector_runs", "face_analyses", "face detector", "images"),
+                                    ("face_embed_runs", "face_embeddings", "face embedder", "crops"),
+                                    ("reid_runs", "reid_crops", "Re-ID", "crops")):
         if counts.get(runs, 0):
-            line += f"; {what}: {counts[runs]} runs, mean {counts.get(items, 0) / counts[runs]:.2f} crops"
+            line += f"; {what}: {counts[runs]} runs, mean {counts.get(items, 0) / counts[runs]:.2f} {unit}"
     return line

@@ -358,7 +358,7 @@ def _pad_to(image: np.ndarray, hw: tuple[int, int], pad_value: int = 114) -> np.
     return cv2.copyMakeBorder(image, 0, hw[0] - h, 0, hw[1] - w, cv2.BORDER_CONSTANT, value=(pad_value,) * 3)
 
 
-def free_input_hw(path: Path, grid_rows: int, *, hw: bool = True, batch: bool = False) -> bytes:
+def free_input_hw(path: Path, grid_rows: int, *, hw: bool = True, batch: bool = False, what: str = _WHAT) -> bytes:
     """The model at ``path`` as ONNX bytes whose input height and width (and output dims equal to ``grid_rows``,
     the anchor count of the declared input) are symbolic, so ONNX Runtime accepts other canvas sizes; with
     ``batch`` (and ``hw`` False: only the batch) the batch dimension of the input and outputs instead.
@@ -369,7 +369,7 @@ def free_input_hw(path: Path, grid_rows: int, *, hw: bool = True, batch: bool = 
     spec). Whether the graph really computes on another size is for the caller to probe.
 
     Raises:
-        ModelError: the file is not a readable ONNX model.
+        ModelError: the file is not a readable ONNX model (the message names it as ``what``).
     """
     import onnx
     from onnx import numpy_helper
@@ -377,7 +377,7 @@ def free_input_hw(path: Path, grid_rows: int, *, hw: bool = True, batch: bool = 
     try:
         model = onnx.load(str(path))
     except Exception as err:  # onnx raises DecodeError and others
-        raise ModelError(f"{_WHAT} model {path} could not be read as ONNX ({type(err).__name__}: {err})") from None
+        raise ModelError(f"{what} model {path} could not be read as ONNX ({type(err).__name__}: {err})") from None
     names = ("batch" if batch else None, None) + (("height", "width") if hw else (None, None))  # N, C, H, W
     for dim, name in zip(model.graph.input[0].type.tensor_type.shape.dim, names):
         if name:

@@ -31,10 +31,14 @@ These classes are pure computation: no sockets, no files other than the model.
 
 from __future__ import annotations
 
+import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import cv2
 import numpy as np
 
 from pipeline.config import FaceConfig, OnnxFaceDetectorConfig, OnnxFaceEmbedderConfig
@@ -47,8 +51,14 @@ ALIGNED_SIZE = 112
 #: run in chunks of this size, so no shape is new at run time.
 WARM_FACES = 8
 
+#: With static shapes and a free batch dimension, SCRFD batches of up to this many images run once when the
+#: detector opens; larger batches run in chunks of this size.
+WARM_IMAGES = 8
+
 #: SCRFD ONNX exports with keypoints have 9 (3 strides) or 15 (5 strides) outputs.
 _SCRFD_KPS_OUTPUTS = (9, 15)
+
+log = logging.getLogger(__name__)
 
 
 def _check_image(image: np.ndarray, what: str = "image") -> None:
@@ -142,8 +152,37 @@ class FaceDetector:
         self._scrfd = SCRFD(model_file=None, session=self.session)
         if not self._scrfd.use_kps:  # pragma: no cover - guarded by the output count above
             raise ModelError(f"{what} model {cfg.path} predicts no keypoints; alignment needs SCRFD with keypoints (*_kps/_bnkps)")
-        if static:  # the one square input runs once here, not on a camera's first face
-            self.detect(np.zeros((cfg.input_size, cfg.input_size, 3), np.uint8))
+        self.session_runs = 0  # model runs (a batch is one)
+        self._batch = self._open_batch(opts) if static else None
+        if static:  # the one square input (and each padded batch size) runs once here, not on a camera's first face
+            blank = np.zeros((cfg.input_size, cfg.input_size, 3), np.uint8)
+            self.detect(blank)
+            for n in buckets(WARM_IMAGES)[1:] if self._batch is not None else ():
+                self._batch.run([blank] * n)
+
+    def _open_batch(self, opts: SessionOptions) -> ScrfdBatch | None:
+        """With static shapes, a second session whose batch dimension is free, kept when two images in one run give
+        each one's own outputs (probed once on random images); None (one log line) when the graph cannot."""
+        from stages.detector import free_input_hw
+
+        size = (self.cfg.input_size,) * 2
+        blob = np.random.default_rng(0).uniform(-1, 1, (2, 3, *size)).astype(np.float32)
+        name = self.session.get_inputs()[0].name
+        try:
+            session = open_session(self.cfg.type, self.cfg.path, "face detector", opts,
+                                   transform=lambda p: free_input_hw(p, 0, hw=False, batch=True, what="face detector"))
+            both = session.run(None, {name: blob})
+            apart = [self.session.run(None, {name: blob[i : i + 1]}) for i in range(2)]
+            layout = next((lay for lay in ScrfdBatch.LAYOUTS if all(
+                _close(ScrfdBatch.rows(out, b, 2, self._scrfd._num_anchors, lay), apart[b][k])
+                for k, out in enumerate(both) for b in range(2))), None)
+            if layout is None:
+                raise ValueError("two images at once do not give each one's own outputs")
+        except Exception as err:  # ModelError, onnxruntime's own Fail types, the ValueError above
+            log.warning("face detector %s: no free batch dimension (%s); face crops run one at a time",
+                        Path(self.cfg.path).name, str(err).splitlines()[0][:160])
+            return None
+        return ScrfdBatch(self._scrfd, session, self.cfg.input_size, self.cfg.score_threshold, layout)
 
     def input_size_for(self, height: int, width: int) -> tuple[int, int]:
         """Network input ``(width, height)`` in pixels used for an image of this size.
@@ -186,28 +225,158 @@ class FaceDetector:
             ValueError: ``image`` is not ``(H, W, 3) uint8`` or ``region_xyxy``
                 does not have 4 values.
         """
-        _check_image(image)
-        ox = oy = 0
-        if region_xyxy is not None:
-            r = np.asarray(region_xyxy, dtype=np.float64).reshape(-1)
-            if r.shape != (4,) or not np.all(np.isfinite(r)):
-                raise ValueError(f"region_xyxy: expected 4 finite values x1, y1, x2, y2, got {region_xyxy!r}")
-            h, w = image.shape[:2]
-            x1, y1 = int(max(0, np.floor(r[0]))), int(max(0, np.floor(r[1])))
-            x2, y2 = int(min(w, np.ceil(r[2]))), int(min(h, np.ceil(r[3])))
-            if x2 - x1 < 2 or y2 - y1 < 2:
-                return FaceDetections.empty()
-            image = image[y1:y2, x1:x2]
-            ox, oy = x1, y1
-        det, kps = self._scrfd.detect(
-            image, input_size=self.input_size_for(*image.shape[:2]), det_thresh=self.cfg.score_threshold
-        )
-        if det.shape[0] == 0:
+        crop, offset = _region(image, region_xyxy)
+        if crop is None:
             return FaceDetections.empty()
-        offset = np.array([ox, oy], np.float32)
-        xyxy = det[:, :4].astype(np.float32) + np.tile(offset, 2)
-        kps = kps.astype(np.float32).reshape(-1, 5, 2) + offset
-        return FaceDetections(xyxy=np.ascontiguousarray(xyxy), score=det[:, 4].astype(np.float32), kps=np.ascontiguousarray(kps))
+        det, kps = self._scrfd.detect(crop, input_size=self.input_size_for(*crop.shape[:2]), det_thresh=self.cfg.score_threshold)
+        self.session_runs += 1
+        return _detections(det, kps, offset)
+
+    def detect_batch(self, images: Sequence[np.ndarray], regions: Sequence[np.ndarray | None]) -> list[FaceDetections]:
+        """:meth:`detect` for several images (of any cameras), each with its own region or None.
+
+        With static shapes and a free batch dimension (:class:`ScrfdBatch`, on GPUs) the crops run together, in
+        chunks of up to ``WARM_IMAGES`` padded to a power of two; otherwise one by one. Either way each result
+        is what :meth:`detect` gives for that image and region, up to the float rounding of batched inference.
+
+        Args:
+            images: ``(H_i, W_i, 3) uint8`` BGR.
+            regions: per image, a ``(4,)`` search box or None (see :meth:`detect`).
+
+        Returns:
+            One :class:`FaceDetections` per image, in order.
+
+        Raises:
+            ValueError: a wrong image or region, or ``regions`` of another length.
+        """
+        if len(images) != len(regions):
+            raise ValueError(f"FaceDetector.detect_batch: {len(regions)} regions for {len(images)} images")
+        if self._batch is None:
+            return [self.detect(image, region) for image, region in zip(images, regions)]
+        crops = [_region(image, region) for image, region in zip(images, regions)]
+        out = [FaceDetections.empty()] * len(crops)
+        todo = [k for k, (crop, _) in enumerate(crops) if crop is not None]
+        for start in range(0, len(todo), WARM_IMAGES):
+            chunk = todo[start : start + WARM_IMAGES]
+            for k, (det, kps) in zip(chunk, self._batch.run([crops[k][0] for k in chunk])):
+                out[k] = _detections(det, kps, crops[k][1])
+            self.session_runs += 1
+        return out
+
+
+def _region(image: np.ndarray, region_xyxy: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
+    """``image`` (checked) inside ``region_xyxy`` (clipped; None: the whole image) and the crop's ``(2,) float32``
+    offset ``x, y`` in the image; the crop is None when the region holds less than 2x2 pixels."""
+    _check_image(image)
+    if region_xyxy is None:
+        return image, np.zeros(2, np.float32)
+    r = np.asarray(region_xyxy, dtype=np.float64).reshape(-1)
+    if r.shape != (4,) or not np.all(np.isfinite(r)):
+        raise ValueError(f"region_xyxy: expected 4 finite values x1, y1, x2, y2, got {region_xyxy!r}")
+    h, w = image.shape[:2]
+    x1, y1 = int(max(0, np.floor(r[0]))), int(max(0, np.floor(r[1])))
+    x2, y2 = int(min(w, np.ceil(r[2]))), int(min(h, np.ceil(r[3])))
+    if x2 - x1 < 2 or y2 - y1 < 2:
+        return None, np.zeros(2, np.float32)
+    return image[y1:y2, x1:x2], np.array([x1, y1], np.float32)
+
+
+def _close(got: np.ndarray, want: np.ndarray) -> bool:
+    """Same shape and values within 1e-3 of the largest magnitude (batched inference rounds differently)."""
+    return got.shape == want.shape and float(np.abs(got - want).max(initial=0.0)) <= 1e-3 * max(1.0, float(np.abs(want).max(initial=0.0)))
+
+
+def _detections(det: np.ndarray, kps: np.ndarray, offset: np.ndarray) -> FaceDetections:
+    """SCRFD's ``(n, 5)`` boxes + scores and ``(n, 5, 2)`` keypoints of a crop, moved by its ``offset`` into image pixels."""
+    if det.shape[0] == 0:
+        return FaceDetections.empty()
+    xyxy = det[:, :4].astype(np.float32) + np.tile(offset, 2)
+    kps = kps.astype(np.float32).reshape(-1, 5, 2) + offset
+    return FaceDetections(xyxy=np.ascontiguousarray(xyxy), score=det[:, 4].astype(np.float32), kps=np.ascontiguousarray(kps))
+
+
+class ScrfdBatch:
+    """SCRFD on several images in one run: each letterboxed into the same square input, the outputs split per image.
+
+    Preprocessing and decoding follow InsightFace's ``SCRFD.detect`` step by step (top-left letterbox, ``cv2.dnn``
+    blob with mean 127.5 / std 128 in RGB, per-stride anchor centres, ``distance2bbox`` / ``distance2kps`` of
+    :mod:`insightface.model_zoo.scrfd`, score order, its ``nms``), reading the stride layout from the
+    InsightFace object; ``tests/unit/test_static_shapes.py`` holds the results equal to ``SCRFD.detect`` image
+    by image. Each output flattens the batch into its rows (Reshape ``[-1, k]``); where an image's rows lie
+    depends on the export (:data:`LAYOUTS`, :meth:`rows`), which the detector probes.
+
+    Args:
+        scrfd: the detector's :class:`insightface.model_zoo.SCRFD` (strides, anchors, output names, ``nms``).
+        session: an ONNX Runtime session of the model with a free batch dimension.
+        size: the square input side, pixels.
+        threshold: score threshold.
+        layout: one of :data:`LAYOUTS`.
+    """
+
+    #: Row orders of a batched output: ``"cells"`` (the asset ``scrfd_500m``: Transpose ``[2, 3, 0, 1]``, rows by
+    #: cell, then image, then anchor) or ``"images"`` (Transpose ``[0, 2, 3, 1]``: all rows of image 0 first).
+    LAYOUTS = ("cells", "images")
+
+    def __init__(self, scrfd: Any, session: Any, size: int, threshold: float, layout: str = "cells") -> None:
+        self.scrfd, self.session, self.size, self.threshold, self.layout = scrfd, session, size, threshold, layout
+        self._centres: dict[int, np.ndarray] = {}
+
+    @staticmethod
+    def rows(out: np.ndarray, b: int, n: int, anchors: int, layout: str) -> np.ndarray:
+        """Image ``b``'s ``(rows, k)`` part of a batched output ``out`` (``(n * rows, k)``, ``n`` images, ``anchors``
+        anchors per cell) under ``layout``."""
+        if layout == "images":
+            per = len(out) // n
+            return out[b * per : (b + 1) * per]
+        return out.reshape(-1, n, anchors, out.shape[-1])[:, b].reshape(-1, out.shape[-1])
+
+    def _letterbox(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        s = self.size
+        h, w = image.shape[:2]
+        new_h, new_w = (s, int(s / (h / w))) if h / w > 1.0 else (int(s * (h / w)), s)
+        canvas = np.zeros((s, s, 3), np.uint8)
+        canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))
+        return canvas, new_h / h
+
+    def _anchor_centres(self, stride: int) -> np.ndarray:
+        if stride not in self._centres:
+            side = self.size // stride
+            centres = (np.stack(np.mgrid[:side, :side][::-1], axis=-1).astype(np.float32) * stride).reshape(-1, 2)
+            self._centres[stride] = np.repeat(centres, self.scrfd._num_anchors, axis=0)
+        return self._centres[stride]
+
+    def run(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per image ``(m, 5) float32`` boxes ``x1, y1, x2, y2`` + score and ``(m, 5, 2) float32`` keypoints, in
+        that image's pixels, best first after NMS; one model run, padded with blank images to a power of two."""
+        boxes = [self._letterbox(image) for image in images]
+        canvases = [c for c, _ in boxes] + [np.zeros_like(boxes[0][0])] * (bucket(len(boxes)) - len(boxes))
+        mean, std = self.scrfd.input_mean, self.scrfd.input_std
+        blob = cv2.dnn.blobFromImages(canvases, 1.0 / std, (self.size, self.size), (mean, mean, mean), swapRB=True)
+        outs = self.session.run(self.scrfd.output_names, {self.scrfd.input_name: blob})
+        n = len(canvases)
+        return [self._decode([self.rows(o, b, n, self.scrfd._num_anchors, self.layout) for o in outs], scale)
+                for b, (_, scale) in enumerate(boxes)]
+
+    def _decode(self, outs: list[np.ndarray], scale: float) -> tuple[np.ndarray, np.ndarray]:
+        """One image's outputs (its rows of each) decoded as InsightFace's ``SCRFD.detect`` does."""
+        from insightface.model_zoo.scrfd import distance2bbox, distance2kps
+
+        fmc, found = self.scrfd.fmc, []
+        for idx, stride in enumerate(self.scrfd._feat_stride_fpn):
+            centres = self._anchor_centres(stride)
+            scores = outs[idx]
+            pos = np.where(scores >= self.threshold)[0]
+            bboxes = distance2bbox(centres, outs[idx + fmc] * stride)
+            kpss = distance2kps(centres, outs[idx + 2 * fmc] * stride).reshape(-1, 5, 2)
+            found.append((scores[pos], bboxes[pos], kpss[pos]))
+        scores = np.vstack([f[0] for f in found])
+        if scores.size == 0:
+            return np.empty((0, 5), np.float32), np.empty((0, 5, 2), np.float32)
+        order = np.argsort(-scores.ravel(), kind="stable")
+        det = np.hstack((np.vstack([f[1] for f in found]) / scale, scores)).astype(np.float32, copy=False)[order]
+        kps = (np.vstack([f[2] for f in found]) / scale)[order]
+        keep = self.scrfd.nms(det)
+        return det[keep], kps[keep]
 
 
 def align(image: np.ndarray, kps: np.ndarray) -> np.ndarray:
@@ -414,8 +583,22 @@ class FaceAnalyzer:
         Raises:
             ValueError: wrong image or region.
         """
-        dets = self.detector.detect(image, region_xyxy)
+        return self.find_batch([image], [region_xyxy], min_face_px)[0]
+
+    def find_batch(self, images: Sequence[np.ndarray], regions: Sequence[np.ndarray | None],
+                   min_face_px: int | None = None) -> list[FaceDetections]:
+        """:meth:`find` for several images, each with its own region or None, through
+        :meth:`FaceDetector.detect_batch` (one run for all of them on a GPU with static shapes);
+        :attr:`last_small` counts the faces left out as too small over all of them.
+
+        Raises:
+            ValueError: a wrong image or region, or ``regions`` of another length.
+        """
         min_w = self.cfg.min_face_px if min_face_px is None else min_face_px
-        keep = dets.xyxy[:, 2] - dets.xyxy[:, 0] >= min_w
-        self.last_small = int(len(dets) - keep.sum())  # faces skipped as too small by the last call
-        return FaceDetections(dets.xyxy[keep], dets.score[keep], dets.kps[keep])
+        out, small = [], 0
+        for dets in self.detector.detect_batch(images, regions):
+            keep = dets.xyxy[:, 2] - dets.xyxy[:, 0] >= min_w
+            small += int(len(dets) - keep.sum())
+            out.append(FaceDetections(dets.xyxy[keep], dets.score[keep], dets.kps[keep]))
+        self.last_small = small  # faces skipped as too small by the last call
+        return out

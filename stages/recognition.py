@@ -2,7 +2,10 @@
 
 ``process(frame, Detections)`` receives every frame of the cameras this
 process owns, in frame order (the runner's reorder buffer guarantees it), so
-the ByteTrack state of a camera lives in exactly one place. On a camera's
+the ByteTrack state of a camera lives in exactly one place; ``process_batch``
+takes several frames at once (``recognition.batch``) and runs their face
+chips and Re-ID crops in one embedder batch each, answering what ``process``
+answers frame by frame (:mod:`stages.recognition_work`). On a camera's
 face frames (every ``face.every_n_frames`` frames) it looks for a face inside
 each person box that still needs one (SCRFD; one run on the whole frame when
 several do), aligns and embeds it, and matches it against the enrolled
@@ -13,6 +16,7 @@ and a box that shows no face is looked at less and less often
 A track is named by the votes of all its face observations
 (:class:`~stages.identity.TrackVotes`), so one bad frame does not name a person;
 each open track's votes and decision live in one :class:`~stages.identity.TrackIdentity`.
+Only a track's largest face that passes the quality gate is embedded.
 
 With ``recognition.reid`` configured, person tracks are also sampled with
 OSNet every few frames, less often once a track's mean has settled
@@ -50,7 +54,7 @@ from stages.face import FaceAnalyzer
 from stages.gait import CameraSilhouettes, GaitEmbedder, GeiEmbedder, TrackGait
 from stages.gallery import Gallery
 from stages.identity import Named, TrackIdentity
-from stages.recognition_work import FacePick, FrameJournal, FrameWork, boxes_of, embed_wave, end_tracks, pick_faces, waves
+from stages.recognition_work import FacePick, FrameJournal, FrameWork, boxes_of, embed_wave, end_tracks, find_wave, waves
 from stages.reid import ReidEmbedder, TrackReid, link_tracks
 from stages.tracking import ActiveTrack, CameraTracks, Transition
 
@@ -419,6 +423,7 @@ class RecognitionStage:
         out: list[list[object]] = []
         for wave in waves([m.frame.camera for m in metas]):  # type: ignore[attr-defined]
             works = [self._plan(frames[i], metas[i]) for i in wave]  # type: ignore[arg-type]
+            find_wave(works, self.analyzer, self.face.min_face_px, self.face.quality, self.counts)
             embed_wave(works, self.analyzer, self.reid.embedder if self.reid is not None else None, self.counts)
             out.extend(self._apply_work(w) for w in works)
         return out
@@ -433,9 +438,7 @@ class RecognitionStage:
         work.active = tracks.active()
         if work.active and self._face_frame(cam, idx):
             work.face_frame = True
-            wanted = [t for t in work.active if self._wants_face(cam, t, idx)]
-            if wanted:
-                work.picks = pick_faces(self.analyzer, frame, wanted, self.face.min_face_px, self.face.quality, self.counts)
+            work.wanted = [t for t in work.active if self._wants_face(cam, t, idx)]
         persons = work.persons
         if self.reid is not None and persons and self.reid.due(cam, idx):
             work.reid_frame = True

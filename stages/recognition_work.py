@@ -3,10 +3,11 @@
 
 :class:`~stages.recognition.RecognitionStage` handles frames in three steps:
 
-1. **plan** (:class:`FrameWork`): step the camera's tracker, choose the tracks that get face work
-   (:func:`pick_faces`: SCRFD, the largest face in each person box, the quality gate, alignment) and the
+1. **plan** (:class:`FrameWork`): step the camera's tracker, choose the tracks that get face work and the
    person boxes due for a Re-ID sample (cropped and normalised). Planning reads and changes only the
-   frame's own camera's state.
+   frame's own camera's state. Then :func:`find_wave`: SCRFD for every frame of the wave that has wanted
+   tracks (one batch on a GPU with static shapes), and per frame :func:`pick_faces`: the largest face in
+   each person box, the quality gate, alignment.
 2. **embed** (:func:`embed_wave`): one MobileFaceNet batch for every face chip of the wave and one OSNet
    batch for every person crop, as DeepStream's secondary inference batches objects across streams.
 3. **apply**, frame by frame in order: face votes and names, Re-ID samples and links, gait, ended tracks.
@@ -85,9 +86,10 @@ class FrameWork:
         tracks: the camera's tracker.
         transitions: what stepping the tracker with ``det`` changed.
         active: the camera's confirmed tracks matched in this frame (empty when no work is done on it).
-        face_frame: a face frame of the camera: every active track gets a snapshot if it has none, ``picks``
-            its face work.
-        picks: track id -> :class:`FacePick`, the tracks that get face work.
+        face_frame: a face frame of the camera: every active track gets a snapshot if it has none, ``wanted``
+            face work.
+        wanted: the tracks that get face work (their votes not settled, their face schedule due).
+        picks: track id -> :class:`FacePick` of each wanted track, set by :func:`find_wave`.
         reid_frame: a Re-ID frame of the camera (``reid_due`` may still be empty: every mean settled).
         reid_due: the person tracks that get a Re-ID sample.
         reid_input: ``(len(reid_due), 3, 256, 128) float32`` their OSNet input, or None.
@@ -100,6 +102,7 @@ class FrameWork:
     transitions: list[Transition]
     active: list[ActiveTrack] = field(default_factory=list)
     face_frame: bool = False
+    wanted: list[ActiveTrack] = field(default_factory=list)
     picks: dict[int, FacePick] = field(default_factory=dict)
     reid_frame: bool = False
     reid_due: list[ActiveTrack] = field(default_factory=list)
@@ -184,40 +187,46 @@ def centre_inside(inner: np.ndarray, outer: np.ndarray) -> bool:
     return bool(outer[0] <= cx <= outer[2] and outer[1] <= cy <= outer[3])
 
 
-def find_faces(analyzer: FaceAnalyzer, frame: np.ndarray, region: np.ndarray | None, min_face_px: int,
-               counts: Counter) -> FaceDetections:
-    """One SCRFD run (the whole frame when ``region`` is None, else the person box ``region``, x1, y1, x2, y2
-    pixels), counted for the benchmarks' bare-inference bound (``face_analyses``, ``face_analyses_frame``) and
-    the faces too small for ``min_face_px`` (``face_rejected_small``)."""
-    dets = analyzer.find(frame, region_xyxy=region, min_face_px=min_face_px)
+def find_wave(works: Sequence[FrameWork], analyzer: FaceAnalyzer | None, min_face_px: int,
+              quality: FaceQualityConfig, counts: Counter) -> None:
+    """Step 1's face search for a wave: SCRFD once per frame with wanted tracks (on the whole frame when two or
+    more want a face, else on the one track's box), all in one :meth:`~stages.face.FaceAnalyzer.find_batch`
+    (one model run on a GPU with static shapes), then :func:`pick_faces` per frame into
+    :attr:`FrameWork.picks`. Counted for status and the benchmarks' bare-inference bound: ``face_analyses``
+    (images searched), ``face_analyses_frame`` (of them whole frames), ``face_detector_runs`` (SCRFD runs),
+    ``face_rejected_small`` (faces narrower than ``min_face_px``)."""
+    todo = [w for w in works if w.wanted and w.frame is not None]
+    if not todo:
+        return
+    assert analyzer is not None
+    regions = [None if len(w.wanted) >= 2 else w.wanted[0].xyxy for w in todo]
+    runs = analyzer.detector.session_runs
+    found = analyzer.find_batch([w.frame for w in todo], regions, min_face_px)  # type: ignore[misc]
+    counts["face_detector_runs"] += analyzer.detector.session_runs - runs
     counts["face_rejected_small"] += analyzer.last_small
-    counts["face_analyses"] += 1
-    counts["face_analyses_frame"] += region is None
-    return dets
+    counts["face_analyses"] += len(todo)
+    counts["face_analyses_frame"] += sum(r is None for r in regions)
+    for w, dets in zip(todo, found):
+        w.picks = pick_faces(w.frame, w.wanted, dets, quality)  # type: ignore[arg-type]
 
 
-def pick_faces(analyzer: FaceAnalyzer, frame: np.ndarray, wanted: Sequence[ActiveTrack], min_face_px: int,
-               quality: FaceQualityConfig, counts: Counter) -> dict[int, FacePick]:
+def pick_faces(frame: np.ndarray, wanted: Sequence[ActiveTrack], dets: FaceDetections,
+               quality: FaceQualityConfig) -> dict[int, FacePick]:
     """Each wanted track's largest face and its quality verdict, aligned when it passes (not yet embedded).
 
-    With two or more wanted tracks SCRFD runs once on the whole frame and a track takes the faces whose centre
-    lies in its box; with one it runs on that track's box.
+    With two or more wanted tracks ``dets`` are the whole frame's faces and a track takes those whose centre lies
+    in its box; with one they are the faces found in that track's box.
 
     Args:
-        analyzer: the face pipeline (its detector runs here).
         frame: ``(H, W, 3) uint8`` BGR.
         wanted: the tracks that get face work in this frame.
-        min_face_px: narrower faces are left out.
+        dets: the faces SCRFD found (see :func:`find_wave`), at least ``min_face_px`` wide.
         quality: the quality gate.
-        counts: the stage's counters (see :func:`find_faces`).
 
     Returns:
         track id -> :class:`FacePick`, one per wanted track.
     """
-    if not wanted:
-        return {}
     whole = len(wanted) >= 2
-    dets = find_faces(analyzer, frame, None if whole else wanted[0].xyxy, min_face_px, counts)
     widths = dets.xyxy[:, 2] - dets.xyxy[:, 0]
     chips: dict[int, tuple[np.ndarray, FaceQuality]] = {}  # face row -> its chip and verdict (a face in two boxes)
     picks: dict[int, FacePick] = {}

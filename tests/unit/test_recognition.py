@@ -162,8 +162,8 @@ def test_a_settled_track_stops_face_work_and_keeps_its_name(models: Path, faces:
     (enrolled,) = analyzer.analyze(cv2.imread(str(faces / "obama" / "obama2.jpg")))
     gallery = Gallery(["obama"], enrolled.embedding[None, :].astype(np.float32), 0.4, model_name=analyzer.model_name)
     calls = []
-    real = analyzer.find  # the SCRFD step of the stage's face work
-    analyzer.find = lambda *a, **k: calls.append(1) or real(*a, **k)  # type: ignore[method-assign]
+    real = analyzer.find_batch  # the SCRFD step of the stage's face work
+    analyzer.find_batch = lambda *a, **k: calls.append(1) or real(*a, **k)  # type: ignore[method-assign]
     stage = RecognitionStage(TrackingConfig(), face, ("person",), analyzer, gallery)
     frame = cv2.imread(str(faces / "obama" / "obama.jpg"))
     h, w = frame.shape[:2]
@@ -207,16 +207,16 @@ def test_a_box_without_a_face_is_analysed_less_and_less_often_and_held_frames_ge
     def run(box: list, held_every: int | None) -> tuple[list[int], RecognitionStage]:
         stage = RecognitionStage(TrackingConfig(), face, ("person",), analyzer, Gallery([], np.zeros((0, 128), np.float32), 0.4))
         tried = []
-        real = analyzer.find  # the SCRFD step of the stage's face work
+        real = analyzer.find_batch  # the SCRFD step of the stage's face work
         for i in range(60):
             ref = FrameRef(camera="c", ring="r", slot=0, seq=i + 1, frame_index=i, captured_at_ns=i, height=h, width=w)
             held = held_every is not None and i > 3 and i % held_every == 0
             det = Detections(frame=ref, xyxy=np.zeros((0, 4), np.float32) if held else np.array([box], np.float32),
                              confidence=np.full(0 if held else 1, 0.9, np.float32), class_id=np.zeros(0 if held else 1, np.int32),
                              held=held)
-            analyzer.find = lambda *a, _i=i, **k: tried.append(_i) or real(*a, **k)  # type: ignore[method-assign]
+            analyzer.find_batch = lambda *a, _i=i, **k: tried.append(_i) or real(*a, **k)  # type: ignore[method-assign]
             stage.process(frame, det)
-        analyzer.find = real  # type: ignore[method-assign]
+        analyzer.find_batch = real  # type: ignore[method-assign]
         return tried, stage
 
     tried, stage = run(below, None)

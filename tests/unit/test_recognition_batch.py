@@ -23,6 +23,7 @@ from stages.gallery import Gallery
 from stages.recognition import RecognitionStage, ReidLinker
 from stages.recognition_work import waves
 from stages.reid import ReidEmbedder
+from stages.runtime import SessionOptions
 
 FRAMES = 30
 
@@ -133,12 +134,16 @@ def _run(stage: RecognitionStage, frames: list, batch: int) -> tuple[list[list[o
     return out + [stage.finish()], journal
 
 
-@pytest.mark.parametrize("batch", [3, 4, 7])
+@pytest.mark.parametrize("batch, static", [(3, False), (4, False), (7, False), (4, True)])
 def test_batched_recognition_answers_what_frame_by_frame_answers(models: Path, faces: Path, analyzer: FaceAnalyzer,
-                                                                  scenes: dict, batch: int) -> None:
+                                                                  scenes: dict, batch: int, static: bool) -> None:
     """4 cameras; batches of 3, 4 (one frame per camera) and 7 (a camera twice: two waves). Same tracks, names,
-    methods, votes, embeddings (within 1e-4), journal and work done, in fewer embedder runs."""
-    reid = ReidEmbedder(models / "osnet_x0_25_msmt17.onnx")
+    methods, votes, embeddings (within 1e-4), journal and work done, in fewer embedder runs. With static shapes
+    (the GPU path, forced on here) SCRFD also runs the wave's crops in one batch."""
+    opts = SessionOptions(threads=1, static_shapes=True)
+    if static:
+        analyzer = FaceAnalyzer(_face_cfg(models), opts)
+    reid = ReidEmbedder(models / "osnet_x0_25_msmt17.onnx", opts if static else SessionOptions())
     frames = _frames(scenes)
     one, two = _stage(models, faces, analyzer, reid), _stage(models, faces, analyzer, reid)
     out_one, journal_one = _run(one, frames, 1)
@@ -161,6 +166,11 @@ def test_batched_recognition_answers_what_frame_by_frame_answers(models: Path, f
         assert one.counts[key] == two.counts[key], key
     for runs in ("face_embed_runs", "reid_runs"):  # the point: fewer, larger embedder runs
         assert two.counts[runs] < one.counts[runs], runs
+    assert one.counts["face_detector_runs"] == one.counts["face_analyses"]  # frame by frame: one SCRFD run an image
+    if static:  # and SCRFD batched too
+        assert two.counts["face_detector_runs"] < two.counts["face_analyses"]
+    else:
+        assert two.counts["face_detector_runs"] == two.counts["face_analyses"]
 
 
 def test_only_the_faces_used_are_embedded(models: Path, faces: Path, analyzer: FaceAnalyzer, scenes: dict) -> None:

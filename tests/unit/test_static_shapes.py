@@ -107,6 +107,60 @@ def test_scrfd_runs_on_its_square_input_and_finds_the_same_faces(models: Path, f
     np.testing.assert_allclose(got.xyxy, want.xyxy, atol=2.0)  # the same scale; only the padding differs
 
 
+def _scrfd_cases(faces: Path) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+    """Real photos, whole and in regions (one region holds no pixel): 11 images, more than one warmed chunk."""
+    photos = [cv2.imread(str(faces / rel)) for rel in ("_multi/kit_with_rose.jpg", "_multi/t1.jpg", "_multi/obama_and_biden.jpg",
+                                                        "obama/obama.jpg", "biden/biden.jpg")]
+    images, regions = [], []
+    for img in photos:
+        h, w = img.shape[:2]
+        images += [img, img]
+        regions += [None, np.array([w * 0.1, h * 0.05, w * 0.6, h * 0.9], np.float32)]
+    images.append(photos[0])
+    regions.append(np.array([5, 5, 6, 6], np.float32))  # under 2x2 pixels: no faces, no model input
+    return images, regions
+
+
+def test_scrfd_batches_give_each_image_what_detect_gives(models: Path, faces: Path) -> None:
+    """Static shapes: SCRFD's batch dimension is freed (probed), and a batch of crops of several photos gives each one
+    the faces, scores and keypoints that InsightFace's own one-image path gives (within 0.01 px / 1e-4)."""
+    det = FaceDetector(OnnxFaceDetectorConfig(path=models / "scrfd_500m.onnx"), STATIC)
+    assert det._batch is not None
+    images, regions = _scrfd_cases(faces)
+    runs = det.session_runs
+    got = det.detect_batch(images, regions)
+    assert det.session_runs - runs == 2  # 10 crops with pixels: chunks of 8 and 2
+    want = [det.detect(i, r) for i, r in zip(images, regions)]
+    assert sum(len(w) for w in want) > 10 and len(want[-1]) == 0
+    for g, w in zip(got, want):
+        assert len(g) == len(w)
+        np.testing.assert_allclose(g.xyxy, w.xyxy, atol=1e-2)
+        np.testing.assert_allclose(g.kps, w.kps, atol=1e-2)
+        np.testing.assert_allclose(g.score, w.score, atol=1e-4)
+
+
+def test_without_static_shapes_scrfd_batches_run_one_image_at_a_time(models: Path, faces: Path) -> None:
+    det = FaceDetector(OnnxFaceDetectorConfig(path=models / "scrfd_500m.onnx"), DYNAMIC)
+    images, regions = _scrfd_cases(faces)
+    runs = det.session_runs
+    got = det.detect_batch(images, regions)
+    assert det._batch is None and det.session_runs - runs == len(images) - 1  # the empty region runs nothing
+    for g, (i, r) in zip(got, zip(images, regions)):
+        np.testing.assert_array_equal(g.xyxy, det.detect(i, r).xyxy)
+    with pytest.raises(ValueError, match="1 regions for 2 images"):
+        det.detect_batch(images[:2], regions[:1])
+
+
+def test_an_scrfd_whose_batch_cannot_be_freed_keeps_crops_one_by_one(models: Path, faces: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.WARNING):
+        mp.setattr("stages.detector.free_input_hw", lambda p, rows, hw=True, batch=False, what="": p.read_bytes())  # unchanged
+        det = FaceDetector(OnnxFaceDetectorConfig(path=models / "scrfd_500m.onnx"), STATIC)
+    assert det._batch is None and "no free batch dimension" in caplog.text
+    images, regions = _scrfd_cases(faces)
+    assert [len(d) for d in det.detect_batch(images, regions)] == [len(det.detect(i, r)) for i, r in zip(images, regions)]
+
+
 def test_padded_face_and_reid_batches_give_the_unpadded_embeddings(models: Path, faces: Path, videos: Path) -> None:
     image = cv2.imread(str(faces / "_multi" / "t1.jpg"))
     found = FaceDetector(OnnxFaceDetectorConfig(path=models / "scrfd_500m.onnx"), DYNAMIC).detect(image)

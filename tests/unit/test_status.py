@@ -145,6 +145,8 @@ def test_summary_shape() -> None:
      "batches: 4, mean 2.50 frames, 2 closed by the timeout; to the detector: 3, mean 2.33 frames, 7 model runs, 1 discarded"),
     ({"batches": 5, "batch_frames": 20, "face_embed_runs": 4, "face_embeddings": 10, "reid_runs": 2, "reid_crops": 9},
      "batches: 5, mean 4.00 frames, 0 closed by the timeout; face embedder: 4 runs, mean 2.50 crops; Re-ID: 2 runs, mean 4.50 crops"),
+    ({"batches": 5, "batch_frames": 20, "face_detector_runs": 5, "face_analyses": 12},
+     "batches: 5, mean 4.00 frames, 0 closed by the timeout; face detector: 5 runs, mean 2.40 images"),
     ({"face_embed_runs": 4, "face_embeddings": 10}, ""),  # recognition frame by frame: no batching line
 ])
 def test_batch_summary(counts: dict, expected: str) -> None:
