@@ -178,11 +178,13 @@ class FaceDetector:
                 for k, out in enumerate(both) for b in range(2))), None)
             if layout is None:
                 raise ValueError("two images at once do not give each one's own outputs")
-        except Exception as err:  # ModelError, onnxruntime's own Fail types, the ValueError above
+            batch = ScrfdBatch(self._scrfd, session, self.cfg.input_size, self.cfg.score_threshold, layout)
+            batch.run([np.zeros((*size, 3), np.uint8)] * 2)  # decodes with this InsightFace version's SCRFD
+        except Exception as err:  # ModelError, onnxruntime's own Fail types, the ValueError above, InsightFace's
             log.warning("face detector %s: no free batch dimension (%s); face crops run one at a time",
                         Path(self.cfg.path).name, str(err).splitlines()[0][:160])
             return None
-        return ScrfdBatch(self._scrfd, session, self.cfg.input_size, self.cfg.score_threshold, layout)
+        return batch
 
     def input_size_for(self, height: int, width: int) -> tuple[int, int]:
         """Network input ``(width, height)`` in pixels used for an image of this size.
