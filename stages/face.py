@@ -119,6 +119,9 @@ class FaceDetector:
             ``score_threshold``.
         opts: ONNX Runtime threads and providers.
 
+    Attributes:
+        session_runs: model runs so far (a batch of :meth:`detect_batch` is one).
+
     Raises:
         ModelError: the file is missing, empty, not loadable, or not an SCRFD
             model with keypoints (wrong input rank/channels or output count), or
@@ -157,7 +160,7 @@ class FaceDetector:
         if static:  # the one square input (and each padded batch size) runs once here, not on a camera's first face
             blank = np.zeros((cfg.input_size, cfg.input_size, 3), np.uint8)
             self.detect(blank)
-            for n in buckets(WARM_IMAGES)[1:] if self._batch is not None else ():
+            for n in buckets(WARM_IMAGES) if self._batch is not None else ():  # the batch session, 1 image too
                 self._batch.run([blank] * n)
 
     def _open_batch(self, opts: SessionOptions) -> ScrfdBatch | None:
@@ -592,6 +595,14 @@ class FaceAnalyzer:
         """:meth:`find` for several images, each with its own region or None, through
         :meth:`FaceDetector.detect_batch` (one run for all of them on a GPU with static shapes);
         :attr:`last_small` counts the faces left out as too small over all of them.
+
+        Args:
+            images: ``(H_i, W_i, 3) uint8`` BGR.
+            regions: per image, a ``(4,)`` search box ``x1, y1, x2, y2`` in its pixels, or None (the whole image).
+            min_face_px: as :meth:`analyze`.
+
+        Returns:
+            One :class:`FaceDetections` per image, in order (faces at least ``min_face_px`` wide).
 
         Raises:
             ValueError: a wrong image or region, or ``regions`` of another length.

@@ -278,10 +278,10 @@ class RecognitionStage:
         counts: cumulative counters: ``faces_used``, ``face_rejected_<reason>``, the tracks left out of a face
             frame's work (``face_skipped_settled``: votes settled; ``face_skipped_backoff``: no face in the box
             lately) and of a Re-ID frame's (``reid_skipped_settled``: the track's mean has settled); the
-            model work done, for the benchmarks' bare-inference bound: ``face_analyses`` (SCRFD runs; of them
-            ``face_analyses_frame`` on the whole frame, the rest on a person box), ``face_embeddings`` (faces
-            embedded) in ``face_embed_runs`` batches, ``reid_crops`` (person crops embedded with OSNet) in
-            ``reid_runs`` batches.
+            model work done, for the benchmarks' bare-inference bound: ``face_analyses`` (images SCRFD searched;
+            of them ``face_analyses_frame`` whole frames, the rest person boxes) in ``face_detector_runs`` runs,
+            ``face_embeddings`` (faces embedded) in ``face_embed_runs`` batches, ``reid_crops`` (person crops
+            embedded with OSNet) in ``reid_runs`` batches.
 
     Resuming (:class:`pipeline.journal.Resumable`): :meth:`checkpoint` returns,
     after each frame, the face votes, identity decisions, snapshot paths and

@@ -189,3 +189,30 @@ def test_a_gpu_session_gets_static_shapes_by_default() -> None:
 
     assert rt.static_shapes(GpuSession(), rt.SessionOptions()) is True
     assert rt.static_shapes(GpuSession(), rt.SessionOptions(static_shapes=False)) is False
+
+
+def test_every_scrfd_batch_shape_runs_at_start_and_no_other_runs_later(models: Path, faces: Path) -> None:
+    """Static shapes: the batch sizes 1, 2, 4 and 8 run when the detector opens (on a GPU each new shape costs about
+    a second), and a later batch of any length runs only those sizes (chunks of 8, padded to a power of two)."""
+    from stages.face import ScrfdBatch
+
+    started: list[int] = []
+    real = ScrfdBatch.run
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ScrfdBatch, "run", lambda self, images: started.append(len(images)) or real(self, images))
+        det = FaceDetector(OnnxFaceDetectorConfig(path=models / "scrfd_500m.onnx"), STATIC)
+    assert {1, 2, 4, 8} <= set(started)
+
+    class Recorder:
+        def __init__(self, session: object) -> None:
+            self.session, self.batches = session, []
+
+        def run(self, names: object, feeds: dict) -> object:
+            self.batches += [len(v) for v in feeds.values()]
+            return self.session.run(names, feeds)  # type: ignore[attr-defined]
+
+    det._batch.session = rec = Recorder(det._batch.session)  # type: ignore[union-attr, assignment]
+    images, regions = _scrfd_cases(faces)
+    for n in range(1, len(images) + 1):
+        det.detect_batch(images[:n], regions[:n])
+    assert set(rec.batches) <= {1, 2, 4, 8}
