@@ -94,10 +94,9 @@ def install(wheels: Path) -> None:
     """Install the wheels of ``wheels`` (the [gpu] profile and whatever else is missing), or say how to."""
     found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
     if not found:
-        print(f"no wheels in {wheels}: onnxruntime-gpu is not installed by this script. To carry it, on a machine "
-              "with pip access, from the checkout: echo /.whl/ >> .git/info/exclude; python3 -m pip download "
-              "--no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl "
-              "onnxruntime-gpu (and each missing module listed below), then carry .whl")
+        print(f"no wheels in {wheels}: onnxruntime-gpu is not installed by this script. To carry it (256 MB, in parts "
+              "of a device call's size) with the other wheels and the assets, on a machine with pip access, from the "
+              "checkout: FACEPRO_ASSETS=../shared python3 scripts/gpu_carry.py, then the calls in .whl/carry/calls.txt")
         return
     if any(w.name.startswith("onnxruntime_gpu") for w in found):
         sh([sys.executable, "-m", "pip", "uninstall", "-y", "onnxruntime"])
