@@ -414,6 +414,7 @@ class CaptureLoop:
                 break
             self._idle()
             self.sender.service(10)
+        self.sender.finish()  # detection drains at once: no more frames follow on this connection
         self.heartbeat.beat(force=True)
         self.source.close()
         if w is not None:

@@ -463,6 +463,7 @@ class Supervisor:
                     for p in kids:
                         p.handle.kill()
                 return False
+            log.debug("%s drained in %.2f s", self.shutdown.stage, self.clock() - self.stage_since)
             self.shutdown = self.shutdown.next()
             self.stage_since = self.clock()
         return True

@@ -148,6 +148,8 @@ class Transport:
             sock = self._socket(zmq.DEALER, 1000, 0)
             sock.setsockopt(zmq.IDENTITY, str(os.getpid()).encode())
             monitors.append(sock.get_monitor_socket(zmq.EVENT_CONNECTED))
+            monitors[-1].setsockopt(zmq.LINGER, 0)
+            self._sockets.append(monitors[-1])  # closed by close() (an open one would block the context's term)
             self._attach(sock, name, False)
             socks.append(sock)
         return CreditInbox(socks, window, monitors=monitors)
@@ -292,12 +294,14 @@ class Dispatcher:
     worker never holds more than its window of frames and frames go to idle
     workers first. A revoke is answered with :class:`CreditAck` after removing
     the worker's unused credits. Call :meth:`service` while idle so revokes are
-    answered.
+    answered. :meth:`finish` sends the same answer unasked when the source has
+    ended, so workers drain at once instead of waiting for a revoke to time out.
     """
 
     def __init__(self, sock: zmq.Socket) -> None:
         self.sock = sock
         self.credits: deque[bytes] = deque()
+        self.peers: set[bytes] = set()  # routing ids of the workers that ever granted credits
         self.full = 0
         self.malformed = 0
         self.last_peer = b""  # routing id (the worker's pid) the last message went to
@@ -314,6 +318,7 @@ class Dispatcher:
                 continue
             if isinstance(msg, Credit) and msg.frames > 0:
                 self.credits.extend([identity] * msg.frames)
+                self.peers.add(identity)
             elif isinstance(msg, Credit):
                 self._revoke(identity, -msg.frames)
 
@@ -322,6 +327,16 @@ class Dispatcher:
         revoked = min(n, len(self.credits) - len(kept))
         self.credits = deque(kept)
         self._send_to(identity, CreditAck(revoked=revoked))
+
+    def finish(self, linger_ms: int = 500) -> int:
+        """No more frames will be sent (the file ended, or capture stops): tell every worker that granted credits
+        with a :class:`CreditAck` (``revoked`` 0), which follows every frame sent to it on the same connection, and
+        let the socket linger up to ``linger_ms`` at close to deliver it. Returns the number of workers told."""
+        self.service(0)
+        told = sum(self._send_to(peer, CreditAck(revoked=0)) for peer in sorted(self.peers))
+        self.credits.clear()
+        self.sock.setsockopt(zmq.LINGER, linger_ms)
+        return told
 
     def _send_to(self, identity: bytes, msg: object) -> bool:
         try:
@@ -370,8 +385,9 @@ class CreditInbox:
     of the dead one died with it); every received frame is replaced by a new
     credit at once, so each camera keeps about ``window`` frames in flight to
     this process. :meth:`stop_receiving` revokes the unused credits; :meth:`drained`
-    is True once every camera has answered (all frames it sent here have then
-    arrived) or ``revoke_timeout_s`` passed (the capture has already exited).
+    is True once every camera has answered, or said before that its source ended
+    (:meth:`Dispatcher.finish`): all frames it sent here have then arrived; or
+    after ``revoke_timeout_s`` (a capture that exited without saying so).
 
     Args:
         socks: connected DEALER sockets, one per camera.
@@ -405,6 +421,7 @@ class CreditInbox:
         """A dispatcher (re)connected: grant it the window, unless stopping."""
         monitor.recv_multipart()  # the event itself: (event id, value), endpoint
         self.connects += 1
+        self.acked.discard(id(self._monitors[monitor]))  # a restarted capture: its frames follow again
         if self.stopping_since is None:
             self._monitors[monitor].send_multipart(encode(Credit(frames=self.window)))
 

@@ -85,3 +85,49 @@ def test_server_answers_a_malformed_request_with_a_failed_ack(runtime: Path) -> 
         assert isinstance(reply, Ack) and not reply.ok and "malformed" in reply.message
     finally:
         t.close()
+
+
+@pytest.mark.parametrize("finish", [True, False])
+def test_a_finished_source_lets_detection_drain_without_waiting_for_its_revoke(runtime: Path, finish: bool) -> None:
+    """Capture sends frames, then (``finish``) says no more follow and exits: detection has every frame and is
+    drained as soon as it stops, instead of after the revoke timeout it needs when a capture exits silently."""
+    t = Transport(runtime)
+    try:
+        disp = t.dispatcher("frames-c")
+        inbox = t.credit_inbox(["frames-c"], window=4)
+        assert inbox.recv(timeout_ms=500) is None  # sees the connection: grants the window
+        sent = [disp.send(_update(i), timeout_ms=3000) for i in range(3)]
+        assert sent == [True] * 3 and disp.peers
+        if finish:
+            assert disp.finish() == 1
+        disp.sock.close()  # the capture process exits (finish made it linger to deliver the notice)
+        got = [inbox.recv(timeout_ms=2000) for _ in range(3)]
+        assert [m.track_id for m in got] == [0, 1, 2]  # type: ignore[union-attr]
+        assert inbox.recv(timeout_ms=200) is None  # the notice is no frame
+        inbox.stop_receiving()
+        assert inbox.drained(idle_s=0.0, drain_idle_s=0.5) is finish
+        assert inbox.drained(idle_s=1.0, drain_idle_s=0.5) is finish  # silently: only after revoke_timeout_s (3 s)
+    finally:
+        t.close()
+
+
+def test_a_restarted_capture_takes_back_its_finished_notice(runtime: Path) -> None:
+    """A capture that said it finished and then came back (a restart binds the endpoint anew) sends frames again:
+    its connection counts as not drained until it finishes or answers a revoke."""
+    t = Transport(runtime)
+    try:
+        first = t.dispatcher("frames-c")
+        inbox = t.credit_inbox(["frames-c"], window=4)
+        assert inbox.recv(timeout_ms=500) is None  # sees the connection: grants the window
+        assert first.send(_update(0), timeout_ms=3000)
+        first.finish()
+        first.sock.close()
+        assert inbox.recv(timeout_ms=2000).track_id == 0  # type: ignore[union-attr]
+        assert inbox.recv(timeout_ms=200) is None and inbox.acked
+        second = t.dispatcher("frames-c")  # the restarted capture
+        assert inbox.recv(timeout_ms=500) is None  # sees the new connection: grants the window again
+        assert second.send(_update(1), timeout_ms=3000)
+        assert inbox.recv(timeout_ms=2000).track_id == 1  # type: ignore[union-attr]
+        assert not inbox.acked
+    finally:
+        t.close()

@@ -73,6 +73,10 @@ class _ConsumingSender:
     def service(self, timeout_ms: int = 0) -> None:
         pass
 
+    def finish(self) -> int:
+        self.finished = True  # the end-of-stream notice to detection
+        return 1
+
     def close(self) -> None:
         for reader in self.readers.values():
             reader.close()
