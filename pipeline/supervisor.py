@@ -464,8 +464,7 @@ class Supervisor:
                         p.handle.kill()
                 return False
             log.debug("%s drained in %.2f s", self.shutdown.stage, self.clock() - self.stage_since)
-            self.shutdown = self.shutdown.next()
-            self.stage_since = self.clock()
+            self.shutdown, self.stage_since = self.shutdown.next(), self.clock()
         return True
 
     def _file_mode(self) -> bool:  # no cameras (a companion-only box): not file mode, it runs until signalled
