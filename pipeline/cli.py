@@ -390,7 +390,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(api_context(cfg, alone=True, config_path=Path(args.config), threads=os.cpu_count() or 1))
     host, port = sock.getsockname()[:2]
     host = f"[{host}]" if ":" in host else host
-    print(f"serving the FacePro API on http://{host}:{port} over {data_dir()} (Ctrl-C stops)", flush=True)
+    sys.stdout.write(f"serving the FacePro API on http://{host}:{port} over {data_dir()} (Ctrl-C stops)\n")  # one write
+    sys.stdout.flush()
     serve(app, sock, stop)
     return 0
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import re
+import sys
 import threading
 from dataclasses import replace
 from typing import Any, Callable, Sequence
@@ -164,8 +165,10 @@ def cmd_hub(args: argparse.Namespace) -> int:
             ingest = threading.Thread(target=_ingest, args=(sub, stop, failure), name="hub-ingest", daemon=True)
             ingest.start()
             host, port = sock.getsockname()[:2]
-            print(f"serving the FacePro API on http://{f'[{host}]' if ':' in host else host}:{port} over the hub's "
-                  "database (Ctrl-C stops)", flush=True)
+            # one write: under PYTHONUNBUFFERED, print's separate "\n" lets a log line from the ingest thread in
+            sys.stdout.write(f"serving the FacePro API on http://{f'[{host}]' if ':' in host else host}:{port} over "
+                             "the hub's database (Ctrl-C stops)\n")
+            sys.stdout.flush()
             try:
                 serve(app, sock, stop)
             except RuntimeError as err:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -237,7 +238,7 @@ def test_two_boxes_one_hub_killed_mid_run_stores_the_union_once(pg_url: str, bro
         hub = _hub(hub_cfg, broker, pg_url, root / "hub", "hub-1", "--port", "0")
         assert "(resumed session)" in hub.text
         running_at_restart = sum(p.proc.poll() is None for p in boxes.values())
-        port = int(hub.wait_for("serving the FacePro API on", 30).rsplit(":", 1)[1].split()[0])
+        port = int(re.search(r"on http://[^ ]+:(\d+) ", hub.wait_for("serving the FacePro API on", 30)).group(1))
         for box, p in boxes.items():
             assert p.wait(600) == 0, p.text[-3000:]
         stored = {box: _box_rows(root / box) for box in boxes}
