@@ -323,6 +323,9 @@ class RuntimeConfig(_Strict):
         "auto", description="keep model inputs to a few fixed shapes (declared detector canvas, square SCRFD input, "
         "batches padded to powers of two, each run once at start); auto: on GPU providers, where every new shape "
         "costs about a second (measured on CUDA) or a TensorRT engine")
+    io_binding: Literal["auto", "on", "off"] = Field(
+        "auto", description="run models through ONNX Runtime's IOBinding: each input copied to the device once "
+        "into a buffer kept per shape, each output copied once into the array returned; auto: on GPU providers")
 
 
 class MqttConfig(_Strict):

@@ -144,7 +144,11 @@ def _session_options(cfg: AppConfig, stage: str, counts: topology.Counts | None 
 
     return SessionOptions(threads=thread_budget(cfg, stage=stage, counts=counts), providers=cfg.runtime.providers,
                           strict=cfg.runtime.strict_providers, cache_dir=data_dir() / "trt-cache",
-                          static_shapes={"auto": None, "on": True, "off": False}[cfg.runtime.static_shapes])
+                          static_shapes=_AUTO_ON_OFF[cfg.runtime.static_shapes], io_binding=_AUTO_ON_OFF[cfg.runtime.io_binding])
+
+
+#: ``auto`` / ``on`` / ``off`` settings as :class:`stages.runtime.SessionOptions` takes them (None: decided per session).
+_AUTO_ON_OFF: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
 
 
 def _show_providers(counters: StageCounters) -> None:

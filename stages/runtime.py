@@ -20,6 +20,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from stages.binding import BoundSession, binding_device
+
 MODEL_HELP = (
     "put the ONNX file there (facepro models fetch installs the manifest's models, facepro models list checks them) "
     "or change the path in the config; official download locations are listed in the README (section 'Models')"
@@ -47,6 +49,8 @@ class SessionOptions:
             1.6x slower for OSNet's depthwise convolutions; see ``recognition.reid.graph_optimization``).
         static_shapes: keep model inputs to a few fixed shapes (see :func:`static_shapes`); None: when the
             session runs on a GPU provider (``runtime.static_shapes: auto``).
+        io_binding: run sessions through IOBinding (:class:`stages.binding.BoundSession`); None: when the
+            session runs on a GPU provider (``runtime.io_binding: auto``).
     """
 
     threads: int = 1
@@ -55,6 +59,7 @@ class SessionOptions:
     cache_dir: Path | None = None
     graph_optimization: Literal["all", "extended", "basic"] = "all"
     static_shapes: bool | None = None
+    io_binding: bool | None = None
 
 
 #: What each model opened in this process really runs on: ``"<what> <file>" -> provider`` (for status and the log).
@@ -199,7 +204,11 @@ def _onnx_session(path: Path, what: str, opts: SessionOptions, transform: Callab
         log.warning("%s %s: %s not available in this ONNX Runtime; running on %s", what, path.name, ", ".join(missing), ran)
     else:
         log.info("%s %s runs on %s", what, path.name, ran)
-    return session
+    device = binding_device(ran, opts.io_binding)
+    if device is None:
+        return session
+    log.info("%s %s: inputs and outputs bound (IOBinding, inputs on %s)", what, path.name, device)
+    return BoundSession(session, device, f"{what} {path.name}")
 
 
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")

@@ -52,6 +52,7 @@ def test_minimal_config_gets_defaults() -> None:
         ("detection.detector.layout", "ssd", r"detection\.detector\.layout"),
         ("detection.detector.type", "tensorrt", r"detection\.detector\.type"),
         ("ring.slots", 2, r"ring\.slots"),
+        ("runtime.io_binding", "yes", r"runtime\.io_binding: Input should be 'auto', 'on' or 'off'"),
         ("storage.cache_mb", 0, r"storage\.cache_mb: Input should be greater than or equal to 1"),
         ("recognition.face.match_threshold", 1.5, r"recognition\.face\.match_threshold"),
         ("recognition.face.unknowns.cluster_threshold", 1.5, r"recognition\.face\.unknowns\.cluster_threshold"),
