@@ -33,7 +33,9 @@ Steps (each prints what it found; nothing is downloaded):
    for every count first, then on CPU (``--only`` keeps one), so a short lease
    measures the GPU. Detection and recognition get ``cameras // 4`` processes
    each (1 to 4); GPU runs of several cameras also run a variant with
-   ``detection.batch`` and ``recognition.batch`` (``--gpu-batch``, 8). A run
+   ``detection.batch`` and ``recognition.batch`` (``--gpu-batch``, 8), the
+   one-camera GPU run a variant with ``runtime.io_binding: off`` (IOBinding
+   is on by default on a GPU; the copy probe bounds what it can save). A run
    that would start after ``--budget-s`` is skipped (said so), one still
    running ``--grace-s`` after it is stopped.
 5. **Summary**: one line per run: cameras, provider, pipeline and loop
@@ -199,6 +201,8 @@ def bench(args: argparse.Namespace, videos: list[Path], cameras: int, providers:
     if providers and CUDA in providers and args.gpu_batch > 1 and cameras > 1:  # DeepStream's muxer: frames of all cameras
         b = args.gpu_batch  # recognition too: one frame per camera and wave, face and Re-ID crops in one run each
         cmd += ["--variant", f"batch{b}:detection.batch={b},recognition.batch={b}"]
+    if providers and CUDA in providers and cameras == 1:  # what IOBinding (on by default on a GPU) is worth end to end
+        cmd += ["--variant", "nobind:runtime.io_binding=off"]
     started = time.time()
     try:
         res = sh(cmd, env=bench_env(), cwd=ROOT, timeout=max(30.0, timeout_s))

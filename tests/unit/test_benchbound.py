@@ -102,3 +102,23 @@ def test_copy_probe_times_each_model_three_ways_on_the_cpu_provider(models: Path
     for (name, shape), line in zip(COPY_CASES, lines):
         assert line.strip().startswith(f"{name} (CPUExecutionProvider), input {'x'.join(map(str, shape))}")
         assert all(f"{k} " in line for k in ("run", "bound", "bound+out")) and "copies at most" in line
+
+
+@pytest.mark.parametrize("providers, cameras, variants", [
+    ("CUDAExecutionProvider,CPUExecutionProvider", 1, ["nobind:runtime.io_binding=off"]),
+    ("CUDAExecutionProvider,CPUExecutionProvider", 4, ["batch8:detection.batch=8,recognition.batch=8"]),
+    ("CPUExecutionProvider", 1, []),
+    ("CPUExecutionProvider", 16, []),
+])
+def test_gpu_runs_add_the_batch_and_io_binding_variants(providers: str, cameras: int, variants: list[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/gpu_check.py: several GPU cameras also run batched; one GPU camera also runs without IOBinding."""
+    import subprocess
+
+    import scripts.gpu_check as gc
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(gc, "sh", lambda cmd, **kw: seen.append(cmd) or subprocess.CompletedProcess(cmd, 0, '{"ok": 1}\n', ""))
+    doc = gc.bench(gc.parse_args([]), [Path("a.avi")], cameras, providers, 60)
+    (cmd,) = seen
+    assert doc["ok"] == 1 and [cmd[i + 1] for i, a in enumerate(cmd) if a == "--variant"] == variants
