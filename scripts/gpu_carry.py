@@ -185,7 +185,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--limit-mib", type=float, default=64.0, help="the most one device call carries")
     ap.add_argument("--margin-mib", type=float, default=2.0, help="kept free in every call besides the working tree "
                     "(which travels with every call and counts towards the limit)")
-    ap.add_argument("--check-args", default="--only gpu --cameras 4,16 --max-frames 150 --budget-s 420 --grace-s 60",
+    ap.add_argument("--check-args", default="--only gpu --cameras 1,4,16 --max-frames 150 --budget-s 420 --grace-s 60",
                     help="gpu_check.py's flags in the last call (fit --budget-s to the device time left)")
     return ap.parse_args(argv)
 
