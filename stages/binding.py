@@ -19,6 +19,7 @@ use to hold the results equal to ``session.run`` on a machine without a GPU.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -67,7 +68,8 @@ class BoundSession:
     declares other output sizes than that run gave (SCRFD at inputs other than 640x640, which ONNX Runtime
     accepts unbound with a warning and refuses bound): that signature stays unbound. Output arrays are
     new for every run (a caller may keep them). A bound run that ONNX Runtime refuses (a model whose output
-    shapes depend on the input's values) is logged once and the session runs unbound from then on.
+    shapes depend on the input's values) is logged once and the session runs unbound from then on. Threads may
+    share it (the API's thread pool): bound runs take turns, as one binding serves each signature.
 
     Args:
         session: an ``onnxruntime.InferenceSession``.
@@ -83,6 +85,7 @@ class BoundSession:
         self._own_inputs = device != "cpu" if own_inputs is None else own_inputs
         self._names = [o.name for o in session.get_outputs()]
         self._plans: dict[tuple, _Plan] = {}
+        self._lock = threading.Lock()  # a signature's binding and device input are shared: bound runs take turns
         self.bound_runs = 0
         self.failed: str | None = None
 
@@ -107,13 +110,17 @@ class BoundSession:
         if plan is None or plan.outputs is None or self.failed is not None:
             outs = self._session.run(names, feeds, run_options)
             if plan is None and self.failed is None:
-                self._plans[key] = self._plan(feeds, names, outs)
+                with self._lock:
+                    if key not in self._plans:
+                        self._plans[key] = self._plan(feeds, names, outs)
             return outs
         try:
-            return self._bound(plan, names, feeds, run_options)
+            with self._lock:
+                return self._bound(plan, names, feeds, run_options)
         except Exception as err:  # noqa: BLE001 - onnxruntime's own error types; reported once, then unbound
-            self.failed = f"{type(err).__name__}: {err}"
-            log.warning("%s: IOBinding failed (%s); running without it", self._what, self.failed)
+            if self.failed is None:
+                self.failed = f"{type(err).__name__}: {err}"
+                log.warning("%s: IOBinding failed (%s); running without it", self._what, self.failed)
             return self._session.run(names, feeds, run_options)
 
     def _plan(self, feeds: dict[str, np.ndarray], names: list[str], outs: list[np.ndarray]) -> _Plan:

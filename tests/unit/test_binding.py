@@ -89,6 +89,23 @@ def test_inputs_copied_into_the_sessions_own_values_give_the_same_answers(models
     assert bound.bound_runs == 2 and list(plan.inputs) == [name] and plan.inputs[name].shape() == [2, 3, 256, 128]
 
 
+def test_threads_sharing_a_bound_session_each_get_their_own_answers(models: Path) -> None:
+    """The API's enrollment runs the face models from a thread pool: one binding a signature, so runs take turns."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    plain = rt.open_session("onnx", models / "mobilefacenet_128d.onnx", "face embedder", PLAIN)
+    bound = BoundSession(rt.open_session("onnx", models / "mobilefacenet_128d.onnx", "face embedder", PLAIN), "cpu",
+                         "face embedder", own_inputs=True)
+    name = plain.get_inputs()[0].name
+    xs = [np.random.default_rng(i).uniform(0, 1, (1, 3, 112, 112)).astype(np.float32) for i in range(64)]
+    bound.run(None, {name: xs[0]})
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda x: bound.run(None, {name: x})[0], xs))
+    for g, x in zip(got, xs):
+        np.testing.assert_array_equal(g, plain.run(None, {name: x})[0])
+    assert bound.bound_runs == len(xs)
+
+
 def test_asking_for_some_outputs_binds_just_those(models: Path) -> None:
     bound = rt.open_session("onnx", models / "scrfd_500m_bnkps.onnx", "face detector", BOUND)
     plain = rt.open_session("onnx", models / "scrfd_500m_bnkps.onnx", "face detector", PLAIN)
