@@ -30,14 +30,23 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Annotated, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.models import MODEL_REF, manifest
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _yaml_switch(value: object) -> object:
+    """YAML 1.1 reads an unquoted ``on`` / ``off`` (and yes / no, true / false) as a boolean: take it as said."""
+    return {True: "on", False: "off"}[value] if isinstance(value, bool) else value
+
+
+#: ``auto`` / ``on`` / ``off``, written quoted or not.
+AutoOnOff = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_switch)]
 
 
 class ConfigError(ValueError):
@@ -319,11 +328,11 @@ class RuntimeConfig(_Strict):
                                        "CPU is always the last resort")
     strict_providers: bool = Field(False, description="a requested provider that is not available is an error "
                                    "instead of a warning and the next one (CPU last)")
-    static_shapes: Literal["auto", "on", "off"] = Field(
+    static_shapes: AutoOnOff = Field(
         "auto", description="keep model inputs to a few fixed shapes (declared detector canvas, square SCRFD input, "
         "batches padded to powers of two, each run once at start); auto: on GPU providers, where every new shape "
         "costs about a second (measured on CUDA) or a TensorRT engine")
-    io_binding: Literal["auto", "on", "off"] = Field(
+    io_binding: AutoOnOff = Field(
         "auto", description="run models through ONNX Runtime's IOBinding: each input copied to the device once "
         "into a buffer kept per shape, each output copied once into the array returned; auto: on GPU providers")
 

@@ -52,7 +52,7 @@ def test_minimal_config_gets_defaults() -> None:
         ("detection.detector.layout", "ssd", r"detection\.detector\.layout"),
         ("detection.detector.type", "tensorrt", r"detection\.detector\.type"),
         ("ring.slots", 2, r"ring\.slots"),
-        ("runtime.io_binding", "yes", r"runtime\.io_binding: Input should be 'auto', 'on' or 'off'"),
+        ("runtime.io_binding", "fast", r"runtime\.io_binding: Input should be 'auto', 'on' or 'off'"),
         ("storage.cache_mb", 0, r"storage\.cache_mb: Input should be greater than or equal to 1"),
         ("recognition.face.match_threshold", 1.5, r"recognition\.face\.match_threshold"),
         ("recognition.face.unknowns.cluster_threshold", 1.5, r"recognition\.face\.unknowns\.cluster_threshold"),
@@ -75,6 +75,15 @@ def test_invalid_configs_name_the_key(path: str, value: object, error: str) -> N
 def test_detection_batch_limits_are_accepted(key: str, value: float) -> None:
     cfg = parse_config(_with(key, value))
     assert getattr(cfg.detection, key.split(".")[1]) == value
+
+
+@pytest.mark.parametrize("text, expected", [("on", "on"), ("off", "off"), ("'on'", "on"), ("auto", "auto"),
+                                           ("yes", "on"), ("false", "off")])
+@pytest.mark.parametrize("key", ["static_shapes", "io_binding"])
+def test_on_off_switches_read_unquoted_yaml(key: str, text: str, expected: str) -> None:
+    """YAML 1.1 reads an unquoted on / off as a boolean; the switch takes what was written."""
+    tree = yaml.safe_load(yaml.safe_dump(BASE) + f"runtime:\n  {key}: {text}\n")
+    assert getattr(parse_config(tree).runtime, key) == expected
 
 
 @pytest.mark.parametrize(
