@@ -20,8 +20,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from stages.binding import BoundSession, binding_device
-
 MODEL_HELP = (
     "put the ONNX file there (facepro models fetch installs the manifest's models, facepro models list checks them) "
     "or change the path in the config; official download locations are listed in the README (section 'Models')"
@@ -204,6 +202,8 @@ def _onnx_session(path: Path, what: str, opts: SessionOptions, transform: Callab
         log.warning("%s %s: %s not available in this ONNX Runtime; running on %s", what, path.name, ", ".join(missing), ran)
     else:
         log.info("%s %s runs on %s", what, path.name, ran)
+    from stages.binding import BoundSession, binding_device  # numpy: only where sessions open
+
     device = binding_device(ran, opts.io_binding)
     if device is None:
         return session
