@@ -26,7 +26,8 @@ import numpy as np
 
 log = logging.getLogger("facepro.runtime")
 
-#: Providers whose memory is the CUDA device's: inputs go to an ``OrtValue`` on ``cuda``.
+#: Providers whose memory is the CUDA device's: inputs go to an ``OrtValue`` on ``cuda``, and the CUDA / cuDNN
+#: libraries are preloaded for them (:func:`stages.runtime.preload_gpu_libraries`).
 CUDA_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 

@@ -211,7 +211,6 @@ def _onnx_session(path: Path, what: str, opts: SessionOptions, transform: Callab
     return BoundSession(session, device, f"{what} {path.name}")
 
 
-_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 _preloaded: list[bool] = []
 
 
@@ -224,7 +223,9 @@ def preload_gpu_libraries(ort: Any, providers: list[str]) -> None:
     ``LD_LIBRARY_PATH`` need nothing. A failure is logged, not raised: the session
     then reports what really runs.
     """
-    if _preloaded or not any(p in _GPU_PROVIDERS for p in providers) or not hasattr(ort, "preload_dlls"):
+    from stages.binding import CUDA_PROVIDERS
+
+    if _preloaded or not any(p in CUDA_PROVIDERS for p in providers) or not hasattr(ort, "preload_dlls"):
         return
     _preloaded.append(True)
     try:
